@@ -1,0 +1,61 @@
+"""Decide, before any training step, what this round would cost and whether to train."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from common.config import RunConfig
+from common.dp_plan import RoundPlan, calibrate_noise_multiplier, plan_round
+from common.privacy_ledger import PrivacyLedger
+
+
+@dataclass(frozen=True)
+class RoundDecision:
+    """σ, the planned round, ε before and after it, and whether it fits the budget."""
+
+    plan: RoundPlan
+    noise_multiplier: float
+    epsilon_before: float
+    epsilon_after: float
+    budget: float
+
+    @property
+    def allowed(self) -> bool:
+        """True when training this round keeps cumulative ε within the budget."""
+        return self.epsilon_after <= self.budget
+
+
+@lru_cache(maxsize=64)
+def _calibrated_sigma(
+    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, acc: str
+) -> float:
+    return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, total_steps, acc)
+
+
+def noise_multiplier_for(cfg: RunConfig, plan: RoundPlan, ledger: PrivacyLedger) -> float:
+    """σ for this client: fixed key, or calibrated once for a client in every round."""
+    if cfg.noise_multiplier > 0:
+        return cfg.noise_multiplier
+    if ledger.noise_multiplier is not None:
+        return ledger.noise_multiplier  # keep the σ chosen in this client's first round
+    return _calibrated_sigma(
+        cfg.target_epsilon,
+        cfg.delta,
+        plan.sample_rate,
+        plan.steps * cfg.num_rounds,
+        cfg.accountant,
+    )
+
+
+def decide_round(cfg: RunConfig, num_examples: int, ledger: PrivacyLedger) -> RoundDecision:
+    """Plan the round and compute the ε it would bring, without training."""
+    plan = plan_round(num_examples, cfg.batch_size, cfg.local_epochs)
+    sigma = noise_multiplier_for(cfg, plan, ledger)
+    return RoundDecision(
+        plan=plan,
+        noise_multiplier=sigma,
+        epsilon_before=ledger.epsilon(),
+        epsilon_after=ledger.epsilon_after(sigma, plan.sample_rate, plan.steps),
+        budget=cfg.effective_epsilon_budget,
+    )

@@ -1,0 +1,195 @@
+"""Typed, validated run configuration parsed from Flower's ``run_config``.
+
+Every key a run can vary lives in ``[tool.flwr.app.config]`` of ``pyproject.toml``.
+:func:`RunConfig.from_run_config` parses it once; a bad value fails before round 1
+with a :class:`ConfigError` that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DATASETS = ("digits", "fashion-mnist", "mnist")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+ACCOUNTANTS = ("rdp", "prv")
+PRIVACY_MODES = ("sample", "none")
+GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+
+
+class ConfigError(ValueError):
+    """A run-config key has a value outside what is allowed."""
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: type  # int, float, str or bool
+    check: Callable[[Any], bool]
+    allowed: str
+
+
+def _choice(options: tuple[str, ...]) -> _Rule:
+    return _Rule(str, lambda v: v in options, "one of " + ", ".join(map(repr, options)))
+
+
+# Rules keyed by run-config key (dashes); the dataclass field is the key with
+# underscores.
+RULES: dict[str, _Rule] = {
+    "dataset": _choice(DATASETS),
+    "data-dir": _Rule(str, lambda v: True, "a directory path, or '' for the default"),
+    "num-rounds": _Rule(int, lambda v: 1 <= v <= 100_000, "an integer in [1, 100000]"),
+    "fraction-train": _Rule(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "fraction-evaluate": _Rule(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "min-train-nodes": _Rule(int, lambda v: v >= 1, "an integer >= 1"),
+    "min-available-nodes": _Rule(int, lambda v: v >= 1, "an integer >= 1"),
+    "node-wait-timeout": _Rule(float, lambda v: v > 0, "a number of seconds > 0"),
+    "round-timeout": _Rule(float, lambda v: v > 0, "a number of seconds > 0"),
+    "partitioner": _choice(PARTITIONERS),
+    "dirichlet-alpha": _Rule(float, lambda v: v > 0, "a number > 0"),
+    "classes-per-client": _Rule(int, lambda v: v >= 1, "an integer >= 1"),
+    "local-test-fraction": _Rule(float, lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"),
+    "seed": _Rule(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "local-epochs": _Rule(int, lambda v: 1 <= v <= 1000, "an integer in [1, 1000]"),
+    "batch-size": _Rule(int, lambda v: v >= 1, "an integer >= 1"),
+    "learning-rate": _Rule(float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
+    "momentum": _Rule(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "privacy-mode": _choice(PRIVACY_MODES),
+    "max-grad-norm": _Rule(float, lambda v: v > 0, "a number > 0"),
+    "noise-multiplier": _Rule(float, lambda v: v >= 0, "a number >= 0 (0 = unset)"),
+    "target-epsilon": _Rule(float, lambda v: v >= 0, "a number >= 0 (0 = unset)"),
+    "epsilon-budget": _Rule(float, lambda v: v >= 0, "a number >= 0 (0 = see README)"),
+    "delta": _Rule(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "accountant": _choice(ACCOUNTANTS),
+    "grad-sample-mode": _choice(GRAD_SAMPLE_MODES),
+    "torch-threads": _Rule(int, lambda v: 1 <= v <= 256, "an integer in [1, 256]"),
+    "results-dir": _Rule(str, lambda v: True, "a directory path, or '' for results/"),
+}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check the TOML type of ``value`` for ``key``; ints are accepted as floats."""
+    rule = RULES[key]
+    if rule.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if rule.kind is int and isinstance(value, bool):
+        raise ConfigError(f"run config key '{key}': must be {rule.allowed}, got {value!r}")
+    if not isinstance(value, rule.kind):
+        raise ConfigError(
+            f"run config key '{key}': must be {rule.allowed}, "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run can vary; defaults mirror ``pyproject.toml``."""
+
+    dataset: str = "digits"
+    data_dir: str = ""
+    num_rounds: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    node_wait_timeout: float = 300.0
+    round_timeout: float = 3600.0
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+    local_test_fraction: float = 0.1
+    seed: int = 42
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.5
+    momentum: float = 0.0
+    privacy_mode: str = "sample"
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 8.0
+    epsilon_budget: float = 0.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+    torch_threads: int = 1
+    results_dir: str = ""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            key = field.name.replace("_", "-")
+            value = _coerce(key, getattr(self, field.name))
+            object.__setattr__(self, field.name, value)
+            rule = RULES[key]
+            if not rule.check(value):
+                raise ConfigError(
+                    f"run config key '{key}': must be {rule.allowed}, got {value!r}"
+                )
+        self._check_privacy_keys()
+        if self.min_train_nodes > self.min_available_nodes:
+            raise ConfigError(
+                "run config key 'min-train-nodes': must be <= min-available-nodes "
+                f"({self.min_available_nodes}), got {self.min_train_nodes}"
+            )
+        if self.local_test_fraction == 0 and self.fraction_evaluate > 0:
+            raise ConfigError(
+                "run config keys 'fraction-evaluate' and 'local-test-fraction': "
+                "federated evaluation needs a local test split; set "
+                "fraction-evaluate=0 or local-test-fraction > 0"
+            )
+        if self.classes_per_client > 10:  # every supported dataset has 10 classes
+            raise ConfigError(
+                "run config key 'classes-per-client': must be <= 10 (the number "
+                f"of classes), got {self.classes_per_client}"
+            )
+
+    def _check_privacy_keys(self) -> None:
+        if self.privacy_mode != "sample":
+            return
+        if self.target_epsilon > 0 and self.noise_multiplier > 0:
+            raise ConfigError(
+                "run config keys 'target-epsilon' and 'noise-multiplier': set exactly "
+                "one of them (> 0) and leave the other at 0, got "
+                f"target-epsilon={self.target_epsilon}, "
+                f"noise-multiplier={self.noise_multiplier}"
+            )
+        if self.target_epsilon == 0 and self.noise_multiplier == 0:
+            raise ConfigError(
+                "run config keys 'target-epsilon' and 'noise-multiplier': with "
+                "privacy-mode='sample' one of them must be > 0 "
+                "(use privacy-mode='none' for a non-private run)"
+            )
+
+    @property
+    def is_private(self) -> bool:
+        """True when clients train with sample-level DP-SGD."""
+        return self.privacy_mode == "sample"
+
+    @property
+    def effective_epsilon_budget(self) -> float:
+        """Per-client cap on cumulative ε; ``inf`` when nothing caps it."""
+        if self.epsilon_budget > 0:
+            return self.epsilon_budget
+        if self.target_epsilon > 0:
+            return self.target_epsilon
+        return float("inf")
+
+    @classmethod
+    def from_run_config(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's ``context.run_config``; unknown keys are an error."""
+        unknown = sorted(set(raw) - set(RULES))
+        if unknown:
+            raise ConfigError(
+                f"unknown run config key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed keys: {', '.join(sorted(RULES))}"
+            )
+        kwargs = {key.replace("-", "_"): value for key, value in raw.items()}
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The config as run-config keys (dashes), e.g. for ``config.json``."""
+        return {
+            f.name.replace("_", "-"): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        }

@@ -1,0 +1,157 @@
+"""Data sources: the embedded digits set and IDX (Fashion-)MNIST directories.
+
+Each loader returns a :class:`DatasetArrays` with float32 images shaped
+``(N, 1, H, W)`` (normalised with fixed per-dataset constants, never statistics
+of the private data) and int64 labels. The test split stays on the server.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DIGITS_TEST_FRACTION = 0.2
+
+# Fixed normalisation constants (published means/stds of the training sets).
+_NORMALISATION = {
+    "digits": (0.3, 0.4),
+    "fashion-mnist": (0.2860, 0.3530),
+    "mnist": (0.1307, 0.3081),
+}
+_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+class DatasetError(RuntimeError):
+    """A dataset could not be found or read."""
+
+
+@dataclass(frozen=True)
+class DatasetArrays:
+    """A train/test split held in memory."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):
+            raise DatasetError(f"{self.name}: images and labels differ in length")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, e.g. ``(1, 28, 28)``."""
+        return tuple(self.x_train.shape[1:])
+
+
+def _normalise(name: str, images: np.ndarray, scale: float) -> np.ndarray:
+    mean, std = _NORMALISATION[name]
+    x = images.astype(np.float32) / scale
+    return ((x - mean) / std)[:, None, :, :].astype(np.float32)
+
+
+def load_digits_arrays(seed: int) -> DatasetArrays:
+    """scikit-learn's 1,797 8x8 digits, split 80/20 stratified by ``seed``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = bunch.images  # (1797, 8, 8), values 0..16
+    labels = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        images,
+        labels,
+        test_size=DIGITS_TEST_FRACTION,
+        random_state=seed,
+        stratify=labels,
+    )
+    return DatasetArrays(
+        name="digits",
+        x_train=_normalise("digits", x_tr, 16.0),
+        y_train=y_tr,
+        x_test=_normalise("digits", x_te, 16.0),
+        y_test=y_te,
+        num_classes=10,
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one (optionally gzipped) IDX file into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DatasetError(f"cannot read IDX file {path}: {exc}") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise DatasetError(
+            f"{path}: header says {expected} values, file holds {len(data) - header}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def resolve_idx_dir(name: str, data_dir: str) -> Path:
+    """The directory holding the IDX files for ``name``; fail clearly if missing."""
+    if data_dir:
+        directory = Path(data_dir).expanduser()
+    elif name == "fashion-mnist" and DEFAULT_FASHION_MNIST_DIR.is_dir():
+        directory = DEFAULT_FASHION_MNIST_DIR
+    else:
+        hint = (
+            "install Debian's 'dataset-fashion-mnist' package (it puts the files in "
+            f"{DEFAULT_FASHION_MNIST_DIR}) or download them, then set 'data-dir'"
+            if name == "fashion-mnist"
+            else "download the four MNIST IDX .gz files and set 'data-dir' to "
+            "their directory"
+        )
+        raise DatasetError(f"dataset '{name}' needs its IDX files: {hint}")
+    missing = [f for f in _IDX_FILES.values() if not (directory / f).is_file()]
+    if missing:
+        raise DatasetError(
+            f"run config key 'data-dir': {directory} lacks {', '.join(missing)} "
+            f"(dataset '{name}' needs {', '.join(_IDX_FILES.values())})"
+        )
+    return directory
+
+
+def load_idx_arrays(name: str, data_dir: str) -> DatasetArrays:
+    """Fashion-MNIST or MNIST from a directory of the four IDX ``.gz`` files."""
+    directory = resolve_idx_dir(name, data_dir)
+    raw = {key: read_idx(directory / fname) for key, fname in _IDX_FILES.items()}
+    return DatasetArrays(
+        name=name,
+        x_train=_normalise(name, raw["x_train"], 255.0),
+        y_train=raw["y_train"].astype(np.int64),
+        x_test=_normalise(name, raw["x_test"], 255.0),
+        y_test=raw["y_test"].astype(np.int64),
+        num_classes=10,
+    )
+
+
+@lru_cache(maxsize=4)
+def load_dataset(name: str, data_dir: str, seed: int) -> DatasetArrays:
+    """Load (once per process) the dataset a run config names."""
+    if name == "digits":
+        return load_digits_arrays(seed)
+    if name in ("fashion-mnist", "mnist"):
+        return load_idx_arrays(name, data_dir)
+    raise DatasetError(f"run config key 'dataset': unknown dataset {name!r}")

@@ -1,0 +1,114 @@
+"""Split a training set across clients with flwr-datasets partitioners.
+
+Partitions are deterministic per seed, disjoint, and together cover the whole
+training set; a setting that would drop samples is refused instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import datasets as hf_datasets
+import numpy as np
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    PathologicalPartitioner,
+)
+from flwr_datasets.partitioner.partitioner import Partitioner
+
+
+class PartitionError(ValueError):
+    """The requested partitioning is impossible for this federation."""
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """How to partition: which partitioner and its parameters."""
+
+    partitioner: str
+    num_partitions: int
+    seed: int
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_partitions < 1:
+            raise PartitionError(f"num-partitions must be >= 1, got {self.num_partitions}")
+        if self.partitioner not in ("iid", "dirichlet", "pathological"):
+            raise PartitionError(
+                f"run config key 'partitioner': unknown partitioner "
+                f"{self.partitioner!r}; allowed: 'iid', 'dirichlet', 'pathological'"
+            )
+
+
+def _make_partitioner(spec: PartitionSpec, num_classes: int) -> Partitioner:
+    if spec.partitioner == "iid":
+        return IidPartitioner(num_partitions=spec.num_partitions)
+    if spec.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=spec.num_partitions,
+            partition_by="label",
+            alpha=spec.dirichlet_alpha,
+            min_partition_size=1,
+            seed=spec.seed,
+        )
+    covered = min(num_classes, spec.num_partitions + spec.classes_per_client - 1)
+    if covered < num_classes:
+        raise PartitionError(
+            f"run config key 'classes-per-client': pathological partitioning of "
+            f"{num_classes} classes over {spec.num_partitions} clients with "
+            f"{spec.classes_per_client} classes each would drop classes "
+            f"{list(range(covered, num_classes))}; need clients + "
+            f"classes-per-client - 1 >= {num_classes}"
+        )
+    return PathologicalPartitioner(
+        num_partitions=spec.num_partitions,
+        partition_by="label",
+        num_classes_per_partition=spec.classes_per_client,
+        class_assignment_mode="deterministic",
+        seed=spec.seed,
+    )
+
+
+@lru_cache(maxsize=8)
+def _partition_all(
+    labels_bytes: bytes, spec: PartitionSpec, num_classes: int
+) -> tuple[np.ndarray, ...]:
+    labels = np.frombuffer(labels_bytes, dtype=np.int64)
+    # Shuffle once by seed so that IID shards are not contiguous slices.
+    order = np.random.default_rng(spec.seed).permutation(len(labels))
+    table = hf_datasets.Dataset.from_dict(
+        {"index": order.astype(np.int64), "label": labels[order]}
+    )
+    partitioner = _make_partitioner(spec, num_classes)
+    partitioner.dataset = table
+    shards = tuple(
+        np.sort(np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64))
+        for pid in range(spec.num_partitions)
+    )
+    return shards
+
+
+def partition_indices(
+    labels: np.ndarray, spec: PartitionSpec, num_classes: int = 10
+) -> list[np.ndarray]:
+    """Indices into ``labels`` for every partition, in partition-id order."""
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    return list(_partition_all(labels.tobytes(), spec, num_classes))
+
+
+def split_local(
+    indices: np.ndarray, test_fraction: float, seed: int, partition_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split one client's shard into local train and local test indices."""
+    rng = np.random.default_rng([seed, partition_id])
+    shuffled = rng.permutation(indices)
+    n_test = int(round(len(shuffled) * test_fraction))
+    if len(shuffled) - n_test < 1:
+        raise PartitionError(
+            f"partition {partition_id} has {len(indices)} examples, too few to "
+            f"train after holding out local-test-fraction={test_fraction}"
+        )
+    return np.sort(shuffled[n_test:]), np.sort(shuffled[:n_test])

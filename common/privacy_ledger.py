@@ -1,0 +1,177 @@
+"""A client's privacy ledger: its whole DP-SGD history and the cumulative ε.
+
+The ledger is the Opacus accountant history ``[(σ, q, steps), ...]`` plus the
+accountant name, δ and the server rounds it trained in. It persists as plain
+JSON, so it survives in ``context.state`` and on disk, and anyone can recompute
+ε from it with Opacus alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.accountant import IAccountant
+
+LEDGER_FORMAT = "privfed-ledger/1"
+ACCOUNTANT_NAMES = {"rdp": "opacus-rdp", "prv": "opacus-prv"}
+
+
+class LedgerError(ValueError):
+    """A stored ledger is unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """``steps`` DP-SGD steps at noise multiplier σ and Poisson sample rate q."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise LedgerError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.sample_rate <= 1:
+            raise LedgerError(f"sample rate must be in (0, 1], got {self.sample_rate}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise LedgerError(f"steps must be a positive integer, got {self.steps!r}")
+
+    def as_tuple(self) -> tuple[float, float, int]:
+        """The Opacus history form ``(σ, q, steps)``."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def make_accountant(accountant: str) -> IAccountant:
+    """A fresh Opacus accountant by short name (``rdp`` or ``prv``)."""
+    if accountant == "rdp":
+        return RDPAccountant()
+    if accountant == "prv":
+        return PRVAccountant()
+    raise LedgerError(f"unknown accountant {accountant!r}; allowed: 'rdp', 'prv'")
+
+
+def epsilon_of_history(
+    history: list[tuple[float, float, int]], delta: float, accountant: str
+) -> float:
+    """Cumulative ε of an Opacus history; 0 for an empty one."""
+    if not history:
+        return 0.0
+    acc = make_accountant(accountant)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    """Everything one client has spent, across every round it trained in."""
+
+    accountant: str
+    delta: float
+    entries: tuple[LedgerEntry, ...] = ()
+    rounds: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.accountant not in ACCOUNTANT_NAMES:
+            raise LedgerError(f"unknown accountant {self.accountant!r}")
+        if not 0 < self.delta < 1:
+            raise LedgerError(f"delta must be in (0, 1), got {self.delta}")
+
+    @property
+    def accountant_name(self) -> str:
+        """The accountant's full name, printed beside every ε."""
+        return ACCOUNTANT_NAMES[self.accountant]
+
+    @property
+    def total_steps(self) -> int:
+        """DP-SGD steps over the whole ledger."""
+        return sum(e.steps for e in self.entries)
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        """σ of the latest entry, or ``None`` for an empty ledger."""
+        return self.entries[-1].noise_multiplier if self.entries else None
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """The Opacus accountant history."""
+        return [e.as_tuple() for e in self.entries]
+
+    def extended(
+        self, server_round: int, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> PrivacyLedger:
+        """A new ledger with one more round; equal (σ, q) merge as in Opacus."""
+        if self.rounds and server_round <= self.rounds[-1]:
+            raise LedgerError(
+                f"round {server_round} is not after the last recorded round "
+                f"{self.rounds[-1]}"
+            )
+        new = LedgerEntry(float(noise_multiplier), float(sample_rate), int(steps))
+        entries = list(self.entries)
+        if entries and (entries[-1].noise_multiplier, entries[-1].sample_rate) == (
+            new.noise_multiplier,
+            new.sample_rate,
+        ):
+            last = entries.pop()
+            new = LedgerEntry(last.noise_multiplier, last.sample_rate, last.steps + steps)
+        entries.append(new)
+        return PrivacyLedger(
+            self.accountant, self.delta, tuple(entries), (*self.rounds, server_round)
+        )
+
+    def epsilon(self) -> float:
+        """Cumulative ε over every recorded step."""
+        return epsilon_of_history(self.history(), self.delta, self.accountant)
+
+    def epsilon_after(
+        self, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> float:
+        """Cumulative ε if one more round of ``steps`` steps were taken."""
+        probe = self.extended(
+            (self.rounds[-1] + 1) if self.rounds else 1,
+            noise_multiplier,
+            sample_rate,
+            steps,
+        )
+        return probe.epsilon()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (JSON-safe)."""
+        return {
+            "format": LEDGER_FORMAT,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "history": [list(e.as_tuple()) for e in self.entries],
+            "rounds": list(self.rounds),
+        }
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PrivacyLedger:
+        """Parse :meth:`to_dict` output; anything malformed raises LedgerError."""
+        if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
+            raise LedgerError(f"not a {LEDGER_FORMAT} ledger")
+        try:
+            entries = tuple(
+                LedgerEntry(float(s), float(q), int(n)) for s, q, n in data["history"]
+            )
+            rounds = tuple(int(r) for r in data["rounds"])
+            return cls(str(data["accountant"]), float(data["delta"]), entries, rounds)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, LedgerError):
+                raise
+            raise LedgerError(f"malformed ledger: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> PrivacyLedger:
+        """Parse :meth:`to_json` output."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LedgerError(f"ledger is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)

@@ -1,0 +1,212 @@
+"""The round loop: wait for nodes, train, evaluate, record, checkpoint, stop cleanly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from logging import INFO
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from common.config import RunConfig
+from common.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_TRAINED
+from server.client_outcomes import ClientOutcome
+from server.results import ResultsWriter
+from server.strategy import PrivateFedAvg
+
+
+class NodesUnavailable(RuntimeError):
+    """Fewer nodes than required connected before the timeout."""
+
+
+def wait_for_nodes(grid: Grid, required: int, timeout: float, poll: float = 0.5) -> int:
+    """Block until ``required`` nodes are connected (the start-up race)."""
+    deadline = time.monotonic() + timeout
+    last_log = 0.0
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= required:
+            return connected
+        now = time.monotonic()
+        if now >= deadline:
+            raise NodesUnavailable(
+                f"only {connected} of {required} nodes connected after {timeout:.0f} s "
+                "(run config keys 'min-available-nodes', 'node-wait-timeout')"
+            )
+        if now - last_log >= 5:
+            log(INFO, "Waiting for nodes: %d of %d connected", connected, required)
+            last_log = now
+        time.sleep(poll)
+
+
+@dataclass
+class LoopState:
+    """What the loop has learned so far about every client."""
+
+    latest: dict[int, ClientOutcome] = field(default_factory=dict)  # by node id
+    refusals: int = 0
+    failures: int = 0
+
+    def record(self, outcomes: list[ClientOutcome]) -> None:
+        """Remember each node's latest outcome (failures keep the older privacy)."""
+        for outcome in outcomes:
+            if outcome.status == STATUS_BUDGET_EXHAUSTED:
+                self.refusals += 1
+            if outcome.status not in (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED):
+                self.failures += 1
+                continue
+            self.latest[outcome.node_id] = outcome
+
+    def max_epsilon(self) -> float | None:
+        """Max cumulative ε over every client seen so far."""
+        eps = [o.epsilon for o in self.latest.values() if o.epsilon is not None]
+        return max(eps) if eps else None
+
+    def all_exhausted(self, node_ids: list[int]) -> bool:
+        """True when every connected node has refused for lack of budget."""
+        return bool(node_ids) and all(
+            n in self.latest and self.latest[n].status == STATUS_BUDGET_EXHAUSTED
+            for n in node_ids
+        )
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    """How the loop ended."""
+
+    arrays: ArrayRecord
+    rounds_completed: int
+    stop_reason: str
+    state: LoopState
+    timings: dict[str, float]
+
+
+def run_rounds(
+    grid: Grid,
+    cfg: RunConfig,
+    strategy: PrivateFedAvg,
+    arrays: ArrayRecord,
+    central_eval: Callable[[ArrayRecord], dict[str, float]],
+    writer: ResultsWriter,
+) -> LoopResult:
+    """Run up to ``num-rounds`` rounds; write a JSON line and checkpoint each round."""
+    timings = {
+        "wait_for_nodes": 0.0,
+        "train": 0.0,
+        "federated_evaluate": 0.0,
+        "central_evaluate": 0.0,
+        "record": 0.0,
+    }
+    t0 = time.monotonic()
+    connected = wait_for_nodes(grid, cfg.min_available_nodes, cfg.node_wait_timeout)
+    timings["wait_for_nodes"] = time.monotonic() - t0
+    log(INFO, "%d nodes connected; starting %d rounds", connected, cfg.num_rounds)
+
+    state = LoopState()
+    stop_reason = f"completed all {cfg.num_rounds} rounds"
+    completed = 0
+    for server_round in range(1, cfg.num_rounds + 1):
+        t_round = time.monotonic()
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+            timeout=cfg.round_timeout,
+        )
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        outcomes = strategy.last_outcomes
+        state.record(outcomes)
+        if new_arrays is not None:
+            arrays = new_arrays
+        t_eval = time.monotonic()
+        timings["train"] += t_eval - t_round
+
+        fed_metrics = None
+        if cfg.fraction_evaluate > 0:
+            eval_replies = grid.send_and_receive(
+                strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                timeout=cfg.round_timeout,
+            )
+            aggregated = strategy.aggregate_evaluate(server_round, eval_replies)
+            fed_metrics = dict(aggregated) if aggregated is not None else None
+        t_central = time.monotonic()
+        timings["federated_evaluate"] += t_central - t_eval
+
+        central = central_eval(arrays)
+        t_record = time.monotonic()
+        timings["central_evaluate"] += t_record - t_central
+
+        record = _round_record(server_round, cfg, outcomes, state, central, fed_metrics)
+        record["train_loss"] = (
+            float(train_metrics["train-loss"]) if train_metrics is not None else None
+        )
+        record["seconds"] = round(time.monotonic() - t_round, 4)
+        writer.append_round(record)
+        writer.save_model(arrays)
+        timings["record"] += time.monotonic() - t_record
+        completed = server_round
+        _log_progress(record, cfg)
+
+        if state.all_exhausted(list(grid.get_node_ids())):
+            stop_reason = (
+                f"every client's privacy budget is exhausted (stopped after round "
+                f"{server_round} of {cfg.num_rounds})"
+            )
+            log(INFO, "Stopping: %s", stop_reason)
+            break
+    return LoopResult(arrays, completed, stop_reason, state, timings)
+
+
+def _round_record(
+    server_round: int,
+    cfg: RunConfig,
+    outcomes: list[ClientOutcome],
+    state: LoopState,
+    central: dict[str, float],
+    fed_metrics: dict[str, Any] | None,
+) -> dict[str, Any]:
+    counts = {"trained": 0, "refused": 0, "failed": 0}
+    for o in outcomes:
+        key = {STATUS_TRAINED: "trained", STATUS_BUDGET_EXHAUSTED: "refused"}.get(
+            o.status, "failed"
+        )
+        counts[key] += 1
+    accountant = next((o.accountant for o in outcomes if o.accountant), None)
+    return {
+        "round": server_round,
+        "central": central,
+        "federated_evaluation": fed_metrics,
+        "clients": sorted(
+            (o.to_dict() for o in outcomes),
+            key=lambda d: (d["partition_id"] is None, d["partition_id"] or 0, d["node_id"]),
+        ),
+        **{f"clients_{k}": v for k, v in counts.items()},
+        "max_epsilon": state.max_epsilon(),
+        "accountant": accountant if cfg.is_private else "none",
+        "delta": cfg.delta if cfg.is_private else None,
+        "privacy_mode": cfg.privacy_mode,
+    }
+
+
+def _log_progress(record: dict[str, Any], cfg: RunConfig) -> None:
+    eps = record["max_epsilon"]
+    eps_text = (
+        f"max cumulative ε {eps:.3f} ({record['accountant']}, δ={cfg.delta:g})"
+        if eps is not None
+        else "non-private (no ε)"
+    )
+    log(
+        INFO,
+        "[privfed] round %d/%d | accuracy %.4f | %s | trained %d, refused %d, "
+        "failed %d | %.1f s",
+        record["round"],
+        cfg.num_rounds,
+        record["central"]["accuracy"],
+        eps_text,
+        record["clients_trained"],
+        record["clients_refused"],
+        record["clients_failed"],
+        record["seconds"],
+    )

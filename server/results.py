@@ -1,0 +1,99 @@
+"""The run folder: config.json, rounds.jsonl, summary.json, model.pt and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from common.config import RunConfig
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("flwr", "opacus", "torch", "numpy", "flwr-datasets"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file, fsync and rename, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_results_dir(cfg: RunConfig) -> Path:
+    """``results-dir`` if set, else ``results/<UTC timestamp>`` in the cwd."""
+    if cfg.results_dir:
+        return Path(cfg.results_dir).expanduser().resolve()
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return Path("results", stamp).resolve()
+
+
+class ResultsWriter:
+    """Writes one run's results folder as the run goes."""
+
+    def __init__(self, out_dir: Path, cfg: RunConfig) -> None:
+        self.out_dir = out_dir
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if (self.out_dir / "rounds.jsonl").exists():
+            raise FileExistsError(
+                f"run config key 'results-dir': {self.out_dir} already holds a run "
+                "(rounds.jsonl); choose an empty or new directory"
+            )
+        self.rounds: list[dict[str, Any]] = []
+        config = {
+            "run_config": cfg.to_run_config(),
+            "versions": _versions(),
+            "started_at": datetime.now(UTC).isoformat(),
+        }
+        self._write_json("config.json", config)
+
+    def _write_json(self, name: str, data: Any) -> None:
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        atomic_write_bytes(self.out_dir / name, text.encode())
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        """Append one round as a JSON line, flushed and fsynced."""
+        line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+        with open(self.out_dir / "rounds.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.rounds.append(record)
+
+    def save_model(self, arrays: ArrayRecord) -> Path:
+        """Checkpoint the global model's state_dict to ``model.pt`` atomically."""
+        path = self.out_dir / "model.pt"
+        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".model.pt.")
+        os.close(fd)
+        try:
+            torch.save(arrays.to_torch_state_dict(), tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write ``summary.json``."""
+        summary = {**summary, "finished_at": datetime.now(UTC).isoformat()}
+        self._write_json("summary.json", summary)

@@ -1,0 +1,92 @@
+"""An isolated Flower environment: FLWR_HOME, loopback-only Ray, a local SuperLink."""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from simulations.processes import ManagedProcess, free_port, wait_until
+
+CONNECTION_NAME = "privfed-local"
+
+
+def flower_environment(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process a script starts.
+
+    Ray binds only 127.0.0.1 unless the caller already set
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` (real multi-machine clusters unset it).
+    """
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Flower starts helpers (flower-superexec, flwr-simulation) by name from PATH.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def write_connection(
+    flwr_home: Path, address: str, extra: dict[str, Any] | None = None
+) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection."""
+    conn: dict[str, Any] = {"address": address, "insecure": True, **(extra or {})}
+    config = {"superlink": {"default": CONNECTION_NAME, CONNECTION_NAME: conn}}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class LocalSuperLink:
+    """A running simulation SuperLink bound to 127.0.0.1."""
+
+    process: ManagedProcess
+    port: int
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:<port>``."""
+        return f"127.0.0.1:{self.port}"
+
+
+@contextmanager
+def simulation_superlink(
+    env: dict[str, str], work_dir: Path, startup_timeout: float = 120.0
+) -> Iterator[LocalSuperLink]:
+    """Start ``flower-superlink --simulation`` on loopback; stop it and its tree after."""
+    port = free_port()
+    argv = [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    proc = ManagedProcess(
+        "flower-superlink", argv, env, work_dir / "superlink.log", work_dir
+    )
+    try:
+        wait_until(lambda: _healthy(port), startup_timeout, "the SuperLink to serve", proc)
+        yield LocalSuperLink(proc, port)
+    finally:
+        proc.stop()

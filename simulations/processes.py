@@ -1,0 +1,133 @@
+"""Start and stop the Flower processes a script owns, by PID, also on failure.
+
+The calling process becomes a Linux child subreaper, so processes that Ray or
+Flower daemonise are re-parented to it instead of to init; teardown then finds
+every one of them among its own descendants and stops each by PID.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (Linux only); return whether it worked."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def descendants(pid: int | None = None) -> list[psutil.Process]:
+    """All live descendants of ``pid`` (default: this process)."""
+    try:
+        return psutil.Process(pid or os.getpid()).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_processes(procs: Sequence[psutil.Process], grace: float = 10.0) -> list[int]:
+    """SIGTERM each process, wait ``grace`` s, SIGKILL survivors; return killed PIDs."""
+    alive = []
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    _, survivors = psutil.wait_procs(alive, timeout=grace)
+    for proc in survivors:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(survivors, timeout=5)
+    return [p.pid for p in survivors]
+
+
+class ManagedProcess:
+    """A child process with its output in a log file, stopped with its whole tree."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    @property
+    def pid(self) -> int:
+        """The process ID."""
+        return self.popen.pid
+
+    def running(self) -> bool:
+        """True while the process has not exited."""
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the process's log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop the process and every descendant it started, by PID."""
+        tree = descendants(self.pid)
+        if self.running():
+            try:
+                tree.insert(0, psutil.Process(self.pid))
+            except psutil.NoSuchProcess:
+                pass
+        stop_processes(tree, grace)
+        self.popen.wait(timeout=grace)
+        self._log.close()
+
+
+def wait_until(predicate: object, timeout: float, what: str, proc: ManagedProcess) -> None:
+    """Poll ``predicate()`` until true; fail early if ``proc`` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.running():
+            raise RuntimeError(
+                f"{proc.name} exited with code {proc.popen.returncode} while waiting "
+                f"for {what}; its log ({proc.log_path}) ends with:\n{proc.log_tail()}"
+            )
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
