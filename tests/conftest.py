@@ -1,0 +1,77 @@
+"""Shared test fixtures: Flower messages and contexts without a running federation."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import pytest
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    Metadata,
+    RecordDict,
+)
+
+from common.config import RunConfig
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+_ids = itertools.count(1)
+
+
+def make_message(content: RecordDict, message_type: str, dst_node_id: int = 5) -> Message:
+    """A server-to-client instruction message, as a SuperNode would deliver it."""
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"msg-{next(_ids)}",
+        src_node_id=1,
+        dst_node_id=dst_node_id,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600,
+        message_type=message_type,
+    )
+    return Message(content=content, metadata=metadata)
+
+
+def train_message(arrays: ArrayRecord, server_round: int, node_id: int = 5) -> Message:
+    """A training instruction carrying global weights and the server round."""
+    content = RecordDict(
+        {"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}
+    )
+    return make_message(content, MessageType.TRAIN, node_id)
+
+
+def evaluate_message(arrays: ArrayRecord, server_round: int, node_id: int = 5) -> Message:
+    """An evaluation instruction carrying global weights."""
+    content = RecordDict(
+        {"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}
+    )
+    return make_message(content, MessageType.EVALUATE, node_id)
+
+
+def make_context(
+    cfg: RunConfig, partition_id: int = 0, num_partitions: int = 10, node_id: int = 5
+) -> Context:
+    """A simulation-style context for one node."""
+    return Context(
+        run_id=1,
+        node_id=node_id,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+        state=RecordDict(),
+        run_config=cfg.to_run_config(),
+    )
+
+
+@pytest.fixture
+def digits_cfg() -> RunConfig:
+    """A small private digits config."""
+    return RunConfig(num_rounds=3, target_epsilon=8.0)
