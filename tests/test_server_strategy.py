@@ -1,0 +1,89 @@
+"""PrivateFedAvg: averages trained replies only, records refusals and failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Error, Message
+
+import client.app as client_app
+from common.config import RunConfig
+from common.models import build_model
+from common.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_TRAINED
+from server.federation_loop import LoopState
+from server.strategy import PrivateFedAvg
+from tests.conftest import make_context, train_message
+
+
+def _replies(cfg: RunConfig, server_round: int, contexts: list) -> list[Message]:
+    arrays = ArrayRecord(build_model("digits", seed=0).state_dict())
+    return [
+        client_app.train(train_message(arrays, server_round, node_id=ctx.node_id), ctx)
+        for ctx in contexts
+    ]
+
+
+def test_refused_and_failed_replies_are_not_averaged() -> None:
+    """Only 'trained' replies enter the average; every outcome is recorded."""
+    cfg = RunConfig(num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0)
+    tight = RunConfig(
+        num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0, epsilon_budget=0.01
+    )
+    contexts = [make_context(cfg, pid, 4, node_id=10 + pid) for pid in (0, 1)]
+    refusing = make_context(tight, 2, 4, node_id=12)
+    replies = _replies(cfg, 1, contexts) + _replies(tight, 1, [refusing])
+    instruction = train_message(ArrayRecord(build_model("digits").state_dict()), 1, 13)
+    replies.append(Message(Error(code=0, reason="boom"), reply_to=instruction))
+
+    strategy = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    statuses = sorted(o.status for o in strategy.last_outcomes)
+    assert statuses == sorted(
+        [STATUS_TRAINED, STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED, STATUS_ERROR]
+    )
+    assert arrays is not None and metrics is not None
+
+    # The average is exactly the example-weighted mean of the two trained replies.
+    trained = replies[:2]
+    weights = [float(r.content["metrics"]["num-examples"]) for r in trained]
+    key = next(iter(arrays.keys()))
+    expected = sum(
+        w * r.content["arrays"][key].numpy() for w, r in zip(weights, trained, strict=True)
+    ) / sum(weights)
+    np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+    refused = next(o for o in strategy.last_outcomes if o.status == STATUS_BUDGET_EXHAUSTED)
+    assert refused.partition_id == 2 and refused.epsilon == 0.0
+    failed = next(o for o in strategy.last_outcomes if o.status == STATUS_ERROR)
+    assert failed.error == "boom" and failed.node_id == 13
+
+
+def test_all_refused_gives_no_new_model() -> None:
+    """A round in which nobody trains keeps the previous global model."""
+    tight = RunConfig(
+        num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0, epsilon_budget=0.01
+    )
+    replies = _replies(tight, 1, [make_context(tight, pid, 2, 20 + pid) for pid in (0, 1)])
+    strategy = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1)
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    state = LoopState()
+    state.record(strategy.last_outcomes)
+    assert state.refusals == 2
+    assert state.all_exhausted([20, 21])
+    assert not state.all_exhausted([20, 21, 22])  # node 22 has not refused yet
+
+
+def test_loop_state_tracks_max_cumulative_epsilon() -> None:
+    """max_epsilon is over every client seen, and failures keep older privacy data."""
+    cfg = RunConfig(num_rounds=3, target_epsilon=0.0, noise_multiplier=1.0)
+    contexts = [make_context(cfg, pid, 4, node_id=30 + pid) for pid in (0, 1)]
+    strategy = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1)
+    state = LoopState()
+    strategy.aggregate_train(1, _replies(cfg, 1, contexts))
+    state.record(strategy.last_outcomes)
+    first = state.max_epsilon()
+    strategy.aggregate_train(2, _replies(cfg, 2, contexts[:1]))
+    state.record(strategy.last_outcomes)
+    assert state.max_epsilon() == pytest.approx(state.latest[30].epsilon)
+    assert state.max_epsilon() > first
+    assert state.latest[31].rounds_trained == 1

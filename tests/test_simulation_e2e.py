@@ -1,0 +1,221 @@
+"""End to end: the main-job script runs a real Flower simulation and cleans up."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from common.privacy_ledger import epsilon_of_history
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Watch:
+    """PIDs and listening sockets seen under the script while it ran."""
+
+    pids: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+    names: set[str] = field(default_factory=set)
+    listening: set[tuple[str, int, str]] = field(default_factory=set)
+
+
+def _watch(root: psutil.Process, watch: Watch, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            procs = root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for proc in procs:
+            try:
+                if proc.pid not in watch.pids:
+                    watch.pids[proc.pid] = proc.create_time()
+                    watch.names.add(" ".join(proc.cmdline()[:2]) or proc.name())
+                for conn in proc.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        watch.listening.add((conn.laddr.ip, conn.laddr.port, proc.name()))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        time.sleep(0.3)
+
+
+def _start(args: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "simulations.run", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _run_watched(args: list[str], timeout: float = 600) -> tuple[int, str, Watch]:
+    proc = _start(args)
+    watch, stop = Watch(), threading.Event()
+    watcher = threading.Thread(target=_watch, args=(psutil.Process(proc.pid), watch, stop))
+    watcher.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        stop.set()
+        watcher.join()
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, watch
+
+
+def _assert_all_gone(watch: Watch) -> None:
+    assert watch.pids, "the watcher saw no child processes at all"
+    deadline = time.monotonic() + 10
+    leftovers: list[str] = []
+    while time.monotonic() < deadline:
+        leftovers = []
+        for pid, created in watch.pids.items():
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                    leftovers.append(f"{pid} {proc.name()} {' '.join(proc.cmdline()[:3])}")
+            except psutil.NoSuchProcess:
+                continue
+        if not leftovers:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"processes left running: {leftovers}")
+
+
+def _assert_loopback_only(watch: Watch) -> None:
+    assert watch.listening, "no listening socket seen (the SuperLink should have one)"
+    for ip, port, name in watch.listening:
+        addr = ipaddress.ip_address(ip)
+        mapped = getattr(addr, "ipv4_mapped", None)  # e.g. ::ffff:127.0.0.1
+        assert (mapped or addr).is_loopback, f"{name} listens on {ip}:{port}"
+
+
+def _rounds(results: Path) -> list[dict]:
+    return [
+        json.loads(line) for line in (results / "rounds.jsonl").read_text().splitlines()
+    ]
+
+
+def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
+    """3 clients x 2 rounds: results folder, cumulative ε, learning, nothing left over."""
+    results = tmp_path / "run"
+    code, out, watch = _run_watched(
+        ["--clients", "3", "--rounds", "2", "--results-dir", str(results)]
+    )
+    assert code == 0, out[-4000:]
+    assert f"[privfed] results: {results}" in out
+    assert "[privfed] round 2/2" in out
+    for name in ("config.json", "rounds.jsonl", "summary.json", "model.pt"):
+        assert (results / name).is_file(), name
+    for name in ("accuracy.png", "epsilon.png"):
+        assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rounds = _rounds(results)
+    assert [r["round"] for r in rounds] == [1, 2]
+    previous: dict[int, float] = {}
+    for record in rounds:
+        assert record["accountant"] == "opacus-rdp" and record["delta"] == 1e-5
+        assert record["clients_trained"] == 3
+        assert {c["partition_id"] for c in record["clients"]} == {0, 1, 2}
+        for client in record["clients"]:
+            # Anyone can recompute each ε from the logged (σ, q, steps) history.
+            recomputed = epsilon_of_history(
+                [tuple(h) for h in client["history"]], client["delta"], "rdp"
+            )
+            assert client["epsilon"] == pytest.approx(recomputed, rel=1e-9)
+            assert client["epsilon"] >= previous.get(client["partition_id"], 0.0)
+            previous[client["partition_id"]] = client["epsilon"]
+        assert record["max_epsilon"] == pytest.approx(
+            max(c["epsilon"] for c in record["clients"])
+        )
+    assert rounds[-1]["central"]["accuracy"] > 0.3  # chance is 0.1
+
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["rounds_completed"] == 2
+    assert summary["max_epsilon"] <= 8.0  # the default per-client target
+    config = json.loads((results / "config.json").read_text())
+    assert config["run_config"]["num-rounds"] == 2
+    assert config["run_config"]["min-available-nodes"] == 3
+
+    _assert_loopback_only(watch)
+    _assert_all_gone(watch)
+
+
+def test_run_stops_cleanly_when_every_budget_is_spent(tmp_path: Path) -> None:
+    """With a budget for two rounds, round 3 is refused by all and the run ends."""
+    results = tmp_path / "run"
+    code, out, watch = _run_watched(
+        [
+            "--clients", "2", "--rounds", "5", "--noise-multiplier", "1.0",
+            "--epsilon-budget", "3.0", "--results-dir", str(results),
+        ]
+    )  # fmt: skip
+    assert code == 0, out[-4000:]
+    rounds = _rounds(results)
+    assert [r["clients_trained"] for r in rounds] == [2, 2, 0]
+    assert rounds[-1]["clients_refused"] == 2
+    assert all(c["status"] == "budget-exhausted" for c in rounds[-1]["clients"])
+    assert all(c["epsilon"] <= 3.0 < c["epsilon_would_be"] for c in rounds[-1]["clients"])
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert "budget is exhausted" in summary["stop_reason"]
+    assert summary["budget_refusals"] == 2 and summary["rounds_completed"] == 3
+    assert "refused to train: privacy budget exhausted" in out
+    _assert_all_gone(watch)
+
+
+def test_bad_option_fails_before_starting_anything(tmp_path: Path) -> None:
+    """A bad run-config value exits 2 with a message naming the key."""
+    code, out, watch = _run_watched(
+        ["--clients", "2", "--set", "batch-size=0", "--results-dir", str(tmp_path / "r")],
+        timeout=120,
+    )
+    assert code == 2
+    assert "'batch-size'" in out and ">= 1" in out
+    assert not watch.pids
+    assert not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    """SIGINT mid-run exits 130 and leaves no SuperLink, simulation or Ray process."""
+    proc = _start(
+        ["--clients", "2", "--rounds", "50", "--results-dir", str(tmp_path / "r")]
+    )
+    watch, stop = Watch(), threading.Event()
+    watcher = threading.Thread(target=_watch, args=(psutil.Process(proc.pid), watch, stop))
+    watcher.start()
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "[privfed] round 1/50" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=120)
+        lines.append(rest)
+    finally:
+        stop.set()
+        watcher.join()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, "".join(lines)[-3000:]
+    assert any("raylet" in n or "ray::" in n for n in watch.names), watch.names
+    _assert_all_gone(watch)
+    # What was recorded before the interrupt is intact.
+    assert json.loads((tmp_path / "r" / "rounds.jsonl").read_text().splitlines()[0])
