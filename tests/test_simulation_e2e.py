@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from common.privacy_ledger import epsilon_of_history
+from tests.test_docs import readme_python_snippet
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
@@ -151,6 +152,10 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     config = json.loads((results / "config.json").read_text())
     assert config["run_config"]["num-rounds"] == 2
     assert config["run_config"]["min-available-nodes"] == 3
+
+    # The README's loading-and-recomputing example works on a real run folder.
+    snippet = readme_python_snippet().replace("results/RUN", str(results))
+    exec(compile(snippet, "README.md", "exec"), {})
 
     _assert_loopback_only(watch)
     _assert_all_gone(watch)
