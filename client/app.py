@@ -119,6 +119,7 @@ def train(msg: Message, context: Context) -> Message:
         decision.noise_multiplier,
         decision.plan.sample_rate,
         decision.plan.steps,
+        run_id=int(context.run_id),
     )
     store_ledger(context, ledger)  # persisted before the update leaves the client
     epsilon = ledger.epsilon()

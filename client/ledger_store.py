@@ -13,18 +13,12 @@ STATE_KEY = "privfed-ledger"
 def load_ledger(context: Context, cfg: RunConfig) -> PrivacyLedger:
     """The stored ledger, or an empty one for a client that has not trained yet.
 
-    A stored ledger with another accountant or δ than this run's is an error,
-    since mixing them would misreport ε.
+    ε is reported under this run's accountant and δ, over the whole history.
     """
     if STATE_KEY not in context.state.config_records:
         return PrivacyLedger(cfg.accountant, cfg.delta)
     ledger = PrivacyLedger.from_json(str(context.state.config_records[STATE_KEY]["json"]))
-    if (ledger.accountant, ledger.delta) != (cfg.accountant, cfg.delta):
-        raise ValueError(
-            f"stored ledger uses accountant={ledger.accountant}, delta={ledger.delta} "
-            f"but this run has accountant={cfg.accountant}, delta={cfg.delta}"
-        )
-    return ledger
+    return ledger.with_accounting(cfg.accountant, cfg.delta)
 
 
 def store_ledger(context: Context, ledger: PrivacyLedger) -> None:

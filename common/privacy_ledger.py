@@ -73,12 +73,25 @@ class PrivacyLedger:
     delta: float
     entries: tuple[LedgerEntry, ...] = ()
     rounds: tuple[int, ...] = field(default=())
+    runs: tuple[int, ...] = field(default=())  # Flower run id of each recorded round
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANT_NAMES:
             raise LedgerError(f"unknown accountant {self.accountant!r}")
         if not 0 < self.delta < 1:
             raise LedgerError(f"delta must be in (0, 1), got {self.delta}")
+        if not self.runs and self.rounds:
+            object.__setattr__(self, "runs", (0,) * len(self.rounds))
+        if len(self.runs) != len(self.rounds):
+            raise LedgerError("ledger 'runs' and 'rounds' differ in length")
+
+    def with_accounting(self, accountant: str, delta: float) -> PrivacyLedger:
+        """The same history, reported under another accountant and δ.
+
+        The history is mechanism-level (σ, q, steps), so ε can be computed for any
+        accountant and δ; nothing spent is forgotten.
+        """
+        return PrivacyLedger(accountant, delta, self.entries, self.rounds, self.runs)
 
     @property
     def accountant_name(self) -> str:
@@ -100,13 +113,18 @@ class PrivacyLedger:
         return [e.as_tuple() for e in self.entries]
 
     def extended(
-        self, server_round: int, noise_multiplier: float, sample_rate: float, steps: int
+        self,
+        server_round: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        run_id: int = 0,
     ) -> PrivacyLedger:
         """A new ledger with one more round; equal (σ, q) merge as in Opacus."""
-        if self.rounds and server_round <= self.rounds[-1]:
+        if self.rounds and run_id == self.runs[-1] and server_round <= self.rounds[-1]:
             raise LedgerError(
-                f"round {server_round} is not after the last recorded round "
-                f"{self.rounds[-1]}"
+                f"round {server_round} of run {run_id} is not after the last recorded "
+                f"round {self.rounds[-1]}"
             )
         new = LedgerEntry(float(noise_multiplier), float(sample_rate), int(steps))
         entries = list(self.entries)
@@ -118,7 +136,11 @@ class PrivacyLedger:
             new = LedgerEntry(last.noise_multiplier, last.sample_rate, last.steps + steps)
         entries.append(new)
         return PrivacyLedger(
-            self.accountant, self.delta, tuple(entries), (*self.rounds, server_round)
+            self.accountant,
+            self.delta,
+            tuple(entries),
+            (*self.rounds, server_round),
+            (*self.runs, run_id),
         )
 
     def epsilon(self) -> float:
@@ -134,6 +156,7 @@ class PrivacyLedger:
             noise_multiplier,
             sample_rate,
             steps,
+            self.runs[-1] if self.runs else 0,
         )
         return probe.epsilon()
 
@@ -145,6 +168,7 @@ class PrivacyLedger:
             "delta": self.delta,
             "history": [list(e.as_tuple()) for e in self.entries],
             "rounds": list(self.rounds),
+            "runs": list(self.runs),
         }
 
     def to_json(self) -> str:
@@ -161,7 +185,8 @@ class PrivacyLedger:
                 LedgerEntry(float(s), float(q), int(n)) for s, q, n in data["history"]
             )
             rounds = tuple(int(r) for r in data["rounds"])
-            return cls(str(data["accountant"]), float(data["delta"]), entries, rounds)
+            runs = tuple(int(r) for r in data.get("runs", [0] * len(rounds)))
+            return cls(str(data["accountant"]), float(data["delta"]), entries, rounds, runs)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, LedgerError):
                 raise

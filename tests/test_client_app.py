@@ -13,6 +13,7 @@ import client.app as client_app
 from client.ledger_store import STATE_KEY
 from common.config import RunConfig
 from common.models import build_model
+from common.privacy_ledger import epsilon_of_history
 from common.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_TRAINED
 from tests.conftest import evaluate_message, make_context, train_message
 
@@ -140,10 +141,17 @@ def test_missing_partition_id_is_a_clear_error(digits_cfg: RunConfig) -> None:
         client_app.train(train_message(_arrays(), 1), ctx)
 
 
-def test_ledger_with_other_accountant_is_refused(digits_cfg: RunConfig) -> None:
-    """A stored ledger whose accountant differs from the run's is an error, not a reset."""
+def test_ledger_is_reported_under_the_runs_accountant(digits_cfg: RunConfig) -> None:
+    """A ledger kept under RDP is reported under PRV over its whole history, not reset."""
     ctx = make_context(digits_cfg)
     client_app.train(train_message(_arrays(), 1), ctx)
     ctx.run_config = {**ctx.run_config, "accountant": "prv"}
-    with pytest.raises(ValueError, match="accountant"):
-        client_app.train(train_message(_arrays(), 2), ctx)
+    reply = client_app.train(train_message(_arrays(), 2), ctx)
+    assert reply.content["privacy"]["accountant"] == "opacus-prv"
+    history = json.loads(str(reply.content["privacy"]["ledger"]))["history"]
+    assert (
+        sum(steps for _, _, steps in history) == 2 * reply.content["metrics"]["steps-round"]
+    )
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(
+        epsilon_of_history([tuple(h) for h in history], digits_cfg.delta, "prv")
+    )
