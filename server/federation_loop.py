@@ -23,6 +23,23 @@ class NodesUnavailable(RuntimeError):
     """Fewer nodes than required connected before the timeout."""
 
 
+class RoundFailed(RuntimeError):
+    """No client trained or refused in a round: every reply failed, or none came."""
+
+
+def check_round(server_round: int, outcomes: list[ClientOutcome]) -> None:
+    """Raise :class:`RoundFailed` when a round produced nothing but failures."""
+    if any(o.status in (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED) for o in outcomes):
+        return
+    if not outcomes:
+        raise RoundFailed(f"round {server_round}: no client replied in time")
+    first = outcomes[0].error or "unknown error"
+    raise RoundFailed(
+        f"round {server_round}: all {len(outcomes)} clients failed; first error: "
+        f"{first[-1500:]}"
+    )
+
+
 def wait_for_nodes(grid: Grid, required: int, timeout: float, poll: float = 0.5) -> int:
     """Block until ``required`` nodes are connected (the start-up race)."""
     deadline = time.monotonic() + timeout
@@ -118,6 +135,7 @@ def run_rounds(
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         outcomes = strategy.last_outcomes
         state.record(outcomes)
+        check_round(server_round, outcomes)
         if new_arrays is not None:
             arrays = new_arrays
         t_eval = time.monotonic()

@@ -24,6 +24,7 @@ from typing import Any
 import tomli_w
 
 from common.config import ConfigError, RunConfig
+from common.datasets import DatasetError, resolve_idx_dir
 from simulations.flower_env import (
     CONNECTION_NAME,
     flower_environment,
@@ -131,7 +132,12 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
         )
     overrides["results-dir"] = str(results)
     defaults = _pyproject_defaults()
-    RunConfig.from_run_config({**defaults, **overrides})  # fail before starting
+    cfg = RunConfig.from_run_config({**defaults, **overrides})  # fail before starting
+    if cfg.dataset != "digits":
+        try:
+            resolve_idx_dir(cfg.dataset, cfg.data_dir)
+        except DatasetError as exc:
+            raise ConfigError(str(exc)) from None
     return overrides
 
 
@@ -245,11 +251,14 @@ def _report(code: int, results_dir: Path, seconds: float, work: Path) -> int:
         return code or 1
     final = summary.get("final_central", {})
     eps = summary.get("max_epsilon")
-    eps_text = (
-        f"max cumulative ε {eps:.3f} ({summary['accountant']}, δ={summary['delta']:g})"
-        if eps is not None
-        else "non-private"
-    )
+    if eps is not None:
+        eps_text = (
+            f"max cumulative ε {eps:.3f} ({summary['accountant']}, δ={summary['delta']:g})"
+        )
+    elif summary.get("accountant") == "none":
+        eps_text = "non-private run (no ε)"
+    else:
+        eps_text = "no client trained, so no ε was spent"
     print(
         f"[privfed] done in {seconds:.0f} s: {summary['stop_reason']}; "
         f"accuracy {final.get('accuracy', float('nan')):.4f}; {eps_text}",

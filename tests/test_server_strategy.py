@@ -10,7 +10,8 @@ import client.app as client_app
 from common.config import RunConfig
 from common.models import build_model
 from common.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_TRAINED
-from server.federation_loop import LoopState
+from server.client_outcomes import ClientOutcome
+from server.federation_loop import LoopState, RoundFailed, check_round
 from server.strategy import PrivateFedAvg
 from tests.conftest import make_context, train_message
 
@@ -87,3 +88,14 @@ def test_loop_state_tracks_max_cumulative_epsilon() -> None:
     assert state.max_epsilon() == pytest.approx(state.latest[30].epsilon)
     assert state.max_epsilon() > first
     assert state.latest[31].rounds_trained == 1
+
+
+def test_round_with_only_failures_fails_the_run() -> None:
+    """A round in which every client failed (or none replied) is an error, not a pass."""
+    failed = [ClientOutcome(node_id=1, status=STATUS_ERROR, error="ImportError: x")]
+    with pytest.raises(RoundFailed, match="all 1 clients failed; first error: ImportError"):
+        check_round(3, failed)
+    with pytest.raises(RoundFailed, match="no client replied"):
+        check_round(3, [])
+    refused = ClientOutcome(node_id=2, status=STATUS_BUDGET_EXHAUSTED)
+    check_round(3, [*failed, refused])  # a refusal is a valid answer

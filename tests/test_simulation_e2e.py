@@ -196,6 +196,26 @@ def test_bad_option_fails_before_starting_anything(tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()
 
 
+def test_missing_dataset_files_fail_before_starting(tmp_path: Path) -> None:
+    """An IDX dataset without its files exits 2 naming 'data-dir' and the files."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, watch = _run_watched(
+        [
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(empty),
+            "--results-dir",
+            str(tmp_path / "r"),
+        ],
+        timeout=120,
+    )
+    assert code == 2
+    assert "'data-dir'" in out and "train-images-idx3-ubyte.gz" in out
+    assert not watch.pids
+
+
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     """SIGINT mid-run exits 130 and leaves no SuperLink, simulation or Ray process."""
     proc = _start(
