@@ -11,17 +11,19 @@ from flwr.clientapp import ClientApp
 from client.dp_training import train_non_private, train_private
 from client.ledger_store import load_ledger, store_ledger
 from client.local_data import ClientShard, load_client_shard
+from client.node_settings import NodeSettings
 from client.round_privacy import RoundDecision, decide_round
 from common.config import RunConfig
 from common.metrics import evaluate_model
 from common.models import build_model
-from common.privacy_ledger import PrivacyLedger
+from common.privacy_ledger import LedgerError, PrivacyLedger
 from common.protocol import (
     ARRAYS_KEY,
     METRICS_KEY,
     NO_ACCOUNTANT,
     PRIVACY_KEY,
     STATUS_BUDGET_EXHAUSTED,
+    STATUS_LEDGER_ERROR,
     STATUS_TRAINED,
 )
 
@@ -29,10 +31,11 @@ log = logging.getLogger("privfed.client")
 app = ClientApp()
 
 
-def _setup(context: Context) -> tuple[RunConfig, ClientShard]:
+def _setup(context: Context) -> tuple[RunConfig, NodeSettings, ClientShard]:
     cfg = RunConfig.from_run_config(context.run_config)
+    node = NodeSettings.from_node_config(dict(context.node_config))
     torch.set_num_threads(cfg.torch_threads)
-    return cfg, load_client_shard(cfg, dict(context.node_config))
+    return cfg, node, load_client_shard(cfg, node)
 
 
 def _model_from(msg: Message, cfg: RunConfig, shard: ClientShard) -> torch.nn.Module:
@@ -85,6 +88,19 @@ def _refusal(
     )
 
 
+def _ledger_failure(msg: Message, shard: ClientShard, error: LedgerError) -> Message:
+    """Fail closed: no training, no update, and the reason for the server to record."""
+    log.error("partition %d refuses to train: %s", shard.partition_id, error)
+    metrics = {"num-examples": 0, "partition-id": shard.partition_id}
+    privacy = {"status": STATUS_LEDGER_ERROR, "error": str(error)}
+    return Message(
+        RecordDict(
+            {METRICS_KEY: MetricRecord(metrics), PRIVACY_KEY: ConfigRecord(privacy)}
+        ),
+        reply_to=msg,
+    )
+
+
 def _round_seed(cfg: RunConfig, shard: ClientShard, server_round: int) -> int:
     return (cfg.seed * 1_000_003 + shard.partition_id * 7919 + server_round) % 2**63
 
@@ -92,7 +108,7 @@ def _round_seed(cfg: RunConfig, shard: ClientShard, server_round: int) -> int:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train one round, unless it would take this client past its ε budget."""
-    cfg, shard = _setup(context)
+    cfg, node, shard = _setup(context)
     server_round = int(msg.content["config"]["server-round"])
     model = _model_from(msg, cfg, shard)
     torch.manual_seed(_round_seed(cfg, shard, server_round))
@@ -106,7 +122,10 @@ def train(msg: Message, context: Context) -> Message:
         privacy = {"status": STATUS_TRAINED, "accountant": NO_ACCOUNTANT}
         return _reply(msg, model, metrics, privacy)
 
-    ledger = load_ledger(context, cfg)
+    try:
+        ledger = load_ledger(context, cfg, node)
+    except LedgerError as exc:
+        return _ledger_failure(msg, shard, exc)
     decision = decide_round(cfg, len(shard.x_train), ledger)
     if not decision.allowed:
         return _refusal(msg, shard, ledger, decision)
@@ -121,7 +140,7 @@ def train(msg: Message, context: Context) -> Message:
         decision.plan.steps,
         run_id=int(context.run_id),
     )
-    store_ledger(context, ledger)  # persisted before the update leaves the client
+    store_ledger(context, ledger, node)  # persisted before the update leaves the client
     epsilon = ledger.epsilon()
     metrics = {
         "num-examples": len(shard.x_train),
@@ -156,7 +175,7 @@ def _reply(
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Loss, accuracy and macro precision/recall/F1 on the local held-out split."""
-    cfg, shard = _setup(context)
+    cfg, _, shard = _setup(context)
     if len(shard.x_test) == 0:
         raise ValueError(
             f"partition {shard.partition_id} has no local test split "

@@ -1,26 +1,90 @@
-"""Keep the client's privacy ledger in ``context.state`` between rounds."""
+"""Where the client's privacy ledger lives between rounds.
+
+In simulation it lives in ``context.state``. On a real node (``state-dir`` set) the
+file ``<state-dir>/privacy-ledger.json`` is the source of truth: each message runs
+in a fresh process and the SuperNode keeps ``context.state`` only in memory. The
+file is read at the start of every round and replaced atomically (temp file,
+fsync, rename, fsync of the folder) before an update leaves the node. A file that
+cannot be read is never treated as "nothing spent": the client fails closed.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 from flwr.app import ConfigRecord, Context
 
+from client.node_settings import NodeSettings
 from common.config import RunConfig
-from common.privacy_ledger import PrivacyLedger
+from common.privacy_ledger import LedgerError, PrivacyLedger
 
 STATE_KEY = "privfed-ledger"
+LEDGER_FILE = "privacy-ledger.json"
 
 
-def load_ledger(context: Context, cfg: RunConfig) -> PrivacyLedger:
-    """The stored ledger, or an empty one for a client that has not trained yet.
+def ledger_path(state_dir: str) -> Path:
+    """The ledger file of a node's state folder."""
+    return Path(state_dir).expanduser() / LEDGER_FILE
+
+
+def read_ledger_file(path: Path) -> PrivacyLedger:
+    """Parse a ledger file; any problem raises :class:`LedgerError` naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"privacy ledger {path} is unreadable: {exc}") from exc
+    try:
+        return PrivacyLedger.from_json(text)
+    except LedgerError as exc:
+        raise LedgerError(f"privacy ledger {path} is corrupt: {exc}") from exc
+
+
+def write_ledger_file(path: Path, ledger: PrivacyLedger) -> None:
+    """Replace the ledger file atomically and durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(ledger.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_ledger(context: Context, cfg: RunConfig, node: NodeSettings) -> PrivacyLedger:
+    """The stored ledger, or an empty one for a client that has never trained.
 
     ε is reported under this run's accountant and δ, over the whole history.
     """
-    if STATE_KEY not in context.state.config_records:
+    in_state = STATE_KEY in context.state.config_records
+    if node.state_dir is not None:
+        path = ledger_path(node.state_dir)
+        if path.exists():
+            return read_ledger_file(path).with_accounting(cfg.accountant, cfg.delta)
+        if in_state:
+            raise LedgerError(
+                f"privacy ledger {path} is missing although this node has trained "
+                "in this run; refusing to restart its privacy accounting from zero"
+            )
+        return PrivacyLedger(cfg.accountant, cfg.delta)
+    if not in_state:
         return PrivacyLedger(cfg.accountant, cfg.delta)
     ledger = PrivacyLedger.from_json(str(context.state.config_records[STATE_KEY]["json"]))
     return ledger.with_accounting(cfg.accountant, cfg.delta)
 
 
-def store_ledger(context: Context, ledger: PrivacyLedger) -> None:
-    """Write the ledger into ``context.state``."""
+def store_ledger(context: Context, ledger: PrivacyLedger, node: NodeSettings) -> None:
+    """Persist the ledger (to disk first on a real node), then into ``context.state``."""
+    if node.state_dir is not None:
+        write_ledger_file(ledger_path(node.state_dir), ledger)
     context.state.config_records[STATE_KEY] = ConfigRecord({"json": ledger.to_json()})

@@ -1,28 +1,25 @@
-"""This client's shard of the training data, loaded once per process."""
+"""This client's data: a simulated partition or the node's own files, loaded once."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
+import numpy as np
 import torch
 
+from client.node_settings import NodeSettings
 from common.config import RunConfig
 from common.datasets import load_dataset
+from common.local_datasets import load_local_arrays
 from common.partitioning import PartitionSpec, partition_indices, split_local
-
-
-class NodeConfigError(ValueError):
-    """The node's ``node_config`` lacks what this client needs."""
 
 
 @dataclass(frozen=True)
 class ClientShard:
     """Local train and local test tensors of one client."""
 
-    partition_id: int
-    num_partitions: int
+    partition_id: int  # -1 for a node's own data
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
@@ -30,58 +27,43 @@ class ClientShard:
     num_classes: int
 
 
-def partition_of(node_config: dict[str, Any]) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` from a simulation node config."""
-    try:
-        pid = node_config["partition-id"]
-        count = node_config["num-partitions"]
-    except KeyError as exc:
-        raise NodeConfigError(
-            f"node config lacks {exc.args[0]!r}; a simulated node needs "
-            "'partition-id' and 'num-partitions'"
-        ) from None
-    if not (isinstance(pid, int) and isinstance(count, int) and 0 <= pid < count):
-        raise NodeConfigError(
-            f"node config: need 0 <= partition-id < num-partitions, got {pid!r}, {count!r}"
-        )
-    return pid, count
+def _shard(
+    x: np.ndarray, y: np.ndarray, indices: np.ndarray, cfg: RunConfig, pid: int
+) -> ClientShard:
+    train_idx, test_idx = split_local(indices, cfg.local_test_fraction, cfg.seed, pid)
+    return ClientShard(
+        partition_id=pid,
+        x_train=torch.from_numpy(x[train_idx]),
+        y_train=torch.from_numpy(y[train_idx]),
+        x_test=torch.from_numpy(x[test_idx]),
+        y_test=torch.from_numpy(y[test_idx]),
+        num_classes=10,
+    )
 
 
 @lru_cache(maxsize=4)
-def _load_shard(
-    dataset: str,
-    data_dir: str,
-    seed: int,
-    spec: PartitionSpec,
-    local_test_fraction: float,
-    partition_id: int,
-) -> ClientShard:
-    data = load_dataset(dataset, data_dir, seed)
+def _partition_shard(cfg: RunConfig, spec: PartitionSpec, partition_id: int) -> ClientShard:
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
     shards = partition_indices(data.y_train, spec, data.num_classes)
-    train_idx, test_idx = split_local(
-        shards[partition_id], local_test_fraction, seed, partition_id
-    )
-    return ClientShard(
-        partition_id=partition_id,
-        num_partitions=spec.num_partitions,
-        x_train=torch.from_numpy(data.x_train[train_idx]),
-        y_train=torch.from_numpy(data.y_train[train_idx]),
-        x_test=torch.from_numpy(data.x_train[test_idx]),
-        y_test=torch.from_numpy(data.y_train[test_idx]),
-        num_classes=data.num_classes,
-    )
+    return _shard(data.x_train, data.y_train, shards[partition_id], cfg, partition_id)
 
 
-def load_client_shard(cfg: RunConfig, node_config: dict[str, Any]) -> ClientShard:
-    """The shard of the node's partition under ``cfg``'s partitioning."""
-    partition_id, num_partitions = partition_of(node_config)
+@lru_cache(maxsize=4)
+def _local_shard(cfg: RunConfig, data_path: str) -> ClientShard:
+    x, y = load_local_arrays(data_path, cfg.dataset)
+    return _shard(x, y, np.arange(len(y)), cfg, -1)
+
+
+def load_client_shard(cfg: RunConfig, node: NodeSettings) -> ClientShard:
+    """The node's shard: its own ``data-path``, or its partition of the run's dataset."""
+    if node.data_path is not None:
+        return _local_shard(cfg, node.data_path)
+    assert node.partition_id is not None and node.num_partitions is not None
     spec = PartitionSpec(
         partitioner=cfg.partitioner,
-        num_partitions=num_partitions,
+        num_partitions=node.num_partitions,
         seed=cfg.seed,
         dirichlet_alpha=cfg.dirichlet_alpha,
         classes_per_client=cfg.classes_per_client,
     )
-    return _load_shard(
-        cfg.dataset, cfg.data_dir, cfg.seed, spec, cfg.local_test_fraction, partition_id
-    )
+    return _partition_shard(cfg, spec, node.partition_id)

@@ -103,7 +103,7 @@ class RunConfig:
     seed: int = 42
     local_epochs: int = 1
     batch_size: int = 32
-    learning_rate: float = 0.5
+    learning_rate: float = 1.0
     momentum: float = 0.0
     privacy_mode: str = "sample"
     max_grad_norm: float = 1.0

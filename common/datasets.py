@@ -57,8 +57,20 @@ class DatasetArrays:
         return tuple(self.x_train.shape[1:])
 
 
-def _normalise(name: str, images: np.ndarray, scale: float) -> np.ndarray:
+# Raw pixel range of each dataset (digits 0..16, IDX images 0..255).
+PIXEL_SCALE = {"digits": 16.0, "fashion-mnist": 255.0, "mnist": 255.0}
+IMAGE_SIDE = {"digits": 8, "fashion-mnist": 28, "mnist": 28}
+
+
+def normalisation(name: str) -> tuple[float, float, float]:
+    """``(pixel scale, mean, std)``: x -> (x / scale - mean) / std."""
     mean, std = _NORMALISATION[name]
+    return PIXEL_SCALE[name], mean, std
+
+
+def normalise_images(name: str, images: np.ndarray) -> np.ndarray:
+    """Raw ``(N, H, W)`` pixels to normalised float32 ``(N, 1, H, W)``."""
+    scale, mean, std = normalisation(name)
     x = images.astype(np.float32) / scale
     return ((x - mean) / std)[:, None, :, :].astype(np.float32)
 
@@ -80,9 +92,9 @@ def load_digits_arrays(seed: int) -> DatasetArrays:
     )
     return DatasetArrays(
         name="digits",
-        x_train=_normalise("digits", x_tr, 16.0),
+        x_train=normalise_images("digits", x_tr),
         y_train=y_tr,
-        x_test=_normalise("digits", x_te, 16.0),
+        x_test=normalise_images("digits", x_te),
         y_test=y_te,
         num_classes=10,
     )
@@ -139,9 +151,9 @@ def load_idx_arrays(name: str, data_dir: str) -> DatasetArrays:
     raw = {key: read_idx(directory / fname) for key, fname in _IDX_FILES.items()}
     return DatasetArrays(
         name=name,
-        x_train=_normalise(name, raw["x_train"], 255.0),
+        x_train=normalise_images(name, raw["x_train"]),
         y_train=raw["y_train"].astype(np.int64),
-        x_test=_normalise(name, raw["x_test"], 255.0),
+        x_test=normalise_images(name, raw["x_test"]),
         y_test=raw["y_test"].astype(np.int64),
         num_classes=10,
     )

@@ -103,7 +103,7 @@ def split_local(
     indices: np.ndarray, test_fraction: float, seed: int, partition_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split one client's shard into local train and local test indices."""
-    rng = np.random.default_rng([seed, partition_id])
+    rng = np.random.default_rng([seed, partition_id % 2**32])  # -1: a node's own data
     shuffled = rng.permutation(indices)
     n_test = int(round(len(shuffled) * test_fraction))
     if len(shuffled) - n_test < 1:

@@ -8,6 +8,7 @@ PRIVACY_KEY = "privacy"  # ConfigRecord: status, accountant, ledger JSON
 
 STATUS_TRAINED = "trained"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"
+STATUS_LEDGER_ERROR = "ledger-error"  # the ledger could not be read: fail closed
 STATUS_ERROR = "error"
 
 # Accountant label of a non-private client (no ε exists).

@@ -17,6 +17,7 @@ from common.config import RunConfig
 from common.models import build_model
 from server.central_evaluation import CentralEvaluator
 from server.federation_loop import LoopResult, run_rounds
+from server.model_export import export_model
 from server.plots import plot_rounds
 from server.results import ResultsWriter, resolve_results_dir
 from server.strategy import PrivateFedAvg
@@ -83,6 +84,18 @@ def main(grid: Grid, context: Context) -> None:
         if writer.rounds:
             summary["final_central"] = writer.rounds[-1]["central"]
             plot_rounds(writer.rounds, out_dir, f"{cfg.dataset}, {cfg.partitioner}")
+            export_model(
+                result.arrays,
+                cfg,
+                out_dir,
+                {
+                    "round": result.rounds_completed,
+                    "central_accuracy": summary["final_central"]["accuracy"],
+                    "max_epsilon": summary["max_epsilon"],
+                    "accountant": summary["accountant"],
+                    "delta": summary["delta"],
+                },
+            )
         writer.write_summary(summary)
     except BaseException as exc:
         writer.write_summary(

@@ -73,4 +73,5 @@ def outcome_from_reply(reply: Message) -> ClientOutcome:
         steps_total=_num(metrics, "steps-total", int),
         rounds_trained=_num(metrics, "rounds-trained", int),
         history=history,
+        error=str(privacy["error"]) if "error" in privacy else None,
     )

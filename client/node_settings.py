@@ -1,0 +1,76 @@
+"""What a node says about itself in ``node_config``: its data and its state folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class NodeConfigError(ValueError):
+    """The node's ``node_config`` lacks what this client needs, or is contradictory."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """A simulated partition (``partition-id``/``num-partitions``) or local ``data-path``.
+
+    ``state-dir`` (optional) is where the privacy ledger persists on a real node.
+    """
+
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    data_path: str | None = None
+    state_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        has_partition = self.partition_id is not None or self.num_partitions is not None
+        if has_partition and self.data_path is not None:
+            raise NodeConfigError(
+                "node config: give either 'data-path' or 'partition-id' and "
+                "'num-partitions', not both"
+            )
+        if self.data_path is None:
+            if self.partition_id is None or self.num_partitions is None:
+                raise NodeConfigError(
+                    "node config lacks 'partition-id' and 'num-partitions' (simulated "
+                    "shard) or 'data-path' (a node's own .npz, .csv or IDX directory)"
+                )
+            if not 0 <= self.partition_id < self.num_partitions:
+                raise NodeConfigError(
+                    "node config: need 0 <= partition-id < num-partitions, got "
+                    f"{self.partition_id}, {self.num_partitions}"
+                )
+
+    @property
+    def label(self) -> int:
+        """The partition id reported to the server (-1 for a node's own data)."""
+        return self.partition_id if self.partition_id is not None else -1
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
+        """Parse and type-check a Flower ``node_config``."""
+        allowed = {"partition-id", "num-partitions", "data-path", "state-dir"}
+        unknown = sorted(set(node_config) - allowed)
+        if unknown:
+            raise NodeConfigError(
+                f"unknown node config key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+        for key in ("partition-id", "num-partitions"):
+            value = node_config.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int)
+            ):
+                raise NodeConfigError(f"node config key '{key}': must be an integer")
+        for key in ("data-path", "state-dir"):
+            value = node_config.get(key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise NodeConfigError(
+                    f"node config key '{key}': must be a non-empty string"
+                )
+        return cls(
+            partition_id=node_config.get("partition-id"),
+            num_partitions=node_config.get("num-partitions"),
+            data_path=node_config.get("data-path"),
+            state_dir=node_config.get("state-dir"),
+        )

@@ -1,0 +1,63 @@
+"""Show a node's privacy ledger: cumulative ε, δ, accountant, rounds and steps.
+
+python -m client.show_ledger /var/lib/privfed            # a node's state-dir
+python -m client.show_ledger STATE_DIR --accountant prv --delta 1e-6 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from client.ledger_store import ledger_path, read_ledger_file
+from common.privacy_ledger import LedgerError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the ledger; exit 1 if it is missing or unreadable."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("state_dir", help="the node's state-dir")
+    parser.add_argument("--accountant", choices=["rdp", "prv"], help="default: as stored")
+    parser.add_argument("--delta", type=float, help="default: as stored")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    path = ledger_path(args.state_dir)
+    if not path.exists():
+        print(f"no privacy ledger at {path} (this node has not trained)", file=sys.stderr)
+        return 1
+    try:
+        ledger = read_ledger_file(path)
+        ledger = ledger.with_accounting(
+            args.accountant or ledger.accountant, args.delta or ledger.delta
+        )
+        epsilon = ledger.epsilon()
+    except (LedgerError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    report = {
+        "ledger": str(path),
+        "epsilon": epsilon,
+        "delta": ledger.delta,
+        "accountant": ledger.accountant_name,
+        "rounds_trained": len(ledger.rounds),
+        "runs": sorted(set(ledger.runs)),
+        "steps_total": ledger.total_steps,
+        "history": [list(e.as_tuple()) for e in ledger.entries],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"ledger        {path}")
+        print(
+            f"cumulative ε  {epsilon:.4f}  ({ledger.accountant_name}, δ={ledger.delta:g})"
+        )
+        print(f"rounds        {len(ledger.rounds)} in {len(set(ledger.runs))} run(s)")
+        print(f"steps         {ledger.total_steps}")
+        for sigma, rate, steps in report["history"]:
+            print(f"  σ={sigma:.4f}  q={rate:.5f}  steps={steps}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
