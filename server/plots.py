@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_rounds(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
@@ -19,6 +20,7 @@ def plot_rounds(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list
     ax.plot(xs, [r["central"]["accuracy"] for r in rounds], marker="o")
     ax.set(xlabel="round", ylabel="central test accuracy", title=title, ylim=(0, 1))
     ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     written.append(out_dir / "accuracy.png")
     fig.savefig(written[-1], dpi=120)
@@ -35,6 +37,7 @@ def plot_rounds(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list
             title=title,
         )
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         written.append(out_dir / "epsilon.png")
         fig.savefig(written[-1], dpi=120)
