@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -108,6 +109,7 @@ def _round_seed(cfg: RunConfig, shard: ClientShard, server_round: int) -> int:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train one round, unless it would take this client past its ε budget."""
+    started = time.perf_counter()
     cfg, node, shard = _setup(context)
     server_round = int(msg.content["config"]["server-round"])
     model = _model_from(msg, cfg, shard)
@@ -120,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
             "partition-id": shard.partition_id,
         }
         privacy = {"status": STATUS_TRAINED, "accountant": NO_ACCOUNTANT}
-        return _reply(msg, model, metrics, privacy)
+        return _reply(msg, model, metrics, privacy, started)
 
     try:
         ledger = load_ledger(context, cfg, node)
@@ -153,7 +155,7 @@ def train(msg: Message, context: Context) -> Message:
         "accountant": ledger.accountant_name,
         "ledger": ledger.to_json(),
     }
-    return _reply(msg, model, metrics, privacy)
+    return _reply(msg, model, metrics, privacy, started)
 
 
 def _reply(
@@ -161,7 +163,9 @@ def _reply(
     model: torch.nn.Module,
     metrics: dict[str, float | int],
     privacy: dict[str, str],
+    started: float,
 ) -> Message:
+    metrics = {**metrics, "client-seconds": time.perf_counter() - started}
     content = RecordDict(
         {
             ARRAYS_KEY: ArrayRecord(model.state_dict()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import statistics
 import time
 import traceback
 from logging import INFO
@@ -62,7 +63,14 @@ def summarise(cfg: RunConfig, result: LoopResult, wall_seconds: float) -> dict[s
         "client_failures": result.state.failures,
         "wall_seconds": round(wall_seconds, 3),
         "time_breakdown_seconds": {k: round(v, 3) for k, v in result.timings.items()},
+        "orchestration_seconds_per_round_median": _median_orchestration(result),
     }
+
+
+def _median_orchestration(result: LoopResult) -> float | None:
+    """Median per-round orchestration time (see rounds.jsonl ``timing_seconds``)."""
+    per_round = result.orchestration_per_round
+    return round(statistics.median(per_round), 4) if per_round else None
 
 
 @app.main()
@@ -79,7 +87,9 @@ def main(grid: Grid, context: Context) -> None:
         evaluator = CentralEvaluator(cfg)
         model = build_model(cfg.dataset, evaluator.num_classes, seed=cfg.seed)
         initial = ArrayRecord(model.state_dict())
-        result = run_rounds(grid, cfg, make_strategy(cfg), initial, evaluator, writer)
+        result = run_rounds(
+            grid, cfg, make_strategy(cfg), initial, evaluator, writer, started
+        )
         summary = summarise(cfg, result, time.monotonic() - started)
         if writer.rounds:
             summary["final_central"] = writer.rounds[-1]["central"]

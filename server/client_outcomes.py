@@ -20,6 +20,7 @@ class ClientOutcome:
     partition_id: int | None = None
     num_examples: int = 0
     train_loss: float | None = None
+    client_seconds: float | None = None
     epsilon: float | None = None
     epsilon_would_be: float | None = None
     epsilon_budget: float | None = None
@@ -62,6 +63,7 @@ def outcome_from_reply(reply: Message) -> ClientOutcome:
         partition_id=_num(metrics, "partition-id", int),
         num_examples=int(metrics.get("num-examples", 0)),
         train_loss=_num(metrics, "train-loss"),
+        client_seconds=_num(metrics, "client-seconds"),
         epsilon=_num(metrics, "epsilon"),
         epsilon_would_be=_num(metrics, "epsilon-would-be"),
         epsilon_budget=_num(metrics, "epsilon-budget"),

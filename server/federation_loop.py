@@ -100,6 +100,11 @@ class LoopResult:
     stop_reason: str
     state: LoopState
     timings: dict[str, float]
+    orchestration_per_round: list[float]
+
+
+def _client_seconds(outcomes: list[ClientOutcome]) -> list[float]:
+    return [o.client_seconds for o in outcomes if o.client_seconds is not None]
 
 
 def run_rounds(
@@ -109,37 +114,39 @@ def run_rounds(
     arrays: ArrayRecord,
     central_eval: Callable[[ArrayRecord], dict[str, float]],
     writer: ResultsWriter,
+    app_started: float,
 ) -> LoopResult:
-    """Run up to ``num-rounds`` rounds; write a JSON line and checkpoint each round."""
-    timings = {
-        "wait_for_nodes": 0.0,
-        "train": 0.0,
-        "federated_evaluate": 0.0,
-        "central_evaluate": 0.0,
-        "record": 0.0,
-    }
-    t0 = time.monotonic()
+    """Run up to ``num-rounds`` rounds; write a JSON line and checkpoint each round.
+
+    ``app_started`` is the ``time.monotonic()`` at which the ServerApp started.
+    """
+    wait_started = time.monotonic()
     connected = wait_for_nodes(grid, cfg.min_available_nodes, cfg.node_wait_timeout)
-    timings["wait_for_nodes"] = time.monotonic() - t0
     log(INFO, "%d nodes connected; starting %d rounds", connected, cfg.num_rounds)
+    totals = {
+        "startup_to_round_1": time.monotonic() - app_started,
+        "wait_for_nodes": time.monotonic() - wait_started,
+    }
 
     state = LoopState()
     stop_reason = f"completed all {cfg.num_rounds} rounds"
     completed = 0
+    orchestration: list[float] = []
     for server_round in range(1, cfg.num_rounds + 1):
-        t_round = time.monotonic()
+        t = {"start": time.monotonic()}
+        started_at = time.time()  # wall clock, comparable with the launching script
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
             timeout=cfg.round_timeout,
         )
+        t["replies"] = time.monotonic()
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        t["aggregated"] = time.monotonic()
         outcomes = strategy.last_outcomes
         state.record(outcomes)
         check_round(server_round, outcomes)
         if new_arrays is not None:
             arrays = new_arrays
-        t_eval = time.monotonic()
-        timings["train"] += t_eval - t_round
 
         fed_metrics = None
         if cfg.fraction_evaluate > 0:
@@ -149,21 +156,41 @@ def run_rounds(
             )
             aggregated = strategy.aggregate_evaluate(server_round, eval_replies)
             fed_metrics = dict(aggregated) if aggregated is not None else None
-        t_central = time.monotonic()
-        timings["federated_evaluate"] += t_central - t_eval
-
+        t["federated"] = time.monotonic()
         central = central_eval(arrays)
-        t_record = time.monotonic()
-        timings["central_evaluate"] += t_record - t_central
+        t["central"] = time.monotonic()
 
         record = _round_record(server_round, cfg, outcomes, state, central, fed_metrics)
         record["train_loss"] = (
             float(train_metrics["train-loss"]) if train_metrics is not None else None
         )
-        record["seconds"] = round(time.monotonic() - t_round, 4)
-        writer.append_round(record)
         writer.save_model(arrays)
-        timings["record"] += time.monotonic() - t_record
+        t["end"] = time.monotonic()
+        compute = _client_seconds(outcomes)
+        timing = {
+            "train_exchange": t["replies"] - t["start"],
+            "client_compute_max": max(compute, default=0.0),
+            "client_compute_sum": sum(compute),
+            "aggregation": t["aggregated"] - t["replies"],
+            "federated_evaluation": t["federated"] - t["aggregated"],
+            "central_evaluation": t["central"] - t["federated"],
+            "record_and_checkpoint": t["end"] - t["central"],
+        }
+        # Everything in the round except the slowest client's own work and central
+        # evaluation: messaging, scheduling, waiting, aggregation, bookkeeping.
+        timing["orchestration"] = (
+            t["end"]
+            - t["start"]
+            - timing["client_compute_max"]
+            - timing["central_evaluation"]
+        )
+        orchestration.append(timing["orchestration"])
+        record["timing_seconds"] = {k: round(v, 4) for k, v in timing.items()}
+        record["seconds"] = round(t["end"] - t["start"], 4)
+        record["started_at"] = started_at
+        writer.append_round(record)
+        for key, value in timing.items():
+            totals[key] = totals.get(key, 0.0) + value
         completed = server_round
         _log_progress(record, cfg)
 
@@ -174,7 +201,7 @@ def run_rounds(
             )
             log(INFO, "Stopping: %s", stop_reason)
             break
-    return LoopResult(arrays, completed, stop_reason, state, timings)
+    return LoopResult(arrays, completed, stop_reason, state, totals, orchestration)
 
 
 def _round_record(

@@ -168,6 +168,7 @@ def run_federation(args: argparse.Namespace) -> int:
     overrides_file = work / "run-config.toml"
     overrides_file.write_text(tomli_w.dumps(overrides))
     print(f"[privfed] Flower home and logs: {work}", flush=True)
+    launched_at = time.time()
     started = time.monotonic()
     flwr_run: subprocess.Popen[str] | None = None
     try:
@@ -208,7 +209,7 @@ def run_federation(args: argparse.Namespace) -> int:
                 flwr_run.kill()
         # Anything left (e.g. daemons Ray re-parented to us) is stopped by PID.
         stop_processes(descendants())
-    return _report(code, results_dir, time.monotonic() - started, work)
+    return _report(code, results_dir, time.monotonic() - started, work, launched_at)
 
 
 def _stream(proc: subprocess.Popen[str], deadline: float) -> int:
@@ -233,7 +234,9 @@ def _stream(proc: subprocess.Popen[str], deadline: float) -> int:
                 return 124
 
 
-def _report(code: int, results_dir: Path, seconds: float, work: Path) -> int:
+def _report(
+    code: int, results_dir: Path, seconds: float, work: Path, launched_at: float
+) -> int:
     summary_path = results_dir / "summary.json"
     if not summary_path.exists():
         print(
@@ -264,8 +267,25 @@ def _report(code: int, results_dir: Path, seconds: float, work: Path) -> int:
         f"accuracy {final.get('accuracy', float('nan')):.4f}; {eps_text}",
         flush=True,
     )
+    _print_timing(results_dir, summary, launched_at)
     print(f"[privfed] results: {results_dir}", flush=True)
     return code
+
+
+def _print_timing(results_dir: Path, summary: dict[str, Any], launched_at: float) -> None:
+    """Start-up (launch to round 1) and per-round orchestration, from the results."""
+    lines = (results_dir / "rounds.jsonl").read_text().splitlines()
+    if not lines:
+        return
+    first = json.loads(lines[0])
+    breakdown = summary.get("time_breakdown_seconds", {})
+    print(
+        f"[privfed] time: launch to round 1 {first['started_at'] - launched_at:.1f} s "
+        f"(ServerApp start to round 1 {breakdown.get('startup_to_round_1', 0):.1f} s); "
+        f"orchestration {summary.get('orchestration_seconds_per_round_median')} s/round "
+        f"(median); client compute {breakdown.get('client_compute_sum', 0):.1f} s in all",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,9 +145,19 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
         )
     assert rounds[-1]["central"]["accuracy"] > 0.3  # chance is 0.1
 
+    for record in rounds:  # the time of each round is broken down
+        timing = record["timing_seconds"]
+        assert 0 < timing["client_compute_max"] <= timing["client_compute_sum"]
+        assert timing["orchestration"] > 0
+        assert record["seconds"] >= timing["client_compute_max"]
+    assert "[privfed] time: launch to round 1" in out
+
     summary = json.loads((results / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["rounds_completed"] == 2
+    assert summary["time_breakdown_seconds"]["startup_to_round_1"] > 0
+    assert summary["orchestration_seconds_per_round_median"] > 0
+    assert (results / "model.ts").is_file() and (results / "model.json").is_file()
     assert summary["max_epsilon"] <= 8.0  # the default per-client target
     config = json.loads((results / "config.json").read_text())
     assert config["run_config"]["num-rounds"] == 2
@@ -244,3 +254,17 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     _assert_all_gone(watch)
     # What was recorded before the interrupt is intact.
     assert json.loads((tmp_path / "r" / "rounds.jsonl").read_text().splitlines()[0])
+
+
+def test_sweep_smoke(tmp_path: Path) -> None:
+    """A one-point sweep writes its table and plot (keeps the sweep script from rotting)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.sweep", "--epsilons", "8", "--partitioners",
+         "iid", "--clients", "2", "--rounds", "1", "--no-reference", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(table) == 2 and ",completed," in table[1]
+    assert "| 8 | iid | 0 |" in (tmp_path / "sweep.md").read_text()
+    assert (tmp_path / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
