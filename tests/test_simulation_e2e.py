@@ -259,8 +259,9 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
 def test_sweep_smoke(tmp_path: Path) -> None:
     """A one-point sweep writes its table and plot (keeps the sweep script from rotting)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.sweep", "--epsilons", "8", "--partitioners",
-         "iid", "--clients", "2", "--rounds", "1", "--no-reference", "--out", str(tmp_path)],
+        [sys.executable, "-m", "simulations.sweep", "--epsilons", "8",
+         "--partitioners", "iid", "--clients", "2", "--rounds", "1", "--no-reference",
+         "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
