@@ -1,0 +1,131 @@
+"""The privacy ledger composes like one long Opacus run and round-trips as JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.data_loader import DPDataLoader
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.dp_plan import calibrate_noise_multiplier, plan_round
+from common.privacy_ledger import LedgerError, PrivacyLedger, epsilon_of_history
+
+Q = 1 / 19
+DELTA = 1e-5
+
+
+def _ten_rounds(accountant: str = "rdp") -> PrivacyLedger:
+    ledger = PrivacyLedger(accountant, DELTA)
+    for server_round in range(1, 11):
+        ledger = ledger.extended(server_round, 1.0, Q, 19)
+    return ledger
+
+
+def test_ten_rounds_compose_like_one_190_step_run() -> None:
+    """10 rounds x 19 steps (σ=1, q=1/19) = one 190-step run: ε 5.53 under Opacus RDP."""
+    ledger = _ten_rounds()
+    single = PrivacyLedger("rdp", DELTA).extended(1, 1.0, Q, 190)
+    assert ledger.epsilon() == pytest.approx(single.epsilon(), rel=1e-12)
+    assert ledger.epsilon() == pytest.approx(5.53, abs=0.01)
+    stepped = RDPAccountant()  # independent: Opacus stepped 190 times
+    for _ in range(190):
+        stepped.step(noise_multiplier=1.0, sample_rate=Q)
+    assert ledger.epsilon() == pytest.approx(stepped.get_epsilon(delta=DELTA), rel=1e-9)
+
+
+def test_fresh_accountant_per_round_would_be_wrong() -> None:
+    """The per-round ε (2.54) is what the bug reports; the ledger reports far more."""
+    one_round = PrivacyLedger("rdp", DELTA).extended(1, 1.0, Q, 19).epsilon()
+    assert one_round == pytest.approx(2.54, abs=0.02)
+    assert _ten_rounds().epsilon() > 2 * one_round
+
+
+def test_json_round_trip() -> None:
+    """to_json/from_json and to_dict/from_dict (after json) restore the same ledger."""
+    ledger = _ten_rounds().extended(11, 1.3, 0.05, 7, run_id=2)
+    assert PrivacyLedger.from_json(ledger.to_json()) == ledger
+    through_json = json.loads(json.dumps(ledger.to_dict()))
+    restored = PrivacyLedger.from_dict(through_json)
+    assert restored == ledger
+    assert restored.epsilon() == ledger.epsilon()
+    assert restored.history() == [(1.0, Q, 190), (1.3, 0.05, 7)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        '{"format": "something-else"}',
+        '{"format": "privfed-ledger/1", "accountant": "rdp", "delta": 1e-5}',
+        '{"format": "privfed-ledger/1", "accountant": "rdp", "delta": 1e-5, '
+        '"history": [[1.0, 0.1, -3]], "rounds": [1]}',
+        '{"format": "privfed-ledger/1", "accountant": "rdp", "delta": 1e-5, '
+        '"history": [[1.0, 1.5, 3]], "rounds": [1]}',
+        '{"format": "privfed-ledger/1", "accountant": "gdp", "delta": 1e-5, '
+        '"history": [], "rounds": []}',
+    ],
+)
+def test_malformed_ledgers_raise(text: str) -> None:
+    """Anything malformed is a LedgerError, never an empty ledger."""
+    with pytest.raises(LedgerError):
+        PrivacyLedger.from_json(text)
+
+
+def test_rounds_must_increase_within_a_run() -> None:
+    """A round is recorded once; a new run may start again at round 1."""
+    ledger = PrivacyLedger("rdp", DELTA).extended(3, 1.0, Q, 19, run_id=1)
+    with pytest.raises(LedgerError):
+        ledger.extended(3, 1.0, Q, 19, run_id=1)
+    assert ledger.extended(1, 1.0, Q, 19, run_id=2).runs == (1, 2)
+
+
+def test_equal_sigma_and_rate_merge_others_append() -> None:
+    """History merges like Opacus' accountant.step does."""
+    ledger = PrivacyLedger("rdp", DELTA).extended(1, 1.0, Q, 5).extended(2, 1.0, Q, 5)
+    assert ledger.history() == [(1.0, Q, 10)]
+    ledger = ledger.extended(3, 2.0, Q, 5)
+    assert ledger.history() == [(1.0, Q, 10), (2.0, Q, 5)]
+    assert ledger.total_steps == 15
+
+
+def test_prv_is_available_and_tighter_here() -> None:
+    """PRV gives a finite ε below RDP's for the same history."""
+    rdp = _ten_rounds("rdp").epsilon()
+    prv = _ten_rounds("prv").epsilon()
+    assert 0 < prv < rdp
+    reference = PRVAccountant()
+    reference.history = [(1.0, Q, 190)]
+    assert prv == pytest.approx(reference.get_epsilon(delta=DELTA), rel=1e-6)
+
+
+def test_epsilon_after_is_a_dry_run() -> None:
+    """epsilon_after equals extending and does not change the ledger."""
+    ledger = _ten_rounds()
+    assert ledger.epsilon_after(1.0, Q, 19) == pytest.approx(
+        ledger.extended(11, 1.0, Q, 19).epsilon()
+    )
+    assert ledger.total_steps == 190
+    assert epsilon_of_history([], DELTA, "rdp") == 0.0
+
+
+@pytest.mark.parametrize(("n", "batch"), [(130, 32), (647, 32), (6000, 256), (10, 64)])
+def test_round_plan_matches_opacus_poisson_loader(n: int, batch: int) -> None:
+    """q and steps per epoch are what Opacus' DPDataLoader uses for the same data."""
+    data = TensorDataset(torch.zeros(n, 1), torch.zeros(n))
+    loader = DPDataLoader.from_data_loader(DataLoader(data, batch_size=batch))
+    plan = plan_round(n, batch, local_epochs=2)
+    assert plan.sample_rate == loader.sample_rate
+    assert plan.steps == 2 * len(loader)
+
+
+@pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
+def test_calibrated_sigma_meets_target_within_one_percent(target: float) -> None:
+    """The calibrated σ lands ε in [0.99 target, target] over all planned steps."""
+    plan = plan_round(600, 32, 1)
+    steps = 10 * plan.steps
+    sigma = calibrate_noise_multiplier(target, DELTA, plan.sample_rate, steps, "rdp")
+    eps = PrivacyLedger("rdp", DELTA).extended(1, sigma, plan.sample_rate, steps).epsilon()
+    assert 0.99 * target <= eps <= target
