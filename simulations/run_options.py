@@ -1,0 +1,114 @@
+"""Command-line options shared by the scripts, mapped to validated run-config keys."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError, RunConfig
+from common.datasets import DatasetError, resolve_idx_dir
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+# CLI option -> run-config key; None means "leave the pyproject default".
+_OPTION_KEYS = {
+    "dataset": "dataset",
+    "data_dir": "data-dir",
+    "rounds": "num-rounds",
+    "partitioner": "partitioner",
+    "alpha": "dirichlet-alpha",
+    "classes_per_client": "classes-per-client",
+    "target_epsilon": "target-epsilon",
+    "noise_multiplier": "noise-multiplier",
+    "epsilon_budget": "epsilon-budget",
+    "delta": "delta",
+    "accountant": "accountant",
+    "privacy_mode": "privacy-mode",
+    "local_epochs": "local-epochs",
+    "batch_size": "batch-size",
+    "learning_rate": "learning-rate",
+    "momentum": "momentum",
+    "max_grad_norm": "max-grad-norm",
+    "fraction_train": "fraction-train",
+    "seed": "seed",
+}
+
+
+def add_run_options(p: argparse.ArgumentParser, nodes_help: str) -> None:
+    """Options shared by the simulation and deployment scripts (see README)."""
+    p.add_argument("--clients", type=int, default=10, help=nodes_help)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--dataset", choices=["digits", "fashion-mnist", "mnist"])
+    p.add_argument("--data-dir", help="directory with the IDX .gz files")
+    p.add_argument("--partitioner", choices=["iid", "dirichlet", "pathological"])
+    p.add_argument("--alpha", type=float, help="Dirichlet concentration")
+    p.add_argument("--classes-per-client", type=int)
+    p.add_argument("--target-epsilon", type=float)
+    p.add_argument("--noise-multiplier", type=float)
+    p.add_argument("--epsilon-budget", type=float)
+    p.add_argument("--delta", type=float)
+    p.add_argument("--accountant", choices=["rdp", "prv"])
+    p.add_argument("--privacy-mode", choices=["sample", "none"])
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument("--fraction-train", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--results-dir", help="default: results/<time>-<dataset>")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other run-config key (TOML value), repeatable",
+    )
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
+
+
+def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Run-config overrides from the options; validated before anything starts."""
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        try:
+            overrides.update(tomllib.loads(item))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(
+                f"--set {item!r}: not KEY=VALUE in TOML syntax ({exc})"
+            ) from None
+    for option, key in _OPTION_KEYS.items():
+        value = getattr(args, option)
+        if value is not None:
+            overrides[key] = value
+    overrides["min-available-nodes"] = args.clients
+    overrides.setdefault("min-train-nodes", min(2, args.clients))
+    if args.privacy_mode == "none":
+        overrides.setdefault("target-epsilon", 0.0)
+    if args.noise_multiplier is not None and args.target_epsilon is None:
+        overrides["target-epsilon"] = 0.0  # the σ option replaces the default ε target
+    dataset = overrides.get("dataset", RunConfig().dataset)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    results = Path(args.results_dir or Path("results", f"{stamp}-{dataset}"))
+    results = results.expanduser().resolve()
+    if (results / "rounds.jsonl").exists() or (results / "summary.json").exists():
+        raise ConfigError(
+            f"--results-dir {results} already holds a run; choose a new directory"
+        )
+    overrides["results-dir"] = str(results)
+    defaults = pyproject_defaults()
+    cfg = RunConfig.from_run_config({**defaults, **overrides})  # fail before starting
+    if cfg.dataset != "digits":
+        try:
+            resolve_idx_dir(cfg.dataset, cfg.data_dir)
+        except DatasetError as exc:
+            raise ConfigError(str(exc)) from None
+    return overrides
+
+
+def pyproject_defaults() -> dict[str, Any]:
+    with open(APP_DIR / "pyproject.toml", "rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
