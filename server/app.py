@@ -32,8 +32,11 @@ def make_strategy(cfg: RunConfig) -> PrivateFedAvg:
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
-        min_evaluate_nodes=min(cfg.min_train_nodes, cfg.min_available_nodes),
-        min_available_nodes=cfg.min_available_nodes,
+        min_evaluate_nodes=cfg.min_train_nodes,
+        # min-available-nodes is awaited once, before round 1 (wait_for_nodes); after
+        # that a round needs only min-train-nodes, so the run goes on without a
+        # node that dropped out.
+        min_available_nodes=cfg.min_train_nodes,
     )
 
 

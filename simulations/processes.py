@@ -78,6 +78,8 @@ class ManagedProcess:
     ) -> None:
         self.name = name
         self.log_path = log_path
+        # The log may hold earlier runs of the same node; read only this one's part.
+        self._log_offset = log_path.stat().st_size if log_path.exists() else 0
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             list(argv),
@@ -98,9 +100,11 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def log_tail(self, lines: int = 30) -> str:
-        """The last lines of the process's log."""
+        """The last lines this process wrote to its log."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self._log_offset)
+                text = fh.read().decode(errors="replace")
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
@@ -114,7 +118,7 @@ class ManagedProcess:
             except psutil.NoSuchProcess:
                 pass
         stop_processes(tree, grace)
-        self.popen.wait(timeout=grace)
+        self.popen.wait(timeout=max(grace, 5.0))
         self._log.close()
 
 

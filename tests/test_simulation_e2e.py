@@ -2,107 +2,29 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import pytest
 
 from common.privacy_ledger import epsilon_of_history
+from tests.process_watch import (
+    Watch,
+    assert_all_gone,
+    assert_loopback_only,
+    run_watched,
+    start_script,
+    watch_tree,
+)
 from tests.test_docs import readme_python_snippet
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Watch:
-    """PIDs and listening sockets seen under the script while it ran."""
-
-    pids: dict[int, float] = field(default_factory=dict)  # pid -> create_time
-    names: set[str] = field(default_factory=set)
-    listening: set[tuple[str, int, str]] = field(default_factory=set)
-
-
-def _watch(root: psutil.Process, watch: Watch, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            procs = root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
-        for proc in procs:
-            try:
-                if proc.pid not in watch.pids:
-                    watch.pids[proc.pid] = proc.create_time()
-                    watch.names.add(" ".join(proc.cmdline()[:2]) or proc.name())
-                for conn in proc.net_connections(kind="inet"):
-                    if conn.status == psutil.CONN_LISTEN:
-                        watch.listening.add((conn.laddr.ip, conn.laddr.port, proc.name()))
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        time.sleep(0.3)
-
-
-def _start(args: list[str]) -> subprocess.Popen[str]:
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "simulations.run", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _run_watched(args: list[str], timeout: float = 600) -> tuple[int, str, Watch]:
-    proc = _start(args)
-    watch, stop = Watch(), threading.Event()
-    watcher = threading.Thread(target=_watch, args=(psutil.Process(proc.pid), watch, stop))
-    watcher.start()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        stop.set()
-        watcher.join()
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, out, watch
-
-
-def _assert_all_gone(watch: Watch) -> None:
-    assert watch.pids, "the watcher saw no child processes at all"
-    deadline = time.monotonic() + 10
-    leftovers: list[str] = []
-    while time.monotonic() < deadline:
-        leftovers = []
-        for pid, created in watch.pids.items():
-            try:
-                proc = psutil.Process(pid)
-                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                    leftovers.append(f"{pid} {proc.name()} {' '.join(proc.cmdline()[:3])}")
-            except psutil.NoSuchProcess:
-                continue
-        if not leftovers:
-            return
-        time.sleep(0.5)
-    pytest.fail(f"processes left running: {leftovers}")
-
-
-def _assert_loopback_only(watch: Watch) -> None:
-    assert watch.listening, "no listening socket seen (the SuperLink should have one)"
-    for ip, port, name in watch.listening:
-        addr = ipaddress.ip_address(ip)
-        mapped = getattr(addr, "ipv4_mapped", None)  # e.g. ::ffff:127.0.0.1
-        assert (mapped or addr).is_loopback, f"{name} listens on {ip}:{port}"
 
 
 def _rounds(results: Path) -> list[dict]:
@@ -114,7 +36,7 @@ def _rounds(results: Path) -> list[dict]:
 def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     """3 clients x 2 rounds: results folder, cumulative ε, learning, nothing left over."""
     results = tmp_path / "run"
-    code, out, watch = _run_watched(
+    code, out, watch = run_watched(
         ["--clients", "3", "--rounds", "2", "--results-dir", str(results)]
     )
     assert code == 0, out[-4000:]
@@ -167,14 +89,14 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     snippet = readme_python_snippet().replace("results/RUN", str(results))
     exec(compile(snippet, "README.md", "exec"), {})
 
-    _assert_loopback_only(watch)
-    _assert_all_gone(watch)
+    assert_loopback_only(watch)
+    assert_all_gone(watch)
 
 
 def test_run_stops_cleanly_when_every_budget_is_spent(tmp_path: Path) -> None:
     """With a budget for two rounds, round 3 is refused by all and the run ends."""
     results = tmp_path / "run"
-    code, out, watch = _run_watched(
+    code, out, watch = run_watched(
         [
             "--clients", "2", "--rounds", "5", "--noise-multiplier", "1.0",
             "--epsilon-budget", "3.0", "--results-dir", str(results),
@@ -191,12 +113,12 @@ def test_run_stops_cleanly_when_every_budget_is_spent(tmp_path: Path) -> None:
     assert "budget is exhausted" in summary["stop_reason"]
     assert summary["budget_refusals"] == 2 and summary["rounds_completed"] == 3
     assert "refused to train: privacy budget exhausted" in out
-    _assert_all_gone(watch)
+    assert_all_gone(watch)
 
 
 def test_bad_option_fails_before_starting_anything(tmp_path: Path) -> None:
     """A bad run-config value exits 2 with a message naming the key."""
-    code, out, watch = _run_watched(
+    code, out, watch = run_watched(
         ["--clients", "2", "--set", "batch-size=0", "--results-dir", str(tmp_path / "r")],
         timeout=120,
     )
@@ -210,7 +132,7 @@ def test_missing_dataset_files_fail_before_starting(tmp_path: Path) -> None:
     """An IDX dataset without its files exits 2 naming 'data-dir' and the files."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, out, watch = _run_watched(
+    code, out, watch = run_watched(
         [
             "--dataset",
             "mnist",
@@ -228,11 +150,14 @@ def test_missing_dataset_files_fail_before_starting(tmp_path: Path) -> None:
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     """SIGINT mid-run exits 130 and leaves no SuperLink, simulation or Ray process."""
-    proc = _start(
-        ["--clients", "2", "--rounds", "50", "--results-dir", str(tmp_path / "r")]
+    proc = start_script(
+        "simulations.run",
+        ["--clients", "2", "--rounds", "50", "--results-dir", str(tmp_path / "r")],
     )
     watch, stop = Watch(), threading.Event()
-    watcher = threading.Thread(target=_watch, args=(psutil.Process(proc.pid), watch, stop))
+    watcher = threading.Thread(
+        target=watch_tree, args=(psutil.Process(proc.pid), watch, stop)
+    )
     watcher.start()
     lines: list[str] = []
     try:
@@ -251,7 +176,7 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 130, "".join(lines)[-3000:]
     assert any("raylet" in n or "ray::" in n for n in watch.names), watch.names
-    _assert_all_gone(watch)
+    assert_all_gone(watch)
     # What was recorded before the interrupt is intact.
     assert json.loads((tmp_path / "r" / "rounds.jsonl").read_text().splitlines()[0])
 

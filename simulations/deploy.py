@@ -1,0 +1,107 @@
+"""Run the app on a real local deployment: one SuperLink, N SuperNodes, TLS and auth.
+
+Each SuperNode is its own OS process with its own data shard (``partition-id``)
+and state folder (its privacy ledger). Certificates and node keys are generated
+into ``--certs-dir`` (reused if present; put your own there). Streams progress,
+writes the same results folder as a simulated run, and stops every process by
+PID, also on Ctrl-C and on failure.
+
+    python -m simulations.deploy --clients 3 --rounds 2
+    python -m simulations.deploy --insecure ...   # plaintext, debugging only
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+
+from common.config import ConfigError
+from simulations.certificates import CertificateError
+from simulations.deployment import DeploymentSpec, LocalDeployment
+from simulations.processes import become_subreaper, descendants, stop_processes
+from simulations.run import install_sigterm_handler
+from simulations.run_options import APP_DIR, add_run_options, build_overrides
+from simulations.run_output import report_results, stream_process
+
+INSECURE_WARNING = """
+!!! WARNING: --insecure: the SuperLink and SuperNodes talk in PLAINTEXT and any
+!!! process can join as a SuperNode (no authentication). Use it only to debug.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options: the simulation's run options plus deployment ones."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_options(p, "SuperNodes to start")
+    p.add_argument("--certs-dir", type=Path, help="default: <results-dir>/certs")
+    p.add_argument("--state-root", type=Path, help="default: <results-dir>/nodes")
+    p.add_argument("--insecure", action="store_true", help="plaintext, no auth (debug)")
+    args = p.parse_args(argv)
+    if args.clients < 1:
+        p.error("--clients must be >= 1")
+    return args
+
+
+def run_deployment(args: argparse.Namespace) -> int:
+    """Start everything, run the app, stream it, tear down; return an exit code."""
+    overrides = build_overrides(args)
+    results_dir = Path(overrides["results-dir"])
+    certs = (args.certs_dir or results_dir / "certs").expanduser().resolve()
+    state_root = (args.state_root or results_dir / "nodes").expanduser().resolve()
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    become_subreaper()
+    install_sigterm_handler()
+    work = results_dir.parent / f".{results_dir.name}-deployment"
+    launched_at, started = time.time(), time.monotonic()
+    code = 1
+    try:
+        with LocalDeployment(DeploymentSpec(work, certs, secure=not args.insecure)) as dep:
+            dep.start_superlink()
+            mode = "TLS + SuperNode authentication" if not args.insecure else "INSECURE"
+            print(
+                f"[privfed] SuperLink on {dep.address} ({mode}); logs in {work}", flush=True
+            )
+            for i in range(args.clients):
+                key = None if args.insecure else dep.node_key(i)
+                node_config = {
+                    "partition-id": i,
+                    "num-partitions": args.clients,
+                    "state-dir": str(state_root / f"node-{i}"),
+                }
+                dep.start_supernode(i, node_config, key)
+            print(f"[privfed] {args.clients} SuperNodes serving", flush=True)
+            run_config = work / "run-config.toml"
+            run_config.write_text(tomli_w.dumps(overrides))
+            flwr_run = dep.run_app(run_config, APP_DIR)
+            try:
+                code = stream_process(flwr_run, started + args.timeout)
+            finally:
+                if flwr_run.poll() is None:
+                    flwr_run.terminate()
+                    flwr_run.wait(timeout=10)
+    except KeyboardInterrupt:
+        print("\n[privfed] interrupted; stopping every process started", flush=True)
+        code = 130
+    finally:
+        stop_processes(descendants())
+    print(f"[privfed] node ledgers: {state_root} (python -m client.show_ledger DIR)")
+    return report_results(code, results_dir, time.monotonic() - started, work, launched_at)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = parse_args(argv)
+    try:
+        return run_deployment(args)
+    except (ConfigError, CertificateError) as exc:
+        print(f"[privfed] configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Watch the processes a script starts: PIDs, listening sockets, and cleanup."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Watch:
+    """PIDs and listening sockets seen under the script while it ran."""
+
+    pids: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+    names: set[str] = field(default_factory=set)
+    listening: set[tuple[str, int, str]] = field(default_factory=set)
+
+
+def watch_tree(root: psutil.Process, watch: Watch, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            procs = root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for proc in procs:
+            try:
+                if proc.pid not in watch.pids:
+                    watch.pids[proc.pid] = proc.create_time()
+                    watch.names.add(" ".join(proc.cmdline()[:2]) or proc.name())
+                for conn in proc.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        watch.listening.add((conn.laddr.ip, conn.laddr.port, proc.name()))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        time.sleep(0.3)
+
+
+def start_script(module: str, args: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def run_watched(
+    args: list[str], timeout: float = 600, module: str = "simulations.run"
+) -> tuple[int, str, Watch]:
+    proc = start_script(module, args)
+    watch, stop = Watch(), threading.Event()
+    watcher = threading.Thread(
+        target=watch_tree, args=(psutil.Process(proc.pid), watch, stop)
+    )
+    watcher.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        stop.set()
+        watcher.join()
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, watch
+
+
+def assert_all_gone(watch: Watch) -> None:
+    assert watch.pids, "the watcher saw no child processes at all"
+    deadline = time.monotonic() + 10
+    leftovers: list[str] = []
+    while time.monotonic() < deadline:
+        leftovers = []
+        for pid, created in watch.pids.items():
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                    leftovers.append(f"{pid} {proc.name()} {' '.join(proc.cmdline()[:3])}")
+            except psutil.NoSuchProcess:
+                continue
+        if not leftovers:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"processes left running: {leftovers}")
+
+
+def assert_loopback_only(watch: Watch) -> None:
+    assert watch.listening, "no listening socket seen (the SuperLink should have one)"
+    for ip, port, name in watch.listening:
+        addr = ipaddress.ip_address(ip)
+        mapped = getattr(addr, "ipv4_mapped", None)  # e.g. ::ffff:127.0.0.1
+        assert (mapped or addr).is_loopback, f"{name} listens on {ip}:{port}"
