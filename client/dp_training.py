@@ -57,9 +57,9 @@ def train_private(
             poisson_sampling=True,
             grad_sample_mode=cfg.grad_sample_mode,
         )
-    if dp_loader.sample_rate != plan.sample_rate:
+    if dp_loader.sample_rate != plan.sampler_rate:
         raise AccountingMismatch(
-            f"Opacus samples at q={dp_loader.sample_rate}, planned q={plan.sample_rate}"
+            f"Opacus samples at q={dp_loader.sample_rate}, planned q={plan.sampler_rate}"
         )
     with warnings.catch_warnings():
         # Opacus' hooks fire on input-free modules; harmless and noisy.

@@ -10,28 +10,37 @@ from opacus.accountants.utils import get_noise_multiplier
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """Poisson sample rate q and the number of DP-SGD steps in one round."""
+    """The Poisson rate the sampler uses, the rate accounted, and the steps of a round.
+
+    Opacus samples at ``sampler_rate`` = 1/⌈N/B⌉ but accounts at 1/len(loader),
+    where len(loader) = int(1/sampler_rate) can round down by one (e.g. N = 27,000,
+    B = 32: it samples at 1/844 and accounts 843 steps at 1/843). The accounted
+    ``sample_rate`` is then slightly larger than the real one, so ε is a valid,
+    marginally conservative bound, and it is the rate Opacus records.
+    """
 
     sample_rate: float
+    sampler_rate: float
     steps: int
     expected_batch_size: float
 
     def __post_init__(self) -> None:
-        if not 0 < self.sample_rate <= 1 or self.steps < 1:
+        if not 0 < self.sampler_rate <= self.sample_rate <= 1 or self.steps < 1:
             raise ValueError(f"invalid round plan {self}")
 
 
 def plan_round(num_examples: int, batch_size: int, local_epochs: int) -> RoundPlan:
-    """q = 1/ceil(N/B) and ``local_epochs * int(1/q)`` steps, as Opacus would use."""
+    """The round Opacus' ``make_private(poisson_sampling=True)`` would run."""
     if num_examples < 1:
         raise ValueError("a client needs at least one training example")
     batches = math.ceil(num_examples / batch_size)
-    sample_rate = 1.0 / batches
-    steps_per_epoch = int(1 / sample_rate)  # Opacus' UniformWithReplacementSampler
+    sampler_rate = 1.0 / batches
+    steps_per_epoch = int(1 / sampler_rate)  # len() of Opacus' Poisson sampler
     return RoundPlan(
-        sample_rate=sample_rate,
+        sample_rate=1.0 / steps_per_epoch,
+        sampler_rate=sampler_rate,
         steps=local_epochs * steps_per_epoch,
-        expected_batch_size=num_examples * sample_rate,
+        expected_batch_size=num_examples * sampler_rate,
     )
 
 

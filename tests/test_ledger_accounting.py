@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.dp_plan import calibrate_noise_multiplier, plan_round
@@ -111,14 +111,31 @@ def test_epsilon_after_is_a_dry_run() -> None:
     assert epsilon_of_history([], DELTA, "rdp") == 0.0
 
 
-@pytest.mark.parametrize(("n", "batch"), [(130, 32), (647, 32), (6000, 256), (10, 64)])
-def test_round_plan_matches_opacus_poisson_loader(n: int, batch: int) -> None:
-    """q and steps per epoch are what Opacus' DPDataLoader uses for the same data."""
-    data = TensorDataset(torch.zeros(n, 1), torch.zeros(n))
-    loader = DPDataLoader.from_data_loader(DataLoader(data, batch_size=batch))
-    plan = plan_round(n, batch, local_epochs=2)
-    assert plan.sample_rate == loader.sample_rate
-    assert plan.steps == 2 * len(loader)
+@pytest.mark.parametrize(
+    ("n", "batch"), [(130, 32), (647, 32), (6000, 256), (10, 64), (27000, 32)]
+)
+def test_round_plan_matches_opacus(n: int, batch: int) -> None:
+    """Sampler rate, accounted rate and steps are exactly what Opacus uses and records."""
+    data = TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long))
+    loader = DataLoader(data, batch_size=batch)
+    model = torch.nn.Linear(1, 2)
+    engine = PrivacyEngine(accountant="rdp")
+    dp_model, optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    plan = plan_round(n, batch, local_epochs=1)
+    assert plan.sampler_rate == dp_loader.sample_rate
+    assert plan.steps == len(dp_loader)
+    for xb, yb in dp_loader:  # one epoch, to see what the accountant records
+        optimizer.zero_grad()
+        if len(xb):
+            torch.nn.functional.cross_entropy(dp_model(xb), yb).backward()
+        optimizer.step()
+    assert engine.accountant.history == [(1.0, plan.sample_rate, plan.steps)]
 
 
 @pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
