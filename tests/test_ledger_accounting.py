@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from opacus import PrivacyEngine
@@ -146,3 +147,43 @@ def test_calibrated_sigma_meets_target_within_one_percent(target: float) -> None
     sigma = calibrate_noise_multiplier(target, DELTA, plan.sample_rate, steps, "rdp")
     eps = PrivacyLedger("rdp", DELTA).extended(1, sigma, plan.sample_rate, steps).epsilon()
     assert 0.99 * target <= eps <= target
+
+
+def _random_histories(count: int, seed: int = 0) -> list[list[tuple[float, float, int]]]:
+    rng = np.random.default_rng(seed)
+    histories = []
+    for _ in range(count):
+        length = int(rng.integers(1, 12))
+        sigmas = rng.choice([0.5, 0.8, 1.0, 1.7, 3.0], size=length)
+        rates = rng.choice([1 / 19, 0.01, 0.2, 1 / 843, 1.0], size=length)
+        steps = rng.integers(1, 500, size=length)
+        histories.append(
+            [
+                (float(s), float(q), int(n))
+                for s, q, n in zip(sigmas, rates, steps, strict=True)
+            ]
+        )
+    return histories
+
+
+def test_fast_rdp_equals_opacus_full_recomputation() -> None:
+    """The cached per-order RDP path gives exactly Opacus' RDPAccountant ε."""
+    for history in _random_histories(12):
+        reference = RDPAccountant()
+        reference.history = list(history)
+        expected = reference.get_epsilon(delta=DELTA)
+        assert epsilon_of_history(history, DELTA, "rdp") == pytest.approx(
+            expected, rel=1e-9
+        )
+
+
+def test_fast_prv_equals_opacus() -> None:
+    """The cached PRV path gives Opacus' PRVAccountant ε (and again from the cache)."""
+    history = [(1.0, 0.05, 100), (1.2, 0.05, 50)]
+    reference = PRVAccountant()
+    reference.history = list(history)
+    expected = reference.get_epsilon(delta=DELTA)
+    assert epsilon_of_history(history, DELTA, "prv") == pytest.approx(expected, rel=1e-9)
+    assert epsilon_of_history(list(history), DELTA, "prv") == pytest.approx(
+        expected, rel=1e-9
+    )
