@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             run_config.write_text(
                 f'dataset = "{args.dataset}"\nnum-rounds = {args.rounds}\n'
                 f"min-available-nodes = {args.clients}\nfraction-evaluate = 0.0\n"
+                f"min-train-nodes = {min(2, args.clients)}\n"
                 f'results-dir = "{results}"\n'
             )
             flwr_run = dep.run_app(run_config, APP_DIR)

@@ -1,0 +1,49 @@
+"""Tiny runs of the benchmark scripts, so that they cannot rot (no timing asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(module: str, *args: str, timeout: float = 600) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_accountant_benchmark_smoke() -> None:
+    """The accountant benchmark runs and its fast path agrees with Opacus."""
+    out = _run("simulations.bench_accountant", "--repeats", "1")
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.startswith("| distinct") or line.startswith("| one")
+    ]
+    assert len(rows) == 2 and all(row.rstrip().endswith("| True |") for row in rows)
+
+
+def test_dp_overhead_benchmark_smoke() -> None:
+    """The DP overhead benchmark runs every mode on a tiny digits shard."""
+    out = _run(
+        "simulations.bench_dp_overhead", "--dataset", "digits", "--examples", "200",
+        "--batch-sizes", "32", "--repeats", "1",
+    )  # fmt: skip
+    for mode in ("non-private", "hooks", "ew", "functorch"):
+        assert f"| {mode} |" in out
+
+
+@pytest.mark.e2e
+def test_deployment_benchmark_smoke() -> None:
+    """The deployment benchmark measures RSS and bytes on one real SuperNode."""
+    out = _run("simulations.bench_deployment", "--clients", "1", "--rounds", "1")
+    assert "status completed" in out
+    assert "| bytes down per round per client" in out and "MiB |" in out
