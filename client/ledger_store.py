@@ -10,13 +10,12 @@ cannot be read is never treated as "nothing spent": the client fails closed.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
 from client.node_settings import NodeSettings
+from common.atomic_files import atomic_write_bytes
 from common.config import RunConfig
 from common.privacy_ledger import LedgerError, PrivacyLedger
 
@@ -42,23 +41,8 @@ def read_ledger_file(path: Path) -> PrivacyLedger:
 
 
 def write_ledger_file(path: Path, ledger: PrivacyLedger) -> None:
-    """Replace the ledger file atomically and durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(ledger.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace the ledger file atomically and durably (owner-only)."""
+    atomic_write_bytes(path, ledger.to_json().encode("utf-8"), mode=0o600)
 
 
 def load_ledger(context: Context, cfg: RunConfig, node: NodeSettings) -> PrivacyLedger:

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
+from common.atomic_files import atomic_write_bytes
 from common.config import RunConfig
 from common.datasets import IMAGE_SIDE, normalisation
 from common.models import build_model
-from server.results import atomic_write_bytes
 
 CLASS_NAMES = {
     "digits": [str(i) for i in range(10)],
