@@ -8,15 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import datasets as hf_datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    PathologicalPartitioner,
-)
-from flwr_datasets.partitioner.partitioner import Partitioner
+
+if TYPE_CHECKING:  # imported lazily: a node with its own data never needs them
+    from flwr_datasets.partitioner.partitioner import Partitioner
 
 
 class PartitionError(ValueError):
@@ -44,6 +41,12 @@ class PartitionSpec:
 
 
 def _make_partitioner(spec: PartitionSpec, num_classes: int) -> Partitioner:
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
     if spec.partitioner == "iid":
         return IidPartitioner(num_partitions=spec.num_partitions)
     if spec.partitioner == "dirichlet":
@@ -76,6 +79,8 @@ def _make_partitioner(spec: PartitionSpec, num_classes: int) -> Partitioner:
 def _partition_all(
     labels_bytes: bytes, spec: PartitionSpec, num_classes: int
 ) -> tuple[np.ndarray, ...]:
+    import datasets as hf_datasets
+
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
     # Shuffle once by seed so that IID shards are not contiguous slices.
     order = np.random.default_rng(spec.seed).permutation(len(labels))
