@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import time
 
 import pytest
@@ -24,6 +25,14 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 _ids = itertools.count(1)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # Turn SIGTERM into an interrupt so fixtures still stop the processes they started.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _terminate)
 
 
 def make_message(content: RecordDict, message_type: str, dst_node_id: int = 5) -> Message:
