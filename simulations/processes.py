@@ -99,22 +99,26 @@ class ManagedProcess:
         """True while the process has not exited."""
         return self.popen.poll() is None
 
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines this process wrote to its log."""
+    def log_text(self) -> str:
+        """Everything this process has written to its log so far."""
         try:
             with open(self.log_path, "rb") as fh:
                 fh.seek(self._log_offset)
-                text = fh.read().decode(errors="replace")
+                return fh.read().decode(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines this process wrote to its log."""
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop the process and every descendant it started, by PID."""
-        tree = descendants(self.pid)
+        tree: list[psutil.Process] = []
+        # Only while it has not been reaped is its PID surely still its own.
         if self.running():
             try:
-                tree.insert(0, psutil.Process(self.pid))
+                tree = [psutil.Process(self.pid), *descendants(self.pid)]
             except psutil.NoSuchProcess:
                 pass
         stop_processes(tree, grace)
@@ -134,4 +138,7 @@ def wait_until(predicate: object, timeout: float, what: str, proc: ManagedProces
         if predicate():  # type: ignore[operator]
             return
         time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise TimeoutError(
+        f"timed out after {timeout:.0f} s waiting for {what}; {proc.name}'s log "
+        f"({proc.log_path}) ends with:\n{proc.log_tail()}"
+    )

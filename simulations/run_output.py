@@ -7,12 +7,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def stream_process(proc: subprocess.Popen[str], deadline: float) -> int:
-    """Copy the run's output to stdout until it exits or the deadline passes."""
+def stream_process(
+    proc: subprocess.Popen[str],
+    deadline: float,
+    check: Callable[[], str | None] | None = None,
+) -> int:
+    """Copy the run's output to stdout until it exits or the deadline passes.
+
+    ``check`` is called about once a second; a message from it ends the stream
+    early (exit 1), e.g. when a process the run depends on has died.
+    """
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -31,6 +40,10 @@ def stream_process(proc: subprocess.Popen[str], deadline: float) -> int:
             if time.monotonic() > deadline:
                 print("[privfed] time limit reached; stopping the run", flush=True)
                 return 124
+            problem = check() if check is not None else None
+            if problem:
+                print(f"[privfed] stopping the run: {problem}", flush=True)
+                return 1
 
 
 def report_results(
