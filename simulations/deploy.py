@@ -13,14 +13,17 @@ PID, also on Ctrl-C and on failure.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tomli_w
 
 from common.config import ConfigError
-from simulations.certificates import CertificateError
+from simulations.certificates import CertificateError, ensure_tls_files
 from simulations.deployment import DeploymentSpec, LocalDeployment
 from simulations.processes import become_subreaper, descendants, stop_processes
 from simulations.run import install_sigterm_handler
@@ -36,7 +39,7 @@ INSECURE_WARNING = """
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options: the simulation's run options plus deployment ones."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_run_options(p, "SuperNodes to start")
+    add_run_options(p, "SuperNodes to start", ("--nodes",))
     p.add_argument("--certs-dir", type=Path, help="default: <results-dir>/certs")
     p.add_argument("--state-root", type=Path, help="default: <results-dir>/nodes")
     p.add_argument("--insecure", action="store_true", help="plaintext, no auth (debug)")
@@ -44,6 +47,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.clients < 1:
         p.error("--clients must be >= 1")
     return args
+
+
+def _watchdog(dep: LocalDeployment, nodes: int) -> Callable[[], str | None]:
+    """Stop the run if the SuperLink dies; report each SuperNode that exits."""
+    reported: set[int] = set()
+
+    def check() -> str | None:
+        for handle in dep.exited_supernodes():
+            if handle.index not in reported:
+                reported.add(handle.index)
+                print(
+                    f"[privfed] WARNING: SuperNode {handle.index} exited with code "
+                    f"{handle.process.popen.returncode}; its log "
+                    f"({handle.process.log_path}) ends with:\n"
+                    f"{handle.process.log_tail(15)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        if len(reported) == nodes:
+            return "every SuperNode has exited"
+        return dep.problem()
+
+    return check
 
 
 def run_deployment(args: argparse.Namespace) -> int:
@@ -54,9 +80,12 @@ def run_deployment(args: argparse.Namespace) -> int:
     state_root = (args.state_root or results_dir / "nodes").expanduser().resolve()
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    else:
+        ensure_tls_files(certs)  # a partial folder fails here, before anything starts
     become_subreaper()
     install_sigterm_handler()
-    work = results_dir.parent / f".{results_dir.name}-deployment"
+    # Flower homes and logs live outside the app folder, which `flwr run` packages.
+    work = Path(tempfile.mkdtemp(prefix="privfed-deploy-"))
     launched_at, started = time.time(), time.monotonic()
     code = 1
     try:
@@ -66,20 +95,24 @@ def run_deployment(args: argparse.Namespace) -> int:
             print(
                 f"[privfed] SuperLink on {dep.address} ({mode}); logs in {work}", flush=True
             )
-            for i in range(args.clients):
+            for i in range(args.clients):  # each starts while the next is registered
                 key = None if args.insecure else dep.node_key(i)
                 node_config = {
                     "partition-id": i,
                     "num-partitions": args.clients,
                     "state-dir": str(state_root / f"node-{i}"),
                 }
-                dep.start_supernode(i, node_config, key)
-            print(f"[privfed] {args.clients} SuperNodes serving", flush=True)
+                dep.start_supernode(i, node_config, key, wait=False)
+            for i in range(args.clients):
+                dep.wait_ready(i)
+            print(f"[privfed] {args.clients} SuperNodes serving and admitted", flush=True)
             run_config = work / "run-config.toml"
             run_config.write_text(tomli_w.dumps(overrides))
             flwr_run = dep.run_app(run_config, APP_DIR)
             try:
-                code = stream_process(flwr_run, started + args.timeout)
+                code = stream_process(
+                    flwr_run, started + args.timeout, _watchdog(dep, args.clients)
+                )
             finally:
                 if flwr_run.poll() is None:
                     flwr_run.terminate()
@@ -87,6 +120,9 @@ def run_deployment(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\n[privfed] interrupted; stopping every process started", flush=True)
         code = 130
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
+        print(f"[privfed] deployment failed to start: {exc}", file=sys.stderr, flush=True)
+        code = 1
     finally:
         stop_processes(descendants())
     print(f"[privfed] node ledgers: {state_root} (python -m client.show_ledger DIR)")

@@ -16,15 +16,39 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import psutil
 import tomli_w
 
 from simulations.certificates import NodeKey, TlsFiles, ensure_node_key, ensure_tls_files
 from simulations.flower_env import CONNECTION_NAME, flower_environment
 from simulations.health import wait_serving
-from simulations.processes import ManagedProcess, free_port
+from simulations.processes import (
+    ManagedProcess,
+    descendants,
+    free_port,
+    stop_processes,
+    wait_until,
+)
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 120.0
+# Printed by flower-supernode once the SuperLink has activated (admitted) the node.
+ADMITTED_MARK = "SuperNode ID:"
+
+
+class SuperNodeRefused(RuntimeError):
+    """A SuperNode exited before the SuperLink admitted it (e.g. unregistered key)."""
+
+
+def _flower_parent_pid(proc: psutil.Process) -> str | None:
+    """The ``--parent-pid`` a Flower helper process was started with, if any."""
+    try:
+        argv = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+    if "--parent-pid" in argv[:-1]:
+        return argv[argv.index("--parent-pid") + 1]
+    return None
 
 
 def node_config_text(values: dict[str, Any]) -> str:
@@ -66,6 +90,7 @@ class LocalDeployment:
     tls: TlsFiles | None = field(init=False, default=None)
     superlink: ManagedProcess | None = field(init=False, default=None)
     nodes: dict[int, SuperNodeHandle] = field(init=False, default_factory=dict)
+    _started: list[ManagedProcess] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.spec.work_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +133,7 @@ class LocalDeployment:
         self.superlink = ManagedProcess(
             "flower-superlink", argv, self.env, self._log("superlink"), self.spec.work_dir
         )
+        self._started.append(self.superlink)
         wait_serving(health, self.superlink, STARTUP_TIMEOUT)
         self._write_connection()
 
@@ -159,7 +185,11 @@ class LocalDeployment:
         insecure: bool | None = None,
         wait: bool = True,
     ) -> SuperNodeHandle:
-        """Start SuperNode ``index``; by default it uses the deployment's security."""
+        """Start SuperNode ``index``; by default it uses the deployment's security.
+
+        With ``wait`` it returns once the node serves health checks and the
+        SuperLink has admitted it (see :meth:`wait_ready`).
+        """
         insecure = (not self.spec.secure) if insecure is None else insecure
         health = f"127.0.0.1:{free_port()}"
         argv = [
@@ -176,20 +206,45 @@ class LocalDeployment:
             argv += ["--root-certificates", str(self.tls.ca_cert)]
         if key is not None:
             argv += ["--auth-supernode-private-key", str(key.private_key)]
+        # Its own FLWR_HOME, as on a separate machine: each ClientApp process
+        # installs the FAB there, and installs into a shared folder could race.
+        home = self.spec.work_dir / f"supernode-{index}-home"
+        home.mkdir(exist_ok=True)
         proc = ManagedProcess(
-            f"flower-supernode-{index}", argv, self.env, self._log(f"supernode-{index}"),
-            self.spec.work_dir,
+            f"flower-supernode-{index}", argv, flower_environment(home),
+            self._log(f"supernode-{index}"), self.spec.work_dir,
         )  # fmt: skip
+        self._started.append(proc)
         handle = SuperNodeHandle(index, proc, node_config, key, health)
         self.nodes[index] = handle
         if wait:
-            wait_serving(health, proc, STARTUP_TIMEOUT)
+            self.wait_ready(index)
         return handle
+
+    def wait_ready(self, index: int, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Wait until SuperNode ``index`` is SERVING and admitted by the SuperLink.
+
+        Flower's health service says SERVING before the node has connected, so
+        admission is read from the node's log; a node that exits first (refused,
+        exit code 305) raises :class:`SuperNodeRefused` with its log tail.
+        """
+        handle = self.nodes[index]
+        proc = handle.process
+        try:
+            wait_serving(handle.health, proc, timeout)
+            wait_until(lambda: ADMITTED_MARK in proc.log_text(), timeout, "admission", proc)
+        except RuntimeError as exc:
+            if not proc.running():
+                raise SuperNodeRefused(str(exc)) from None
+            raise
+
+    def stop_supernode(self, index: int, grace: float = 10.0) -> None:
+        """Stop SuperNode ``index`` gracefully (SIGTERM: it leaves the SuperLink)."""
+        self.nodes[index].process.stop(grace=grace)
 
     def kill_supernode(self, index: int) -> None:
         """Kill SuperNode ``index`` and its ClientApp processes at once (a crash)."""
-        handle = self.nodes[index]
-        handle.process.stop(grace=0.0)
+        self.nodes[index].process.stop(grace=0.0)
 
     def restart_supernode(self, index: int, timeout: float = 180.0) -> SuperNodeHandle:
         """Start SuperNode ``index`` again with its key, node config and state.
@@ -202,18 +257,31 @@ class LocalDeployment:
         deadline = time.monotonic() + timeout
         while True:
             handle = self.start_supernode(index, old.node_config, old.key, wait=False)
-            while handle.process.running() and time.monotonic() < deadline:
-                if "SuperNode ID:" in handle.process.log_tail(60):
-                    wait_serving(handle.health, handle.process, STARTUP_TIMEOUT)
-                    return handle
-                time.sleep(0.5)
-            handle.process.stop()
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"SuperNode {index} was not re-admitted within {timeout:.0f} s; "
-                    f"its log ends with:\n{handle.process.log_tail()}"
-                )
-            time.sleep(3)
+            try:
+                self.wait_ready(index, max(deadline - time.monotonic(), 1.0))
+                return handle
+            except SuperNodeRefused:
+                handle.process.stop()
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"SuperNode {index} was not re-admitted within {timeout:.0f} s; "
+                        f"its log ends with:\n{handle.process.log_tail()}"
+                    ) from None
+                time.sleep(3)
+
+    def problem(self) -> str | None:
+        """Why the run cannot go on (the SuperLink died), or None."""
+        link = self.superlink
+        if link is not None and not link.running():
+            return (
+                f"the SuperLink exited with code {link.popen.returncode}; its log "
+                f"({link.log_path}) ends with:\n{link.log_tail()}"
+            )
+        return None
+
+    def exited_supernodes(self) -> list[SuperNodeHandle]:
+        """SuperNodes that were started and have exited since."""
+        return [h for h in self.nodes.values() if not h.process.running()]
 
     def run_app(self, run_config_file: Path, app_dir: Path) -> subprocess.Popen[str]:
         """Submit the app with ``flwr run --stream``; the caller reads its output."""
@@ -236,11 +304,16 @@ class LocalDeployment:
         )
 
     def close(self) -> None:
-        """Stop every SuperNode, then the SuperLink, each with its process tree."""
-        for handle in self.nodes.values():
-            handle.process.stop()
-        if self.superlink is not None:
-            self.superlink.stop()
+        """Stop every process started (SuperNodes first, the SuperLink last), by PID.
+
+        A SuperNode that exited by itself (e.g. refused) leaves its
+        ``flower-superexec --parent-pid <pid>`` behind for a few seconds; with
+        this process as subreaper it is one of our descendants and is stopped too.
+        """
+        for proc in reversed(self._started):
+            proc.stop()
+        ours = {str(proc.pid) for proc in self._started}
+        stop_processes([p for p in descendants() if _flower_parent_pid(p) in ours])
 
     def __enter__(self) -> LocalDeployment:
         return self

@@ -37,9 +37,11 @@ _OPTION_KEYS = {
 }
 
 
-def add_run_options(p: argparse.ArgumentParser, nodes_help: str) -> None:
+def add_run_options(
+    p: argparse.ArgumentParser, nodes_help: str, nodes_aliases: tuple[str, ...] = ()
+) -> None:
     """Options shared by the simulation and deployment scripts (see README)."""
-    p.add_argument("--clients", type=int, default=10, help=nodes_help)
+    p.add_argument("--clients", *nodes_aliases, type=int, default=10, help=nodes_help)
     p.add_argument("--rounds", type=int)
     p.add_argument("--dataset", choices=["digits", "fashion-mnist", "mnist"])
     p.add_argument("--data-dir", help="directory with the IDX .gz files")
