@@ -8,12 +8,25 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from client.ledger_store import LEDGER_FILE
 from client.show_ledger import main as show_ledger
 from common.privacy_ledger import PrivacyLedger, epsilon_of_history
-from simulations.deployment import DeploymentSpec, LocalDeployment
-from simulations.processes import become_subreaper, descendants, stop_processes
+from simulations.certificates import ensure_tls_files
+from simulations.deployment import (
+    ADMITTED_MARK,
+    DeploymentSpec,
+    LocalDeployment,
+    SuperNodeRefused,
+)
+from simulations.processes import (
+    become_subreaper,
+    descendants,
+    stop_processes,
+    wait_until,
+)
 from simulations.run_options import APP_DIR
 from tests.process_watch import assert_all_gone, assert_loopback_only, run_watched
 
@@ -87,7 +100,7 @@ def test_unregistered_and_plaintext_supernodes_are_refused(
 ) -> None:
     """Only the registered, TLS-speaking node joins; the others never get work."""
     deployment.start_superlink()
-    deployment.start_supernode(
+    member = deployment.start_supernode(
         0, {"partition-id": 0, "num-partitions": 3}, deployment.node_key(0)
     )
     stranger = deployment.start_supernode(
@@ -97,15 +110,28 @@ def test_unregistered_and_plaintext_supernodes_are_refused(
     plaintext = deployment.start_supernode(
         2, {"partition-id": 2, "num-partitions": 3}, None, insecure=True, wait=False
     )
-    deadline = time.monotonic() + 60
-    while stranger.process.running() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not stranger.process.running(), "an unregistered SuperNode kept running"
-    assert "Failed to activate SuperNode" in stranger.process.log_tail(40)
-    time.sleep(3)  # the plaintext node retries; give it time to (fail to) connect
-    assert "Connection attempt failed" in plaintext.process.log_tail(40)
+    with pytest.raises(SuperNodeRefused, match="Failed to activate SuperNode"):
+        deployment.wait_ready(1, timeout=60)
+    assert stranger.process.popen.returncode != 0
+    assert "Exit Code: 305" in stranger.process.log_text()  # SUPERNODE_CONNECTION_ERROR
+    # The SuperLink refused exactly this key (its log shows the PEM with "\n" escaped).
+    pem = serialization.load_ssh_public_key(
+        stranger.key.public_key.read_bytes()  # type: ignore[union-attr]
+    ).public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    link_log = deployment.superlink.log_text()  # type: ignore[union-attr]
+    refusal = "No SuperNode found with the given public key"
+    assert refusal in link_log and pem.decode().splitlines()[1] in link_log
+    assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in link_log
+
+    # The plaintext node cannot get through TLS: it retries and never gets a node ID.
+    failed = "Connection attempt failed"
+    wait_until(
+        lambda: failed in plaintext.process.log_text(), 60, failed, plaintext.process
+    )
+    assert ADMITTED_MARK not in plaintext.process.log_text()
     nodes = deployment.registered_nodes()
     assert len(nodes) == 1 and nodes[0]["status"] == "online"
+    assert ADMITTED_MARK + f" {nodes[0]['node-id']}" in member.process.log_text()
 
 
 def _wait_for_round(results: Path, n: int, timeout: float = 300) -> None:
@@ -167,3 +193,18 @@ def test_killed_node_continues_its_ledger_and_corrupt_ledger_fails_closed(
     assert "corrupt" in out and "node" in out  # the server's log shows the refusal
     assert summary["client_failures"] >= 3
     assert (states[1] / LEDGER_FILE).read_text().endswith("[[")  # never overwritten
+
+
+def test_partial_certificate_folder_fails_before_starting(tmp_path: Path) -> None:
+    """A certificate folder missing a file exits 2, naming it, with nothing started."""
+    certs = tmp_path / "certs"
+    ensure_tls_files(certs)
+    (certs / "ca.key").unlink()
+    code, out, watch = run_watched(
+        ["--nodes", "2", "--certs-dir", str(certs), "--results-dir", str(tmp_path / "r")],
+        timeout=120,
+        module="simulations.deploy",
+    )
+    assert code == 2, out[-3000:]
+    assert "lacks ca.key" in out
+    assert not watch.pids
