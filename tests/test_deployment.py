@@ -159,7 +159,7 @@ def test_killed_node_continues_its_ledger_and_corrupt_ledger_fails_closed(
         deployment.start_supernode(i, config, deployment.node_key(i))
     run_config = tmp_path / "run.toml"
     run_config.write_text(
-        f"num-rounds = 3\nfraction-evaluate = 0.0\nmin-available-nodes = 3\n"
+        f"num-rounds = 5\nfraction-evaluate = 0.0\nmin-available-nodes = 3\n"
         f'min-train-nodes = 1\nround-timeout = 120.0\nresults-dir = "{results}"\n'
     )
     flwr_run = deployment.run_app(run_config, APP_DIR)
@@ -168,14 +168,17 @@ def test_killed_node_continues_its_ledger_and_corrupt_ledger_fails_closed(
         ledger_before = PrivacyLedger.from_json((states[2] / LEDGER_FILE).read_text())
         deployment.kill_supernode(2)
         time.sleep(2)
-        deployment.restart_supernode(2)
-        out, _ = flwr_run.communicate(timeout=600)
+        deployment.restart_supernode(2)  # returns once the SuperLink re-admits it
+        readmitted_at = time.time()
+        out, _ = flwr_run.communicate(timeout=900)
     finally:
         if flwr_run.poll() is None:
             flwr_run.kill()
     assert flwr_run.returncode == 0, out[-4000:]
     summary = json.loads((results / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["rounds_completed"] == 3, summary
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 5, summary
+    later = [r["round"] for r in _rounds(results) if r["started_at"] > readmitted_at]
+    assert later, "no round started after node 2 was re-admitted"
 
     ledger_after = PrivacyLedger.from_json((states[2] / LEDGER_FILE).read_text())
     assert ledger_after.rounds[: len(ledger_before.rounds)] == ledger_before.rounds
