@@ -112,6 +112,8 @@ def read_idx(path: Path) -> np.ndarray:
         raise DatasetError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path}: truncated inside its IDX header")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     expected = int(np.prod(shape))
     if len(data) - header != expected:

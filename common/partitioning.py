@@ -93,6 +93,8 @@ def _partition_all(
         np.sort(np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64))
         for pid in range(spec.num_partitions)
     )
+    for shard in shards:  # cached and shared: nobody may edit them in place
+        shard.setflags(write=False)
     return shards
 
 
@@ -109,7 +111,7 @@ def split_local(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split one client's shard into local train and local test indices."""
     rng = np.random.default_rng([seed, partition_id % 2**32])  # -1: a node's own data
-    shuffled = rng.permutation(indices)
+    shuffled = rng.permutation(np.array(indices))  # a copy: cached shards are read-only
     n_test = int(round(len(shuffled) * test_fraction))
     if len(shuffled) - n_test < 1:
         raise PartitionError(

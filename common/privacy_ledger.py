@@ -102,6 +102,13 @@ def epsilon_of_history(
     raise LedgerError(f"unknown accountant {accountant!r}; allowed: 'rdp', 'prv'")
 
 
+def _whole(value: Any) -> int:
+    """A stored step count: an integer, never a rounded float or a bool."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LedgerError(f"steps must be an integer, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class PrivacyLedger:
     """Everything one client has spent, across every round it trained in."""
@@ -219,7 +226,7 @@ class PrivacyLedger:
             raise LedgerError(f"not a {LEDGER_FORMAT} ledger")
         try:
             entries = tuple(
-                LedgerEntry(float(s), float(q), int(n)) for s, q, n in data["history"]
+                LedgerEntry(float(s), float(q), _whole(n)) for s, q, n in data["history"]
             )
             rounds = tuple(int(r) for r in data["rounds"])
             runs = tuple(int(r) for r in data.get("runs", [0] * len(rounds)))

@@ -71,6 +71,9 @@ def test_truncated_or_foreign_files_fail(tmp_path: Path) -> None:
     (tmp_path / "x.idx").write_bytes(b"PK\x03\x04junk")
     with pytest.raises(DatasetError, match="not an unsigned-byte IDX"):
         read_idx(tmp_path / "x.idx")
+    (tmp_path / "cut.idx").write_bytes(bytes([0, 0, 8, 3]) + b"\x00" * 6)
+    with pytest.raises(DatasetError, match="truncated inside its IDX header"):
+        read_idx(tmp_path / "cut.idx")
     (tmp_path / "bad.gz").write_bytes(b"not gzip")
     with pytest.raises(DatasetError, match="cannot read"):
         read_idx(tmp_path / "bad.gz")

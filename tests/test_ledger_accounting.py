@@ -67,6 +67,10 @@ def test_json_round_trip() -> None:
         '"history": [[1.0, 1.5, 3]], "rounds": [1]}',
         '{"format": "privfed-ledger/1", "accountant": "gdp", "delta": 1e-5, '
         '"history": [], "rounds": []}',
+        '{"format": "privfed-ledger/1", "accountant": "rdp", "delta": 1e-5, '
+        '"history": [[1.0, 0.1, 190.9]], "rounds": [1]}',
+        '{"format": "privfed-ledger/1", "accountant": "rdp", "delta": 1e-5, '
+        '"history": [[1.0, 0.1, true]], "rounds": [1]}',
     ],
 )
 def test_malformed_ledgers_raise(text: str) -> None:

@@ -85,6 +85,13 @@ def test_impossible_pathological_setting_is_refused() -> None:
         partition_indices(LABELS, spec)
 
 
+def test_cached_shards_are_read_only() -> None:
+    """The cached partitions cannot be edited in place by a caller."""
+    shard = partition_indices(LABELS, PartitionSpec("iid", 10, seed=9))[0]
+    with pytest.raises(ValueError):
+        shard[0] = -1
+
+
 def test_bad_partitioner_is_named() -> None:
     """An unknown partitioner fails naming the key."""
     with pytest.raises(PartitionError, match="'partitioner'"):
