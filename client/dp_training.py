@@ -6,10 +6,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.per_sample_grads import PerSampleClipper
 from common.config import RunConfig
 from common.dp_plan import RoundPlan
 
@@ -40,9 +42,72 @@ def train_private(
 ) -> TrainOutcome:
     """DP-SGD: Poisson sampling at ``plan.sample_rate``, clipping, Gaussian noise.
 
-    A fresh Opacus accountant records only this round; the caller appends its
-    history to the client's cumulative ledger.
+    The round's history (σ, q, steps) is checked against the plan; the caller
+    appends it to the client's cumulative ledger.
     """
+    if cfg.grad_sample_mode == "direct":
+        mean_loss, steps = _train_direct(model, x, y, cfg, plan, noise_multiplier)
+        history = ((noise_multiplier, plan.sample_rate, steps),)
+    else:
+        mean_loss, history = _train_opacus(model, x, y, cfg, plan, noise_multiplier)
+    planned = ((noise_multiplier, plan.sample_rate, plan.steps),)
+    if history != planned:
+        raise AccountingMismatch(f"training recorded {history}, planned {planned}")
+    return TrainOutcome(mean_loss=mean_loss, history=history)
+
+
+def _train_direct(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: RunConfig,
+    plan: RoundPlan,
+    noise_multiplier: float,
+) -> tuple[float, int]:
+    """DP-SGD with :class:`PerSampleClipper`: Opacus' sampling, clipping and noise.
+
+    Each step draws a Poisson batch (every example in with probability
+    ``plan.sampler_rate``), sums per-sample clipped gradients, adds N(0, (σC)²) per
+    coordinate and divides by the expected batch size, as Opacus'
+    ``make_private(poisson_sampling=True)`` does; an empty batch still takes a
+    noise-only step. Returns the mean training loss and the steps taken.
+    """
+    clipper = PerSampleClipper(model)
+    optimizer = _optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected_batch = int(len(x) * plan.sampler_rate)  # Opacus' expected_batch_size
+    std = noise_multiplier * cfg.max_grad_norm
+    model.train()
+    total, count, steps = 0.0, 0, 0
+    try:
+        for _ in range(plan.steps):
+            batch = (torch.rand(len(x)) < plan.sampler_rate).nonzero().squeeze(1)
+            sums: dict[nn.Parameter, torch.Tensor] = {}
+            if len(batch):
+                loss = F.cross_entropy(model(x[batch]), y[batch], reduction="sum")
+                sums = clipper.clipped_sums(loss, cfg.max_grad_norm)
+                total += loss.item()
+                count += len(batch)
+            for p in params:
+                summed = sums.get(p, torch.zeros_like(p))
+                noise = torch.normal(0.0, std, p.shape) if std > 0 else 0.0
+                p.grad = (summed + noise) / expected_batch
+            optimizer.step()
+            steps += 1
+    finally:
+        clipper.close()
+    return (total / count if count else float("nan")), steps
+
+
+def _train_opacus(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: RunConfig,
+    plan: RoundPlan,
+    noise_multiplier: float,
+) -> tuple[float, tuple[tuple[float, float, int], ...]]:
+    """DP-SGD through Opacus' ``make_private`` (modes hooks, ew, functorch)."""
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size)
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off; the seed key is documented instead.
@@ -66,19 +131,24 @@ def train_private(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         mean_loss = _run_epochs(dp_model, optimizer, dp_loader, cfg.local_epochs)
     history = tuple(tuple(h) for h in engine.accountant.history)
-    planned = ((noise_multiplier, plan.sample_rate, plan.steps),)
-    if history != planned:
-        raise AccountingMismatch(f"Opacus recorded {history}, planned {planned}")
-    return TrainOutcome(mean_loss=mean_loss, history=history)  # type: ignore[arg-type]
+    return mean_loss, history  # type: ignore[return-value]
 
 
 def train_non_private(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig
 ) -> TrainOutcome:
-    """Plain mini-batch SGD (the non-private reference)."""
-    loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, shuffle=True)
-    mean_loss = _run_epochs(model, _optimizer(model, cfg), loader, cfg.local_epochs)
-    return TrainOutcome(mean_loss=mean_loss, history=())
+    """Plain mini-batch SGD over shuffled batches (the non-private reference)."""
+    optimizer = _optimizer(model, cfg)
+    model.train()
+    total = 0.0
+    for _ in range(cfg.local_epochs):
+        for batch in torch.randperm(len(x)).split(cfg.batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+    return TrainOutcome(mean_loss=total / (len(x) * cfg.local_epochs), history=())
 
 
 def _run_epochs(

@@ -16,7 +16,7 @@ DATASETS = ("digits", "fashion-mnist", "mnist")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_MODES = ("sample", "none")
-GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+GRAD_SAMPLE_MODES = ("direct", "hooks", "ew", "functorch")
 
 
 class ConfigError(ValueError):
@@ -112,7 +112,7 @@ class RunConfig:
     epsilon_budget: float = 0.0
     delta: float = 1e-5
     accountant: str = "rdp"
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "direct"
     torch_threads: int = 1
     results_dir: str = ""
 

@@ -23,7 +23,7 @@ from common.datasets import load_dataset
 from common.dp_plan import plan_round
 from common.models import build_model
 
-MODES = ("hooks", "ew", "functorch")
+MODES = ("direct", "hooks", "ew", "functorch")
 
 
 def _epoch_seconds(
