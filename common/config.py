@@ -55,6 +55,8 @@ RULES: dict[str, _Rule] = {
     "batch-size": _Rule(int, lambda v: v >= 1, "an integer >= 1"),
     "learning-rate": _Rule(float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
     "momentum": _Rule(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "server-learning-rate": _Rule(float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
+    "server-momentum": _Rule(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "privacy-mode": _choice(PRIVACY_MODES),
     "max-grad-norm": _Rule(float, lambda v: v > 0, "a number > 0"),
     "noise-multiplier": _Rule(float, lambda v: v >= 0, "a number >= 0 (0 = unset)"),
@@ -105,6 +107,8 @@ class RunConfig:
     batch_size: int = 32
     learning_rate: float = 1.0
     momentum: float = 0.0
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
     privacy_mode: str = "sample"
     max_grad_norm: float = 1.0
     noise_multiplier: float = 0.0

@@ -37,6 +37,8 @@ def make_strategy(cfg: RunConfig) -> PrivateFedAvg:
         # that a round needs only min-train-nodes, so the run goes on without a
         # node that dropped out.
         min_available_nodes=cfg.min_train_nodes,
+        server_learning_rate=cfg.server_learning_rate,
+        server_momentum=cfg.server_momentum,
     )
 
 

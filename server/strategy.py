@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from logging import WARNING
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvgM
 from flwr.supercore import log
 
 from common.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_TRAINED
@@ -22,11 +22,14 @@ def _mean_train_loss(replies: list[RecordDict], weight_key: str) -> MetricRecord
     return MetricRecord({"train-loss": loss / total, weight_key: int(total)})
 
 
-class PrivateFedAvg(FedAvg):
+class PrivateFedAvg(FedAvgM):
     """FedAvg over the clients that trained; refusals and failures are recorded.
 
     Only replies with status ``trained`` are averaged. The outcome of every
-    reply of the last training round is kept in :attr:`last_outcomes`.
+    reply of the last training round is kept in :attr:`last_outcomes`. With
+    ``server_learning_rate`` 1 and ``server_momentum`` 0 (the defaults) this is
+    plain FedAvg; otherwise Flower's FedAvgM step is applied to the average
+    (post-processing of the private updates: no privacy cost).
     """
 
     def __init__(self, **kwargs: object) -> None:

@@ -33,6 +33,8 @@ BAD_VALUES: dict[str, list[Any]] = {
     "batch-size": ["32", 0, -4],
     "learning-rate": ["0.1", 0.0, -1.0, 101.0],
     "momentum": ["0.9", -0.1, 1.0],
+    "server-learning-rate": [0, -1.0, 101.0, "1"],
+    "server-momentum": [-0.1, 1.0, "0.9"],
     "privacy-mode": [True, "user", "client"],
     "max-grad-norm": ["1", 0.0, -2.0],
     "noise-multiplier": ["1.0", -0.5],

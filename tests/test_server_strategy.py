@@ -10,6 +10,7 @@ import client.app as client_app
 from common.config import RunConfig
 from common.models import build_model
 from common.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_TRAINED
+from server.app import make_strategy
 from server.client_outcomes import ClientOutcome
 from server.federation_loop import LoopState, RoundFailed, check_round
 from server.strategy import PrivateFedAvg
@@ -99,3 +100,29 @@ def test_round_with_only_failures_fails_the_run() -> None:
         check_round(3, [])
     refused = ClientOutcome(node_id=2, status=STATUS_BUDGET_EXHAUSTED)
     check_round(3, [*failed, refused])  # a refusal is a valid answer
+
+
+def test_server_momentum_applies_fedavgm_to_the_trained_average() -> None:
+    """server-learning-rate η and server-momentum β: x ← x − η·m, m ← β·m + (x − avg)."""
+    cfg = RunConfig(
+        num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0,
+        server_learning_rate=1.5, server_momentum=0.5,
+    )  # fmt: skip
+    contexts = [make_context(cfg, pid, 3, node_id=40 + pid) for pid in (0, 1)]
+    replies = _replies(cfg, 1, contexts)
+    strategy = make_strategy(cfg)
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    strategy.current_arrays = initial  # what configure_train records in round 1
+    plain = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1)
+    average, _ = plain.aggregate_train(1, replies)
+    assert average is not None
+    key = next(iter(average.keys()))
+    x0, avg = initial[key].numpy(), average[key].numpy()
+
+    first, _ = strategy.aggregate_train(1, replies)
+    m1 = x0 - avg
+    x1 = x0 - 1.5 * m1
+    np.testing.assert_allclose(first[key].numpy(), x1, rtol=1e-5, atol=1e-6)
+    second, _ = strategy.aggregate_train(2, replies)  # same updates again
+    m2 = 0.5 * m1 + (x1 - avg)
+    np.testing.assert_allclose(second[key].numpy(), x1 - 1.5 * m2, rtol=1e-5, atol=1e-5)
