@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import psutil
 import tomli_w
 
 from simulations.certificates import NodeKey, TlsFiles, ensure_node_key, ensure_tls_files
-from simulations.flower_env import CONNECTION_NAME, flower_environment
+from simulations.flower_env import CONNECTION_NAME, flower_environment, stage_app
 from simulations.health import wait_serving
 from simulations.processes import (
     ManagedProcess,
@@ -285,11 +286,12 @@ class LocalDeployment:
 
     def run_app(self, run_config_file: Path, app_dir: Path) -> subprocess.Popen[str]:
         """Submit the app with ``flwr run --stream``; the caller reads its output."""
+        staged = stage_app(app_dir, Path(tempfile.mkdtemp(dir=self.spec.work_dir)))
         return subprocess.Popen(
             [
                 str(BIN / "flwr"),
                 "run",
-                str(app_dir),
+                str(staged),
                 CONNECTION_NAME,
                 "--stream",
                 "--run-config",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -17,6 +18,25 @@ import tomli_w
 from simulations.processes import ManagedProcess, free_port, wait_until
 
 CONNECTION_NAME = "privfed-local"
+APP_FILES = ("pyproject.toml", "README.md", "LICENSE")
+APP_PACKAGES = ("common", "client", "server")  # what the ServerApp/ClientApp import
+
+
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """Copy the Flower app (pyproject and the app's packages) to ``dest/app``.
+
+    ``flwr run <dir>`` walks every file under ``<dir>`` before filtering what goes
+    into the FAB; in a checkout that includes ``.venv`` (~48,000 files, 8–13 s
+    here). Building from a staged copy of just the app takes well under a second.
+    """
+    staged = dest / "app"
+    staged.mkdir(parents=True)
+    for name in APP_FILES:
+        shutil.copy2(app_dir / name, staged / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package in APP_PACKAGES:
+        shutil.copytree(app_dir / package, staged / package, ignore=ignore)
+    return staged
 
 
 def flower_environment(flwr_home: Path) -> dict[str, str]:

@@ -24,6 +24,7 @@ from simulations.flower_env import (
     CONNECTION_NAME,
     flower_environment,
     simulation_superlink,
+    stage_app,
     write_connection,
 )
 from simulations.processes import become_subreaper, descendants, stop_processes
@@ -74,7 +75,7 @@ def run_federation(args: argparse.Namespace) -> int:
             argv = [
                 str(Path(sys.executable).parent / "flwr"),
                 "run",
-                str(APP_DIR),
+                str(stage_app(APP_DIR, work)),
                 CONNECTION_NAME,
                 "--stream",
                 "--run-config",

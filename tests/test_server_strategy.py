@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Error, Message
@@ -12,7 +15,7 @@ from common.models import build_model
 from common.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_TRAINED
 from server.app import make_strategy
 from server.client_outcomes import ClientOutcome
-from server.federation_loop import LoopState, RoundFailed, check_round
+from server.federation_loop import LoopState, RoundFailed, check_round, exchange
 from server.strategy import PrivateFedAvg
 from tests.conftest import make_context, train_message
 
@@ -126,3 +129,42 @@ def test_server_momentum_applies_fedavgm_to_the_trained_average() -> None:
     second, _ = strategy.aggregate_train(2, replies)  # same updates again
     m2 = 0.5 * m1 + (x1 - avg)
     np.testing.assert_allclose(second[key].numpy(), x1 - 1.5 * m2, rtol=1e-5, atol=1e-5)
+
+
+class _SlowGrid:
+    """Replies to message i become available at pull number ``ready[i]``."""
+
+    def __init__(self, ready: list[int]) -> None:
+        self.ready, self.pulls = ready, 0
+
+    def push_messages(self, messages: object) -> list[str]:
+        return [f"m{i}" for i in range(len(self.ready))]
+
+    def pull_messages(self, ids: set[str]) -> list[SimpleNamespace]:
+        self.pulls += 1
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"))
+            for i, at in enumerate(self.ready)
+            if at == self.pulls and f"m{i}" in ids
+        ]
+
+
+def test_exchange_collects_every_reply_without_fixed_sleeps() -> None:
+    """All replies are gathered across pulls; polling starts at tens of milliseconds."""
+    grid = _SlowGrid([1, 3, 3, 5])
+    started = time.monotonic()
+    replies = exchange(grid, [], timeout=30)  # type: ignore[arg-type]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == [
+        "m0", "m1", "m2", "m3",
+    ]  # fmt: skip
+    assert grid.pulls == 5
+    assert time.monotonic() - started < 0.5  # Flower's HttpGrid would sleep 12 s
+
+
+def test_exchange_returns_what_came_by_the_timeout() -> None:
+    """A node that never replies does not hold the round past round-timeout."""
+    grid = _SlowGrid([1, 10**9])
+    started = time.monotonic()
+    replies = exchange(grid, [], timeout=0.3)  # type: ignore[arg-type]
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert 0.3 <= time.monotonic() - started < 1.0
