@@ -40,7 +40,7 @@ def _setup(context: Context) -> tuple[RunConfig, NodeSettings, ClientShard]:
 
 
 def _model_from(msg: Message, cfg: RunConfig, shard: ClientShard) -> torch.nn.Module:
-    model = build_model(cfg.dataset, shard.num_classes)
+    model = build_model(cfg.dataset, shard.num_classes, features=cfg.features)
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
     return model
 

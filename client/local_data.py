@@ -11,6 +11,7 @@ import torch
 from client.node_settings import NodeSettings
 from common.config import RunConfig
 from common.datasets import load_dataset
+from common.features import compute_features
 from common.local_datasets import load_local_arrays
 from common.partitioning import PartitionSpec, partition_indices, split_local
 
@@ -33,15 +34,17 @@ def _shard(
     train_idx, test_idx = split_local(indices, cfg.local_test_fraction, cfg.seed, pid)
     return ClientShard(
         partition_id=pid,
-        x_train=torch.from_numpy(x[train_idx]),
+        x_train=compute_features(cfg.features, torch.from_numpy(x[train_idx])),
         y_train=torch.from_numpy(y[train_idx]),
-        x_test=torch.from_numpy(x[test_idx]),
+        x_test=compute_features(cfg.features, torch.from_numpy(x[test_idx])),
         y_test=torch.from_numpy(y[test_idx]),
         num_classes=10,
     )
 
 
-@lru_cache(maxsize=4)
+# One entry per partition this process serves: a Ray worker serves several nodes,
+# and a shard (with its features) is built once, not once per round.
+@lru_cache(maxsize=32)
 def _partition_shard(cfg: RunConfig, spec: PartitionSpec, partition_id: int) -> ClientShard:
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
     shards = partition_indices(data.y_train, spec, data.num_classes)

@@ -17,6 +17,7 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_MODES = ("sample", "none")
 GRAD_SAMPLE_MODES = ("direct", "hooks", "ew", "functorch")
+FEATURE_MAPS = ("pixels", "scattering")  # see common/features.py
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,7 @@ RULES: dict[str, _Rule] = {
     "min-available-nodes": _Rule(int, lambda v: v >= 1, "an integer >= 1"),
     "node-wait-timeout": _Rule(float, lambda v: v > 0, "a number of seconds > 0"),
     "round-timeout": _Rule(float, lambda v: v > 0, "a number of seconds > 0"),
+    "features": _choice(FEATURE_MAPS),
     "partitioner": _choice(PARTITIONERS),
     "dirichlet-alpha": _Rule(float, lambda v: v > 0, "a number > 0"),
     "classes-per-client": _Rule(int, lambda v: v >= 1, "an integer >= 1"),
@@ -98,6 +100,7 @@ class RunConfig:
     min_available_nodes: int = 2
     node_wait_timeout: float = 300.0
     round_timeout: float = 3600.0
+    features: str = "pixels"
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     classes_per_client: int = 2
@@ -141,6 +144,11 @@ class RunConfig:
                 "run config keys 'fraction-evaluate' and 'local-test-fraction': "
                 "federated evaluation needs a local test split; set "
                 "fraction-evaluate=0 or local-test-fraction > 0"
+            )
+        if self.features == "scattering" and self.dataset == "digits":
+            raise ConfigError(
+                "run config keys 'features' and 'dataset': 'scattering' needs 28x28 "
+                "images (fashion-mnist or mnist), got dataset 'digits'"
             )
         if self.classes_per_client > 10:  # every supported dataset has 10 classes
             raise ConfigError(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from common.features import SCATTERING_SHAPE
 
 
 class TanhCNN28(nn.Module):
@@ -48,10 +52,31 @@ class DigitsMLP(nn.Module):
         return self.net(x)
 
 
-def build_model(dataset: str, num_classes: int = 10, seed: int | None = None) -> nn.Module:
-    """The model for ``dataset``, initialised from ``seed`` when given."""
+class FeatureLinear(nn.Module):
+    """A linear classifier on fixed features, e.g. ScatterNet (81x7x7 -> 39,700 params)."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int = 10) -> None:
+        super().__init__()
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(in_shape), num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of feature maps shaped ``(B, *in_shape)``."""
+        return self.classifier(x)
+
+
+def build_model(
+    dataset: str,
+    num_classes: int = 10,
+    seed: int | None = None,
+    features: str = "pixels",
+) -> nn.Module:
+    """The model for ``dataset`` and input ``features``, seeded when ``seed`` is given."""
     if seed is not None:
         torch.manual_seed(seed)
+    if features == "scattering":
+        return FeatureLinear(SCATTERING_SHAPE, num_classes)
     if dataset == "digits":
         return DigitsMLP(num_classes)
     if dataset in ("fashion-mnist", "mnist"):

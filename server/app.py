@@ -90,7 +90,9 @@ def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(cfg.torch_threads)
     try:
         evaluator = CentralEvaluator(cfg)
-        model = build_model(cfg.dataset, evaluator.num_classes, seed=cfg.seed)
+        model = build_model(
+            cfg.dataset, evaluator.num_classes, seed=cfg.seed, features=cfg.features
+        )
         initial = ArrayRecord(model.state_dict())
         result = run_rounds(
             grid, cfg, make_strategy(cfg), initial, evaluator, writer, started

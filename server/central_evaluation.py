@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord
 
 from common.config import RunConfig
 from common.datasets import load_dataset
+from common.features import compute_features
 from common.metrics import evaluate_model
 from common.models import build_model
 
@@ -16,10 +17,10 @@ class CentralEvaluator:
 
     def __init__(self, cfg: RunConfig) -> None:
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
-        self.x_test = torch.from_numpy(data.x_test)
+        self.x_test = compute_features(cfg.features, torch.from_numpy(data.x_test))
         self.y_test = torch.from_numpy(data.y_test)
         self.num_classes = data.num_classes
-        self.model = build_model(cfg.dataset, data.num_classes)
+        self.model = build_model(cfg.dataset, data.num_classes, features=cfg.features)
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
         """Loss, accuracy and macro precision/recall/F1 of ``arrays``."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from common.config import ConfigError, RunConfig
 from common.datasets import DatasetError, resolve_idx_dir
+from simulations.presets import PRESETS, preset_help
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -42,6 +43,11 @@ def add_run_options(
 ) -> None:
     """Options shared by the simulation and deployment scripts (see README)."""
     p.add_argument("--clients", *nodes_aliases, type=int, default=10, help=nodes_help)
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a tuned recipe applied before the other options: " + preset_help(),
+    )
     p.add_argument("--rounds", type=int)
     p.add_argument("--dataset", choices=["digits", "fashion-mnist", "mnist"])
     p.add_argument("--data-dir", help="directory with the IDX .gz files")
@@ -74,7 +80,7 @@ def add_run_options(
 
 def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Run-config overrides from the options; validated before anything starts."""
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(PRESETS[args.preset].run_config) if args.preset else {}
     for item in args.set:
         try:
             overrides.update(tomllib.loads(item))

@@ -24,6 +24,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "min-available-nodes": [False, 0, -3],
     "node-wait-timeout": ["60", 0, -1.0],
     "round-timeout": [[], 0.0],
+    "features": [1, "scatter", "Pixels"],
     "partitioner": [1, "shard", "IID"],
     "dirichlet-alpha": ["0.5", 0.0, -1.0],
     "classes-per-client": [2.0, 0, 11],

@@ -1,0 +1,57 @@
+"""Named, tuned recipes: run-config keys that ``--preset NAME`` applies before options.
+
+Each preset is measured in BENCHMARKS.md with the command that reproduces it;
+explicit options (``--rounds``, ``--set k=v`` …) still override single keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A recipe: what it is for, and the run-config keys it sets."""
+
+    description: str
+    run_config: Mapping[str, Any]
+
+
+_FMNIST_EPS3 = {
+    "dataset": "fashion-mnist",
+    "features": "scattering",  # ScatterNet + linear (Tramèr & Boneh 2021)
+    "num-rounds": 10,
+    "local-epochs": 2,
+    "batch-size": 512,  # expected Poisson batch; q = 1/12 of a 6,000-example shard
+    "learning-rate": 4.0,
+    "momentum": 0.9,
+    "max-grad-norm": 0.1,
+    "target-epsilon": 3.0,  # σ calibrated so every client ends at ε ≤ 3 (δ = 1e-5)
+    "noise-multiplier": 0.0,
+    "local-test-fraction": 0.0,  # all local data trains; the server's test set scores
+    "fraction-evaluate": 0.0,
+}
+
+PRESETS: Mapping[str, Preset] = MappingProxyType(
+    {
+        "fmnist-eps3": Preset(
+            "Fashion-MNIST, IID, per-client sample-level ε ≤ 3: ScatterNet features, "
+            "linear model, DP-SGD B 512, lr 4, momentum 0.9, C 0.1, 10 rounds x 2 epochs",
+            MappingProxyType(_FMNIST_EPS3),
+        ),
+        "fmnist-eps3-dirichlet": Preset(
+            "the fmnist-eps3 recipe on a Dirichlet(0.5) label split",
+            MappingProxyType(
+                {**_FMNIST_EPS3, "partitioner": "dirichlet", "dirichlet-alpha": 0.5}
+            ),
+        ),
+    }
+)
+
+
+def preset_help() -> str:
+    """One line per preset, for ``--help``."""
+    return "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items())
