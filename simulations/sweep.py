@@ -7,6 +7,8 @@ seed gives the reference line. Writes ``sweep.csv``, ``sweep.md`` and
 
     python -m simulations.sweep --epsilons 1 3 8 --partitioners iid dirichlet \\
         --seeds 0 1 --clients 10 --rounds 5 --jobs 1
+    python -m simulations.sweep --preset fmnist-eps3 --epsilons 1 2 3 \
+        --partitioners iid dirichlet
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from simulations.presets import PRESETS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,10 +86,12 @@ def run_point(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> Poin
     results = out_dir / point.name
     argv = [
         sys.executable, "-m", "simulations.run",
-        "--clients", str(args.clients), "--rounds", str(args.rounds),
-        "--dataset", args.dataset, "--partitioner", point.partitioner,
+        "--clients", str(args.clients), "--partitioner", point.partitioner,
         "--seed", str(point.seed), "--results-dir", str(results),
     ]  # fmt: skip
+    for option in ("preset", "rounds", "dataset"):  # unset: the preset's or the default
+        if getattr(args, option) is not None:
+            argv += [f"--{option}", str(getattr(args, option))]
     if point.target_epsilon is None:
         argv += ["--privacy-mode", "none"]
     else:
@@ -186,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["iid", "dirichlet", "pathological"])  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, help="default: the preset's, else 5")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="recipe for every point")
     p.add_argument(
-        "--dataset", default="digits", choices=["digits", "fashion-mnist", "mnist"]
+        "--dataset",
+        choices=["digits", "fashion-mnist", "mnist"],
+        help="default: the preset's, else digits",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument(

@@ -47,3 +47,14 @@ def test_deployment_benchmark_smoke() -> None:
     out = _run("simulations.bench_deployment", "--clients", "1", "--rounds", "1")
     assert "status completed" in out
     assert "| bytes down per round per client" in out and "MiB |" in out
+
+
+@pytest.mark.e2e
+def test_orchestration_benchmark_smoke() -> None:
+    """The orchestration benchmark runs a real federation and reports every measure."""
+    out = _run(
+        "simulations.bench_orchestration", "--clients", "2", "--rounds", "2",
+        "--repeats", "1",
+    )  # fmt: skip
+    for measure in ("launch_to_round_1", "serverapp_to_round_1", "orchestration_per_round"):
+        assert f"| {measure} |" in out
