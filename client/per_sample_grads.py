@@ -167,14 +167,24 @@ def _conv_part(
         dilation=module.stride,
         groups=batch,
     )[:, :, :k_h, :k_w]
-    per_sample = {
-        module.weight: weight_grads.reshape(c_in, batch, c_out, k_h, k_w).permute(
-            1, 2, 0, 3, 4
-        )
-    }
-    if module.bias is not None:
-        per_sample[module.bias] = g.sum((2, 3))
-    return _materialised(per_sample)
+    # Kept in this (c_in, B, c_out·k_h·k_w) layout: no permuted copy is made.
+    per_sample = weight_grads.reshape(c_in, batch, c_out * k_h * k_w)
+    weight, bias = module.weight, module.bias
+    sq = per_sample.square().sum((0, 2)) if weight.requires_grad else g.new_zeros(batch)
+    bias_grads = g.sum((2, 3)) if bias is not None and bias.requires_grad else None
+    if bias_grads is not None:
+        sq = sq + bias_grads.square().sum(1)
+
+    def summer(f: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        out = {}
+        if weight.requires_grad:
+            summed = torch.matmul(f, per_sample)  # (c_in, c_out·k_h·k_w)
+            out[weight] = summed.reshape(c_in, c_out, k_h, k_w).transpose(0, 1)
+        if bias_grads is not None:
+            out[bias] = f @ bias_grads
+        return out
+
+    return sq, summer
 
 
 def _materialised(

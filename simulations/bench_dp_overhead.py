@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument(
         "--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"]
     )
@@ -61,17 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch_sizes:
         cfg = RunConfig(dataset=args.dataset, batch_size=batch, num_rounds=1)
         times: dict[str, list[float]] = {"non-private": []}
-        ratios: dict[str, list[float]] = {m: [] for m in MODES}
+        ratios: dict[str, list[float]] = {m: [] for m in args.modes}
         for _ in range(args.repeats):
             base = _epoch_seconds(cfg, x, y, None)
             times["non-private"].append(base)
-            for mode in MODES:
+            for mode in args.modes:
                 seconds = _epoch_seconds(cfg, x, y, mode)
                 times.setdefault(mode, []).append(seconds)
                 ratios[mode].append(seconds / base)
         print(f"\nbatch {batch}\n\n| mode | s / epoch | DP / non-DP |\n|---|---|---|")
         print(f"| non-private | {statistics.median(times['non-private']):.2f} | 1.00 |")
-        for mode in MODES:
+        for mode in args.modes:
             secs, ratio = statistics.median(times[mode]), statistics.median(ratios[mode])
             print(f"| {mode} | {secs:.2f} | {ratio:.2f}x |")
     return 0
