@@ -2,7 +2,8 @@
 
 Runs ``simulations.run`` with N clients on Fashion-MNIST (or digits) and a small
 fraction trained per round, samples the summed RSS of the whole process tree
-(script, SuperLink, ServerApp, Ray and its workers) every 0.2 s, and checks from
+(script, SuperLink, ServerApp, Ray and its workers) every 0.2 s, as RSS and as
+PSS (shared pages split between their processes), and checks from
 the results that every sampled client trained and every ledger is cumulative.
 
     python -m simulations.bench_scale --clients 10000 --per-round 100 --rounds 5
@@ -19,9 +20,33 @@ import threading
 import time
 from pathlib import Path
 
-from simulations.bench_deployment import tree_rss
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """Summed RSS and summed PSS of ``pid`` and its descendants, in bytes.
+
+    RSS counts a page shared by several processes (torch's libraries, forked
+    Ray workers) once per process, so its sum overstates the machine's use;
+    PSS splits each shared page between the processes sharing it, so its sum
+    is the memory the run really holds.
+    """
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0, 0
+    rss = pss = 0
+    for proc in procs:
+        try:
+            info = proc.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rss += info.rss
+        pss += info.pss
+    return rss, pss
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     start = time.monotonic()
     proc = subprocess.Popen(argv_run, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    peak = 0
+    peak = peak_pss = 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, peak_pss
         while not done.is_set():
-            peak = max(peak, tree_rss(proc.pid))
+            rss, pss = tree_memory(proc.pid)
+            peak, peak_pss = max(peak, rss), max(peak_pss, pss)
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -73,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         for c in r["clients"]
     )
     print("| clients | per round | rounds | trained per round | ledgers cumulative "
-          "| peak total RSS | wall |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "| peak total RSS | peak total PSS | wall |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| {args.clients} | {args.per_round} | {len(rounds)} | {trained} | {ledgers_ok} "
-          f"| {peak / 2**30:.2f} GiB | {wall:.0f} s |")  # fmt: skip
+          f"| {peak / 1e9:.2f} GB | {peak_pss / 1e9:.2f} GB | {wall:.0f} s |")  # fmt: skip
     return 0 if code == 0 and all_sampled_trained and ledgers_ok else 1
 
 

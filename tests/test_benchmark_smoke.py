@@ -58,3 +58,14 @@ def test_orchestration_benchmark_smoke() -> None:
     )  # fmt: skip
     for measure in ("launch_to_round_1", "serverapp_to_round_1", "orchestration_per_round"):
         assert f"| {measure} |" in out
+
+
+@pytest.mark.e2e
+def test_scale_benchmark_smoke() -> None:
+    """The scale benchmark's checks pass on a small federation (20 nodes, 5 per round)."""
+    out = _run(
+        "simulations.bench_scale", "--clients", "20", "--per-round", "5",
+        "--rounds", "1", "--dataset", "digits",
+    )  # fmt: skip
+    row = next(line for line in out.splitlines() if line.startswith("| 20 |"))
+    assert "| [5] | True |" in row and "GB |" in row
