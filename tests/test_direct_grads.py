@@ -27,7 +27,13 @@ def _odd_conv_net() -> nn.Module:
     )
 
 
+def _sequence_net() -> nn.Module:
+    """A Linear applied to every position of a (B, 3, 6) input (the >2-D path)."""
+    return nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Flatten(), nn.Linear(12, 5))
+
+
 MODELS = {
+    "sequence-linear": (_sequence_net, (9, 3, 6)),
     "tanh-cnn": (TanhCNN28, (9, 1, 28, 28)),
     "digits-mlp": (DigitsMLP, (9, 1, 8, 8)),
     "odd-conv": (_odd_conv_net, (9, 3, 17, 15)),
