@@ -144,9 +144,12 @@ def train(msg: Message, context: Context) -> Message:
     )
     store_ledger(context, ledger, node)  # persisted before the update leaves the client
     epsilon = ledger.epsilon()
+    # No training loss: it is a statistic of the private records that DP-SGD's noise
+    # does not cover. The client logs it locally instead.
+    log.info("partition %d: round %d train loss %.4f (not sent)", shard.partition_id,
+             server_round, outcome.mean_loss)  # fmt: skip
     metrics = {
         "num-examples": len(shard.x_train),
-        "train-loss": outcome.mean_loss,
         "steps-round": decision.plan.steps,
         **_privacy_metrics(shard, ledger, decision, epsilon),
     }

@@ -85,7 +85,8 @@ def _train_direct(
         for _ in range(plan.steps):
             batch = (torch.rand(len(x)) < plan.sampler_rate).nonzero().squeeze(1)
             sums: dict[nn.Parameter, torch.Tensor] = {}
-            for chunk in batch.split(PHYSICAL_BATCH):  # clipping is per sample: exact
+            # Clipping is per sample, so chunks sum exactly; an empty batch has none.
+            for chunk in batch.split(PHYSICAL_BATCH) if len(batch) else ():
                 loss = F.cross_entropy(model(x[chunk]), y[chunk], reduction="sum")
                 for p, summed in clipper.clipped_sums(loss, cfg.max_grad_norm).items():
                     sums[p] = sums[p] + summed if p in sums else summed
@@ -93,7 +94,11 @@ def _train_direct(
                 count += len(chunk)
             for p in params:
                 summed = sums.get(p, torch.zeros_like(p))
-                noise = torch.normal(0.0, std, p.shape) if std > 0 else 0.0
+                noise = (
+                    torch.normal(0.0, std, p.shape, device=p.device, dtype=p.dtype)
+                    if std > 0
+                    else 0.0
+                )
                 p.grad = (summed + noise) / expected_batch
             optimizer.step()
             steps += 1

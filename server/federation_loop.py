@@ -192,7 +192,9 @@ def run_rounds(
 
         record = _round_record(server_round, cfg, outcomes, state, central, fed_metrics)
         record["train_loss"] = (
-            float(train_metrics["train-loss"]) if train_metrics is not None else None
+            float(train_metrics["train-loss"])
+            if train_metrics is not None and "train-loss" in train_metrics
+            else None
         )
         writer.save_model(arrays)
         t["end"] = time.monotonic()

@@ -14,8 +14,14 @@ from server.client_outcomes import ClientOutcome, outcome_from_reply
 
 
 def _mean_train_loss(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean training loss (other client metrics are per-client)."""
+    """Example-weighted mean training loss (other client metrics are per-client).
+
+    Private clients do not send their loss (it is not covered by DP), so there is a
+    mean only when every reply carries one (non-private runs).
+    """
     total = sum(float(r["metrics"][weight_key]) for r in replies)
+    if not all("train-loss" in r["metrics"] for r in replies):
+        return MetricRecord({weight_key: int(total)})
     loss = sum(
         float(r["metrics"]["train-loss"]) * float(r["metrics"][weight_key]) for r in replies
     )

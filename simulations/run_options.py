@@ -94,8 +94,8 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
             overrides[key] = value
     overrides["min-available-nodes"] = args.clients
     overrides.setdefault("min-train-nodes", min(2, args.clients))
-    if args.privacy_mode == "none":
-        overrides.setdefault("target-epsilon", 0.0)
+    if args.privacy_mode == "none" and args.target_epsilon is None:
+        overrides["target-epsilon"] = 0.0  # also clears a preset's ε target
     if args.noise_multiplier is not None and args.target_epsilon is None:
         overrides["target-epsilon"] = 0.0  # the σ option replaces the default ε target
     dataset = overrides.get("dataset", RunConfig().dataset)

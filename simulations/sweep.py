@@ -7,7 +7,7 @@ seed gives the reference line. Writes ``sweep.csv``, ``sweep.md`` and
 
     python -m simulations.sweep --epsilons 1 3 8 --partitioners iid dirichlet \\
         --seeds 0 1 --clients 10 --rounds 5 --jobs 1
-    python -m simulations.sweep --preset fmnist-eps3 --epsilons 1 2 3 \
+    python -m simulations.sweep --preset fmnist-eps3 --epsilons 1 2 3 \\
         --partitioners iid dirichlet
 """
 
@@ -188,8 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the grid; exit 1 if any point failed."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-    p.add_argument("--partitioners", nargs="+", default=["iid", "dirichlet"],
-                   choices=["iid", "dirichlet", "pathological"])  # fmt: skip
+    p.add_argument(
+        "--partitioners",
+        nargs="+",
+        choices=["iid", "dirichlet", "pathological"],
+        help="default: the preset's partitioner, else iid and dirichlet",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, help="default: the preset's, else 5")
@@ -208,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.partitioners is None:
+        preset = PRESETS[args.preset].run_config if args.preset else {}
+        args.partitioners = (
+            [preset["partitioner"]] if "partitioner" in preset else ["iid", "dirichlet"]
+        )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out_dir = (args.out or Path("results", f"sweep-{stamp}")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ def test_train_reply_carries_weights_and_cumulative_privacy(digits_cfg: RunConfi
         assert metrics["delta"] == digits_cfg.delta
         assert metrics["rounds-trained"] == server_round
         assert metrics["steps-total"] == server_round * metrics["steps-round"]
+        assert "train-loss" not in metrics  # a statistic of private data DP does not cover
         history = json.loads(str(privacy["ledger"]))["history"]
         assert metrics["epsilon"] == pytest.approx(
             _independent_epsilon(history, digits_cfg.delta), rel=1e-9
@@ -112,6 +113,7 @@ def test_non_private_mode_trains_without_privacy_metrics() -> None:
     assert reply.content["privacy"]["status"] == STATUS_TRAINED
     assert reply.content["privacy"]["accountant"] == "none"
     assert "epsilon" not in reply.content["metrics"]
+    assert reply.content["metrics"]["train-loss"] > 0  # non-private: nothing to protect
 
 
 def test_training_is_reproducible_per_seed(digits_cfg: RunConfig) -> None:

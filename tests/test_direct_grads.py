@@ -138,3 +138,39 @@ def test_poisson_batches_have_the_planned_rate_and_step_count() -> None:
     assert len(sizes) == 400  # no empty batch expected at 50 per step
     mean, sd = 400 * 50, (400 * 1000 * 0.05 * 0.95) ** 0.5
     assert abs(sum(sizes) - mean) < 4 * sd
+
+
+def test_models_that_mix_examples_or_carry_buffers_are_refused() -> None:
+    """BatchNorm (even frozen) mixes a batch, and its running statistics would be sent."""
+    frozen_bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, affine=False))
+    with pytest.raises(UnsupportedModel, match="BatchNorm mixes the examples"):
+        PerSampleClipper(frozen_bn)
+    with_buffer = nn.Linear(3, 2)
+    with_buffer.register_buffer("seen", torch.zeros(3))
+    with pytest.raises(UnsupportedModel, match="'seen' is refused"):
+        PerSampleClipper(with_buffer)
+
+
+def test_shared_parameters_are_refused_and_frozen_layers_ignored() -> None:
+    """Every trainable parameter must belong to exactly one supported layer."""
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    with pytest.raises(UnsupportedModel, match="exactly one Conv2d/Linear"):
+        PerSampleClipper(nn.Sequential(first, second))
+    frozen = nn.Conv2d(2, 2, 3, groups=2).requires_grad_(False)
+    PerSampleClipper(nn.Sequential(frozen, nn.Flatten(), nn.Linear(2, 3))).close()
+
+
+def test_empty_poisson_batches_take_noise_only_steps() -> None:
+    """With q = 1/10 on 10 examples most steps are empty: the CNN still steps each time."""
+    torch.manual_seed(2)
+    model = TanhCNN28()
+    x, y = torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))
+    cfg = RunConfig(dataset="fashion-mnist", batch_size=1, local_epochs=3)
+    plan = plan_round(len(x), cfg.batch_size, cfg.local_epochs)
+    before = [p.detach().clone() for p in model.parameters()]
+    outcome = train_private(model, x, y, cfg, plan, noise_multiplier=1.0)
+    assert outcome.history == ((1.0, 0.1, 30),)
+    assert all(
+        not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)
+    )

@@ -90,6 +90,14 @@ def test_exported_model_takes_raw_images(tmp_path: Path) -> None:
     ).stdout  # fmt: skip
     predicted = [int(line.split(",")[1]) for line in out.splitlines()[1:8]]
     assert predicted == expected.argmax(1).tolist()
+    traced = torch.jit.load(str(tmp_path / "model.ts"))  # traced at batch 2
+    for batch in (1, 3):
+        torch.testing.assert_close(
+            traced(x[:batch].reshape(batch, 1, 28, 28)),
+            expected[:batch],
+            atol=1e-4,
+            rtol=1e-4,
+        )
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -112,6 +120,17 @@ def test_presets_are_valid_configs(name: str, tmp_path: Path) -> None:
     assert overrides["num-rounds"] == 3 and overrides["batch-size"] == 512
     assert overrides.get("partitioner") == preset.get("partitioner")
     assert overrides["target-epsilon"] == 3.0
+
+
+def test_non_private_preset_run_clears_the_epsilon_target(tmp_path: Path) -> None:
+    """--preset … --privacy-mode none leaves no stale ε target in the run config."""
+    args = _parse("--preset", "fmnist-eps3", "--privacy-mode", "none",
+                  "--results-dir", str(tmp_path / "r"))  # fmt: skip
+    try:
+        overrides = build_overrides(args)
+    except ConfigError as exc:  # the IDX files are not on this machine
+        pytest.skip(str(exc))
+    assert overrides["privacy-mode"] == "none" and overrides["target-epsilon"] == 0.0
 
 
 def test_unknown_preset_is_refused_with_the_choices() -> None:
