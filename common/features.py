@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEATURES = ("pixels", "scattering")
 SCATTERING_SHAPE = (81, 7, 7)  # (1 + J·L + L²·J(J−1)/2) channels at 28 / 2^J
 SCATTERING_GROUPS = 27
 _CHUNK = 1000  # images per scattering call (bounds the FFT buffers)

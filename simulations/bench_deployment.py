@@ -35,19 +35,19 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from common.config import RunConfig
 from common.models import build_model
 from simulations.deployment import DeploymentSpec, LocalDeployment
-from simulations.processes import become_subreaper, descendants, stop_processes
+from simulations.processes import (
+    become_subreaper,
+    descendants,
+    process_tree,
+    stop_processes,
+)
 from simulations.run_options import APP_DIR
 
 
 def tree_rss(pid: int) -> int:
     """Summed resident memory of ``pid`` and its descendants, in bytes."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
     total = 0
-    for proc in procs:
+    for proc in process_tree(pid):
         try:
             total += proc.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from simulations.processes import process_tree
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -33,13 +35,8 @@ def tree_memory(pid: int) -> tuple[int, int]:
     PSS splits each shared page between the processes sharing it, so its sum
     is the memory the run really holds.
     """
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0, 0
     rss = pss = 0
-    for proc in procs:
+    for proc in process_tree(pid):
         try:
             info = proc.memory_full_info()
         except (psutil.NoSuchProcess, psutil.AccessDenied):

@@ -46,6 +46,15 @@ def descendants(pid: int | None = None) -> list[psutil.Process]:
         return []
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and all its live descendants; empty when ``pid`` is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def stop_processes(procs: Sequence[psutil.Process], grace: float = 10.0) -> list[int]:
     """SIGTERM each process, wait ``grace`` s, SIGKILL survivors; return killed PIDs."""
     alive = []
