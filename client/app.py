@@ -1,4 +1,9 @@
-"""The ClientApp: local DP-SGD training with a cumulative privacy ledger, and evaluation."""
+"""The ClientApp: local DP-SGD under the node's privacy policy, with a cumulative ledger.
+
+What a reply may carry is declared in :mod:`common.reply`; this module only chooses
+the constructor. Nothing here seeds DP randomness from the run config or a message
+(see :mod:`client.dp_randomness`).
+"""
 
 from __future__ import annotations
 
@@ -6,27 +11,21 @@ import logging
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client.dp_randomness import reproducible_seed, round_generator
 from client.dp_training import train_non_private, train_private
 from client.ledger_store import load_ledger, store_ledger
 from client.local_data import ClientShard, load_client_shard
 from client.node_settings import NodeSettings
-from client.round_privacy import RoundDecision, decide_round
+from client.privacy_policy import PolicyError, PrivacyPolicy, load_policy
+from client.round_privacy import decide_round
 from common.config import RunConfig
 from common.metrics import evaluate_model
 from common.models import build_model
-from common.privacy_ledger import LedgerError, PrivacyLedger
-from common.protocol import (
-    ARRAYS_KEY,
-    METRICS_KEY,
-    NO_ACCOUNTANT,
-    PRIVACY_KEY,
-    STATUS_BUDGET_EXHAUSTED,
-    STATUS_LEDGER_ERROR,
-    STATUS_TRAINED,
-)
+from common.privacy_ledger import LedgerError
+from common.reply import ARRAYS_KEY, EvaluateReport, TrainReport
 
 log = logging.getLogger("privfed.client")
 app = ClientApp()
@@ -45,144 +44,110 @@ def _model_from(msg: Message, cfg: RunConfig, shard: ClientShard) -> torch.nn.Mo
     return model
 
 
-def _privacy_metrics(
-    shard: ClientShard, ledger: PrivacyLedger, decision: RoundDecision, epsilon: float
-) -> dict[str, float | int]:
-    return {
-        "partition-id": shard.partition_id,
-        "epsilon": epsilon,
-        "epsilon-budget": decision.budget,
-        "delta": ledger.delta,
-        "noise-multiplier": decision.noise_multiplier,
-        "sample-rate": decision.plan.sample_rate,
-        "steps-total": ledger.total_steps,
-        "rounds-trained": len(ledger.rounds),
-    }
-
-
-def _refusal(
-    msg: Message, shard: ClientShard, ledger: PrivacyLedger, decision: RoundDecision
+def _send(
+    msg: Message, report: TrainReport, model: torch.nn.Module | None = None
 ) -> Message:
-    log.warning(
-        "partition %d: budget exhausted (ε %.3f now, %.3f after this round > %.3f)",
-        shard.partition_id,
-        decision.epsilon_before,
-        decision.epsilon_after,
-        decision.budget,
-    )
-    metrics = {
-        "num-examples": 0,
-        "steps-round": 0,
-        "epsilon-would-be": decision.epsilon_after,
-        **_privacy_metrics(shard, ledger, decision, decision.epsilon_before),
-    }
-    privacy = {
-        "status": STATUS_BUDGET_EXHAUSTED,
-        "accountant": ledger.accountant_name,
-        "ledger": ledger.to_json(),
-    }
-    return Message(
-        RecordDict(
-            {METRICS_KEY: MetricRecord(metrics), PRIVACY_KEY: ConfigRecord(privacy)}
-        ),
-        reply_to=msg,
-    )
+    arrays = ArrayRecord(model.state_dict()) if model is not None else None
+    return Message(report.to_content(arrays), reply_to=msg)
 
 
-def _ledger_failure(msg: Message, shard: ClientShard, error: LedgerError) -> Message:
-    """Fail closed: no training, no update, and the reason for the server to record."""
-    log.error("partition %d refuses to train: %s", shard.partition_id, error)
-    metrics = {"num-examples": 0, "partition-id": shard.partition_id}
-    privacy = {"status": STATUS_LEDGER_ERROR, "error": str(error)}
-    return Message(
-        RecordDict(
-            {METRICS_KEY: MetricRecord(metrics), PRIVACY_KEY: ConfigRecord(privacy)}
-        ),
-        reply_to=msg,
-    )
+def _refuse(msg: Message, shard: ClientShard, reason: str, detail: str = "") -> Message:
+    log.warning("partition %d refuses to train: %s", shard.partition_id, detail or reason)
+    return _send(msg, TrainReport.policy_refused(shard.partition_id, reason))
 
 
-def _round_seed(cfg: RunConfig, shard: ClientShard, server_round: int) -> int:
-    return (cfg.seed * 1_000_003 + shard.partition_id * 7919 + server_round) % 2**63
+def _policy(cfg: RunConfig, node: NodeSettings) -> PrivacyPolicy:
+    return load_policy(cfg, node.state_dir)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train one round, unless it would take this client past its ε budget."""
+    """Train one round, unless the node's policy or its ε budget forbids it."""
     started = time.perf_counter()
     cfg, node, shard = _setup(context)
+    pid = shard.partition_id
     server_round = int(msg.content["config"]["server-round"])
+    try:
+        policy = _policy(cfg, node)
+    except PolicyError as exc:
+        return _refuse(msg, shard, str(exc))
+    refusal = policy.refusal_for_run(cfg)
+    if refusal is not None:
+        return _refuse(msg, shard, refusal)
+    try:
+        ledger = load_ledger(context, node, cfg.accountant, policy.delta)
+    except LedgerError as exc:  # fail closed: never "nothing spent"
+        log.error("partition %d refuses to train: %s", pid, exc)
+        return _send(msg, TrainReport.ledger_error(pid, str(exc)))
     model = _model_from(msg, cfg, shard)
-    torch.manual_seed(_round_seed(cfg, shard, server_round))
-    if not cfg.is_private:
-        outcome = train_non_private(model, shard.x_train, shard.y_train, cfg)
-        metrics = {
-            "num-examples": len(shard.x_train),
-            "train-loss": outcome.mean_loss,
-            "partition-id": shard.partition_id,
-        }
-        privacy = {"status": STATUS_TRAINED, "accountant": NO_ACCOUNTANT}
-        return _reply(msg, model, metrics, privacy, started)
+    run_id = int(context.run_id)
+
+    if not cfg.is_private:  # only a policy with allow-non-private gets here
+        generator = round_generator(reproducible_seed(cfg.seed, pid, server_round))
+        outcome = train_non_private(model, shard.x_train, shard.y_train, cfg, generator)
+        store_ledger(context, ledger.extended_non_private(server_round, run_id), node)
+        released = (len(shard.x_train), outcome.mean_loss)
+        return _send(msg, TrainReport.trained(pid, None, None, released), model)
 
     try:
-        ledger = load_ledger(context, cfg, node)
-    except LedgerError as exc:
-        return _ledger_failure(msg, shard, exc)
-    decision = decide_round(cfg, len(shard.x_train), ledger)
-    if not decision.allowed:
-        return _refusal(msg, shard, ledger, decision)
-
-    outcome = train_private(
-        model, shard.x_train, shard.y_train, cfg, decision.plan, decision.noise_multiplier
+        decision = decide_round(cfg, len(shard.x_train), ledger, policy.epsilon_budget)
+    except ValueError as exc:  # e.g. a batch size that gives an empty expected batch
+        return _refuse(msg, shard, str(exc))
+    round_refusal = policy.refusal_for_round(
+        decision.noise_multiplier, len(shard.x_train), ledger
     )
+    if round_refusal is not None:
+        return _refuse(msg, shard, *round_refusal)
+    shown = ledger if policy.release_ledger else None
+    if not decision.allowed:
+        log.warning(
+            "partition %d: budget exhausted (ε %.3f now, %.3f after this round > %.3f)",
+            pid, decision.epsilon_before, decision.epsilon_after, decision.budget,
+        )  # fmt: skip
+        return _send(msg, TrainReport.budget_exhausted(pid, shown))
+
+    replay = (
+        reproducible_seed(cfg.seed, pid, server_round) if cfg.reproducible_noise else None
+    )
+    outcome = train_private(
+        model, shard.x_train, shard.y_train, cfg, decision.plan,
+        decision.noise_multiplier, round_generator(replay),
+    )  # fmt: skip
     ledger = ledger.extended(
         server_round,
         decision.noise_multiplier,
         decision.plan.sample_rate,
         decision.plan.steps,
-        run_id=int(context.run_id),
+        run_id=run_id,
     )
     store_ledger(context, ledger, node)  # persisted before the update leaves the client
-    epsilon = ledger.epsilon()
-    # No training loss: it is a statistic of the private records that DP-SGD's noise
-    # does not cover. The client logs it locally instead.
-    log.info("partition %d: round %d train loss %.4f (not sent)", shard.partition_id,
-             server_round, outcome.mean_loss)  # fmt: skip
-    metrics = {
-        "num-examples": len(shard.x_train),
-        "steps-round": decision.plan.steps,
-        **_privacy_metrics(shard, ledger, decision, epsilon),
-    }
-    privacy = {
-        "status": STATUS_TRAINED,
-        "accountant": ledger.accountant_name,
-        "ledger": ledger.to_json(),
-    }
-    return _reply(msg, model, metrics, privacy, started)
-
-
-def _reply(
-    msg: Message,
-    model: torch.nn.Module,
-    metrics: dict[str, float | int],
-    privacy: dict[str, str],
-    started: float,
-) -> Message:
-    metrics = {**metrics, "client-seconds": time.perf_counter() - started}
-    content = RecordDict(
-        {
-            ARRAYS_KEY: ArrayRecord(model.state_dict()),
-            METRICS_KEY: MetricRecord(metrics),
-            PRIVACY_KEY: ConfigRecord(privacy),
-        }
-    )
-    return Message(content, reply_to=msg)
+    # The loss, N, q and steps stay here: DP-SGD's noise does not cover them.
+    log.info(
+        "partition %d: round %d trained, ε %.3f (%s, δ=%g), loss %.4f (kept local)",
+        pid, server_round, ledger.epsilon(), ledger.accountant_name, ledger.delta,
+        outcome.mean_loss,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started if policy.release_timing else None
+    report = TrainReport.trained(pid, ledger if policy.release_ledger else None, seconds)
+    return _send(msg, report, model)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Loss, accuracy and macro precision/recall/F1 on the local held-out split."""
-    cfg, _, shard = _setup(context)
+    """Local test metrics of the global model, if the node's policy releases them."""
+    cfg, node, shard = _setup(context)
+    try:
+        policy = _policy(cfg, node)
+    except PolicyError as exc:
+        report = EvaluateReport.policy_refused(shard.partition_id, str(exc))
+        return Message(report.to_content(), reply_to=msg)
+    if not policy.federated_evaluation:
+        reason = (
+            f"this node's privacy policy ({policy.source}) says federated-evaluation = "
+            "false: local test metrics are not covered by DP"
+        )
+        report = EvaluateReport.policy_refused(shard.partition_id, reason)
+        return Message(report.to_content(), reply_to=msg)
     if len(shard.x_test) == 0:
         raise ValueError(
             f"partition {shard.partition_id} has no local test split "
@@ -190,6 +155,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
     model = _model_from(msg, cfg, shard)
     scores = evaluate_model(model, shard.x_test, shard.y_test, shard.num_classes)
-    metrics: dict[str, float | int] = {"num-examples": len(shard.x_test)}
-    metrics.update({f"eval-{k}": v for k, v in scores.items()})
-    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+    report = EvaluateReport.scored(shard.partition_id, len(shard.x_test), scores)
+    return Message(report.to_content(), reply_to=msg)

@@ -11,6 +11,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.dp_randomness import gaussian_noise
 from client.per_sample_grads import PerSampleClipper
 from common.config import RunConfig
 from common.dp_plan import RoundPlan
@@ -41,17 +42,23 @@ def train_private(
     cfg: RunConfig,
     plan: RoundPlan,
     noise_multiplier: float,
+    generator: torch.Generator,
 ) -> TrainOutcome:
     """DP-SGD: Poisson sampling at ``plan.sample_rate``, clipping, Gaussian noise.
 
-    The round's history (σ, q, steps) is checked against the plan; the caller
-    appends it to the client's cumulative ledger.
+    Every Poisson mask and noise draw comes from ``generator`` (OS entropy per round,
+    see :mod:`client.dp_randomness`). The round's history (σ, q, steps) is checked
+    against the plan; the caller appends it to the client's cumulative ledger.
     """
     if cfg.grad_sample_mode == "direct":
-        mean_loss, steps = _train_direct(model, x, y, cfg, plan, noise_multiplier)
+        mean_loss, steps = _train_direct(
+            model, x, y, cfg, plan, noise_multiplier, generator
+        )
         history = ((noise_multiplier, plan.sample_rate, steps),)
     else:
-        mean_loss, history = _train_opacus(model, x, y, cfg, plan, noise_multiplier)
+        mean_loss, history = _train_opacus(
+            model, x, y, cfg, plan, noise_multiplier, generator
+        )
     planned = ((noise_multiplier, plan.sample_rate, plan.steps),)
     if history != planned:
         raise AccountingMismatch(f"training recorded {history}, planned {planned}")
@@ -65,25 +72,28 @@ def _train_direct(
     cfg: RunConfig,
     plan: RoundPlan,
     noise_multiplier: float,
+    generator: torch.Generator,
 ) -> tuple[float, int]:
     """DP-SGD with :class:`PerSampleClipper`: Opacus' sampling, clipping and noise.
 
     Each step draws a Poisson batch (every example in with probability
     ``plan.sampler_rate``), sums per-sample clipped gradients, adds N(0, (σC)²) per
-    coordinate and divides by the expected batch size, as Opacus'
-    ``make_private(poisson_sampling=True)`` does; an empty batch still takes a
-    noise-only step. Returns the mean training loss and the steps taken.
+    coordinate and divides by the expected batch size int(N·q) at the accounted
+    rate q, as Opacus' ``make_private(poisson_sampling=True)`` does; an empty batch
+    still takes a noise-only step. The noise is drawn as Opacus' ``secure_mode``
+    draws it (:func:`gaussian_noise`). Returns the mean loss and the steps taken.
     """
     clipper = PerSampleClipper(model)
     optimizer = _optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    expected_batch = int(len(x) * plan.sampler_rate)  # Opacus' expected_batch_size
+    expected_batch = plan.expected_batch_size
     std = noise_multiplier * cfg.max_grad_norm
     model.train()
     total, count, steps = 0.0, 0, 0
     try:
         for _ in range(plan.steps):
-            batch = (torch.rand(len(x)) < plan.sampler_rate).nonzero().squeeze(1)
+            mask = torch.rand(len(x), generator=generator) < plan.sampler_rate
+            batch = mask.nonzero().squeeze(1)
             sums: dict[nn.Parameter, torch.Tensor] = {}
             # Clipping is per sample, so chunks sum exactly; an empty batch has none.
             for chunk in batch.split(PHYSICAL_BATCH) if len(batch) else ():
@@ -94,11 +104,7 @@ def _train_direct(
                 count += len(chunk)
             for p in params:
                 summed = sums.get(p, torch.zeros_like(p))
-                noise = (
-                    torch.normal(0.0, std, p.shape, device=p.device, dtype=p.dtype)
-                    if std > 0
-                    else 0.0
-                )
+                noise = gaussian_noise(std, p, generator)
                 p.grad = (summed + noise) / expected_batch
             optimizer.step()
             steps += 1
@@ -114,11 +120,17 @@ def _train_opacus(
     cfg: RunConfig,
     plan: RoundPlan,
     noise_multiplier: float,
+    generator: torch.Generator,
 ) -> tuple[float, tuple[tuple[float, float, int], ...]]:
-    """DP-SGD through Opacus' ``make_private`` (modes hooks, ew, functorch)."""
-    loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size)
+    """DP-SGD through Opacus' ``make_private`` (modes hooks, ew, functorch).
+
+    Opacus' Poisson sampler takes the loader's generator and its optimizer the
+    ``noise_generator``: both are this round's OS-entropy generator.
+    """
+    loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, generator=generator)
     with warnings.catch_warnings():
-        # Opacus warns that secure_mode is off; the seed key is documented instead.
+        # Opacus warns that secure_mode is off: it needs torchcsprng, which has no
+        # torch 2.13 build; the generator is seeded from OS entropy instead.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=cfg.accountant)
         dp_model, optimizer, dp_loader = engine.make_private(
@@ -129,6 +141,7 @@ def _train_opacus(
             max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=cfg.grad_sample_mode,
+            noise_generator=generator,
         )
     if dp_loader.sample_rate != plan.sampler_rate:
         raise AccountingMismatch(
@@ -143,14 +156,18 @@ def _train_opacus(
 
 
 def train_non_private(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: RunConfig,
+    generator: torch.Generator,
 ) -> TrainOutcome:
     """Plain mini-batch SGD over shuffled batches (the non-private reference)."""
     optimizer = _optimizer(model, cfg)
     model.train()
     total = 0.0
     for _ in range(cfg.local_epochs):
-        for batch in torch.randperm(len(x)).split(cfg.batch_size):
+        for batch in torch.randperm(len(x), generator=generator).split(cfg.batch_size):
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[batch]), y[batch])
             loss.backward()

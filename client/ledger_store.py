@@ -16,7 +16,6 @@ from flwr.app import ConfigRecord, Context
 
 from client.node_settings import NodeSettings
 from common.atomic_files import atomic_write_bytes
-from common.config import RunConfig
 from common.privacy_ledger import LedgerError, PrivacyLedger
 
 STATE_KEY = "privfed-ledger"
@@ -45,26 +44,29 @@ def write_ledger_file(path: Path, ledger: PrivacyLedger) -> None:
     atomic_write_bytes(path, ledger.to_json().encode("utf-8"), mode=0o600)
 
 
-def load_ledger(context: Context, cfg: RunConfig, node: NodeSettings) -> PrivacyLedger:
-    """The stored ledger, or an empty one for a client that has never trained.
+def load_ledger(
+    context: Context, node: NodeSettings, accountant: str, delta: float
+) -> PrivacyLedger:
+    """The stored ledger, or an empty one at ``delta`` for a node that never trained.
 
-    ε is reported under this run's accountant and δ, over the whole history.
+    ε is reported under ``accountant`` over the whole history, always at the δ the
+    ledger was created with (the node's policy δ): a stored ledger keeps its δ.
     """
     in_state = STATE_KEY in context.state.config_records
     if node.state_dir is not None:
         path = ledger_path(node.state_dir)
         if path.exists():
-            return read_ledger_file(path).with_accounting(cfg.accountant, cfg.delta)
+            return read_ledger_file(path).with_accountant(accountant)
         if in_state:
             raise LedgerError(
                 f"privacy ledger {path} is missing although this node has trained "
                 "in this run; refusing to restart its privacy accounting from zero"
             )
-        return PrivacyLedger(cfg.accountant, cfg.delta)
+        return PrivacyLedger(accountant, delta)
     if not in_state:
-        return PrivacyLedger(cfg.accountant, cfg.delta)
+        return PrivacyLedger(accountant, delta)
     ledger = PrivacyLedger.from_json(str(context.state.config_records[STATE_KEY]["json"]))
-    return ledger.with_accounting(cfg.accountant, cfg.delta)
+    return ledger.with_accountant(accountant)
 
 
 def store_ledger(context: Context, ledger: PrivacyLedger, node: NodeSettings) -> None:

@@ -14,7 +14,10 @@ class NodeConfigError(ValueError):
 class NodeSettings:
     """A simulated partition (``partition-id``/``num-partitions``) or local ``data-path``.
 
-    ``state-dir`` (optional) is where the privacy ledger persists on a real node.
+    ``state-dir`` is where the privacy ledger and the device's privacy policy live
+    on a real node; a node with its own ``data-path`` must have one, since its
+    budget spans every run on that data. A node without one is a simulated
+    partition, whose privacy policy is the run config.
     """
 
     partition_id: int | None = None
@@ -28,6 +31,11 @@ class NodeSettings:
             raise NodeConfigError(
                 "node config: give either 'data-path' or 'partition-id' and "
                 "'num-partitions', not both"
+            )
+        if self.data_path is not None and self.state_dir is None:
+            raise NodeConfigError(
+                "node config: a node with its own 'data-path' needs 'state-dir' (its "
+                "privacy ledger and privacy-policy.toml live there)"
             )
         if self.data_path is None:
             if self.partition_id is None or self.num_partitions is None:

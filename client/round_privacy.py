@@ -34,22 +34,30 @@ def _calibrated_sigma(
 
 
 def noise_multiplier_for(cfg: RunConfig, plan: RoundPlan, ledger: PrivacyLedger) -> float:
-    """σ for this client: fixed key, or calibrated once for a client in every round."""
+    """σ for this client: fixed key, or calibrated once for a client in every round.
+
+    Calibration uses the ledger's δ (the node's policy δ), at which ε is reported.
+    """
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    if ledger.noise_multiplier is not None:
+    if ledger.noise_multiplier:
         return ledger.noise_multiplier  # keep the σ chosen in this client's first round
     return _calibrated_sigma(
         cfg.target_epsilon,
-        cfg.delta,
+        ledger.delta,
         plan.sample_rate,
         plan.steps * cfg.num_rounds,
         cfg.accountant,
     )
 
 
-def decide_round(cfg: RunConfig, num_examples: int, ledger: PrivacyLedger) -> RoundDecision:
-    """Plan the round and compute the ε it would bring, without training."""
+def decide_round(
+    cfg: RunConfig, num_examples: int, ledger: PrivacyLedger, policy_budget: float
+) -> RoundDecision:
+    """Plan the round and compute the ε it would bring, without training.
+
+    The cap is the smaller of the run's budget and the node policy's.
+    """
     plan = plan_round(num_examples, cfg.batch_size, cfg.local_epochs)
     sigma = noise_multiplier_for(cfg, plan, ledger)
     return RoundDecision(
@@ -57,5 +65,5 @@ def decide_round(cfg: RunConfig, num_examples: int, ledger: PrivacyLedger) -> Ro
         noise_multiplier=sigma,
         epsilon_before=ledger.epsilon(),
         epsilon_after=ledger.epsilon_after(sigma, plan.sample_rate, plan.steps),
-        budget=cfg.effective_epsilon_budget,
+        budget=min(cfg.effective_epsilon_budget, policy_budget),
     )

@@ -1,7 +1,9 @@
 """Show a node's privacy ledger: cumulative ε, δ, accountant, rounds and steps.
 
 python -m client.show_ledger /var/lib/privfed            # a node's state-dir
-python -m client.show_ledger STATE_DIR --accountant prv --delta 1e-6 --json
+python -m client.show_ledger STATE_DIR --accountant prv --json
+
+ε is always reported at the δ the ledger was created with (the node's policy δ).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("state_dir", help="the node's state-dir")
     parser.add_argument("--accountant", choices=["rdp", "prv"], help="default: as stored")
-    parser.add_argument("--delta", type=float, help="default: as stored")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     path = ledger_path(args.state_dir)
@@ -28,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         ledger = read_ledger_file(path)
-        ledger = ledger.with_accounting(
-            args.accountant or ledger.accountant, args.delta or ledger.delta
-        )
+        ledger = ledger.with_accountant(args.accountant or ledger.accountant)
         epsilon = ledger.epsilon()
     except (LedgerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

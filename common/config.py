@@ -67,6 +67,9 @@ RULES: dict[str, _Rule] = {
     "delta": _Rule(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
     "accountant": _choice(ACCOUNTANTS),
     "grad-sample-mode": _choice(GRAD_SAMPLE_MODES),
+    "reproducible-noise": _Rule(
+        bool, lambda v: True, "true or false (true: noise replayable from the seed)"
+    ),
     "torch-threads": _Rule(int, lambda v: 1 <= v <= 256, "an integer in [1, 256]"),
     "results-dir": _Rule(str, lambda v: True, "a directory path, or '' for results/"),
 }
@@ -95,7 +98,7 @@ class RunConfig:
     data_dir: str = ""
     num_rounds: int = 5
     fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
+    fraction_evaluate: float = 0.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     node_wait_timeout: float = 300.0
@@ -104,7 +107,7 @@ class RunConfig:
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     classes_per_client: int = 2
-    local_test_fraction: float = 0.1
+    local_test_fraction: float = 0.0
     seed: int = 42
     local_epochs: int = 1
     batch_size: int = 32
@@ -120,6 +123,7 @@ class RunConfig:
     delta: float = 1e-5
     accountant: str = "rdp"
     grad_sample_mode: str = "direct"
+    reproducible_noise: bool = False
     torch_threads: int = 1
     results_dir: str = ""
 
@@ -159,6 +163,12 @@ class RunConfig:
     def _check_privacy_keys(self) -> None:
         if self.privacy_mode != "sample":
             return
+        if self.batch_size < 2:
+            # B = 1 makes Opacus' expected batch int(N·(1/N)) round to 0 for many N.
+            raise ConfigError(
+                "run config key 'batch-size': must be >= 2 with privacy-mode='sample' "
+                f"(the expected Poisson batch of B = 1 rounds to 0), got {self.batch_size}"
+            )
         if self.target_epsilon > 0 and self.noise_multiplier > 0:
             raise ConfigError(
                 "run config keys 'target-epsilon' and 'noise-multiplier': set exactly "
@@ -205,3 +215,12 @@ class RunConfig:
             f.name.replace("_", "-"): getattr(self, f.name)
             for f in dataclasses.fields(self)
         }
+
+
+def noise_statement(cfg: RunConfig) -> str:
+    """Where the DP noise comes from, as the results and the log state it."""
+    if not cfg.is_private:
+        return "no DP noise (non-private run)"
+    if cfg.reproducible_noise:
+        return "noise reproducible from the seed: not private against the server"
+    return "fresh OS entropy per client and round: not reproducible, not replayable"

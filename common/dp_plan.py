@@ -22,11 +22,17 @@ class RoundPlan:
     sample_rate: float
     sampler_rate: float
     steps: int
-    expected_batch_size: float
+    expected_batch_size: int  # int(N * sample_rate): Opacus' divisor of the noised sum
 
     def __post_init__(self) -> None:
         if not 0 < self.sampler_rate <= self.sample_rate <= 1 or self.steps < 1:
             raise ValueError(f"invalid round plan {self}")
+        if self.expected_batch_size < 1:
+            raise ValueError(
+                f"run config key 'batch-size': the expected Poisson batch rounds to "
+                f"{self.expected_batch_size} records (Opacus would divide by zero); "
+                "use batch-size >= 2"
+            )
 
 
 def plan_round(num_examples: int, batch_size: int, local_epochs: int) -> RoundPlan:
@@ -36,11 +42,13 @@ def plan_round(num_examples: int, batch_size: int, local_epochs: int) -> RoundPl
     batches = math.ceil(num_examples / batch_size)
     sampler_rate = 1.0 / batches
     steps_per_epoch = int(1 / sampler_rate)  # len() of Opacus' Poisson sampler
+    sample_rate = 1.0 / steps_per_epoch
     return RoundPlan(
-        sample_rate=1.0 / steps_per_epoch,
+        sample_rate=sample_rate,
         sampler_rate=sampler_rate,
         steps=local_epochs * steps_per_epoch,
-        expected_batch_size=num_examples * sampler_rate,
+        # Opacus' make_private: int(len(dataset) * sample_rate) with the accounted rate
+        expected_batch_size=int(num_examples * sample_rate),
     )
 
 

@@ -94,6 +94,8 @@ def epsilon_of_history(
     """
     if not history:
         return 0.0
+    if any(float(sigma) == 0 for sigma, _, _ in history):
+        return math.inf  # a non-private release: no finite ε covers it
     key = tuple((float(s), float(q), int(n)) for s, q, n in history)
     if accountant == "rdp":
         return _rdp_epsilon(key, delta)
@@ -129,13 +131,14 @@ class PrivacyLedger:
         if len(self.runs) != len(self.rounds):
             raise LedgerError("ledger 'runs' and 'rounds' differ in length")
 
-    def with_accounting(self, accountant: str, delta: float) -> PrivacyLedger:
-        """The same history, reported under another accountant and δ.
+    def with_accountant(self, accountant: str) -> PrivacyLedger:
+        """The same history, reported under another accountant, at the same δ.
 
-        The history is mechanism-level (σ, q, steps), so ε can be computed for any
-        accountant and δ; nothing spent is forgotten.
+        The history is mechanism-level (σ, q, steps), so any accountant can report
+        it; δ is fixed when the ledger is created and never changes, so a run cannot
+        lower a ledger's ε by asking for a larger δ.
         """
-        return PrivacyLedger(accountant, delta, self.entries, self.rounds, self.runs)
+        return PrivacyLedger(accountant, self.delta, self.entries, self.rounds, self.runs)
 
     @property
     def accountant_name(self) -> str:
@@ -187,8 +190,21 @@ class PrivacyLedger:
             (*self.runs, run_id),
         )
 
+    def extended_non_private(self, server_round: int, run_id: int = 0) -> PrivacyLedger:
+        """A round without DP (allowed by the node's policy): ε is infinite from now on.
+
+        Recorded as σ = 0 so that the release is never forgotten: every later
+        budget check sees ε = ∞ and refuses.
+        """
+        return self.extended(server_round, 0.0, 1.0, 1, run_id)
+
+    @property
+    def released_without_dp(self) -> bool:
+        """True once a non-private round was recorded."""
+        return any(e.noise_multiplier == 0 for e in self.entries)
+
     def epsilon(self) -> float:
-        """Cumulative ε over every recorded step."""
+        """Cumulative ε over every recorded step (∞ after a non-private round)."""
         return epsilon_of_history(self.history(), self.delta, self.accountant)
 
     def epsilon_after(

@@ -6,7 +6,7 @@ import random
 import statistics
 import time
 import traceback
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
@@ -14,10 +14,10 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from common.config import RunConfig
+from common.config import RunConfig, noise_statement
 from common.models import build_model
 from server.central_evaluation import CentralEvaluator
-from server.federation_loop import LoopResult, run_rounds
+from server.federation_loop import LoopResult, epsilon_text, run_rounds
 from server.model_export import export_model
 from server.plots import plot_rounds
 from server.results import ResultsWriter, resolve_results_dir
@@ -39,6 +39,7 @@ def make_strategy(cfg: RunConfig) -> PrivateFedAvg:
         min_available_nodes=cfg.min_train_nodes,
         server_learning_rate=cfg.server_learning_rate,
         server_momentum=cfg.server_momentum,
+        weight_by_examples=not cfg.is_private,
     )
 
 
@@ -46,10 +47,10 @@ def summarise(cfg: RunConfig, result: LoopResult, wall_seconds: float) -> dict[s
     """The ``summary.json`` of a finished run."""
     latest = result.state.latest
     per_client = {
-        str(o.partition_id if o.partition_id is not None else f"node-{n}"): o.epsilon
-        for n, o in sorted(latest.items(), key=lambda kv: kv[1].partition_id or 0)
+        str(o.partition_id if o.partition_id != -1 else f"node-{n}"): o.to_dict()["epsilon"]
+        for n, o in sorted(latest.items(), key=lambda kv: (kv[1].partition_id, kv[0]))
     }
-    accountant = next((o.accountant for o in latest.values() if o.accountant), None)
+    last = writer_round(result)
     return {
         "status": "completed",
         "stop_reason": result.stop_reason,
@@ -60,16 +61,29 @@ def summarise(cfg: RunConfig, result: LoopResult, wall_seconds: float) -> dict[s
             if cfg.is_private
             else "none (non-private reference)"
         ),
-        "accountant": accountant if cfg.is_private else "none",
-        "delta": cfg.delta if cfg.is_private else None,
+        "privacy_unit": "record" if cfg.is_private else None,
+        "noise": noise_statement(cfg),
+        "noise_reproducible": cfg.is_private and cfg.reproducible_noise,
+        "accountant": last.get("accountant") if cfg.is_private else "none",
+        "delta": last.get("delta") if cfg.is_private else None,
         "max_epsilon": result.state.max_epsilon(),
+        "epsilon_text": epsilon_text(last) if last else None,
         "epsilon_by_partition": per_client,
+        "nodes_keeping_ledger_private": result.state.unreleased()
+        if cfg.is_private
+        else None,
         "budget_refusals": result.state.refusals,
+        "policy_refusals": result.state.policy_refusals,
         "client_failures": result.state.failures,
         "wall_seconds": round(wall_seconds, 3),
         "time_breakdown_seconds": {k: round(v, 3) for k, v in result.timings.items()},
         "orchestration_seconds_per_round_median": _median_orchestration(result),
     }
+
+
+def writer_round(result: LoopResult) -> dict[str, Any]:
+    """The last round's record (privacy facts as the loop computed them)."""
+    return result.last_record or {}
 
 
 def _median_orchestration(result: LoopResult) -> float | None:
@@ -86,6 +100,8 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = resolve_results_dir(cfg)
     writer = ResultsWriter(out_dir, cfg)
     log(INFO, "[privfed] results folder: %s", out_dir)
+    if cfg.reproducible_noise:
+        log(WARNING, "[privfed] reproducible-noise = true: %s", noise_statement(cfg))
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     torch.set_num_threads(cfg.torch_threads)
     try:
@@ -126,11 +142,9 @@ def main(grid: Grid, context: Context) -> None:
         raise
     log(
         INFO,
-        "[privfed] done: %s; final accuracy %s, max ε %s (%s, δ=%g); results in %s",
+        "[privfed] done: %s; final accuracy %s, %s; results in %s",
         summary["stop_reason"],
         summary.get("final_central", {}).get("accuracy"),
-        summary["max_epsilon"],
-        summary["accountant"],
-        cfg.delta,
+        summary["epsilon_text"],
         out_dir,
     )

@@ -1,79 +1,86 @@
-"""What each client reported in a training round, parsed from its reply."""
+"""What each client reported in a training round, as the server records it.
+
+The reply is parsed once, by :meth:`common.reply.TrainReport.from_content`. Every
+privacy fact the server records (ε, δ, accountant, steps) is computed here from the
+released ledger object, never taken from a number the client typed in.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from flwr.app import Message
 
-from common.protocol import METRICS_KEY, PRIVACY_KEY, STATUS_ERROR
+from common.privacy_ledger import PrivacyLedger
+from common.reply import ReplyError, Status, TrainReport
 
 
 @dataclass(frozen=True)
 class ClientOutcome:
-    """One client's training reply: status, privacy spend and loss."""
+    """One node's training reply: status, reason, and its ledger if released."""
 
     node_id: int
-    status: str
+    status: Status
     partition_id: int | None = None
-    num_examples: int = 0
-    train_loss: float | None = None
+    reason: str | None = None
+    ledger: PrivacyLedger | None = None
     client_seconds: float | None = None
-    epsilon: float | None = None
-    epsilon_would_be: float | None = None
-    epsilon_budget: float | None = None
-    delta: float | None = None
-    accountant: str | None = None
-    noise_multiplier: float | None = None
-    sample_rate: float | None = None
-    steps_round: int | None = None
-    steps_total: int | None = None
-    rounds_trained: int | None = None
-    history: list[list[float]] = field(default_factory=list)
-    error: str | None = None
+    num_examples: int | None = None
+    train_loss: float | None = None
+
+    @cached_property
+    def epsilon(self) -> float | None:
+        """Cumulative ε recomputed from the released ledger (``None`` if not released)."""
+        return self.ledger.epsilon() if self.ledger is not None else None
+
+    @property
+    def rounds_trained(self) -> int | None:
+        """Rounds recorded in the released ledger."""
+        return len(self.ledger.rounds) if self.ledger is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form; infinities become ``None``."""
-        data = asdict(self)
-        for key, value in data.items():
-            if isinstance(value, float) and value in (float("inf"), float("-inf")):
-                data[key] = None
-        return data
-
-
-def _num(metrics: Any, key: str, kind: type = float) -> Any:
-    return kind(metrics[key]) if key in metrics else None
+        """The ``rounds.jsonl`` form; an infinite ε (a non-private release) is null."""
+        ledger = self.ledger
+        epsilon = self.epsilon
+        return {
+            "node_id": self.node_id,
+            "partition_id": self.partition_id,
+            "status": self.status.value,
+            "reason": self.reason,
+            "epsilon": epsilon if epsilon is not None and math.isfinite(epsilon) else None,
+            "delta": ledger.delta if ledger else None,
+            "accountant": ledger.accountant_name if ledger else None,
+            "rounds_trained": self.rounds_trained,
+            "steps_total": ledger.total_steps if ledger else None,
+            "history": ledger.history() if ledger else None,
+            "ledger_released": ledger is not None,
+            "client_seconds": self.client_seconds,
+            "num_examples": self.num_examples,
+            "train_loss": self.train_loss,
+        }
 
 
 def outcome_from_reply(reply: Message) -> ClientOutcome:
-    """Parse a training reply (or its error) into a :class:`ClientOutcome`."""
+    """Parse a training reply; a Flower error or an off-contract reply is an ``error``."""
     node_id = int(reply.metadata.src_node_id)
     if reply.has_error():
-        return ClientOutcome(node_id=node_id, status=STATUS_ERROR, error=reply.error.reason)
-    content = reply.content
-    metrics = content.metric_records.get(METRICS_KEY, {})
-    privacy = content.config_records.get(PRIVACY_KEY, {})
-    ledger = privacy.get("ledger")
-    history = json.loads(str(ledger))["history"] if ledger else []
+        return ClientOutcome(node_id, Status.ERROR, reason=reply.error.reason)
+    try:
+        report = TrainReport.from_content(reply.content)
+    except ReplyError as exc:
+        return ClientOutcome(
+            node_id, Status.ERROR, reason=f"reply breaks the contract: {exc}"
+        )
     return ClientOutcome(
         node_id=node_id,
-        status=str(privacy.get("status", STATUS_ERROR)),
-        partition_id=_num(metrics, "partition-id", int),
-        num_examples=int(metrics.get("num-examples", 0)),
-        train_loss=_num(metrics, "train-loss"),
-        client_seconds=_num(metrics, "client-seconds"),
-        epsilon=_num(metrics, "epsilon"),
-        epsilon_would_be=_num(metrics, "epsilon-would-be"),
-        epsilon_budget=_num(metrics, "epsilon-budget"),
-        delta=_num(metrics, "delta"),
-        accountant=str(privacy["accountant"]) if "accountant" in privacy else None,
-        noise_multiplier=_num(metrics, "noise-multiplier"),
-        sample_rate=_num(metrics, "sample-rate"),
-        steps_round=_num(metrics, "steps-round", int),
-        steps_total=_num(metrics, "steps-total", int),
-        rounds_trained=_num(metrics, "rounds-trained", int),
-        history=history,
-        error=str(privacy["error"]) if "error" in privacy else None,
+        status=report.status,
+        partition_id=report.partition_id,
+        reason=report.reason,
+        ledger=report.ledger,
+        client_seconds=report.client_seconds,
+        num_examples=report.num_examples,
+        train_loss=report.train_loss,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.config import RunConfig
-from common.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_TRAINED
+from common.reply import Status
 from server.client_outcomes import ClientOutcome
 from server.results import ResultsWriter
 from server.strategy import PrivateFedAvg
@@ -29,11 +30,11 @@ class RoundFailed(RuntimeError):
 
 def check_round(server_round: int, outcomes: list[ClientOutcome]) -> None:
     """Raise :class:`RoundFailed` when a round produced nothing but failures."""
-    if any(o.status in (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED) for o in outcomes):
+    if any(o.status.counter != "failed" for o in outcomes):
         return
     if not outcomes:
         raise RoundFailed(f"round {server_round}: no client replied in time")
-    first = outcomes[0].error or "unknown error"
+    first = outcomes[0].reason or "unknown error"
     raise RoundFailed(
         f"round {server_round}: all {len(outcomes)} clients failed; first error: "
         f"{first[-1500:]}"
@@ -93,29 +94,39 @@ class LoopState:
     """What the loop has learned so far about every client."""
 
     latest: dict[int, ClientOutcome] = field(default_factory=dict)  # by node id
-    refusals: int = 0
+    refusals: int = 0  # budget-exhausted replies
+    policy_refusals: int = 0
     failures: int = 0
 
     def record(self, outcomes: list[ClientOutcome]) -> None:
         """Remember each node's latest outcome (failures keep the older privacy)."""
         for outcome in outcomes:
-            if outcome.status == STATUS_BUDGET_EXHAUSTED:
-                self.refusals += 1
-            if outcome.status not in (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED):
+            if outcome.status.counter == "failed":
                 self.failures += 1
                 continue
+            if outcome.status is Status.BUDGET_EXHAUSTED:
+                self.refusals += 1
+            if outcome.status is Status.POLICY_REFUSED:
+                self.policy_refusals += 1
+            previous = self.latest.get(outcome.node_id)
+            if outcome.ledger is None and previous is not None:
+                # A refusal without a ledger keeps the privacy facts seen before.
+                outcome = dataclasses.replace(outcome, ledger=previous.ledger)
             self.latest[outcome.node_id] = outcome
 
     def max_epsilon(self) -> float | None:
-        """Max cumulative ε over every client seen so far."""
+        """Max cumulative ε over every released ledger seen so far."""
         eps = [o.epsilon for o in self.latest.values() if o.epsilon is not None]
         return max(eps) if eps else None
 
+    def unreleased(self) -> int:
+        """Nodes that answered but keep their ledger on the device (policy)."""
+        return sum(1 for o in self.latest.values() if o.ledger is None)
+
     def all_exhausted(self, node_ids: list[int]) -> bool:
-        """True when every connected node has refused for lack of budget."""
+        """True when every connected node has refused (budget or policy)."""
         return bool(node_ids) and all(
-            n in self.latest and self.latest[n].status == STATUS_BUDGET_EXHAUSTED
-            for n in node_ids
+            n in self.latest and self.latest[n].status.refused for n in node_ids
         )
 
 
@@ -129,6 +140,7 @@ class LoopResult:
     state: LoopState
     timings: dict[str, float]
     orchestration_per_round: list[float]
+    last_record: dict[str, Any] | None = None
 
 
 def _client_seconds(outcomes: list[ClientOutcome]) -> list[float]:
@@ -233,7 +245,8 @@ def run_rounds(
             )
             log(INFO, "Stopping: %s", stop_reason)
             break
-    return LoopResult(arrays, completed, stop_reason, state, totals, orchestration)
+    last = writer.rounds[-1] if writer.rounds else None
+    return LoopResult(arrays, completed, stop_reason, state, totals, orchestration, last)
 
 
 def _round_record(
@@ -246,11 +259,9 @@ def _round_record(
 ) -> dict[str, Any]:
     counts = {"trained": 0, "refused": 0, "failed": 0}
     for o in outcomes:
-        key = {STATUS_TRAINED: "trained", STATUS_BUDGET_EXHAUSTED: "refused"}.get(
-            o.status, "failed"
-        )
-        counts[key] += 1
-    accountant = next((o.accountant for o in outcomes if o.accountant), None)
+        counts[o.status.counter] += 1
+    ledgers = [o.ledger for o in state.latest.values() if o.ledger is not None]
+    accountant = ledgers[0].accountant_name if ledgers else None
     return {
         "round": server_round,
         "central": central,
@@ -262,18 +273,36 @@ def _round_record(
         **{f"clients_{k}": v for k, v in counts.items()},
         "max_epsilon": state.max_epsilon(),
         "accountant": accountant if cfg.is_private else "none",
-        "delta": cfg.delta if cfg.is_private else None,
+        "delta": _ledger_delta(state) if cfg.is_private else None,
+        "privacy_unit": "record" if cfg.is_private else None,
+        "nodes_keeping_ledger_private": state.unreleased() if cfg.is_private else None,
         "privacy_mode": cfg.privacy_mode,
     }
 
 
-def _log_progress(record: dict[str, Any], cfg: RunConfig) -> None:
+def _ledger_delta(state: LoopState) -> float | None:
+    """The largest δ among released ledgers (each node accounts at its own δ)."""
+    deltas = [o.ledger.delta for o in state.latest.values() if o.ledger is not None]
+    return max(deltas) if deltas else None
+
+
+def epsilon_text(record: dict[str, Any]) -> str:
+    """How a round or summary states ε: cumulative, accountant, δ, privacy unit."""
+    if record.get("privacy_mode") == "none":
+        return "non-private (no ε)"
     eps = record["max_epsilon"]
-    eps_text = (
-        f"max cumulative ε {eps:.3f} ({record['accountant']}, δ={cfg.delta:g})"
-        if eps is not None
-        else "non-private (no ε)"
+    hidden = record.get("nodes_keeping_ledger_private") or 0
+    kept = f"; {hidden} node(s) keep their ledger on the device" if hidden else ""
+    if eps is None:
+        return f"no ledger released to the server{kept}"
+    return (
+        f"max cumulative ε {eps:.3f} ({record['accountant']}, δ={record['delta']:g}, "
+        f"per record){kept}"
     )
+
+
+def _log_progress(record: dict[str, Any], cfg: RunConfig) -> None:
+    eps_text = epsilon_text(record)
     log(
         INFO,
         "[privfed] round %d/%d | accuracy %.4f | %s | trained %d, refused %d, "

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.atomic_files import atomic_write_bytes
-from common.config import RunConfig
+from common.config import RunConfig, noise_statement
 
 
 def _versions() -> dict[str, str]:
@@ -49,6 +49,7 @@ class ResultsWriter:
         self.rounds: list[dict[str, Any]] = []
         config = {
             "run_config": cfg.to_run_config(),
+            "noise": noise_statement(cfg),
             "versions": _versions(),
             "started_at": datetime.now(UTC).isoformat(),
         }

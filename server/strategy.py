@@ -1,4 +1,9 @@
-"""FedAvg that understands private clients: refusals, errors and ε per client."""
+"""FedAvg that understands private clients: refusals, errors, and equal weights.
+
+In a private run every trained update has the same weight: a record count would
+tell the server each shard's size, which DP-SGD's noise does not cover. A
+non-private run (whose policy released ``num-examples``) weights by examples.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +14,21 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvgM
 from flwr.supercore import log
 
-from common.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_TRAINED
+from common.reply import EVAL_METRICS, EvaluateReport, ReplyError, Status
 from server.client_outcomes import ClientOutcome, outcome_from_reply
 
+WEIGHT_KEY = "aggregation-weight"  # set by the server, never sent by a client
 
-def _mean_train_loss(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean training loss (other client metrics are per-client).
 
-    Private clients do not send their loss (it is not covered by DP), so there is a
-    mean only when every reply carries one (non-private runs).
-    """
-    total = sum(float(r["metrics"][weight_key]) for r in replies)
-    if not all("train-loss" in r["metrics"] for r in replies):
-        return MetricRecord({weight_key: int(total)})
-    loss = sum(
-        float(r["metrics"]["train-loss"]) * float(r["metrics"][weight_key]) for r in replies
-    )
-    return MetricRecord({"train-loss": loss / total, weight_key: int(total)})
+def _train_loss(replies: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean training loss, present only when every reply released one."""
+    total = sum(float(r["weight"][weight_key]) for r in replies)
+    losses = [r["weight"].get("train-loss") for r in replies]
+    if any(loss is None for loss in losses) or total == 0:
+        return MetricRecord({})
+    mean = sum(float(r["weight"][weight_key]) * float(r["weight"]["train-loss"])
+               for r in replies) / total  # fmt: skip
+    return MetricRecord({"train-loss": mean})
 
 
 class PrivateFedAvg(FedAvgM):
@@ -38,10 +41,18 @@ class PrivateFedAvg(FedAvgM):
     (post-processing of the private updates: no privacy cost).
     """
 
-    def __init__(self, **kwargs: object) -> None:
-        kwargs.setdefault("train_metrics_aggr_fn", _mean_train_loss)
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, *, weight_by_examples: bool = False, **kwargs: object) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", _train_loss)
+        super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)  # type: ignore[arg-type]
+        self.weight_by_examples = weight_by_examples
         self.last_outcomes: list[ClientOutcome] = []
+
+    def _weight(self, outcome: ClientOutcome) -> float:
+        if not self.weight_by_examples:
+            return 1.0
+        if not outcome.num_examples:
+            raise ReplyError(f"node {outcome.node_id}: no num-examples to weight by")
+        return float(outcome.num_examples)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -50,31 +61,58 @@ class PrivateFedAvg(FedAvgM):
         replies = list(replies)
         outcomes = [outcome_from_reply(reply) for reply in replies]
         self.last_outcomes = outcomes
-        trained = [
-            reply
-            for reply, outcome in zip(replies, outcomes, strict=True)
-            if outcome.status == STATUS_TRAINED
-        ]
-        for outcome in outcomes:
-            if outcome.status == STATUS_BUDGET_EXHAUSTED:
+        weighted: list[Message] = []
+        for reply, outcome in zip(replies, outcomes, strict=True):
+            if outcome.status is Status.TRAINED:
+                metrics = {WEIGHT_KEY: self._weight(outcome)}
+                if outcome.train_loss is not None:
+                    metrics["train-loss"] = outcome.train_loss
+                content = RecordDict(
+                    {"arrays": reply.content["arrays"], "weight": MetricRecord(metrics)}
+                )
+                weighted.append(Message(content=content, metadata=reply.metadata))
+            elif outcome.status.refused:
                 log(
                     WARNING,
-                    "round %d: partition %s refused to train: privacy budget exhausted "
-                    "(ε=%.3f, would be %.3f > budget %.3f)",
+                    "round %d: partition %s refused to train (%s)%s",
                     server_round,
                     outcome.partition_id,
-                    outcome.epsilon or 0.0,
-                    outcome.epsilon_would_be or 0.0,
-                    outcome.epsilon_budget or 0.0,
+                    outcome.status.value,
+                    f": {outcome.reason}" if outcome.reason else "",
                 )
-            elif outcome.status != STATUS_TRAINED:
-                log(
-                    WARNING,
-                    "round %d: node %d failed: %s",
-                    server_round,
-                    outcome.node_id,
-                    outcome.error,
-                )
-        if not trained:
+            else:
+                log(WARNING, "round %d: node %d failed: %s", server_round,
+                    outcome.node_id, outcome.reason)  # fmt: skip
+        if not weighted:
             return None, None
-        return super().aggregate_train(server_round, trained)
+        return super().aggregate_train(server_round, weighted)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted local test metrics of the nodes whose policy releases them."""
+        scored: list[EvaluateReport] = []
+        for reply in replies:
+            if reply.has_error():
+                log(WARNING, "round %d: evaluation failed on node %d: %s", server_round,
+                    reply.metadata.src_node_id, reply.error.reason)  # fmt: skip
+                continue
+            try:
+                report = EvaluateReport.from_content(reply.content)
+            except ReplyError as exc:
+                log(WARNING, "round %d: node %d: %s", server_round,
+                    reply.metadata.src_node_id, exc)  # fmt: skip
+                continue
+            if report.status is Status.SCORED:
+                scored.append(report)
+        if not scored:
+            return None
+        total = sum(r.num_examples or 0 for r in scored)
+        means = {
+            f"eval-{name}": sum(
+                (r.num_examples or 0) * dict(r.scores)[name] for r in scored
+            )
+            / total
+            for name in EVAL_METRICS
+        }
+        return MetricRecord({**means, "num-examples": total, "nodes": len(scored)})

@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from client.dp_randomness import round_generator
 from client.dp_training import train_non_private, train_private
 from common.config import RunConfig
 from common.datasets import load_dataset
@@ -32,11 +33,11 @@ def _epoch_seconds(
     model = build_model(cfg.dataset, seed=0)
     start = time.perf_counter()
     if mode is None:
-        train_non_private(model, x, y, cfg)
+        train_non_private(model, x, y, cfg, round_generator())
     else:
         run_cfg = RunConfig(**{**cfg.__dict__, "grad_sample_mode": mode})
         plan = plan_round(len(x), cfg.batch_size, cfg.local_epochs)
-        train_private(model, x, y, run_cfg, plan, noise_multiplier=1.0)
+        train_private(model, x, y, run_cfg, plan, 1.0, round_generator())
     return time.perf_counter() - start
 
 

@@ -1,10 +1,11 @@
 """Run the app on a real local deployment: one SuperLink, N SuperNodes, TLS and auth.
 
 Each SuperNode is its own OS process with its own data shard (``partition-id``)
-and state folder (its privacy ledger). Certificates and node keys are generated
-into ``--certs-dir`` (reused if present; put your own there). Streams progress,
-writes the same results folder as a simulated run, and stops every process by
-PID, also on Ctrl-C and on failure.
+and state folder (its privacy ledger and its ``privacy-policy.toml``, written from
+the run's privacy settings unless the node already has one). Certificates and node
+keys are generated into ``--certs-dir`` (reused if present; put your own there).
+Streams progress, writes the same results folder as a simulated run, and stops
+every process by PID, also on Ctrl-C and on failure.
 
     python -m simulations.deploy --clients 3 --rounds 2
     python -m simulations.deploy --insecure ...   # plaintext, debugging only
@@ -13,6 +14,7 @@ PID, also on Ctrl-C and on failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -22,12 +24,19 @@ from pathlib import Path
 
 import tomli_w
 
-from common.config import ConfigError
+from client.privacy_policy import POLICY_FILE, PolicyError, PrivacyPolicy
+from common.atomic_files import atomic_write_bytes
+from common.config import ConfigError, RunConfig
 from simulations.certificates import CertificateError, ensure_tls_files
 from simulations.deployment import DeploymentSpec, LocalDeployment
 from simulations.processes import become_subreaper, descendants, stop_processes
 from simulations.run import install_sigterm_handler
-from simulations.run_options import APP_DIR, add_run_options, build_overrides
+from simulations.run_options import (
+    APP_DIR,
+    add_run_options,
+    build_overrides,
+    pyproject_defaults,
+)
 from simulations.run_output import report_results, stream_process
 
 INSECURE_WARNING = """
@@ -72,12 +81,43 @@ def _watchdog(dep: LocalDeployment, nodes: int) -> Callable[[], str | None]:
     return check
 
 
+def write_node_policy(state_dir: Path, cfg: RunConfig) -> str:
+    """Give a new node the run's privacy settings as its device policy.
+
+    This local deployment's owner holds every node's data, so each node releases
+    its ledger and timing like a simulated client. A node that already has a
+    policy keeps it: the file is the device owner's, never the server's.
+    """
+    path = state_dir / POLICY_FILE
+    if path.exists():
+        PrivacyPolicy.from_file(path)  # a bad policy fails before anything starts
+        return "kept"
+    policy = dataclasses.replace(
+        PrivacyPolicy.for_simulation(cfg),
+        allow_reproducible_noise=cfg.reproducible_noise,
+        source=str(path),
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, tomli_w.dumps(policy.to_mapping()).encode(), mode=0o600)
+    return "written"
+
+
 def run_deployment(args: argparse.Namespace) -> int:
     """Start everything, run the app, stream it, tear down; return an exit code."""
     overrides = build_overrides(args)
     results_dir = Path(overrides["results-dir"])
     certs = (args.certs_dir or results_dir / "certs").expanduser().resolve()
     state_root = (args.state_root or results_dir / "nodes").expanduser().resolve()
+    cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
+    policies = [
+        write_node_policy(state_root / f"node-{i}", cfg) for i in range(args.clients)
+    ]
+    print(
+        f"[privfed] node privacy policies in {state_root}/node-*/{POLICY_FILE}: "
+        f"{policies.count('written')} written from the run's privacy settings, "
+        f"{policies.count('kept')} kept as they were",
+        flush=True,
+    )
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     else:
@@ -134,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run_deployment(args)
-    except (ConfigError, CertificateError) as exc:
+    except (ConfigError, CertificateError, PolicyError) as exc:
         print(f"[privfed] configuration error: {exc}", file=sys.stderr)
         return 2
 

@@ -65,15 +65,9 @@ def report_results(
         )
         return code or 1
     final = summary.get("final_central", {})
-    eps = summary.get("max_epsilon")
-    if eps is not None:
-        eps_text = (
-            f"max cumulative ε {eps:.3f} ({summary['accountant']}, δ={summary['delta']:g})"
-        )
-    elif summary.get("accountant") == "none":
-        eps_text = "non-private run (no ε)"
-    else:
-        eps_text = "no client trained, so no ε was spent"
+    eps_text = summary.get("epsilon_text") or "no client trained, so no ε was spent"
+    if summary.get("noise_reproducible"):
+        print(f"[privfed] WARNING: {summary['noise']}", flush=True)
     print(
         f"[privfed] done in {seconds:.0f} s: {summary['stop_reason']}; "
         f"accuracy {final.get('accuracy', float('nan')):.4f}; {eps_text}",

@@ -13,13 +13,17 @@ import client.app as client_app
 from client.ledger_store import STATE_KEY
 from common.config import RunConfig
 from common.models import build_model
-from common.privacy_ledger import epsilon_of_history
-from common.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_TRAINED
+from common.privacy_ledger import PrivacyLedger, epsilon_of_history
+from common.reply import EvaluateReport, Status, TrainReport
 from tests.conftest import evaluate_message, make_context, train_message
 
 
 def _arrays(seed: int = 0) -> ArrayRecord:
     return ArrayRecord(build_model("digits", seed=seed).state_dict())
+
+
+def _report(reply: object) -> TrainReport:
+    return TrainReport.from_content(reply.content)  # type: ignore[attr-defined]
 
 
 def _independent_epsilon(history: list[list[float]], delta: float) -> float:
@@ -38,20 +42,20 @@ def test_train_reply_carries_weights_and_cumulative_privacy(digits_cfg: RunConfi
     eps_seen = []
     for server_round in (1, 2, 3):
         reply = client_app.train(train_message(arrays, server_round), ctx)
-        metrics = reply.content["metrics"]
-        privacy = reply.content["privacy"]
-        assert privacy["status"] == STATUS_TRAINED
-        assert privacy["accountant"] == "opacus-rdp"
-        assert metrics["partition-id"] == 3
-        assert metrics["delta"] == digits_cfg.delta
-        assert metrics["rounds-trained"] == server_round
-        assert metrics["steps-total"] == server_round * metrics["steps-round"]
-        assert "train-loss" not in metrics  # a statistic of private data DP does not cover
-        history = json.loads(str(privacy["ledger"]))["history"]
-        assert metrics["epsilon"] == pytest.approx(
-            _independent_epsilon(history, digits_cfg.delta), rel=1e-9
+        report = _report(reply)
+        assert report.status is Status.TRAINED
+        assert report.partition_id == 3
+        ledger = report.ledger  # released: in a simulation the run config is the policy
+        assert ledger is not None and ledger.accountant_name == "opacus-rdp"
+        assert ledger.delta == digits_cfg.delta
+        assert ledger.rounds == tuple(range(1, server_round + 1))
+        assert report.train_loss is None and report.num_examples is None  # not DP-covered
+        epsilon = ledger.epsilon()
+        assert epsilon == pytest.approx(
+            _independent_epsilon([list(h) for h in ledger.history()], digits_cfg.delta),
+            rel=1e-9,
         )
-        eps_seen.append(metrics["epsilon"])
+        eps_seen.append(epsilon)
         new_state = reply.content["arrays"].to_torch_state_dict()
         old_state = arrays.to_torch_state_dict()
         assert any(not torch.equal(new_state[k], old_state[k]) for k in old_state)
@@ -87,11 +91,11 @@ def test_budget_refusal_happens_before_any_training_step(
     monkeypatch.setattr(client_app, "train_private", forbidden)
     reply = client_app.train(train_message(_arrays(), 4), ctx)
     assert not reply.has_error()
-    assert reply.content["privacy"]["status"] == STATUS_BUDGET_EXHAUSTED
+    report = _report(reply)
+    assert report.status is Status.BUDGET_EXHAUSTED
     assert "arrays" not in reply.content.array_records  # no update leaves the client
-    metrics = reply.content["metrics"]
-    assert metrics["num-examples"] == 0
-    assert metrics["epsilon"] <= digits_cfg.target_epsilon < metrics["epsilon-would-be"]
+    assert report.ledger is not None
+    assert report.ledger.epsilon() <= digits_cfg.target_epsilon
     assert str(ctx.state.config_records[STATE_KEY]["json"]) == ledger_before
 
 
@@ -101,38 +105,53 @@ def test_explicit_budget_below_first_round_refuses_at_once() -> None:
         num_rounds=3, target_epsilon=0.0, noise_multiplier=1.0, epsilon_budget=0.1
     )
     reply = client_app.train(train_message(_arrays(), 1), make_context(cfg))
-    assert reply.content["privacy"]["status"] == STATUS_BUDGET_EXHAUSTED
-    assert reply.content["metrics"]["epsilon"] == 0.0
-    assert reply.content["metrics"]["rounds-trained"] == 0
+    report = _report(reply)
+    assert report.status is Status.BUDGET_EXHAUSTED
+    assert report.ledger == PrivacyLedger("rdp", cfg.delta)  # nothing spent
 
 
-def test_non_private_mode_trains_without_privacy_metrics() -> None:
-    """privacy-mode='none' is the non-private reference: no ε is claimed."""
+def test_non_private_mode_trains_and_ledgers_an_unbounded_release() -> None:
+    """privacy-mode='none': no ε is claimed, and the ledger records ε = ∞."""
     cfg = RunConfig(num_rounds=2, privacy_mode="none", target_epsilon=0.0)
-    reply = client_app.train(train_message(_arrays(), 1), make_context(cfg))
-    assert reply.content["privacy"]["status"] == STATUS_TRAINED
-    assert reply.content["privacy"]["accountant"] == "none"
-    assert "epsilon" not in reply.content["metrics"]
-    assert reply.content["metrics"]["train-loss"] > 0  # non-private: nothing to protect
+    ctx = make_context(cfg)
+    report = _report(client_app.train(train_message(_arrays(), 1), ctx))
+    assert report.status is Status.TRAINED
+    assert report.ledger is None  # no ε to claim
+    assert report.train_loss is not None and report.train_loss > 0
+    assert report.num_examples is not None and report.num_examples > 0
+    stored = PrivacyLedger.from_json(str(ctx.state.config_records[STATE_KEY]["json"]))
+    assert stored.released_without_dp and stored.epsilon() == float("inf")
 
 
-def test_training_is_reproducible_per_seed(digits_cfg: RunConfig) -> None:
-    """Same seed, round and partition give identical weights."""
-    first = client_app.train(train_message(_arrays(), 1), make_context(digits_cfg))
-    second = client_app.train(train_message(_arrays(), 1), make_context(digits_cfg))
+def test_non_private_training_is_reproducible_per_seed() -> None:
+    """Without DP nothing is secret: same seed, round and partition, same weights."""
+    cfg = RunConfig(num_rounds=2, privacy_mode="none", target_epsilon=0.0)
+    first = client_app.train(train_message(_arrays(), 1), make_context(cfg))
+    second = client_app.train(train_message(_arrays(), 1), make_context(cfg))
     a = first.content["arrays"].to_torch_state_dict()
     b = second.content["arrays"].to_torch_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_evaluate_reports_local_metrics(digits_cfg: RunConfig) -> None:
+def test_evaluate_reports_local_metrics_when_the_run_opts_in() -> None:
     """Evaluate returns loss, accuracy and macro precision/recall/F1 on the local split."""
+    cfg = RunConfig(num_rounds=3, fraction_evaluate=1.0, local_test_fraction=0.1)
+    reply = client_app.evaluate(evaluate_message(_arrays(), 1), make_context(cfg))
+    report = EvaluateReport.from_content(reply.content)
+    assert report.status is Status.SCORED
+    assert report.num_examples is not None and report.num_examples > 0
+    scores = dict(report.scores)
+    assert set(scores) == {"loss", "accuracy", "precision", "recall", "f1"}
+    assert 0.0 <= scores["accuracy"] <= 1.0
+
+
+def test_evaluate_is_refused_without_opt_in(digits_cfg: RunConfig) -> None:
+    """By default no un-noised local metric leaves the client."""
     reply = client_app.evaluate(evaluate_message(_arrays(), 1), make_context(digits_cfg))
-    metrics = reply.content["metrics"]
-    assert metrics["num-examples"] > 0
-    for key in ("eval-loss", "eval-accuracy", "eval-precision", "eval-recall", "eval-f1"):
-        assert key in metrics
-    assert 0.0 <= metrics["eval-accuracy"] <= 1.0
+    report = EvaluateReport.from_content(reply.content)
+    assert report.status is Status.POLICY_REFUSED
+    assert "federated-evaluation = false" in str(report.reason)
+    assert report.scores == () and report.num_examples is None
 
 
 def test_missing_partition_id_is_a_clear_error(digits_cfg: RunConfig) -> None:
@@ -146,14 +165,12 @@ def test_missing_partition_id_is_a_clear_error(digits_cfg: RunConfig) -> None:
 def test_ledger_is_reported_under_the_runs_accountant(digits_cfg: RunConfig) -> None:
     """A ledger kept under RDP is reported under PRV over its whole history, not reset."""
     ctx = make_context(digits_cfg)
-    client_app.train(train_message(_arrays(), 1), ctx)
+    first = _report(client_app.train(train_message(_arrays(), 1), ctx)).ledger
     ctx.run_config = {**ctx.run_config, "accountant": "prv"}
-    reply = client_app.train(train_message(_arrays(), 2), ctx)
-    assert reply.content["privacy"]["accountant"] == "opacus-prv"
-    history = json.loads(str(reply.content["privacy"]["ledger"]))["history"]
-    assert (
-        sum(steps for _, _, steps in history) == 2 * reply.content["metrics"]["steps-round"]
-    )
-    assert reply.content["metrics"]["epsilon"] == pytest.approx(
-        epsilon_of_history([tuple(h) for h in history], digits_cfg.delta, "prv")
+    ledger = _report(client_app.train(train_message(_arrays(), 2), ctx)).ledger
+    assert first is not None and ledger is not None
+    assert ledger.accountant_name == "opacus-prv"
+    assert ledger.total_steps == 2 * first.total_steps
+    assert ledger.epsilon() == pytest.approx(
+        epsilon_of_history(ledger.history(), digits_cfg.delta, "prv")
     )

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from client.dp_randomness import round_generator
 from client.dp_training import train_private
 from client.per_sample_grads import PerSampleClipper, UnsupportedModel
 from common.config import RunConfig
-from common.dp_plan import plan_round
+from common.dp_plan import RoundPlan, plan_round
 from common.models import DigitsMLP, TanhCNN28
 
 
@@ -107,11 +108,11 @@ def _one_step_delta(sigma: float, seed: int) -> tuple[torch.Tensor, int]:
     cfg = RunConfig(dataset="fashion-mnist", batch_size=100, learning_rate=1.0,
                     max_grad_norm=0.5, grad_sample_mode="direct")  # fmt: skip
     plan = plan_round(len(x), cfg.batch_size, 1)
-    torch.manual_seed(seed)
-    outcome = train_private(model, x, y, cfg, dataclasses.replace(plan, steps=1), sigma)
+    one_step = dataclasses.replace(plan, steps=1)
+    outcome = train_private(model, x, y, cfg, one_step, sigma, round_generator(seed))
     assert outcome.history == ((sigma, plan.sample_rate, 1),)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
-    return before - after, int(len(x) * plan.sampler_rate)
+    return before - after, plan.expected_batch_size
 
 
 def test_noise_has_std_sigma_c_over_expected_batch() -> None:
@@ -133,7 +134,7 @@ def test_poisson_batches_have_the_planned_rate_and_step_count() -> None:
     x, y = torch.randn(1000, 1, 8, 8), torch.randint(0, 10, (1000,))
     cfg = RunConfig(batch_size=50, local_epochs=20, grad_sample_mode="direct")
     plan = plan_round(len(x), cfg.batch_size, cfg.local_epochs)
-    outcome = train_private(model, x, y, cfg, plan, noise_multiplier=1.0)
+    outcome = train_private(model, x, y, cfg, plan, 1.0, round_generator())
     assert plan.steps == 400 and outcome.history == ((1.0, 0.05, 400),)
     assert len(sizes) == 400  # no empty batch expected at 50 per step
     mean, sd = 400 * 50, (400 * 1000 * 0.05 * 0.95) ** 0.5
@@ -166,10 +167,10 @@ def test_empty_poisson_batches_take_noise_only_steps() -> None:
     torch.manual_seed(2)
     model = TanhCNN28()
     x, y = torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))
-    cfg = RunConfig(dataset="fashion-mnist", batch_size=1, local_epochs=3)
-    plan = plan_round(len(x), cfg.batch_size, cfg.local_epochs)
+    cfg = RunConfig(dataset="fashion-mnist", batch_size=2, local_epochs=3)
+    plan = RoundPlan(sample_rate=0.1, sampler_rate=0.1, steps=30, expected_batch_size=1)
     before = [p.detach().clone() for p in model.parameters()]
-    outcome = train_private(model, x, y, cfg, plan, noise_multiplier=1.0)
+    outcome = train_private(model, x, y, cfg, plan, 1.0, round_generator(2))
     assert outcome.history == ((1.0, 0.1, 30),)
     assert all(
         not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)

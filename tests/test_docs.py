@@ -37,3 +37,37 @@ def test_readme_has_exactly_two_setup_commands() -> None:
 def readme_python_snippet() -> str:
     """The README's results-loading example."""
     return README.split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_readme_what_leaves_a_client_is_the_declared_contract() -> None:
+    """README's table lists exactly the declared reply fields, with what protects each."""
+    from common.reply import EVALUATE_FIELDS, TRAIN_FIELDS
+
+    section = README.split("### What leaves a client", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(
+        r"^\| (train|evaluate) \| `([a-z0-9-]+)` \| ([^|]+?) \| ([^|]+?) \|",
+        section,
+        flags=re.MULTILINE,
+    )
+    documented = {(reply, key, cover, when) for reply, key, cover, when in rows}
+    declared = {
+        (
+            reply,
+            f.key,
+            f.coverage.value + (f" (`{f.released_by}`)" if f.released_by else ""),
+            ", ".join(s.value for s in f.statuses),
+        )
+        for reply, fields in (("train", TRAIN_FIELDS), ("evaluate", EVALUATE_FIELDS))
+        for f in fields
+    }
+    assert len(rows) == len(documented) == len(declared)
+    assert documented == declared
+
+
+def test_readme_lists_every_policy_key() -> None:
+    """The privacy-policy table documents exactly the keys the node reads."""
+    from client.privacy_policy import POLICY_KEYS
+
+    section = README.split("### Privacy policy", 1)[1].split("\n### ", 1)[0]
+    keys = re.findall(r"^\| `([a-z-]+)` \|", section, flags=re.MULTILINE)
+    assert keys == list(POLICY_KEYS)

@@ -11,19 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
 import client.app as client_app
 from client.ledger_store import LEDGER_FILE
 from client.node_settings import NodeConfigError, NodeSettings
+from client.privacy_policy import POLICY_FILE
 from client.show_ledger import main as show_ledger
 from common.config import RunConfig
 from common.datasets import DatasetError, load_digits_arrays
 from common.local_datasets import load_local_arrays
 from common.models import build_model
 from common.privacy_ledger import PrivacyLedger
-from common.protocol import STATUS_LEDGER_ERROR, STATUS_TRAINED
+from common.reply import Status, TrainReport
 from server.model_export import export_model
 from tests.conftest import train_message
 
@@ -56,6 +58,18 @@ def _node_context(cfg: RunConfig, node_config: dict) -> Context:
     )  # fmt: skip
 
 
+def write_policy(state: Path, **keys: object) -> Path:
+    """The device owner's privacy-policy.toml (defaults: budget 50, δ 1e-5, ledger out)."""
+    policy = {"epsilon-budget": 50.0, "delta": 1e-5, "release-ledger": True, **keys}
+    state.mkdir(parents=True, exist_ok=True)
+    (state / POLICY_FILE).write_text(tomli_w.dumps(policy))
+    return state
+
+
+def _report(reply: object) -> TrainReport:
+    return TrainReport.from_content(reply.content)  # type: ignore[attr-defined]
+
+
 def _arrays() -> ArrayRecord:
     return ArrayRecord(build_model("digits", seed=0).state_dict())
 
@@ -71,6 +85,7 @@ def _arrays() -> ArrayRecord:
         ({"data-path": "/x.npz", "state-dir": 5}, "'state-dir'"),
         ({"partition-id": "0", "num-partitions": 2}, "'partition-id'"),
         ({"data-path": "/x.npz", "colour": "red"}, "'colour'"),
+        ({"data-path": "/x.npz"}, "needs 'state-dir'"),
     ],
 )
 def test_bad_node_config_names_the_key(node_config: dict, message: str) -> None:
@@ -134,25 +149,28 @@ def test_disk_ledger_survives_fresh_processes(tmp_path: Path) -> None:
     """Each round in a fresh context continues the ε on disk instead of resetting it."""
     images, labels = _raw_digits(300)
     np.savez(tmp_path / "d.npz", x=images, y=labels)
-    cfg = RunConfig(num_rounds=3, target_epsilon=0.0, noise_multiplier=1.0)
-    node = {"data-path": str(tmp_path / "d.npz"), "state-dir": str(tmp_path / "state")}
+    cfg = RunConfig(
+        num_rounds=3, target_epsilon=0.0, noise_multiplier=1.0, epsilon_budget=50.0
+    )
+    state = write_policy(tmp_path / "state")
+    node = {"data-path": str(tmp_path / "d.npz"), "state-dir": str(state)}
     eps = []
     for server_round in (1, 2, 3):
-        reply = client_app.train(
-            train_message(_arrays(), server_round), _node_context(cfg, node)
+        report = _report(
+            client_app.train(
+                train_message(_arrays(), server_round), _node_context(cfg, node)
+            )
         )
-        assert reply.content["privacy"]["status"] == STATUS_TRAINED
-        eps.append(reply.content["metrics"]["epsilon"])
-        on_disk = PrivacyLedger.from_json((tmp_path / "state" / LEDGER_FILE).read_text())
+        assert report.status is Status.TRAINED and report.ledger is not None
+        eps.append(report.ledger.epsilon())
+        on_disk = PrivacyLedger.from_json((state / LEDGER_FILE).read_text())
         assert on_disk.rounds == tuple(range(1, server_round + 1))
         assert on_disk.epsilon() == pytest.approx(eps[-1])
     assert eps[0] < eps[1] < eps[2]
-    steps = reply.content["metrics"]["steps-round"]
-    one_shot = PrivacyLedger("rdp", cfg.delta).extended(
-        1, 1.0, reply.content["metrics"]["sample-rate"], 3 * steps
-    )
+    ((_, rate, steps),) = report.ledger.history()
+    one_shot = PrivacyLedger("rdp", cfg.delta).extended(1, 1.0, rate, steps)
     assert eps[2] == pytest.approx(one_shot.epsilon())
-    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [LEDGER_FILE]
+    assert sorted(p.name for p in state.iterdir()) == [LEDGER_FILE, POLICY_FILE]
 
 
 @pytest.mark.parametrize("corruption", ["{not json", '{"format": "other"}', ""])
@@ -160,8 +178,7 @@ def test_corrupt_ledger_fails_closed(
     tmp_path: Path, corruption: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An unreadable ledger makes the node refuse to train, with the file named."""
-    state = tmp_path / "state"
-    state.mkdir()
+    state = write_policy(tmp_path / "state")
     (state / LEDGER_FILE).write_text(corruption)
     cfg = RunConfig(num_rounds=3)
 
@@ -171,8 +188,9 @@ def test_corrupt_ledger_fails_closed(
     monkeypatch.setattr(client_app, "train_private", forbidden)
     node = {"partition-id": 0, "num-partitions": 4, "state-dir": str(state)}
     reply = client_app.train(train_message(_arrays(), 1), _node_context(cfg, node))
-    assert reply.content["privacy"]["status"] == STATUS_LEDGER_ERROR
-    assert str(state / LEDGER_FILE) in str(reply.content["privacy"]["error"])
+    report = _report(reply)
+    assert report.status is Status.LEDGER_ERROR
+    assert str(state / LEDGER_FILE) in str(report.reason)
     assert "arrays" not in reply.content.array_records
     assert (state / LEDGER_FILE).read_text() == corruption  # never overwritten
 
@@ -180,13 +198,16 @@ def test_corrupt_ledger_fails_closed(
 def test_deleted_ledger_mid_run_fails_closed(tmp_path: Path) -> None:
     """A ledger file that vanished after this node trained is not a fresh start."""
     cfg = RunConfig(num_rounds=3)
-    node = {"partition-id": 0, "num-partitions": 4, "state-dir": str(tmp_path / "s")}
+    state = write_policy(tmp_path / "s")
+    node = {"partition-id": 0, "num-partitions": 4, "state-dir": str(state)}
     ctx = _node_context(cfg, node)
-    client_app.train(train_message(_arrays(), 1), ctx)
-    (tmp_path / "s" / LEDGER_FILE).unlink()
-    reply = client_app.train(train_message(_arrays(), 2), ctx)
-    assert reply.content["privacy"]["status"] == STATUS_LEDGER_ERROR
-    assert "missing" in str(reply.content["privacy"]["error"])
+    assert (
+        _report(client_app.train(train_message(_arrays(), 1), ctx)).status is Status.TRAINED
+    )
+    (state / LEDGER_FILE).unlink()
+    report = _report(client_app.train(train_message(_arrays(), 2), ctx))
+    assert report.status is Status.LEDGER_ERROR
+    assert "missing" in str(report.reason)
 
 
 def test_show_ledger_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -146,6 +146,7 @@ def test_unknown_preset_is_refused_with_the_choices() -> None:
 def test_client_trains_the_linear_model_on_its_shard_features() -> None:
     """A scattering client round: the shard becomes features once, DP-SGD trains, ε > 0."""
     import client.app as client_app
+    from common.reply import Status, TrainReport
     from tests.conftest import make_context, train_message
 
     cfg = RunConfig(
@@ -155,10 +156,13 @@ def test_client_trains_the_linear_model_on_its_shard_features() -> None:
     model = build_model("fashion-mnist", seed=0, features="scattering")
     context = make_context(cfg, partition_id=3, num_partitions=60)
     reply = client_app.train(train_message(ArrayRecord(model.state_dict()), 1), context)
-    metrics = reply.content["metrics"]
-    assert reply.content["privacy"]["status"] == "trained"
-    assert metrics["num-examples"] == 900  # 1,000 minus the 10 % local test split
-    assert 0 < metrics["epsilon"] < 3.0
+    report = TrainReport.from_content(reply.content)
+    assert report.status is Status.TRAINED and report.ledger is not None
+    # 1,000 records (all train: local-test-fraction 0), B 128: q = 1/8, 8 steps
+    assert report.ledger.history() == [
+        (report.ledger.entries[0].noise_multiplier, 1 / 8, 8)
+    ]
+    assert 0 < report.ledger.epsilon() < 3.0
     new = reply.content["arrays"].to_torch_state_dict()
     assert set(new) == set(model.state_dict())
     assert not torch.equal(

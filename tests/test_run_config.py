@@ -44,6 +44,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "delta": ["1e-5", 0.0, 1.0, -1e-5],
     "accountant": [1, "gdp", "RDP"],
     "grad-sample-mode": [0, "fastest"],
+    "reproducible-noise": [0, "true", 1.0],
     "torch-threads": [1.5, 0, 257],
     "results-dir": [0, None],
 }

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, Error, Message
 import client.app as client_app
 from common.config import RunConfig
 from common.models import build_model
-from common.protocol import STATUS_BUDGET_EXHAUSTED, STATUS_ERROR, STATUS_TRAINED
+from common.reply import Status
 from server.app import make_strategy
 from server.client_outcomes import ClientOutcome
 from server.federation_loop import LoopState, RoundFailed, check_round, exchange
@@ -29,7 +29,7 @@ def _replies(cfg: RunConfig, server_round: int, contexts: list) -> list[Message]
 
 
 def test_refused_and_failed_replies_are_not_averaged() -> None:
-    """Only 'trained' replies enter the average; every outcome is recorded."""
+    """Only 'trained' replies enter the average, with equal weights; all are recorded."""
     cfg = RunConfig(num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0)
     tight = RunConfig(
         num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0, epsilon_budget=0.01
@@ -44,23 +44,42 @@ def test_refused_and_failed_replies_are_not_averaged() -> None:
     arrays, metrics = strategy.aggregate_train(1, replies)
     statuses = sorted(o.status for o in strategy.last_outcomes)
     assert statuses == sorted(
-        [STATUS_TRAINED, STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED, STATUS_ERROR]
+        [Status.TRAINED, Status.TRAINED, Status.BUDGET_EXHAUSTED, Status.ERROR]
     )
     assert arrays is not None and metrics is not None
 
-    # The average is exactly the example-weighted mean of the two trained replies.
+    # Private replies carry no record count: the average is the plain mean.
     trained = replies[:2]
-    weights = [float(r.content["metrics"]["num-examples"]) for r in trained]
     key = next(iter(arrays.keys()))
-    expected = sum(
-        w * r.content["arrays"][key].numpy() for w, r in zip(weights, trained, strict=True)
-    ) / sum(weights)
+    expected = sum(r.content["arrays"][key].numpy() for r in trained) / 2
     np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
 
-    refused = next(o for o in strategy.last_outcomes if o.status == STATUS_BUDGET_EXHAUSTED)
+    refused = next(o for o in strategy.last_outcomes if o.status is Status.BUDGET_EXHAUSTED)
     assert refused.partition_id == 2 and refused.epsilon == 0.0
-    failed = next(o for o in strategy.last_outcomes if o.status == STATUS_ERROR)
-    assert failed.error == "boom" and failed.node_id == 13
+    failed = next(o for o in strategy.last_outcomes if o.status is Status.ERROR)
+    assert failed.reason == "boom" and failed.node_id == 13
+
+
+def test_non_private_replies_are_weighted_by_examples() -> None:
+    """A non-private run (num-examples released) averages example-weighted."""
+    cfg = RunConfig(num_rounds=2, privacy_mode="none", target_epsilon=0.0)
+    contexts = [make_context(cfg, pid, 4, node_id=50 + pid) for pid in (0, 3)]
+    replies = _replies(cfg, 1, contexts)
+    strategy = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1,
+                             weight_by_examples=True)  # fmt: skip
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    weights = [float(o.num_examples or 0) for o in strategy.last_outcomes]
+    assert weights[0] != weights[1]  # 1,437 training digits in 4 shards: 360 and 359
+    key = next(iter(arrays.keys()))
+    expected = sum(
+        w * r.content["arrays"][key].numpy() for w, r in zip(weights, replies, strict=True)
+    ) / sum(weights)
+    np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
+    losses = [o.train_loss or 0.0 for o in strategy.last_outcomes]
+    assert metrics["train-loss"] == pytest.approx(
+        sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
+    )
 
 
 def test_all_refused_gives_no_new_model() -> None:
@@ -96,12 +115,12 @@ def test_loop_state_tracks_max_cumulative_epsilon() -> None:
 
 def test_round_with_only_failures_fails_the_run() -> None:
     """A round in which every client failed (or none replied) is an error, not a pass."""
-    failed = [ClientOutcome(node_id=1, status=STATUS_ERROR, error="ImportError: x")]
+    failed = [ClientOutcome(node_id=1, status=Status.ERROR, reason="ImportError: x")]
     with pytest.raises(RoundFailed, match="all 1 clients failed; first error: ImportError"):
         check_round(3, failed)
     with pytest.raises(RoundFailed, match="no client replied"):
         check_round(3, [])
-    refused = ClientOutcome(node_id=2, status=STATUS_BUDGET_EXHAUSTED)
+    refused = ClientOutcome(node_id=2, status=Status.BUDGET_EXHAUSTED)
     check_round(3, [*failed, refused])  # a refusal is a valid answer
 
 

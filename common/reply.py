@@ -1,0 +1,397 @@
+"""The reply contract: everything a client sends back, declared once.
+
+Each field says what protects it:
+
+- ``covered by DP``: the accountant's ε covers it (the DP-SGD update);
+- ``public``: a function of what the server or the node's owner set (node config,
+  run config, the device's policy), never of the records;
+- ``released by policy``: not covered by DP; it leaves only when the node's privacy
+  policy says so (in a simulation the run config is the policy, since one person
+  holds all the data).
+
+The client builds a report with one constructor per status; the server parses it
+with :meth:`TrainReport.from_content` / :meth:`EvaluateReport.from_content`. The
+README's "What leaves a client" table is checked against :data:`TRAIN_FIELDS` and
+:data:`EVALUATE_FIELDS` by a test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from common.privacy_ledger import LedgerError, PrivacyLedger
+
+ARRAYS_KEY = "arrays"  # ArrayRecord: the model weights of a trained reply
+REPORT_KEY = "report"  # ConfigRecord: every other field below
+
+
+class ReplyError(ValueError):
+    """A reply does not follow the contract (missing, extra or mistyped fields)."""
+
+
+class Status(StrEnum):
+    """How a client answered; :attr:`ERROR` is the server's label for a failed reply."""
+
+    TRAINED = "trained"
+    SCORED = "scored"  # federated evaluation ran
+    BUDGET_EXHAUSTED = "budget-exhausted"
+    POLICY_REFUSED = "policy-refused"
+    LEDGER_ERROR = "ledger-error"
+    ERROR = "error"
+
+    @property
+    def refused(self) -> bool:
+        """The node answered and declined: not a failure, and nothing trained."""
+        return self in (Status.BUDGET_EXHAUSTED, Status.POLICY_REFUSED)
+
+    @property
+    def counter(self) -> str:
+        """The progress-line and ``rounds.jsonl`` counter this status adds to."""
+        if self in (Status.TRAINED, Status.SCORED):
+            return "trained"
+        return "refused" if self.refused else "failed"
+
+
+class Coverage(StrEnum):
+    """What protects a field that leaves the client."""
+
+    DP = "covered by DP"
+    PUBLIC = "public"
+    POLICY = "released by policy"
+
+
+@dataclass(frozen=True)
+class ReplyField:
+    """One field of a reply: where it travels, what covers it, and when it is sent."""
+
+    key: str
+    coverage: Coverage
+    statuses: tuple[Status, ...]
+    meaning: str
+    released_by: str | None = None  # the policy key that lets it leave
+
+    def __post_init__(self) -> None:
+        if (self.coverage is Coverage.POLICY) != (self.released_by is not None):
+            raise ValueError(f"field {self.key!r}: a policy release names its policy key")
+
+
+_ALL_TRAIN = (
+    Status.TRAINED,
+    Status.BUDGET_EXHAUSTED,
+    Status.POLICY_REFUSED,
+    Status.LEDGER_ERROR,
+)
+
+TRAIN_FIELDS: tuple[ReplyField, ...] = (
+    ReplyField(
+        "arrays",
+        Coverage.DP,
+        (Status.TRAINED,),
+        "model weights after the round's DP-SGD steps (raw weights only in a "
+        "non-private run the policy allows: `allow-non-private`)",
+    ),
+    ReplyField(
+        "status",
+        Coverage.PUBLIC,
+        _ALL_TRAIN,
+        "`trained`, `budget-exhausted`, `policy-refused` or `ledger-error`",
+    ),
+    ReplyField(
+        "partition-id",
+        Coverage.PUBLIC,
+        _ALL_TRAIN,
+        "the simulated partition from the node config; -1 for a node's own data",
+    ),
+    ReplyField(
+        "reason",
+        Coverage.PUBLIC,
+        (Status.POLICY_REFUSED, Status.LEDGER_ERROR),
+        "why the node refused, naming the run key, policy key or file (never a count "
+        "or statistic of the records)",
+    ),
+    ReplyField(
+        "ledger",
+        Coverage.POLICY,
+        (Status.TRAINED, Status.BUDGET_EXHAUSTED),
+        "the whole privacy ledger: accountant, δ, history [(σ, q, steps)], rounds, runs "
+        "(q and steps follow from ⌈N/B⌉, so they reveal the shard size to within B)",
+        released_by="release-ledger",
+    ),
+    ReplyField(
+        "client-seconds",
+        Coverage.POLICY,
+        (Status.TRAINED,),
+        "the round's compute time on the client (grows with the shard size)",
+        released_by="release-timing",
+    ),
+    ReplyField(
+        "num-examples",
+        Coverage.POLICY,
+        (Status.TRAINED,),
+        "training records, sent only by a non-private round (for example weighting)",
+        released_by="allow-non-private",
+    ),
+    ReplyField(
+        "train-loss",
+        Coverage.POLICY,
+        (Status.TRAINED,),
+        "mean training loss, sent only by a non-private round",
+        released_by="allow-non-private",
+    ),
+)
+
+EVAL_METRICS = ("loss", "accuracy", "precision", "recall", "f1")
+
+EVALUATE_FIELDS: tuple[ReplyField, ...] = (
+    ReplyField(
+        "status",
+        Coverage.PUBLIC,
+        (Status.SCORED, Status.POLICY_REFUSED),
+        "`scored`, or `policy-refused` when the policy does not allow evaluation",
+    ),
+    ReplyField(
+        "partition-id",
+        Coverage.PUBLIC,
+        (Status.SCORED, Status.POLICY_REFUSED),
+        "as in a training reply",
+    ),
+    ReplyField("reason", Coverage.PUBLIC, (Status.POLICY_REFUSED,), "why the node refused"),
+    ReplyField(
+        "num-examples",
+        Coverage.POLICY,
+        (Status.SCORED,),
+        "records in the local test split",
+        released_by="federated-evaluation",
+    ),
+    *(
+        ReplyField(
+            f"eval-{name}",
+            Coverage.POLICY,
+            (Status.SCORED,),
+            f"{name} of the global model on the local test split, without noise",
+            released_by="federated-evaluation",
+        )
+        for name in EVAL_METRICS
+    ),
+)
+
+
+def _sent(declared: tuple[ReplyField, ...], status: Status) -> set[str]:
+    return {f.key for f in declared if status in f.statuses and f.key != "arrays"}
+
+
+def _check_keys(declared: tuple[ReplyField, ...], status: Status, keys: set[str]) -> None:
+    extra = sorted(keys - _sent(declared, status))
+    if extra:
+        raise ReplyError(f"a {status.value!r} reply may not carry {', '.join(extra)}")
+
+
+def _report(declared: tuple[ReplyField, ...], values: dict[str, Any]) -> ConfigRecord:
+    status = Status(values["status"])
+    present = {k: v for k, v in values.items() if v is not None}
+    _check_keys(declared, status, set(present))
+    return ConfigRecord(present)
+
+
+def _read_report(content: RecordDict) -> dict[str, Any]:
+    if REPORT_KEY not in content.config_records:
+        raise ReplyError(f"reply has no {REPORT_KEY!r} record")
+    return dict(content.config_records[REPORT_KEY])
+
+
+def _status(raw: dict[str, Any], allowed: tuple[Status, ...]) -> Status:
+    try:
+        status = Status(str(raw.get("status")))
+    except ValueError:
+        raise ReplyError(f"unknown reply status {raw.get('status')!r}") from None
+    if status not in allowed:
+        raise ReplyError(f"status {status.value!r} is not allowed in this reply")
+    return status
+
+
+def _number(raw: dict[str, Any], key: str, kind: type) -> Any:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReplyError(f"reply field {key!r} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ReplyError(f"reply field {key!r} must be finite, got {value!r}")
+    return kind(value)
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """A training reply. Build it with one of the status constructors."""
+
+    status: Status
+    partition_id: int
+    reason: str | None = None
+    ledger: PrivacyLedger | None = None
+    client_seconds: float | None = None
+    num_examples: int | None = None
+    train_loss: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.status in (Status.POLICY_REFUSED, Status.LEDGER_ERROR) and not self.reason:
+            raise ReplyError(f"a {self.status.value!r} reply needs a reason")
+        _check_keys(TRAIN_FIELDS, self.status, set(self._values()))
+
+    # -- constructors, one per status ---------------------------------------------
+    @classmethod
+    def trained(
+        cls,
+        partition_id: int,
+        ledger: PrivacyLedger | None,
+        client_seconds: float | None,
+        non_private: tuple[int, float] | None = None,
+    ) -> TrainReport:
+        """Trained; ``ledger``/``client_seconds`` are ``None`` unless released.
+
+        ``non_private`` = (records, mean loss) of a non-private round the policy allows.
+        """
+        examples, loss = non_private if non_private is not None else (None, None)
+        return cls(
+            Status.TRAINED, partition_id, None, ledger, client_seconds, examples, loss
+        )
+
+    @classmethod
+    def budget_exhausted(
+        cls, partition_id: int, ledger: PrivacyLedger | None
+    ) -> TrainReport:
+        """The round would take the node past its ε budget; nothing trained."""
+        return cls(Status.BUDGET_EXHAUSTED, partition_id, ledger=ledger)
+
+    @classmethod
+    def policy_refused(cls, partition_id: int, reason: str) -> TrainReport:
+        """The run asks for something the node's privacy policy does not allow."""
+        return cls(Status.POLICY_REFUSED, partition_id, reason=reason)
+
+    @classmethod
+    def ledger_error(cls, partition_id: int, reason: str) -> TrainReport:
+        """The ledger could not be read: fail closed."""
+        return cls(Status.LEDGER_ERROR, partition_id, reason=reason)
+
+    # -- wire form ----------------------------------------------------------------
+    def _values(self) -> dict[str, Any]:
+        values = {
+            "status": self.status.value,
+            "partition-id": self.partition_id,
+            "reason": self.reason,
+            "ledger": self.ledger.to_json() if self.ledger is not None else None,
+            "client-seconds": self.client_seconds,
+            "num-examples": self.num_examples,
+            "train-loss": self.train_loss,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+    def to_content(self, arrays: ArrayRecord | None = None) -> RecordDict:
+        """The reply's RecordDict; ``arrays`` go with a ``trained`` reply only."""
+        if (arrays is not None) != (self.status is Status.TRAINED):
+            raise ReplyError("weights travel with a 'trained' reply, and only with it")
+        content = RecordDict({REPORT_KEY: _report(TRAIN_FIELDS, self._values())})
+        if arrays is not None:
+            content[ARRAYS_KEY] = arrays
+        return content
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> TrainReport:
+        """Parse a training reply; anything off-contract raises :class:`ReplyError`."""
+        raw = _read_report(content)
+        status = _status(raw, _ALL_TRAIN)
+        _check_keys(TRAIN_FIELDS, status, set(raw))
+        has_arrays = ARRAYS_KEY in content.array_records
+        if has_arrays != (status is Status.TRAINED):
+            verb = "may not carry" if has_arrays else "lacks"
+            raise ReplyError(f"a {status.value!r} reply {verb} weights")
+        ledger = None
+        if "ledger" in raw:
+            try:
+                ledger = PrivacyLedger.from_json(str(raw["ledger"]))
+            except LedgerError as exc:
+                raise ReplyError(f"reply field 'ledger': {exc}") from None
+        partition = _number(raw, "partition-id", int)
+        if partition is None:
+            raise ReplyError("reply lacks 'partition-id'")
+        return cls(
+            status=status,
+            partition_id=partition,
+            reason=str(raw["reason"]) if "reason" in raw else None,
+            ledger=ledger,
+            client_seconds=_number(raw, "client-seconds", float),
+            num_examples=_number(raw, "num-examples", int),
+            train_loss=_number(raw, "train-loss", float),
+        )
+
+
+@dataclass(frozen=True)
+class EvaluateReport:
+    """A federated-evaluation reply: local test metrics, or a policy refusal."""
+
+    status: Status
+    partition_id: int
+    reason: str | None = None
+    num_examples: int | None = None
+    scores: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.status is Status.SCORED:
+            names = tuple(name for name, _ in self.scores)
+            if names != EVAL_METRICS or not self.num_examples:
+                raise ReplyError(f"a 'scored' reply needs num-examples and {EVAL_METRICS}")
+        elif self.status is Status.POLICY_REFUSED:
+            if not self.reason or self.scores or self.num_examples is not None:
+                raise ReplyError("a refused evaluation carries a reason and nothing else")
+        else:
+            raise ReplyError(f"status {self.status.value!r} is not an evaluation reply")
+
+    @classmethod
+    def scored(
+        cls, partition_id: int, num_examples: int, scores: dict[str, float]
+    ) -> EvaluateReport:
+        """Metrics of the global model on the local test split (policy opt-in)."""
+        ordered = tuple((name, float(scores[name])) for name in EVAL_METRICS)
+        return cls(Status.SCORED, partition_id, None, num_examples, ordered)
+
+    @classmethod
+    def policy_refused(cls, partition_id: int, reason: str) -> EvaluateReport:
+        """The node's policy does not release local evaluation metrics."""
+        return cls(Status.POLICY_REFUSED, partition_id, reason=reason)
+
+    def to_content(self) -> RecordDict:
+        """The reply's RecordDict."""
+        values: dict[str, Any] = {
+            "status": self.status.value,
+            "partition-id": self.partition_id,
+            "reason": self.reason,
+            "num-examples": self.num_examples,
+            **{f"eval-{name}": value for name, value in self.scores},
+        }
+        return RecordDict({REPORT_KEY: _report(EVALUATE_FIELDS, values)})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> EvaluateReport:
+        """Parse an evaluation reply; anything off-contract raises :class:`ReplyError`."""
+        raw = _read_report(content)
+        status = _status(raw, (Status.SCORED, Status.POLICY_REFUSED))
+        _check_keys(EVALUATE_FIELDS, status, set(raw))
+        partition = _number(raw, "partition-id", int)
+        if partition is None:
+            raise ReplyError("reply lacks 'partition-id'")
+        scores = tuple(
+            (name, _number(raw, f"eval-{name}", float))
+            for name in EVAL_METRICS
+            if f"eval-{name}" in raw
+        )
+        return cls(
+            status,
+            partition,
+            str(raw["reason"]) if "reason" in raw else None,
+            _number(raw, "num-examples", int),
+            scores,
+        )

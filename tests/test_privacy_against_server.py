@@ -1,0 +1,346 @@
+"""The record-level guarantee, attacked from the server's side.
+
+Each test plays a curious server that knows everything in the run config and the
+messages (seed, round, partition id, σ, C, B) and tries to undo the mechanism:
+replay the noise, reopen a spent budget, or read the record count from a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import opacus.optimizers.optimizer as opacus_optimizer
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+
+import client.app as client_app
+import client.dp_training as dp_training
+from client.dp_randomness import reproducible_seed, round_generator
+from client.ledger_store import LEDGER_FILE
+from client.local_data import load_client_shard
+from client.node_settings import NodeSettings
+from client.privacy_policy import POLICY_FILE, PolicyError, PrivacyPolicy
+from common.config import ConfigError, RunConfig
+from common.dp_plan import plan_round
+from common.models import build_model
+from common.privacy_ledger import PrivacyLedger
+from common.reply import Status, TrainReport
+from tests.conftest import make_context, train_message
+from tests.test_edge_client import write_policy
+
+SIGMA = 40.0  # noise ≈ 8x the largest possible signal, so a replay shows plainly
+PARTITION, ROUND = 3, 2
+
+
+def _weights(model_or_arrays: object) -> list[torch.Tensor]:
+    if isinstance(model_or_arrays, ArrayRecord):
+        state = model_or_arrays.to_torch_state_dict()
+        return [state[k].detach().clone() for k in state]
+    return [p.detach().clone() for p in model_or_arrays.parameters()]  # type: ignore[attr-defined]
+
+
+def _replayed_noise(
+    cfg: RunConfig,
+    n_records: int,
+    sigma: float,
+    guess: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[list[torch.Tensor], int]:
+    """The server's replay: run the public training code on dummy records of the same
+    count with the guessed seed, and sum the noise it draws per parameter."""
+    recorded: list[torch.Tensor] = []
+
+    def recording(fn):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            noise = fn(*args, **kwargs)
+            recorded.append(noise.detach().clone())
+            return noise
+
+        return wrapper
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dp_training, "gaussian_noise", recording(dp_training.gaussian_noise))
+        patch.setattr(
+            opacus_optimizer, "_generate_noise", recording(opacus_optimizer._generate_noise)
+        )
+        model = build_model("digits", seed=0)
+        x = torch.zeros(n_records, 1, 8, 8)
+        y = torch.zeros(n_records, dtype=torch.long)
+        plan = plan_round(n_records, cfg.batch_size, cfg.local_epochs)
+        dp_training.train_private(model, x, y, cfg, plan, sigma, round_generator(guess))
+    n_params = len(list(model.parameters()))
+    assert len(recorded) == plan.steps * n_params
+    sums = [sum(recorded[i::n_params]) for i in range(n_params)]
+    return sums, plan.expected_batch_size  # type: ignore[return-value]
+
+
+def _replay_attack(
+    mode: str, reproducible: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[float, float]:
+    """(‖residual‖ / ‖replayed noise‖, residual bound if the replay were right / ‖noise‖).
+
+    With plain SGD (lr η, no momentum) a round moves the weights by
+    η/E · Σ_t (clipped sum_t + noise_t). Subtracting the replayed noise leaves
+    Σ_t clipped sum_t, whose norm is at most steps · N · C, if the replay is right.
+    """
+    cfg = RunConfig(
+        num_rounds=3, target_epsilon=0.0, noise_multiplier=SIGMA, epsilon_budget=1e6,
+        grad_sample_mode=mode, reproducible_noise=reproducible,
+    )  # fmt: skip
+    ctx = make_context(cfg, PARTITION)
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    reply = client_app.train(train_message(initial, ROUND), ctx)
+    assert TrainReport.from_content(reply.content).status is Status.TRAINED
+    n_records = len(load_client_shard(cfg, NodeSettings(PARTITION, 10)).x_train)
+
+    guess = reproducible_seed(cfg.seed, PARTITION, ROUND)  # all the server can know
+    noise, expected_batch = _replayed_noise(cfg, n_records, SIGMA, guess, monkeypatch)
+    moved = [
+        (before - after) * expected_batch / cfg.learning_rate
+        for before, after in zip(
+            _weights(initial), _weights(reply.content["arrays"]), strict=True
+        )
+    ]
+    residual = torch.cat([(m - n).flatten() for m, n in zip(moved, noise, strict=True)])
+    noise_norm = float(torch.cat([n.flatten() for n in noise]).norm())
+    steps = plan_round(n_records, cfg.batch_size, cfg.local_epochs).steps
+    signal_bound = steps * n_records * cfg.max_grad_norm
+    return float(residual.norm()) / noise_norm, signal_bound / noise_norm
+
+
+@pytest.mark.parametrize("mode", ["direct", "hooks"])
+def test_replaying_the_noise_fails(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server replays every draw it could predict; the noise stays in the update."""
+    ratio, bound = _replay_attack(mode, reproducible=False, monkeypatch=monkeypatch)
+    assert bound < 0.2  # a successful replay would leave less than this
+    assert 1.2 < ratio < 1.6  # residual = signal + noise − unrelated noise: ≈ √2 · noise
+
+
+@pytest.mark.parametrize("mode", ["direct", "hooks"])
+def test_reproducible_noise_is_replayable(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With reproducible-noise = true the same attack strips the noise (it says so)."""
+    ratio, bound = _replay_attack(mode, reproducible=True, monkeypatch=monkeypatch)
+    assert ratio <= bound < 0.2
+
+
+def test_two_rounds_with_identical_inputs_draw_different_noise() -> None:
+    """Same weights, data, seed, round and partition: different updates."""
+    cfg = RunConfig(num_rounds=3)
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    first = client_app.train(train_message(initial, 1), make_context(cfg, PARTITION))
+    second = client_app.train(train_message(initial, 1), make_context(cfg, PARTITION))
+    a, b = _weights(first.content["arrays"]), _weights(second.content["arrays"])
+    assert all(not torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # … unless the run asks for replayable noise (simulation research only)
+    cfg = RunConfig(num_rounds=3, reproducible_noise=True)
+    first = client_app.train(train_message(initial, 1), make_context(cfg, PARTITION))
+    second = client_app.train(train_message(initial, 1), make_context(cfg, PARTITION))
+    a, b = _weights(first.content["arrays"]), _weights(second.content["arrays"])
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_noise_construction_has_the_requested_std() -> None:
+    """Four draws summed and halved: still N(0, std²) per coordinate."""
+    from client.dp_randomness import gaussian_noise
+
+    noise = gaussian_noise(3.0, torch.zeros(200_000), round_generator())
+    assert abs(float(noise.std()) - 3.0) < 0.03 and abs(float(noise.mean())) < 0.03
+
+
+# --- the device owns its policy ---------------------------------------------------------
+
+
+def _digits_npz(path: Path, n: int, offset: int = 0) -> Path:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=bunch.images[offset : offset + n].astype(np.uint8),
+             y=bunch.target[offset : offset + n])  # fmt: skip
+    return path
+
+
+def _device_context(cfg: RunConfig, data: Path, state: Path, run_id: int = 7) -> Context:
+    node = {"data-path": str(data), "state-dir": str(state)}
+    return Context(run_id=run_id, node_id=9, node_config=node, state=RecordDict(),
+                   run_config=cfg.to_run_config())  # fmt: skip
+
+
+def _exhausted_device(tmp_path: Path) -> tuple[Path, Path]:
+    """A device whose policy caps ε at 2 (δ 1e-5, σ ≥ 0.8) and whose ledger is spent."""
+    data = _digits_npz(tmp_path / "d.npz", 300)
+    state = write_policy(
+        tmp_path / "state", **{"epsilon-budget": 2.0, "min-noise-multiplier": 0.8}
+    )
+    spent = PrivacyLedger("rdp", 1e-5).extended(1, 2.5, 0.1, 100, run_id=3)
+    assert 1.9 < spent.epsilon() <= 2.0
+    (state / LEDGER_FILE).write_text(spent.to_json())
+    return data, state
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"delta": 0.01}, "'delta'"),
+        ({"privacy_mode": "none", "target_epsilon": 0.0}, "'privacy-mode'"),
+        (
+            {"noise_multiplier": 0.5, "target_epsilon": 0.0, "epsilon_budget": 2.0},
+            "'noise-multiplier'",
+        ),  # fmt: skip
+        ({"epsilon_budget": 50.0}, "'epsilon-budget'"),
+        ({"target_epsilon": 0.0, "noise_multiplier": 1.0}, "'epsilon-budget'"),  # no cap
+        ({"reproducible_noise": True}, "'reproducible-noise'"),
+    ],
+)
+def test_an_exhausted_device_refuses_every_weaker_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict, key: str
+) -> None:
+    """The server cannot reopen a spent budget: nothing trains, the ledger is untouched."""
+    data, state = _exhausted_device(tmp_path)
+    before = (state / LEDGER_FILE).read_bytes()
+
+    def forbidden(*_a: object, **_k: object) -> None:
+        raise AssertionError("trained against the device's policy")
+
+    monkeypatch.setattr(client_app, "train_private", forbidden)
+    monkeypatch.setattr(client_app, "train_non_private", forbidden)
+    cfg = RunConfig(**{"num_rounds": 3, "target_epsilon": 2.0, **overrides})
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    reply = client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+    report = TrainReport.from_content(reply.content)
+    assert report.status is Status.POLICY_REFUSED, report
+    assert f"run config key {key}" in str(report.reason)
+    assert str(state / POLICY_FILE) in str(report.reason)
+    assert "arrays" not in reply.content.array_records
+    assert (state / LEDGER_FILE).read_bytes() == before
+
+
+def test_a_calibrated_sigma_below_the_policy_minimum_is_refused(tmp_path: Path) -> None:
+    """target-epsilon sets σ indirectly; the node checks the σ it would use."""
+    data = _digits_npz(tmp_path / "d.npz", 300)
+    state = write_policy(tmp_path / "state", **{"min-noise-multiplier": 2.0})
+    cfg = RunConfig(num_rounds=1, target_epsilon=8.0)  # one round at ε 8: σ ≈ 0.8
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    reply = client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+    report = TrainReport.from_content(reply.content)
+    assert report.status is Status.POLICY_REFUSED
+    assert "run config key 'target-epsilon' gives σ = " in str(report.reason)
+    assert not (state / LEDGER_FILE).exists()
+
+
+def test_the_policy_budget_refuses_even_when_the_run_budget_allows(tmp_path: Path) -> None:
+    """A run within the policy still cannot pass the device's lifetime budget."""
+    data, state = _exhausted_device(tmp_path)
+    before = (state / LEDGER_FILE).read_bytes()
+    cfg = RunConfig(num_rounds=3, target_epsilon=2.0)
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    reply = client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+    report = TrainReport.from_content(reply.content)
+    assert report.status is Status.BUDGET_EXHAUSTED
+    assert (state / LEDGER_FILE).read_bytes() == before
+
+
+def test_a_ledger_keeps_its_delta(tmp_path: Path) -> None:
+    """A policy whose δ differs from the stored ledger's is refused, not re-accounted."""
+    data, state = _exhausted_device(tmp_path)
+    write_policy(state, **{"epsilon-budget": 2.0, "delta": 1e-3})
+    cfg = RunConfig(num_rounds=3, target_epsilon=2.0, delta=1e-3)
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    reply = client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+    report = TrainReport.from_content(reply.content)
+    assert report.status is Status.POLICY_REFUSED
+    assert "δ = 1e-05 and keeps it forever" in str(report.reason)
+
+
+def test_a_device_without_a_policy_refuses(tmp_path: Path) -> None:
+    """No policy file: refuse, naming the file, rather than trust the run config."""
+    data = _digits_npz(tmp_path / "d.npz", 200)
+    cfg = RunConfig(num_rounds=3)
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    ctx = _device_context(cfg, data, tmp_path / "state")
+    report = TrainReport.from_content(
+        client_app.train(train_message(initial, 1), ctx).content
+    )
+    assert report.status is Status.POLICY_REFUSED
+    assert f"no privacy policy at {tmp_path / 'state' / POLICY_FILE}" in str(report.reason)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("delta = 1e-5\n", "'epsilon-budget'"),
+        ("epsilon-budget = 3.0\ndelta = 2.0\n", "'delta'"),
+        ('epsilon-budget = "3"\ndelta = 1e-5\n', "'epsilon-budget'"),
+        (
+            "epsilon-budget = 3.0\ndelta = 1e-5\nallow-non-private = 1\n",
+            "'allow-non-private'",
+        ),
+        ('epsilon-budget = 3.0\ndelta = 1e-5\ncolour = "red"\n', "'colour'"),
+        ("epsilon-budget = [", "unreadable"),
+    ],
+)
+def test_a_bad_policy_file_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    """Every bad policy fails with the file and the key named."""
+    (tmp_path / POLICY_FILE).write_text(text)
+    with pytest.raises(PolicyError, match=message) as info:
+        PrivacyPolicy.from_file(tmp_path / POLICY_FILE)
+    assert str(tmp_path / POLICY_FILE) in str(info.value)
+
+
+def test_delta_not_below_one_over_n_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """δ ≥ 1/N could release a whole record; the log names δ and N, the reply not N."""
+    cfg = RunConfig(num_rounds=3, delta=0.01)  # a digits shard has 144 records
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    with caplog.at_level(logging.WARNING, logger="privfed.client"):
+        reply = client_app.train(train_message(initial, 1), make_context(cfg, PARTITION))
+    report = TrainReport.from_content(reply.content)
+    assert report.status is Status.POLICY_REFUSED
+    assert "δ = 0.01 is not below 1/N" in str(report.reason)
+    assert "144" not in str(report.reason)
+    assert "1/N = 1/144" in caplog.text and "N = 144" in caplog.text
+
+
+# --- nothing in a reply tells the server N ---------------------------------------------
+
+
+def _device_reply(tmp_path: Path, n: int, release_ledger: bool) -> Message:
+    data = _digits_npz(tmp_path / f"d{n}.npz", n)
+    state = write_policy(tmp_path / f"state{n}", **{"release-ledger": release_ledger})
+    cfg = RunConfig(num_rounds=3, batch_size=32, target_epsilon=3.0, epsilon_budget=3.0)
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    return client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+
+
+def test_neighbouring_devices_send_identical_reports(tmp_path: Path) -> None:
+    """320 vs 321 records (⌈N/B⌉ differs): only the DP-covered weights differ."""
+    small = _device_reply(tmp_path / "a", 320, release_ledger=False)
+    large = _device_reply(tmp_path / "b", 321, release_ledger=False)
+    assert dict(small.content["report"]) == dict(large.content["report"])
+    assert set(small.content.keys()) == set(large.content.keys()) == {"report", "arrays"}
+    # A policy that releases the ledger lets q and steps (hence ⌈N/B⌉) out: by choice.
+    small = _device_reply(tmp_path / "c", 320, release_ledger=True)
+    large = _device_reply(tmp_path / "d", 321, release_ledger=True)
+    diff = {
+        k for k in set(small.content["report"]) | set(large.content["report"])
+        if small.content["report"].get(k) != large.content["report"].get(k)
+    }  # fmt: skip
+    assert diff == {"ledger"}
+
+
+def test_batch_size_one_is_refused_for_private_runs() -> None:
+    """B = 1 gives an expected Poisson batch int(N·(1/N)) that rounds to 0 for many N."""
+    with pytest.raises(ConfigError, match="'batch-size'.*>= 2"):
+        RunConfig(batch_size=1)
+    RunConfig(batch_size=1, privacy_mode="none", target_epsilon=0.0)  # no noise to scale
+
+
+def test_direct_mode_divides_like_opacus() -> None:
+    """N = 27,000, B = 32: Opacus accounts q = 1/843 and divides by int(N/843) = 32."""
+    plan = plan_round(27_000, 32, 1)
+    assert plan.sample_rate == 1 / 843 and plan.sampler_rate == 1 / 844
+    assert plan.expected_batch_size == int(27_000 * (1 / 843)) == 32
