@@ -238,10 +238,12 @@ def run_rounds(
         completed = server_round
         _log_progress(record, cfg)
 
-        if state.all_exhausted(list(grid.get_node_ids())):
+        node_ids = list(grid.get_node_ids())
+        if state.all_exhausted(node_ids):
+            why = sorted({state.latest[n].status.value for n in node_ids})
             stop_reason = (
-                f"every client's privacy budget is exhausted (stopped after round "
-                f"{server_round} of {cfg.num_rounds})"
+                f"every client refused to train ({', '.join(why)}; "
+                f"stopped after round {server_round} of {cfg.num_rounds})"
             )
             log(INFO, "Stopping: %s", stop_reason)
             break

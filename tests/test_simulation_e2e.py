@@ -84,6 +84,9 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     config = json.loads((results / "config.json").read_text())
     assert config["run_config"]["num-rounds"] == 2
     assert config["run_config"]["min-available-nodes"] == 3
+    assert "fresh OS entropy" in config["noise"] == summary["noise"]
+    assert summary["noise_reproducible"] is False and summary["privacy_unit"] == "record"
+    assert "per record" in summary["epsilon_text"] and "opacus-rdp" in out
 
     # The README's loading-and-recomputing example works on a real run folder.
     snippet = readme_python_snippet().replace("results/RUN", str(results))
@@ -107,12 +110,31 @@ def test_run_stops_cleanly_when_every_budget_is_spent(tmp_path: Path) -> None:
     assert [r["clients_trained"] for r in rounds] == [2, 2, 0]
     assert rounds[-1]["clients_refused"] == 2
     assert all(c["status"] == "budget-exhausted" for c in rounds[-1]["clients"])
-    assert all(c["epsilon"] <= 3.0 < c["epsilon_would_be"] for c in rounds[-1]["clients"])
+    assert all(c["epsilon"] <= 3.0 for c in rounds[-1]["clients"])
     summary = json.loads((results / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert "budget is exhausted" in summary["stop_reason"]
+    assert "every client refused to train (budget-exhausted;" in summary["stop_reason"]
     assert summary["budget_refusals"] == 2 and summary["rounds_completed"] == 3
-    assert "refused to train: privacy budget exhausted" in out
+    assert "refused to train (budget-exhausted)" in out
+    assert_all_gone(watch)
+
+
+def test_reproducible_noise_run_says_it_is_not_private_against_the_server(
+    tmp_path: Path,
+) -> None:
+    """reproducible-noise = true: the log, config.json and summary.json all say so."""
+    results = tmp_path / "run"
+    code, out, watch = run_watched(
+        ["--clients", "2", "--rounds", "1", "--set", "reproducible-noise=true",
+         "--results-dir", str(results)]
+    )  # fmt: skip
+    assert code == 0, out[-4000:]
+    statement = "noise reproducible from the seed: not private against the server"
+    assert f"reproducible-noise = true: {statement}" in out
+    assert f"[privfed] WARNING: {statement}" in out
+    assert json.loads((results / "config.json").read_text())["noise"] == statement
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["noise"] == statement and summary["noise_reproducible"] is True
     assert_all_gone(watch)
 
 
