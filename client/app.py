@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.dp_randomness import reproducible_seed, round_generator
 from client.dp_training import train_non_private, train_private
-from client.ledger_store import load_ledger, store_ledger
+from client.ledger_store import ledger_lock, load_ledger, store_ledger
 from client.local_data import ClientShard, load_client_shard
 from client.node_settings import NodeSettings
-from client.privacy_policy import PolicyError, PrivacyPolicy, load_policy
+from client.privacy_policy import (
+    MIN_TEST_RECORDS,
+    PolicyError,
+    PrivacyPolicy,
+    load_policy,
+)
 from client.round_privacy import decide_round
 from common.config import RunConfig
 from common.metrics import evaluate_model
 from common.models import build_model
-from common.privacy_ledger import LedgerError
+from common.privacy_ledger import LedgerError, PrivacyLedger
 from common.reply import ARRAYS_KEY, EvaluateReport, TrainReport
 
 log = logging.getLogger("privfed.client")
@@ -60,8 +66,43 @@ def _policy(cfg: RunConfig, node: NodeSettings) -> PrivacyPolicy:
     return load_policy(cfg, node.state_dir)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _deployed(context: Context) -> bool:
+    """A real device: its data and policy are its owner's, not the server's."""
+    return "state-dir" in context.node_config or "data-path" in context.node_config
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def _sanitised(handler: Handler, failed: Callable[[int, str], RecordDict]) -> Handler:
+    """On a device, no exception text leaves the node.
+
+    Flower would send an exception's message to the server, and a loader's or
+    planner's message can name record counts or values. A device replies with
+    the exception's type only and logs the rest; a simulation (whose owner holds
+    every shard) lets the exception through for debugging.
+    """
+
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            if not _deployed(context):
+                raise
+            log.exception("could not answer the %s message", msg.metadata.message_type)
+            reason = (
+                f"{type(exc).__name__} on the node; the details stay in its log "
+                "(they may describe the local data)"
+            )
+            pid = context.node_config.get("partition-id", -1)
+            return Message(
+                failed(pid if isinstance(pid, int) else -1, reason), reply_to=msg
+            )
+
+    return run
+
+
+def _train(msg: Message, context: Context) -> Message:
     """Train one round, unless the node's policy or its ε budget forbids it."""
     started = time.perf_counter()
     cfg, node, shard = _setup(context)
@@ -74,28 +115,44 @@ def train(msg: Message, context: Context) -> Message:
     refusal = policy.refusal_for_run(cfg)
     if refusal is not None:
         return _refuse(msg, shard, refusal)
-    try:
-        ledger = load_ledger(context, node, cfg.accountant, policy.delta)
-    except LedgerError as exc:  # fail closed: never "nothing spent"
-        log.error("partition %d refuses to train: %s", pid, exc)
-        return _send(msg, TrainReport.ledger_error(pid, str(exc)))
-    model = _model_from(msg, cfg, shard)
-    run_id = int(context.run_id)
-
-    if not cfg.is_private:  # only a policy with allow-non-private gets here
+    with ledger_lock(node):  # read, decide, train and store without a second round
+        try:
+            ledger = load_ledger(context, node, cfg.accountant, policy.delta)
+        except LedgerError as exc:  # fail closed: never "nothing spent"
+            log.error("partition %d refuses to train: %s", pid, exc)
+            return _send(msg, TrainReport.ledger_error(pid, str(exc)))
+        if cfg.is_private:
+            return _train_private(msg, context, cfg, node, shard, policy, ledger, started)
+        # Non-private: only a policy with allow-non-private gets here; ledgered as ε = ∞.
+        model = _model_from(msg, cfg, shard)
         generator = round_generator(reproducible_seed(cfg.seed, pid, server_round))
         outcome = train_non_private(model, shard.x_train, shard.y_train, cfg, generator)
-        store_ledger(context, ledger.extended_non_private(server_round, run_id), node)
+        released_ledger = ledger.extended_non_private(server_round, int(context.run_id))
+        store_ledger(context, released_ledger, node)
         released = (len(shard.x_train), outcome.mean_loss)
         return _send(msg, TrainReport.trained(pid, None, None, released), model)
 
+
+def _train_private(
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    node: NodeSettings,
+    shard: ClientShard,
+    policy: PrivacyPolicy,
+    ledger: PrivacyLedger,
+    started: float,
+) -> Message:
+    """One DP-SGD round planned from public numbers only (see records_for_planning)."""
+    pid = shard.partition_id
+    server_round = int(msg.content["config"]["server-round"])
+    records = len(shard.x_train)
+    planned = policy.records_for_planning(records)
     try:
-        decision = decide_round(cfg, len(shard.x_train), ledger, policy.epsilon_budget)
+        decision = decide_round(cfg, planned, ledger, policy.epsilon_budget)
     except ValueError as exc:  # e.g. a batch size that gives an empty expected batch
         return _refuse(msg, shard, str(exc))
-    round_refusal = policy.refusal_for_round(
-        decision.noise_multiplier, len(shard.x_train), ledger
-    )
+    round_refusal = policy.refusal_for_round(decision.noise_multiplier, records, ledger)
     if round_refusal is not None:
         return _refuse(msg, shard, *round_refusal)
     shown = ledger if policy.release_ledger else None
@@ -106,6 +163,7 @@ def train(msg: Message, context: Context) -> Message:
         )  # fmt: skip
         return _send(msg, TrainReport.budget_exhausted(pid, shown))
 
+    model = _model_from(msg, cfg, shard)
     replay = (
         reproducible_seed(cfg.seed, pid, server_round) if cfg.reproducible_noise else None
     )
@@ -118,22 +176,27 @@ def train(msg: Message, context: Context) -> Message:
         decision.noise_multiplier,
         decision.plan.sample_rate,
         decision.plan.steps,
-        run_id=run_id,
+        run_id=int(context.run_id),
     )
     store_ledger(context, ledger, node)  # persisted before the update leaves the client
-    # The loss, N, q and steps stay here: DP-SGD's noise does not cover them.
+    # The loss and N stay here: DP-SGD's noise does not cover them.
     log.info(
-        "partition %d: round %d trained, ε %.3f (%s, δ=%g), loss %.4f (kept local)",
-        pid, server_round, ledger.epsilon(), ledger.accountant_name, ledger.delta,
-        outcome.mean_loss,
+        "partition %d: round %d trained on %d records (planned as %d), ε %.3f (%s, "
+        "δ=%g), loss %.4f (kept local)",
+        pid, server_round, records, planned, ledger.epsilon(), ledger.accountant_name,
+        ledger.delta, outcome.mean_loss,
     )  # fmt: skip
     seconds = time.perf_counter() - started if policy.release_timing else None
     report = TrainReport.trained(pid, ledger if policy.release_ledger else None, seconds)
     return _send(msg, report, model)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+train = app.train()(
+    _sanitised(_train, lambda pid, why: TrainReport.node_error(pid, why).to_content())
+)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
     """Local test metrics of the global model, if the node's policy releases them."""
     cfg, node, shard = _setup(context)
     try:
@@ -153,7 +216,19 @@ def evaluate(msg: Message, context: Context) -> Message:
             f"partition {shard.partition_id} has no local test split "
             f"(local-test-fraction={cfg.local_test_fraction}); nothing to evaluate"
         )
+    if _deployed(context) and len(shard.x_test) < MIN_TEST_RECORDS:
+        reason = (
+            f"run config key 'local-test-fraction' leaves fewer than {MIN_TEST_RECORDS} "
+            "local test records; metrics of so few records would describe single records"
+        )
+        report = EvaluateReport.policy_refused(shard.partition_id, reason)
+        return Message(report.to_content(), reply_to=msg)
     model = _model_from(msg, cfg, shard)
     scores = evaluate_model(model, shard.x_test, shard.y_test, shard.num_classes)
     report = EvaluateReport.scored(shard.partition_id, len(shard.x_test), scores)
     return Message(report.to_content(), reply_to=msg)
+
+
+evaluate = app.evaluate()(
+    _sanitised(_evaluate, lambda pid, why: EvaluateReport.node_error(pid, why).to_content())
+)

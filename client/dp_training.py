@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -124,10 +125,14 @@ def _train_opacus(
 ) -> tuple[float, tuple[tuple[float, float, int], ...]]:
     """DP-SGD through Opacus' ``make_private`` (modes hooks, ew, functorch).
 
-    Opacus' Poisson sampler takes the loader's generator and its optimizer the
-    ``noise_generator``: both are this round's OS-entropy generator.
+    The Poisson loader is built from the plan, not from the records: it samples at
+    ``plan.sampler_rate`` (len = steps per epoch, so Opacus accounts at
+    ``plan.sample_rate``), and the optimizer divides by ``plan.expected_batch_size``.
+    Both the loader's sampler and the optimizer's noise draw from ``generator``.
     """
-    loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size, generator=generator)
+    loader = DPDataLoader(
+        TensorDataset(x, y), sample_rate=plan.sampler_rate, generator=generator
+    )
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: it needs torchcsprng, which has no
         # torch 2.13 build; the generator is seeded from OS entropy instead.
@@ -139,13 +144,14 @@ def _train_opacus(
             data_loader=loader,
             noise_multiplier=noise_multiplier,
             max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=True,
+            poisson_sampling=False,  # the loader above already is Opacus' Poisson loader
             grad_sample_mode=cfg.grad_sample_mode,
             noise_generator=generator,
         )
-    if dp_loader.sample_rate != plan.sampler_rate:
+    optimizer.expected_batch_size = plan.expected_batch_size  # not int(N·q) of the data
+    if len(dp_loader) * cfg.local_epochs != plan.steps:
         raise AccountingMismatch(
-            f"Opacus samples at q={dp_loader.sample_rate}, planned q={plan.sampler_rate}"
+            f"Opacus would take {len(dp_loader)} steps per epoch, planned {plan.steps}"
         )
     with warnings.catch_warnings():
         # Opacus' hooks fire on input-free modules; harmless and noisy.
@@ -188,7 +194,13 @@ def _run_epochs(
     for _ in range(epochs):
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
-            if len(xb) == 0:  # an empty Poisson batch still costs a (noise-only) step
+            if len(xb) == 0:
+                # An empty Poisson batch still costs a step: zero-length per-sample
+                # gradients clip and sum to zero, so the step adds noise only (ew and
+                # functorch cannot run a forward pass on zero examples).
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.grad_sample = p.new_zeros((0, *p.shape))
                 optimizer.step()
                 continue
             loss = criterion(model(xb), yb)

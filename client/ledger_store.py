@@ -10,6 +10,9 @@ cannot be read is never treated as "nothing spent": the client fails closed.
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
@@ -20,6 +23,7 @@ from common.privacy_ledger import LedgerError, PrivacyLedger
 
 STATE_KEY = "privfed-ledger"
 LEDGER_FILE = "privacy-ledger.json"
+LOCK_FILE = "privacy-ledger.lock"
 
 
 def ledger_path(state_dir: str) -> Path:
@@ -42,6 +46,28 @@ def read_ledger_file(path: Path) -> PrivacyLedger:
 def write_ledger_file(path: Path, ledger: PrivacyLedger) -> None:
     """Replace the ledger file atomically and durably (owner-only)."""
     atomic_write_bytes(path, ledger.to_json().encode("utf-8"), mode=0o600)
+
+
+@contextmanager
+def ledger_lock(node: NodeSettings) -> Iterator[None]:
+    """Hold the node's ledger exclusively from reading it to storing the new one.
+
+    Flower may run two ClientApp processes for one node at once (two runs, or two
+    messages); without the lock both would read the same ledger, both train, and
+    the later write would drop the other's spend. A simulated node (no state
+    folder) keeps its ledger in ``context.state``, which Flower serialises.
+    """
+    if node.state_dir is None:
+        yield
+        return
+    path = Path(node.state_dir).expanduser() / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks until the other round has stored
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_ledger(

@@ -35,7 +35,12 @@ POLICY_KEYS: dict[str, tuple[type, str]] = {
     "release-ledger": (bool, "send the ledger (σ, q, steps history) (default false)"),
     "release-timing": (bool, "send the round's compute seconds (default false)"),
     "allow-reproducible-noise": (bool, "accept reproducible-noise = true (default false)"),
+    "accountant": (str, "'rdp' or 'prv': the accountant the budget is checked with"),
+    "planning-records": (int, "public record count q, steps and σ are planned with"),
 }
+ACCOUNTANTS = ("rdp", "prv")
+# A device answers federated evaluation only on at least this many test records.
+MIN_TEST_RECORDS = 50
 
 
 class PolicyError(ValueError):
@@ -54,6 +59,9 @@ class PrivacyPolicy:
     release_ledger: bool = False
     release_timing: bool = False
     allow_reproducible_noise: bool = False
+    accountant: str = "rdp"
+    planning_records: int | None = None
+    exact_records: bool = False  # plan from the real N (simulation only; not a key)
     source: str = "run config (simulation: one owner holds all data)"
 
     def __post_init__(self) -> None:
@@ -83,6 +91,8 @@ class PrivacyPolicy:
             release_ledger=True,
             release_timing=True,
             allow_reproducible_noise=True,
+            accountant=cfg.accountant,
+            exact_records=True,
         )
 
     @classmethod
@@ -104,7 +114,9 @@ class PrivacyPolicy:
             kind, meaning = POLICY_KEYS[key]
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if not isinstance(value, kind) or (kind is float and isinstance(value, bool)):
+            if not isinstance(value, kind) or (
+                kind is not bool and isinstance(value, bool)
+            ):
                 raise PolicyError(
                     f"privacy policy ({source}) key '{key}': must be a {kind.__name__} "
                     f"({meaning}), got {value!r}"
@@ -128,7 +140,23 @@ class PrivacyPolicy:
 
     def to_mapping(self) -> dict[str, Any]:
         """The policy as file keys (what :meth:`from_mapping` reads)."""
-        return {key: getattr(self, key.replace("-", "_")) for key in POLICY_KEYS}
+        values = {key: getattr(self, key.replace("-", "_")) for key in POLICY_KEYS}
+        return {key: value for key, value in values.items() if value is not None}
+
+    def records_for_planning(self, num_records: int) -> int:
+        """The record count q, steps, σ and the noise divisor are planned from.
+
+        Plans made from the real N would leak it: the update's noise scale and the
+        budget decisions follow ⌈N/B⌉. A device plans from its public
+        ``planning-records``, or else from N rounded up to a power of two (the only
+        thing about N its updates then reveal). A simulation plans from N itself:
+        its owner holds every shard.
+        """
+        if self.planning_records is not None:
+            return self.planning_records
+        if self.exact_records:
+            return num_records
+        return 1 << max(num_records - 1, 0).bit_length()
 
     # -- checks -------------------------------------------------------------------
     def refusal_for_run(self, cfg: RunConfig) -> str | None:
@@ -146,6 +174,12 @@ class PrivacyPolicy:
                 "reproducible-noise",
                 "true makes the noise replayable from the seed",
                 "allow-reproducible-noise = false",
+            )
+        if cfg.accountant != self.accountant:
+            return self._refuse(
+                "accountant",
+                f"'{cfg.accountant}' would measure this node's budget",
+                f"accountant = '{self.accountant}'",
             )
         if cfg.delta > self.delta:
             return self._refuse(
@@ -180,7 +214,8 @@ class PrivacyPolicy:
         if noise_multiplier < self.min_noise_multiplier:
             reason = self._refuse(
                 "target-epsilon",
-                f"gives σ = {noise_multiplier:.4g}, below this node's least σ",
+                f"gives σ = {noise_multiplier:.4g} (planned from the public record "
+                "count), below this node's least σ",
                 f"min-noise-multiplier = {self.min_noise_multiplier:g}",
             )
             return reason, reason

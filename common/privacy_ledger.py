@@ -22,6 +22,10 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 LEDGER_FORMAT = "privfed-ledger/1"
 RDP_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
 ACCOUNTANT_NAMES = {"rdp": "opacus-rdp", "prv": "opacus-prv"}
+MIN_SIGMA, MAX_SIGMA = 0.01, 1e6
+MAX_STEPS = 10**12  # per entry: far beyond any real history, small enough to account
+MAX_ENTRIES = 100_000
+MAX_JSON_CHARS = 8_000_000
 
 
 class LedgerError(ValueError):
@@ -37,12 +41,20 @@ class LedgerEntry:
     steps: int
 
     def __post_init__(self) -> None:
-        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
-            raise LedgerError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
+        sigma = self.noise_multiplier
+        # σ = 0 records a non-private release; a positive σ below MIN_SIGMA gives an
+        # astronomically large ε that the accountants cannot even compute.
+        if not (sigma == 0 or MIN_SIGMA <= sigma <= MAX_SIGMA):
+            raise LedgerError(
+                f"noise multiplier must be 0 or in [{MIN_SIGMA}, {MAX_SIGMA:g}], "
+                f"got {sigma}"
+            )
         if not 0 < self.sample_rate <= 1:
             raise LedgerError(f"sample rate must be in (0, 1], got {self.sample_rate}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise LedgerError(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise LedgerError(
+                f"steps must be an integer in [1, {MAX_STEPS:g}], got {self.steps!r}"
+            )
 
     def as_tuple(self) -> tuple[float, float, int]:
         """The Opacus history form ``(σ, q, steps)``."""
@@ -130,6 +142,8 @@ class PrivacyLedger:
             object.__setattr__(self, "runs", (0,) * len(self.rounds))
         if len(self.runs) != len(self.rounds):
             raise LedgerError("ledger 'runs' and 'rounds' differ in length")
+        if len(self.entries) > MAX_ENTRIES:
+            raise LedgerError(f"ledger has more than {MAX_ENTRIES} entries")
 
     def with_accountant(self, accountant: str) -> PrivacyLedger:
         """The same history, reported under another accountant, at the same δ.
@@ -255,8 +269,10 @@ class PrivacyLedger:
     @classmethod
     def from_json(cls, text: str) -> PrivacyLedger:
         """Parse :meth:`to_json` output."""
+        if len(text) > MAX_JSON_CHARS:
+            raise LedgerError(f"ledger JSON is longer than {MAX_JSON_CHARS} characters")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise LedgerError(f"ledger is not valid JSON: {exc}") from exc
         return cls.from_dict(data)

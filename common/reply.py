@@ -42,6 +42,7 @@ class Status(StrEnum):
     BUDGET_EXHAUSTED = "budget-exhausted"
     POLICY_REFUSED = "policy-refused"
     LEDGER_ERROR = "ledger-error"
+    NODE_ERROR = "node-error"  # a device failed; only the exception type is sent
     ERROR = "error"
 
     @property
@@ -85,7 +86,10 @@ _ALL_TRAIN = (
     Status.BUDGET_EXHAUSTED,
     Status.POLICY_REFUSED,
     Status.LEDGER_ERROR,
+    Status.NODE_ERROR,
 )
+_ALL_EVALUATE = (Status.SCORED, Status.POLICY_REFUSED, Status.NODE_ERROR)
+_REASONED = (Status.POLICY_REFUSED, Status.LEDGER_ERROR, Status.NODE_ERROR)
 
 TRAIN_FIELDS: tuple[ReplyField, ...] = (
     ReplyField(
@@ -99,7 +103,7 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
         "status",
         Coverage.PUBLIC,
         _ALL_TRAIN,
-        "`trained`, `budget-exhausted`, `policy-refused` or `ledger-error`",
+        "`trained`, `budget-exhausted`, `policy-refused`, `ledger-error` or `node-error`",
     ),
     ReplyField(
         "partition-id",
@@ -110,9 +114,10 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
     ReplyField(
         "reason",
         Coverage.PUBLIC,
-        (Status.POLICY_REFUSED, Status.LEDGER_ERROR),
-        "why the node refused, naming the run key, policy key or file (never a count "
-        "or statistic of the records)",
+        _REASONED,
+        "why the node refused, naming the run key, policy key or file; for a "
+        "`node-error` only the exception's type (never a count or statistic of the "
+        "records)",
     ),
     ReplyField(
         "ledger",
@@ -151,16 +156,16 @@ EVALUATE_FIELDS: tuple[ReplyField, ...] = (
     ReplyField(
         "status",
         Coverage.PUBLIC,
-        (Status.SCORED, Status.POLICY_REFUSED),
-        "`scored`, or `policy-refused` when the policy does not allow evaluation",
+        _ALL_EVALUATE,
+        "`scored`, `policy-refused` (the policy does not allow evaluation) or `node-error`",
     ),
+    ReplyField("partition-id", Coverage.PUBLIC, _ALL_EVALUATE, "as in a training reply"),
     ReplyField(
-        "partition-id",
+        "reason",
         Coverage.PUBLIC,
-        (Status.SCORED, Status.POLICY_REFUSED),
-        "as in a training reply",
+        (Status.POLICY_REFUSED, Status.NODE_ERROR),
+        "why the node refused, or the exception's type",
     ),
-    ReplyField("reason", Coverage.PUBLIC, (Status.POLICY_REFUSED,), "why the node refused"),
     ReplyField(
         "num-examples",
         Coverage.POLICY,
@@ -238,7 +243,7 @@ class TrainReport:
     train_loss: float | None = None
 
     def __post_init__(self) -> None:
-        if self.status in (Status.POLICY_REFUSED, Status.LEDGER_ERROR) and not self.reason:
+        if self.status in _REASONED and not self.reason:
             raise ReplyError(f"a {self.status.value!r} reply needs a reason")
         _check_keys(TRAIN_FIELDS, self.status, set(self._values()))
 
@@ -276,6 +281,11 @@ class TrainReport:
     def ledger_error(cls, partition_id: int, reason: str) -> TrainReport:
         """The ledger could not be read: fail closed."""
         return cls(Status.LEDGER_ERROR, partition_id, reason=reason)
+
+    @classmethod
+    def node_error(cls, partition_id: int, reason: str) -> TrainReport:
+        """A device failed; ``reason`` names the exception's type, nothing more."""
+        return cls(Status.NODE_ERROR, partition_id, reason=reason)
 
     # -- wire form ----------------------------------------------------------------
     def _values(self) -> dict[str, Any]:
@@ -342,9 +352,11 @@ class EvaluateReport:
     def __post_init__(self) -> None:
         if self.status is Status.SCORED:
             names = tuple(name for name, _ in self.scores)
-            if names != EVAL_METRICS or not self.num_examples:
-                raise ReplyError(f"a 'scored' reply needs num-examples and {EVAL_METRICS}")
-        elif self.status is Status.POLICY_REFUSED:
+            if names != EVAL_METRICS or not (self.num_examples or 0) >= 1:
+                raise ReplyError(
+                    f"a 'scored' reply needs num-examples >= 1 and {EVAL_METRICS}"
+                )
+        elif self.status in (Status.POLICY_REFUSED, Status.NODE_ERROR):
             if not self.reason or self.scores or self.num_examples is not None:
                 raise ReplyError("a refused evaluation carries a reason and nothing else")
         else:
@@ -363,6 +375,11 @@ class EvaluateReport:
         """The node's policy does not release local evaluation metrics."""
         return cls(Status.POLICY_REFUSED, partition_id, reason=reason)
 
+    @classmethod
+    def node_error(cls, partition_id: int, reason: str) -> EvaluateReport:
+        """A device failed to evaluate; ``reason`` names the exception's type only."""
+        return cls(Status.NODE_ERROR, partition_id, reason=reason)
+
     def to_content(self) -> RecordDict:
         """The reply's RecordDict."""
         values: dict[str, Any] = {
@@ -378,7 +395,7 @@ class EvaluateReport:
     def from_content(cls, content: RecordDict) -> EvaluateReport:
         """Parse an evaluation reply; anything off-contract raises :class:`ReplyError`."""
         raw = _read_report(content)
-        status = _status(raw, (Status.SCORED, Status.POLICY_REFUSED))
+        status = _status(raw, _ALL_EVALUATE)
         _check_keys(EVALUATE_FIELDS, status, set(raw))
         partition = _number(raw, "partition-id", int)
         if partition is None:

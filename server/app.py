@@ -66,7 +66,8 @@ def summarise(cfg: RunConfig, result: LoopResult, wall_seconds: float) -> dict[s
         "noise_reproducible": cfg.is_private and cfg.reproducible_noise,
         "accountant": last.get("accountant") if cfg.is_private else "none",
         "delta": last.get("delta") if cfg.is_private else None,
-        "max_epsilon": result.state.max_epsilon(),
+        "max_epsilon": last.get("max_epsilon"),
+        "max_epsilon_infinite": last.get("max_epsilon_infinite", False),
         "epsilon_text": epsilon_text(last) if last else None,
         "epsilon_by_partition": per_client,
         "nodes_keeping_ledger_private": result.state.unreleased()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -114,10 +115,15 @@ class LoopState:
                 outcome = dataclasses.replace(outcome, ledger=previous.ledger)
             self.latest[outcome.node_id] = outcome
 
+    def most_spent(self) -> ClientOutcome | None:
+        """The outcome whose released ledger has the largest ε (∞ included)."""
+        released = [o for o in self.latest.values() if o.epsilon is not None]
+        return max(released, key=lambda o: o.epsilon or 0.0) if released else None
+
     def max_epsilon(self) -> float | None:
-        """Max cumulative ε over every released ledger seen so far."""
-        eps = [o.epsilon for o in self.latest.values() if o.epsilon is not None]
-        return max(eps) if eps else None
+        """Max cumulative ε over every released ledger seen so far (∞ possible)."""
+        top = self.most_spent()
+        return top.epsilon if top is not None else None
 
     def unreleased(self) -> int:
         """Nodes that answered but keep their ledger on the device (policy)."""
@@ -262,8 +268,10 @@ def _round_record(
     counts = {"trained": 0, "refused": 0, "failed": 0}
     for o in outcomes:
         counts[o.status.counter] += 1
-    ledgers = [o.ledger for o in state.latest.values() if o.ledger is not None]
-    accountant = ledgers[0].accountant_name if ledgers else None
+    top = state.most_spent()
+    ledger = top.ledger if top is not None else None
+    eps = state.max_epsilon()
+    private = cfg.is_private
     return {
         "round": server_round,
         "central": central,
@@ -273,19 +281,15 @@ def _round_record(
             key=lambda d: (d["partition_id"] is None, d["partition_id"] or 0, d["node_id"]),
         ),
         **{f"clients_{k}": v for k, v in counts.items()},
-        "max_epsilon": state.max_epsilon(),
-        "accountant": accountant if cfg.is_private else "none",
-        "delta": _ledger_delta(state) if cfg.is_private else None,
-        "privacy_unit": "record" if cfg.is_private else None,
-        "nodes_keeping_ledger_private": state.unreleased() if cfg.is_private else None,
+        # ε, accountant and δ all come from the one ledger with the largest ε.
+        "max_epsilon": eps if eps is not None and math.isfinite(eps) else None,
+        "max_epsilon_infinite": eps == math.inf,
+        "accountant": (ledger.accountant_name if ledger else None) if private else "none",
+        "delta": (ledger.delta if ledger else None) if private else None,
+        "privacy_unit": "record" if private else None,
+        "nodes_keeping_ledger_private": state.unreleased() if private else None,
         "privacy_mode": cfg.privacy_mode,
     }
-
-
-def _ledger_delta(state: LoopState) -> float | None:
-    """The largest δ among released ledgers (each node accounts at its own δ)."""
-    deltas = [o.ledger.delta for o in state.latest.values() if o.ledger is not None]
-    return max(deltas) if deltas else None
 
 
 def epsilon_text(record: dict[str, Any]) -> str:
@@ -295,6 +299,8 @@ def epsilon_text(record: dict[str, Any]) -> str:
     eps = record["max_epsilon"]
     hidden = record.get("nodes_keeping_ledger_private") or 0
     kept = f"; {hidden} node(s) keep their ledger on the device" if hidden else ""
+    if record.get("max_epsilon_infinite"):
+        return f"max cumulative ε ∞ (a node's ledger records a release without DP){kept}"
     if eps is None:
         return f"no ledger released to the server{kept}"
     return (

@@ -8,27 +8,31 @@ replay the noise, reopen a spent budget, or read the record count from a reply.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import opacus.optimizers.optimizer as opacus_optimizer
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 import client.app as client_app
 import client.dp_training as dp_training
 from client.dp_randomness import reproducible_seed, round_generator
-from client.ledger_store import LEDGER_FILE
+from client.ledger_store import LEDGER_FILE, ledger_lock
 from client.local_data import load_client_shard
 from client.node_settings import NodeSettings
 from client.privacy_policy import POLICY_FILE, PolicyError, PrivacyPolicy
 from common.config import ConfigError, RunConfig
-from common.dp_plan import plan_round
+from common.dp_plan import RoundPlan, plan_round
 from common.models import build_model
 from common.privacy_ledger import PrivacyLedger
-from common.reply import Status, TrainReport
-from tests.conftest import make_context, train_message
+from common.reply import EVAL_METRICS, EvaluateReport, Status, TrainReport
+from server.client_outcomes import outcome_from_reply
+from server.strategy import PrivateFedAvg
+from tests.conftest import evaluate_message, make_context, train_message
 from tests.test_edge_client import write_policy
 
 SIGMA = 40.0  # noise ≈ 8x the largest possible signal, so a replay shows plainly
@@ -177,8 +181,8 @@ def _exhausted_device(tmp_path: Path) -> tuple[Path, Path]:
     state = write_policy(
         tmp_path / "state", **{"epsilon-budget": 2.0, "min-noise-multiplier": 0.8}
     )
-    spent = PrivacyLedger("rdp", 1e-5).extended(1, 2.5, 0.1, 100, run_id=3)
-    assert 1.9 < spent.epsilon() <= 2.0
+    spent = PrivacyLedger("rdp", 1e-5).extended(1, 2.5, 0.1, 108, run_id=3)
+    assert 1.99 < spent.epsilon() <= 2.0  # no further round fits
     (state / LEDGER_FILE).write_text(spent.to_json())
     return data, state
 
@@ -322,14 +326,13 @@ def test_neighbouring_devices_send_identical_reports(tmp_path: Path) -> None:
     large = _device_reply(tmp_path / "b", 321, release_ledger=False)
     assert dict(small.content["report"]) == dict(large.content["report"])
     assert set(small.content.keys()) == set(large.content.keys()) == {"report", "arrays"}
-    # A policy that releases the ledger lets q and steps (hence ⌈N/B⌉) out: by choice.
+    # Both plan from 512 (N rounded up to a power of two), not from ⌈N/B⌉: even the
+    # released ledgers (σ, q, steps) agree, and so does the update's noise scale.
     small = _device_reply(tmp_path / "c", 320, release_ledger=True)
     large = _device_reply(tmp_path / "d", 321, release_ledger=True)
-    diff = {
-        k for k in set(small.content["report"]) | set(large.content["report"])
-        if small.content["report"].get(k) != large.content["report"].get(k)
-    }  # fmt: skip
-    assert diff == {"ledger"}
+    assert dict(small.content["report"]) == dict(large.content["report"])
+    ledger = TrainReport.from_content(small.content).ledger
+    assert ledger is not None and ledger.history()[0][1:] == (1 / 16, 16)
 
 
 def test_batch_size_one_is_refused_for_private_runs() -> None:
@@ -344,3 +347,162 @@ def test_direct_mode_divides_like_opacus() -> None:
     plan = plan_round(27_000, 32, 1)
     assert plan.sample_rate == 1 / 843 and plan.sampler_rate == 1 / 844
     assert plan.expected_batch_size == int(27_000 * (1 / 843)) == 32
+
+
+# --- found by an adversarial review ------------------------------------------------------
+
+
+def test_a_device_error_reply_names_no_record_count(tmp_path: Path) -> None:
+    """A run for another dataset makes the loader fail; only the error's type leaves."""
+    data = _digits_npz(tmp_path / "d.npz", 321)
+    state = write_policy(tmp_path / "state")
+    cfg = RunConfig(num_rounds=3, dataset="fashion-mnist", target_epsilon=3.0)
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    ctx = _device_context(cfg, data, state)
+    reply = client_app.train(train_message(initial, 1), ctx)
+    assert not reply.has_error()  # Flower would have sent the exception's text
+    report = TrainReport.from_content(reply.content)
+    assert report.status is Status.NODE_ERROR
+    assert report.reason is not None and report.reason.startswith(
+        "DatasetError on the node"
+    )
+    assert not any(ch.isdigit() for ch in report.reason)
+    evaluation = EvaluateReport.from_content(
+        client_app.evaluate(evaluate_message(initial, 1), ctx).content
+    )
+    assert evaluation.status is Status.NODE_ERROR
+    assert not any(ch.isdigit() for ch in str(evaluation.reason))
+
+
+def test_concurrent_rounds_cannot_overspend_the_ledger(tmp_path: Path) -> None:
+    """A second ClientApp process waits for the ledger lock and sees the first's spend."""
+    data, state = _exhausted_device(tmp_path)
+    spent = (state / LEDGER_FILE).read_bytes()
+    (state / LEDGER_FILE).write_text(PrivacyLedger("rdp", 1e-5).to_json())  # fresh
+    cfg = RunConfig(num_rounds=3, target_epsilon=2.0)
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    replies: list[Message] = []
+    node = NodeSettings(data_path=str(data), state_dir=str(state))
+    with ledger_lock(node):  # another round is between its read and its store
+        worker = threading.Thread(
+            target=lambda: replies.append(
+                client_app.train(
+                    train_message(initial, 1), _device_context(cfg, data, state)
+                )
+            )
+        )
+        worker.start()
+        time.sleep(1.0)
+        assert not replies  # waiting for the lock, not training on a stale ledger
+        (state / LEDGER_FILE).write_bytes(spent)  # … which stores an exhausted ledger
+    worker.join(timeout=60)
+    assert TrainReport.from_content(replies[0].content).status is Status.BUDGET_EXHAUSTED
+    assert (state / LEDGER_FILE).read_bytes() == spent
+
+
+def test_a_device_plans_from_its_public_record_count(tmp_path: Path) -> None:
+    """planning-records fixes q and steps whatever N is; the default is a power of two."""
+    policy = PrivacyPolicy(epsilon_budget=3.0, delta=1e-5, planning_records=1000)
+    assert policy.records_for_planning(321) == policy.records_for_planning(900) == 1000
+    default = PrivacyPolicy(epsilon_budget=3.0, delta=1e-5)
+    assert [default.records_for_planning(n) for n in (1, 2, 3, 320, 512, 513)] == [
+        1, 2, 4, 512, 512, 1024,
+    ]  # fmt: skip
+    assert PrivacyPolicy.for_simulation(RunConfig()).records_for_planning(321) == 321
+    data = _digits_npz(tmp_path / "d.npz", 300)
+    state = write_policy(tmp_path / "state", **{"planning-records": 1000})
+    cfg = RunConfig(num_rounds=3, target_epsilon=3.0, epsilon_budget=3.0)
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    reply = client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+    ledger = TrainReport.from_content(reply.content).ledger
+    assert ledger is not None and ledger.history()[0][1:] == (1 / 32, 32)  # ⌈1000/32⌉
+
+
+def test_the_policy_fixes_the_accountant(tmp_path: Path) -> None:
+    """A run cannot switch to the accountant under which a spent budget looks unspent."""
+    data, state = _exhausted_device(tmp_path)
+    cfg = RunConfig(num_rounds=3, target_epsilon=2.0, accountant="prv")
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    report = TrainReport.from_content(
+        client_app.train(
+            train_message(initial, 1), _device_context(cfg, data, state)
+        ).content
+    )
+    assert report.status is Status.POLICY_REFUSED
+    assert "run config key 'accountant'" in str(report.reason)
+
+
+def test_a_device_refuses_to_evaluate_on_a_handful_of_records(tmp_path: Path) -> None:
+    """An opted-in device still never reports metrics of fewer than 50 test records."""
+    data = _digits_npz(tmp_path / "d.npz", 300)
+    state = write_policy(tmp_path / "state", **{"federated-evaluation": True})
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    for fraction, expected in ((0.01, Status.POLICY_REFUSED), (0.2, Status.SCORED)):
+        cfg = RunConfig(num_rounds=3, fraction_evaluate=1.0, local_test_fraction=fraction)
+        reply = client_app.evaluate(
+            evaluate_message(initial, 1), _device_context(cfg, data, state)
+        )
+        assert EvaluateReport.from_content(reply.content).status is expected
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch"])
+def test_opacus_modes_take_noise_only_steps_on_empty_batches(mode: str) -> None:
+    """q = 1/10 on 10 records: most Poisson batches are empty, and each still steps."""
+    model = build_model("digits", seed=0)
+    x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 10, (10,))
+    cfg = RunConfig(batch_size=2, local_epochs=3, grad_sample_mode=mode)
+    plan = RoundPlan(sample_rate=0.1, sampler_rate=0.1, steps=30, expected_batch_size=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    outcome = dp_training.train_private(model, x, y, cfg, plan, 1.0, round_generator(2))
+    assert outcome.history == ((1.0, 0.1, 30),)
+    assert all(
+        not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)
+    )
+
+
+def _reply_with_ledger(ledger_json: str) -> Message:
+    content = RecordDict(
+        {
+            "report": ConfigRecord(
+                {"status": "budget-exhausted", "partition-id": 0, "ledger": ledger_json}
+            )
+        }  # fmt: skip
+    )
+    return Message(content=content, metadata=train_message(ArrayRecord(), 1).metadata)
+
+
+@pytest.mark.parametrize(
+    "ledger_json",
+    [
+        "[" * 100_000,
+        PrivacyLedger("rdp", 1e-5)
+        .to_json()
+        .replace("[]", "[[1.0, 0.1, " + "9" * 400 + "]]", 1),
+        PrivacyLedger("rdp", 1e-5).to_json().replace("[]", "[[1e-300, 0.1, 10]]", 1),
+        PrivacyLedger("prv", 1e-5).to_json().replace("[]", "[[0.001, 0.5, 10]]", 1),
+        PrivacyLedger("prv", 1e-5)
+        .to_json()
+        .replace("[]", "[[1.0, 0.5, 10000000000000]]", 1),
+        " " * 9_000_000,
+    ],
+)
+def test_a_malformed_ledger_is_an_error_outcome_not_a_crash(ledger_json: str) -> None:
+    """The server records a reply whose ledger it cannot account as an error."""
+    outcome = outcome_from_reply(_reply_with_ledger(ledger_json))
+    assert outcome.status is Status.ERROR
+    assert outcome.to_dict()["epsilon"] is None
+
+
+def test_evaluation_replies_with_bad_counts_are_dropped() -> None:
+    """num-examples must be >= 1: a negative count cannot skew or crash the average."""
+    strategy = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1)
+    replies = []
+    for count in (5, -5):
+        values = {"status": "scored", "partition-id": 0, "num-examples": count,
+                  **{f"eval-{m}": 0.5 for m in EVAL_METRICS}}  # fmt: skip
+        content = RecordDict({"report": ConfigRecord(values)})
+        replies.append(
+            Message(content=content, metadata=train_message(ArrayRecord(), 1).metadata)
+        )
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics is not None and metrics["num-examples"] == 5 and metrics["nodes"] == 1
