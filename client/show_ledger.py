@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from client.ledger_store import ledger_path, read_ledger_file
+from client.privacy_policy import POLICY_FILE, PolicyError, PrivacyPolicy
 from common.privacy_ledger import LedgerError
 
 
@@ -34,8 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     except (LedgerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    policy_path = Path(args.state_dir).expanduser() / POLICY_FILE
+    try:
+        policy = PrivacyPolicy.from_file(policy_path).to_mapping()
+    except PolicyError as exc:
+        policy = {"error": str(exc)}
     report = {
         "ledger": str(path),
+        "policy": policy,
         "epsilon": epsilon,
         "delta": ledger.delta,
         "accountant": ledger.accountant_name,
@@ -53,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"rounds        {len(ledger.rounds)} in {len(set(ledger.runs))} run(s)")
         print(f"steps         {ledger.total_steps}")
+        if "error" in policy:
+            print(f"policy        {policy['error']}")
+        else:
+            print(
+                f"policy        {policy_path}: budget ε {policy['epsilon-budget']:g} at "
+                f"δ={policy['delta']:g}, {policy['accountant']}"
+            )
         for sigma, rate, steps in report["history"]:
             print(f"  σ={sigma:.4f}  q={rate:.5f}  steps={steps}")
     return 0

@@ -223,6 +223,10 @@ def test_show_ledger_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert report["epsilon"] == pytest.approx(ledger.epsilon())
     assert report["accountant"] == "opacus-rdp" and report["delta"] == 1e-5
     assert report["rounds_trained"] == 2 and report["steps_total"] == 190
+    assert "no privacy policy" in report["policy"]["error"]
+    write_policy(state, **{"epsilon-budget": 9.0})
+    assert show_ledger([str(state), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["policy"]["epsilon-budget"] == 9.0
     assert show_ledger([str(state)]) == 0
     assert "opacus-rdp, δ=1e-05" in capsys.readouterr().out
     assert show_ledger([str(tmp_path / "none")]) == 1
