@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from client.dp_randomness import reproducible_seed, round_generator
 from client.dp_training import train_non_private, train_private
-from client.ledger_store import ledger_lock, load_ledger, store_ledger
+from client.ledger_store import ledger_lock, load_ledger, public_reason, store_ledger
 from client.local_data import ClientShard, load_client_shard
 from client.node_settings import NodeSettings
 from client.privacy_policy import (
@@ -120,7 +120,7 @@ def _train(msg: Message, context: Context) -> Message:
             ledger = load_ledger(context, node, cfg.accountant, policy.delta)
         except LedgerError as exc:  # fail closed: never "nothing spent"
             log.error("partition %d refuses to train: %s", pid, exc)
-            return _send(msg, TrainReport.ledger_error(pid, str(exc)))
+            return _send(msg, TrainReport.ledger_error(pid, public_reason(exc)))
         if cfg.is_private:
             return _train_private(msg, context, cfg, node, shard, policy, ledger, started)
         # Non-private: only a policy with allow-non-private gets here; ledgered as ε = ∞.
@@ -149,7 +149,9 @@ def _train_private(
     records = len(shard.x_train)
     planned = policy.records_for_planning(records)
     try:
-        decision = decide_round(cfg, planned, ledger, policy.epsilon_budget)
+        decision = decide_round(
+            cfg, planned, ledger, policy.epsilon_budget, int(context.run_id)
+        )
     except ValueError as exc:  # e.g. a batch size that gives an empty expected batch
         return _refuse(msg, shard, str(exc))
     round_refusal = policy.refusal_for_round(decision.noise_multiplier, records, ledger)

@@ -21,6 +21,11 @@ from client.node_settings import NodeSettings
 from common.atomic_files import atomic_write_bytes
 from common.privacy_ledger import LedgerError, PrivacyLedger
 
+
+class LedgerMissing(LedgerError):
+    """The ledger file vanished after this node trained in this run."""
+
+
 STATE_KEY = "privfed-ledger"
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = "privacy-ledger.lock"
@@ -84,7 +89,7 @@ def load_ledger(
         if path.exists():
             return read_ledger_file(path).with_accountant(accountant)
         if in_state:
-            raise LedgerError(
+            raise LedgerMissing(
                 f"privacy ledger {path} is missing although this node has trained "
                 "in this run; refusing to restart its privacy accounting from zero"
             )
@@ -100,3 +105,19 @@ def store_ledger(context: Context, ledger: PrivacyLedger, node: NodeSettings) ->
     if node.state_dir is not None:
         write_ledger_file(ledger_path(node.state_dir), ledger)
     context.state.config_records[STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
+
+
+def public_reason(error: LedgerError) -> str:
+    """What a ``ledger-error`` reply says: the kind of failure, not the file's content.
+
+    The full message (path, parse error, values) stays in the node's log: a parse
+    error can quote a ledger the policy does not release.
+    """
+    if isinstance(error, LedgerMissing):
+        return (
+            f"{LEDGER_FILE} is missing although this node trained in this run; it "
+            "refuses to restart its privacy accounting from zero"
+        )
+    return (
+        f"{LEDGER_FILE} is unreadable or corrupt; this node refuses to train (see its log)"
+    )

@@ -127,16 +127,19 @@ class PrivacyPolicy:
     @classmethod
     def from_file(cls, path: Path) -> PrivacyPolicy:
         """Read ``privacy-policy.toml``; a missing or bad file raises PolicyError."""
+        # Messages name the file, not its folder: a reason goes to the server, and a
+        # path can tell it user names and layout the owner never chose to release.
+        name = f"{path.name} in the node's state-dir"
         if not path.is_file():
             raise PolicyError(
-                f"no privacy policy at {path}: the device's owner writes it (required "
+                f"no privacy policy ({name}): the device's owner writes it (required "
                 "keys 'epsilon-budget' and 'delta'; see README, 'Privacy policy')"
             )
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise PolicyError(f"privacy policy {path} is unreadable: {exc}") from None
-        return cls.from_mapping(data, str(path))
+            raise PolicyError(f"privacy policy ({name}) is unreadable: {exc}") from None
+        return cls.from_mapping(data, name)
 
     def to_mapping(self) -> dict[str, Any]:
         """The policy as file keys (what :meth:`from_mapping` reads)."""

@@ -33,15 +33,18 @@ def _calibrated_sigma(
     return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, total_steps, acc)
 
 
-def noise_multiplier_for(cfg: RunConfig, plan: RoundPlan, ledger: PrivacyLedger) -> float:
-    """σ for this client: fixed key, or calibrated once for a client in every round.
+def noise_multiplier_for(
+    cfg: RunConfig, plan: RoundPlan, ledger: PrivacyLedger, run_id: int
+) -> float:
+    """σ for this client: fixed key, or calibrated once per run for every round of it.
 
     Calibration uses the ledger's δ (the node's policy δ), at which ε is reported.
+    A later run calibrates its own σ; the lifetime budget still caps the total.
     """
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    if ledger.noise_multiplier:
-        return ledger.noise_multiplier  # keep the σ chosen in this client's first round
+    if ledger.noise_multiplier and ledger.runs and ledger.runs[-1] == run_id:
+        return ledger.noise_multiplier  # keep the σ of this client's first round in the run
     return _calibrated_sigma(
         cfg.target_epsilon,
         ledger.delta,
@@ -52,14 +55,18 @@ def noise_multiplier_for(cfg: RunConfig, plan: RoundPlan, ledger: PrivacyLedger)
 
 
 def decide_round(
-    cfg: RunConfig, num_examples: int, ledger: PrivacyLedger, policy_budget: float
+    cfg: RunConfig,
+    num_examples: int,
+    ledger: PrivacyLedger,
+    policy_budget: float,
+    run_id: int = 0,
 ) -> RoundDecision:
     """Plan the round and compute the ε it would bring, without training.
 
     The cap is the smaller of the run's budget and the node policy's.
     """
     plan = plan_round(num_examples, cfg.batch_size, cfg.local_epochs)
-    sigma = noise_multiplier_for(cfg, plan, ledger)
+    sigma = noise_multiplier_for(cfg, plan, ledger, run_id)
     return RoundDecision(
         plan=plan,
         noise_multiplier=sigma,

@@ -126,8 +126,13 @@ class LoopState:
         return top.epsilon if top is not None else None
 
     def unreleased(self) -> int:
-        """Nodes that answered but keep their ledger on the device (policy)."""
-        return sum(1 for o in self.latest.values() if o.ledger is None)
+        """Nodes whose trained or budget reply came without a ledger (their policy)."""
+        with_ledger_status = (Status.TRAINED, Status.BUDGET_EXHAUSTED)
+        return sum(
+            1
+            for o in self.latest.values()
+            if o.ledger is None and o.status in with_ledger_status
+        )
 
     def all_exhausted(self, node_ids: list[int]) -> bool:
         """True when every connected node has refused (budget or policy)."""

@@ -8,13 +8,17 @@ from pathlib import Path
 
 import psutil
 import pytest
+import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from client.ledger_store import LEDGER_FILE
+from client.privacy_policy import POLICY_FILE, PrivacyPolicy
 from client.show_ledger import main as show_ledger
+from common.config import RunConfig
 from common.privacy_ledger import PrivacyLedger, epsilon_of_history
 from simulations.certificates import ensure_tls_files
+from simulations.deploy import write_node_policy
 from simulations.deployment import (
     ADMITTED_MARK,
     DeploymentSpec,
@@ -27,7 +31,7 @@ from simulations.processes import (
     stop_processes,
     wait_until,
 )
-from simulations.run_options import APP_DIR
+from simulations.run_options import APP_DIR, pyproject_defaults
 from tests.process_watch import assert_all_gone, assert_loopback_only, run_watched
 
 pytestmark = pytest.mark.e2e
@@ -58,6 +62,7 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
     )  # fmt: skip
     assert code == 0, out[-4000:]
     assert "TLS + SuperNode authentication" in out
+    assert "3 written from the run's privacy settings, 0 kept" in out
     assert f"[privfed] results: {results}" in out
     for name in ("summary.json", "rounds.jsonl", "model.pt", "model.ts", "certs/ca.crt"):
         assert (results / name).is_file(), name
@@ -70,7 +75,11 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
         assert last["epsilon"] == pytest.approx(
             epsilon_of_history([tuple(h) for h in last["history"]], 1e-5, "rdp")
         )
+        assert last["ledger_released"] and last["delta"] == 1e-5
+        assert last["accountant"] == "opacus-rdp" and last["reason"] is None
         ledger_file = results / "nodes" / f"node-{pid}" / LEDGER_FILE
+        policy = PrivacyPolicy.from_file(ledger_file.parent / POLICY_FILE)
+        assert policy.release_ledger and policy.epsilon_budget == 8.0  # target-epsilon
         assert PrivacyLedger.from_json(ledger_file.read_text()).epsilon() == pytest.approx(
             last["epsilon"]
         )
@@ -153,15 +162,19 @@ def test_killed_node_continues_its_ledger_and_corrupt_ledger_fails_closed(
     states = {i: tmp_path / "nodes" / f"node-{i}" for i in range(3)}
     states[1].mkdir(parents=True)
     (states[1] / LEDGER_FILE).write_text('{"format": "privfed-ledger/1", "history": [[')
+    overrides = {
+        "num-rounds": 5, "fraction-evaluate": 0.0, "min-available-nodes": 3,
+        "min-train-nodes": 1, "round-timeout": 120.0, "results-dir": str(results),
+    }  # fmt: skip
+    run_config = tmp_path / "run.toml"
+    run_config.write_text(tomli_w.dumps(overrides))
+    cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
+    for state in states.values():  # each node's owner accepts this run's settings
+        assert write_node_policy(state, cfg) == "written"
     deployment.start_superlink()
     for i in range(3):
         config = {"partition-id": i, "num-partitions": 3, "state-dir": str(states[i])}
         deployment.start_supernode(i, config, deployment.node_key(i))
-    run_config = tmp_path / "run.toml"
-    run_config.write_text(
-        f"num-rounds = 5\nfraction-evaluate = 0.0\nmin-available-nodes = 3\n"
-        f'min-train-nodes = 1\nround-timeout = 120.0\nresults-dir = "{results}"\n'
-    )
     flwr_run = deployment.run_app(run_config, APP_DIR)
     try:
         _wait_for_round(results, 1)
@@ -192,7 +205,9 @@ def test_killed_node_continues_its_ledger_and_corrupt_ledger_fails_closed(
     for record in _rounds(results):
         corrupt = [c for c in record["clients"] if c["partition_id"] == 1]
         assert corrupt and corrupt[0]["status"] == "ledger-error", record["round"]
-        assert "corrupt" in corrupt[0]["error"]
+        assert "corrupt" in corrupt[0]["reason"]
+        assert corrupt[0]["epsilon"] is None and not corrupt[0]["ledger_released"]
+        assert record["clients_failed"] >= 1
     assert "corrupt" in out and "node" in out  # the server's log shows the refusal
     assert summary["client_failures"] >= 3
     assert (states[1] / LEDGER_FILE).read_text().endswith("[[")  # never overwritten
