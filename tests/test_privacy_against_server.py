@@ -272,7 +272,9 @@ def test_a_device_without_a_policy_refuses(tmp_path: Path) -> None:
         client_app.train(train_message(initial, 1), ctx).content
     )
     assert report.status is Status.POLICY_REFUSED
-    assert f"no privacy policy ({POLICY_FILE} in the node's state-dir)" in str(report.reason)
+    assert f"no privacy policy ({POLICY_FILE} in the node's state-dir)" in str(
+        report.reason
+    )
 
 
 @pytest.mark.parametrize(
