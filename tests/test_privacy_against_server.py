@@ -509,3 +509,25 @@ def test_evaluation_replies_with_bad_counts_are_dropped() -> None:
         )
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics is not None and metrics["num-examples"] == 5 and metrics["nodes"] == 1
+
+
+def test_make_deploy_writes_a_policy_only_where_none_exists(tmp_path: Path) -> None:
+    """The local deployment gives new nodes the run's settings and keeps an owner's file."""
+    from simulations.deploy import write_node_policy
+
+    cfg = RunConfig(target_epsilon=3.0)
+    assert write_node_policy(tmp_path / "new", cfg) == "written"
+    written = PrivacyPolicy.from_file(tmp_path / "new" / POLICY_FILE)
+    assert (written.epsilon_budget, written.delta, written.release_ledger) == (
+        3.0,
+        1e-5,
+        True,
+    )
+    assert not written.allow_non_private and not written.allow_reproducible_noise
+    owner = write_policy(tmp_path / "owned", **{"epsilon-budget": 1.0})
+    before = (owner / POLICY_FILE).read_bytes()
+    assert write_node_policy(owner, cfg) == "kept"
+    assert (owner / POLICY_FILE).read_bytes() == before
+    (owner / POLICY_FILE).write_text("delta = 1e-5\n")
+    with pytest.raises(PolicyError, match="'epsilon-budget'"):
+        write_node_policy(owner, cfg)  # a broken policy stops the launch, not a round
