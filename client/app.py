@@ -129,8 +129,8 @@ def _train(msg: Message, context: Context) -> Message:
         outcome = train_non_private(model, shard.x_train, shard.y_train, cfg, generator)
         released_ledger = ledger.extended_non_private(server_round, int(context.run_id))
         store_ledger(context, released_ledger, node)
-        released = (len(shard.x_train), outcome.mean_loss)
-        return _send(msg, TrainReport.trained(pid, None, None, released), model)
+        report = TrainReport.trained_non_private(pid, len(shard.x_train), outcome.mean_loss)
+        return _send(msg, report, model)
 
 
 def _train_private(
@@ -189,7 +189,8 @@ def _train_private(
         ledger.delta, outcome.mean_loss,
     )  # fmt: skip
     seconds = time.perf_counter() - started if policy.release_timing else None
-    report = TrainReport.trained(pid, ledger if policy.release_ledger else None, seconds)
+    shown = ledger if policy.release_ledger else None
+    report = TrainReport.trained(pid, planned, shown, seconds)
     return _send(msg, report, model)
 
 

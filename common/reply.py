@@ -128,6 +128,15 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
         released_by="release-ledger",
     ),
     ReplyField(
+        "planning-records",
+        Coverage.POLICY,
+        (Status.TRAINED,),
+        "the record count a private round was planned from (q, steps, noise divisor) "
+        "and the update's aggregation weight: N in a simulation, else the policy's "
+        "public count (the update's noise scale reveals it anyway)",
+        released_by="planning-records",
+    ),
+    ReplyField(
         "client-seconds",
         Coverage.POLICY,
         (Status.TRAINED,),
@@ -138,7 +147,7 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
         "num-examples",
         Coverage.POLICY,
         (Status.TRAINED,),
-        "training records, sent only by a non-private round (for example weighting)",
+        "training records, sent only by a non-private round (its aggregation weight)",
         released_by="allow-non-private",
     ),
     ReplyField(
@@ -241,28 +250,49 @@ class TrainReport:
     client_seconds: float | None = None
     num_examples: int | None = None
     train_loss: float | None = None
+    planning_records: int | None = None
 
     def __post_init__(self) -> None:
         if self.status in _REASONED and not self.reason:
             raise ReplyError(f"a {self.status.value!r} reply needs a reason")
         _check_keys(TRAIN_FIELDS, self.status, set(self._values()))
+        if self.status is Status.TRAINED:
+            weights = [
+                w for w in (self.planning_records, self.num_examples) if w is not None
+            ]
+            if len(weights) != 1 or weights[0] < 1:
+                raise ReplyError(
+                    "a 'trained' reply carries exactly one weight >= 1: planning-records "
+                    "(private) or num-examples (non-private)"
+                )
+
+    @property
+    def weight(self) -> int:
+        """The update's aggregation weight (planning count, or records if non-private)."""
+        return self.planning_records or self.num_examples or 0
 
     # -- constructors, one per status ---------------------------------------------
     @classmethod
     def trained(
         cls,
         partition_id: int,
+        planning_records: int,
         ledger: PrivacyLedger | None,
         client_seconds: float | None,
-        non_private: tuple[int, float] | None = None,
     ) -> TrainReport:
-        """Trained; ``ledger``/``client_seconds`` are ``None`` unless released.
-
-        ``non_private`` = (records, mean loss) of a non-private round the policy allows.
-        """
-        examples, loss = non_private if non_private is not None else (None, None)
+        """A private round; ``ledger``/``client_seconds`` are ``None`` unless released."""
         return cls(
-            Status.TRAINED, partition_id, None, ledger, client_seconds, examples, loss
+            Status.TRAINED, partition_id, None, ledger, client_seconds,
+            planning_records=planning_records,
+        )  # fmt: skip
+
+    @classmethod
+    def trained_non_private(
+        cls, partition_id: int, num_examples: int, train_loss: float
+    ) -> TrainReport:
+        """A non-private round the policy allows (allow-non-private): counts and loss."""
+        return cls(
+            Status.TRAINED, partition_id, num_examples=num_examples, train_loss=train_loss
         )
 
     @classmethod
@@ -297,6 +327,7 @@ class TrainReport:
             "client-seconds": self.client_seconds,
             "num-examples": self.num_examples,
             "train-loss": self.train_loss,
+            "planning-records": self.planning_records,
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -336,6 +367,7 @@ class TrainReport:
             client_seconds=_number(raw, "client-seconds", float),
             num_examples=_number(raw, "num-examples", int),
             train_loss=_number(raw, "train-loss", float),
+            planning_records=_number(raw, "planning-records", int),
         )
 
 

@@ -39,7 +39,6 @@ def make_strategy(cfg: RunConfig) -> PrivateFedAvg:
         min_available_nodes=cfg.min_train_nodes,
         server_learning_rate=cfg.server_learning_rate,
         server_momentum=cfg.server_momentum,
-        weight_by_examples=not cfg.is_private,
     )
 
 

@@ -30,6 +30,7 @@ class ClientOutcome:
     client_seconds: float | None = None
     num_examples: int | None = None
     train_loss: float | None = None
+    weight: int | None = None  # aggregation weight of a trained reply
 
     @cached_property
     def epsilon(self) -> float | None:
@@ -60,6 +61,7 @@ class ClientOutcome:
             "client_seconds": self.client_seconds,
             "num_examples": self.num_examples,
             "train_loss": self.train_loss,
+            "aggregation_weight": self.weight,
         }
 
 
@@ -83,4 +85,5 @@ def outcome_from_reply(reply: Message) -> ClientOutcome:
         client_seconds=report.client_seconds,
         num_examples=report.num_examples,
         train_loss=report.train_loss,
+        weight=report.weight if report.status is Status.TRAINED else None,
     )

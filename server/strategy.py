@@ -1,8 +1,10 @@
-"""FedAvg that understands private clients: refusals, errors, and equal weights.
+"""FedAvg that understands private clients: refusals, errors, and public weights.
 
-In a private run every trained update has the same weight: a record count would
-tell the server each shard's size, which DP-SGD's noise does not cover. A
-non-private run (whose policy released ``num-examples``) weights by examples.
+A private update is weighted by the record count its round was planned from
+(``planning-records``): N in a simulation, whose owner holds every shard, and on a
+device its public planning count, which the update's noise scale reveals anyway.
+No reply carries a device's true record count. A non-private run (whose policy
+released ``num-examples``) weights by examples.
 """
 
 from __future__ import annotations
@@ -41,18 +43,10 @@ class PrivateFedAvg(FedAvgM):
     (post-processing of the private updates: no privacy cost).
     """
 
-    def __init__(self, *, weight_by_examples: bool = False, **kwargs: object) -> None:
+    def __init__(self, **kwargs: object) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", _train_loss)
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)  # type: ignore[arg-type]
-        self.weight_by_examples = weight_by_examples
         self.last_outcomes: list[ClientOutcome] = []
-
-    def _weight(self, outcome: ClientOutcome) -> float:
-        if not self.weight_by_examples:
-            return 1.0
-        if not outcome.num_examples:
-            raise ReplyError(f"node {outcome.node_id}: no num-examples to weight by")
-        return float(outcome.num_examples)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -64,7 +58,7 @@ class PrivateFedAvg(FedAvgM):
         weighted: list[Message] = []
         for reply, outcome in zip(replies, outcomes, strict=True):
             if outcome.status is Status.TRAINED:
-                metrics = {WEIGHT_KEY: self._weight(outcome)}
+                metrics = {WEIGHT_KEY: float(outcome.weight or 0)}
                 if outcome.train_loss is not None:
                     metrics["train-loss"] = outcome.train_loss
                 content = RecordDict(

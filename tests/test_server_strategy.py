@@ -29,7 +29,7 @@ def _replies(cfg: RunConfig, server_round: int, contexts: list) -> list[Message]
 
 
 def test_refused_and_failed_replies_are_not_averaged() -> None:
-    """Only 'trained' replies enter the average, with equal weights; all are recorded."""
+    """Only 'trained' replies enter the average, by planning count; all are recorded."""
     cfg = RunConfig(num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0)
     tight = RunConfig(
         num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0, epsilon_budget=0.01
@@ -48,10 +48,15 @@ def test_refused_and_failed_replies_are_not_averaged() -> None:
     )
     assert arrays is not None and metrics is not None
 
-    # Private replies carry no record count: the average is the plain mean.
+    # A private reply is weighted by its planning count (in a simulation: N itself).
     trained = replies[:2]
+    weights = [float(r.content["report"]["planning-records"]) for r in trained]
+    assert weights == [360.0, 359.0]  # 1,437 training digits in 4 shards
+    assert all("num-examples" not in r.content["report"] for r in trained)
     key = next(iter(arrays.keys()))
-    expected = sum(r.content["arrays"][key].numpy() for r in trained) / 2
+    expected = sum(
+        w * r.content["arrays"][key].numpy() for w, r in zip(weights, trained, strict=True)
+    ) / sum(weights)
     np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
 
     refused = next(o for o in strategy.last_outcomes if o.status is Status.BUDGET_EXHAUSTED)
@@ -65,8 +70,7 @@ def test_non_private_replies_are_weighted_by_examples() -> None:
     cfg = RunConfig(num_rounds=2, privacy_mode="none", target_epsilon=0.0)
     contexts = [make_context(cfg, pid, 4, node_id=50 + pid) for pid in (0, 3)]
     replies = _replies(cfg, 1, contexts)
-    strategy = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1,
-                             weight_by_examples=True)  # fmt: skip
+    strategy = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1)
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None
     weights = [float(o.num_examples or 0) for o in strategy.last_outcomes]
