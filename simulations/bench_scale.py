@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     rounds = [json.loads(x) for x in (results / "rounds.jsonl").read_text().splitlines()]
     trained = [r["clients_trained"] for r in rounds]
     all_sampled_trained = all(t == args.per_round for t in trained)
+    # Each released ledger holds every round the client trained in, in whole rounds.
     ledgers_ok = all(
-        c["steps_total"] == c["rounds_trained"] * c["steps_round"]
+        c["ledger_released"]
+        and c["steps_total"] == sum(int(steps) for _, _, steps in c["history"])
+        and c["steps_total"] % c["rounds_trained"] == 0
         for r in rounds
         for c in r["clients"]
     )
