@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -45,6 +46,12 @@ def watch_tree(root: psutil.Process, watch: Watch, stop: threading.Event) -> Non
         time.sleep(0.3)
 
 
+def _default_sigint() -> None:
+    # A suite started from a background shell inherits SIGINT as ignored, and Python
+    # keeps an ignored SIGINT ignored; a script gets Ctrl-C as a terminal gives it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_script(module: str, args: list[str]) -> subprocess.Popen[str]:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     return subprocess.Popen(
@@ -54,6 +61,7 @@ def start_script(module: str, args: list[str]) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
