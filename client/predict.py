@@ -1,11 +1,14 @@
 """Predict with an exported model on a device: needs only torch and numpy.
 
-    python -m client.predict RESULTS/model.ts images.npz     # arrays 'x' (and 'y')
-    python -m client.predict RESULTS/model.ts images.csv     # pixel columns (+ 'label')
+    python -m client.predict RESULTS/model.ts images.npz         # arrays 'x' (and 'y')
+    python -m client.predict RESULTS/model-int8.ts images.csv    # pixels (+ 'label')
 
-Reads ``model.json`` beside the model for the input shape, classes and
-normalisation. Prints ``index,class,name,probability`` per example, and the
-accuracy when labels are present. Does not import the training code.
+Any exported variant (``model.ts`` float32, ``model-int8.ts``,
+``model-int8-pruned.ts``) runs with the same command and output. Reads
+``model.json`` beside the model for the input shape, classes, normalisation and
+the variant the file is. Prints ``index,class,name,probability`` per example; on
+stderr the variant loaded, and the accuracy when labels are present. Does not
+import the training code.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,34 +37,70 @@ def _read_input(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return table, None
 
 
-def predict(model_path: Path, input_path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Class indices and probabilities for every example in ``input_path``."""
+def model_variant(meta: dict[str, Any], model_path: Path) -> tuple[str, dict[str, Any]]:
+    """The variant name and ``model.json`` entry of the file ``model_path``.
+
+    A ``model.json`` written before compressed variants existed has no
+    ``variants``; it describes ``model.ts`` (float32) and nothing else.
+    """
+    variants = meta.get("variants", {"float32": {"file": "model.ts"}})
+    for name, entry in variants.items():
+        if entry["file"] == model_path.name:
+            return name, entry
+    listed = ", ".join(entry["file"] for entry in variants.values())
+    raise ValueError(
+        f"{model_path.with_name('model.json')} describes no model file "
+        f"{model_path.name!r}; it describes: {listed}"
+    )
+
+
+def predict(
+    model_path: Path, input_path: Path
+) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """Class indices, probabilities, class names and the variant loaded."""
     meta = json.loads(model_path.with_name("model.json").read_text())
+    variant, _ = model_variant(meta, model_path)
     norm = meta["normalisation"]
     x, _ = _read_input(input_path)
     x = np.asarray(x, dtype=np.float32).reshape(-1, *meta["input_shape"])
     x = (x / norm["pixel_scale"] - norm["mean"]) / norm["std"]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        # TorchScript and quantised tensors are deprecated in torch 2.13; the
+        # notices are for model authors, not for a device running a model.
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        if variant != "float32":
+            _spend_quantised_tensor_notice()
         model = torch.jit.load(str(model_path), map_location="cpu")
-    model.eval()
-    with torch.no_grad():
-        probs = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
-    return probs.argmax(axis=1), probs.max(axis=1), meta["classes"]
+        model.eval()
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
+    return probs.argmax(axis=1), probs.max(axis=1), meta["classes"], variant
+
+
+def _spend_quantised_tensor_notice() -> None:
+    """Trigger torch's once-per-process quantised-tensor notice where Python filters it.
+
+    Loading an int8 file creates quantised tensors inside ``torch.jit.load``, whose
+    C++ notice bypasses Python's warning filters and would print on every run.
+    """
+    torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.qint8)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print predictions; exit 1 on unreadable input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", type=Path, help="model.ts (model.json beside it)")
+    parser.add_argument(
+        "model", type=Path, help="model.ts or a compressed variant (model.json beside it)"
+    )
     parser.add_argument("input", type=Path, help=".npz with 'x' or .csv of pixels")
     args = parser.parse_args(argv)
     try:
-        classes, probs, names = predict(args.model, args.input)
+        classes, probs, names, variant = predict(args.model, args.input)
         _, labels = _read_input(args.input)
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print(f"# model {variant} ({args.model.name})", file=sys.stderr)
     print("index,class,name,probability")
     for i, (c, p) in enumerate(zip(classes, probs, strict=True)):
         print(f"{i},{c},{names[c]},{p:.4f}")

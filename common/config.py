@@ -18,6 +18,7 @@ ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_MODES = ("sample", "none")
 GRAD_SAMPLE_MODES = ("direct", "hooks", "ew", "functorch")
 FEATURE_MAPS = ("pixels", "scattering")  # see common/features.py
+EXPORT_COMPRESSIONS = ("none", "int8", "int8+prune")  # see server/model_compression.py
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,7 @@ RULES: dict[str, _Rule] = {
     ),
     "torch-threads": _Rule(int, lambda v: 1 <= v <= 256, "an integer in [1, 256]"),
     "results-dir": _Rule(str, lambda v: True, "a directory path, or '' for results/"),
+    "export-compression": _choice(EXPORT_COMPRESSIONS),
 }
 
 
@@ -126,6 +128,7 @@ class RunConfig:
     reproducible_noise: bool = False
     torch_threads: int = 1
     results_dir: str = ""
+    export_compression: str = "int8"
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

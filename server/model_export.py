@@ -12,9 +12,16 @@ from flwr.app import ArrayRecord
 
 from common.atomic_files import atomic_write_bytes
 from common.config import RunConfig
-from common.datasets import IMAGE_SIDE, normalisation
+from common.datasets import IMAGE_SIDE, load_dataset, normalisation
 from common.features import ScatteringFront
-from common.models import build_model
+from common.models import build_model, count_parameters
+from server.model_compression import (
+    VARIANT_FILES,
+    compress,
+    describe,
+    quiet_quantisation_warnings,
+    script_variant,
+)
 
 CLASS_NAMES = {
     "digits": [str(i) for i in range(10)],
@@ -37,22 +44,53 @@ def _to_torchscript(model: torch.nn.Module, cfg: RunConfig) -> torch.jit.ScriptM
         return torch.jit.trace(full, torch.zeros(2, 1, side, side), check_trace=False)
 
 
+def _save(scripted: torch.jit.ScriptModule, path: Path) -> None:
+    """Save TorchScript atomically (temp file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    scripted.save(str(tmp))
+    tmp.replace(path)
+
+
 def export_model(
     arrays: ArrayRecord, cfg: RunConfig, out_dir: Path, extra: dict[str, Any]
 ) -> tuple[Path, Path]:
-    """Write ``model.ts`` (TorchScript) and ``model.json`` (what a predictor needs)."""
+    """Write ``model.ts`` (TorchScript), the compressed variant, and ``model.json``.
+
+    Every file written is scored on the server's test set as saved, so the accuracy
+    in ``model.json`` is what ``client.predict`` gets from that file.
+    """
     model = build_model(cfg.dataset, features=cfg.features)
     model.load_state_dict(arrays.to_torch_state_dict())
     model.eval()
+    front = ScatteringFront(IMAGE_SIDE[cfg.dataset]) if cfg.features != "pixels" else None
+    ts_path = out_dir / VARIANT_FILES["float32"]
     with warnings.catch_warnings():
         # TorchScript is deprecated in favour of torch.export, but it is what
         # runs on CPU-only edge installs without the model's Python code.
         warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = _to_torchscript(model, cfg)
-        ts_path = out_dir / "model.ts"
-        tmp = out_dir / ".model.ts.tmp"
-        scripted.save(str(tmp))
-        tmp.replace(ts_path)
+        _save(_to_torchscript(model, cfg), ts_path)
+    written = {"float32": (ts_path, model)}
+    if cfg.export_compression != "none":
+        compressed = compress(model, cfg.export_compression)
+        path = out_dir / VARIANT_FILES[cfg.export_compression]
+        with quiet_quantisation_warnings():
+            _save(script_variant(compressed, front), path)
+        written[cfg.export_compression] = (path, compressed)
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+    test_set = (torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
+    threads = torch.get_num_threads()
+    # The run's thread count (the ServerApp sets it too): the traced kymatio front is
+    # thousands of small ops, which ran 10x slower with 2 threads on a busy 2-core host.
+    torch.set_num_threads(cfg.torch_threads)
+    try:
+        reports = {
+            name: describe(
+                name, path, eager, test_set, count_parameters(model), front is not None
+            )
+            for name, (path, eager) in written.items()
+        }
+    finally:
+        torch.set_num_threads(threads)
     scale, mean, std = normalisation(cfg.dataset)
     side = IMAGE_SIDE[cfg.dataset]
     meta = {
@@ -61,8 +99,13 @@ def export_model(
         "input_shape": [1, side, side],
         "classes": CLASS_NAMES[cfg.dataset],
         "normalisation": {"pixel_scale": scale, "mean": mean, "std": std},
-        "features": cfg.features,  # a feature map is part of model.ts
+        "features": cfg.features,  # a feature map is part of every model file
         "note": "raw pixels x -> (x / pixel_scale - mean) / std, shape (N, 1, H, W)",
+        "export_compression": cfg.export_compression,
+        "variants": {
+            name: report.as_json(None if name == "float32" else reports["float32"])
+            for name, report in reports.items()
+        },
         **extra,
     }
     meta_path = out_dir / "model.json"

@@ -47,6 +47,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "reproducible-noise": [0, "true", 1.0],
     "torch-threads": [1.5, 0, 257],
     "results-dir": [0, None],
+    "export-compression": [8, "INT8", "int4", "prune", True],
 }
 
 
