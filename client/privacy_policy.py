@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from common.config import ACCOUNTANTS, RunConfig
 from common.privacy_ledger import PrivacyLedger
 
 POLICY_FILE = "privacy-policy.toml"
@@ -38,7 +38,6 @@ POLICY_KEYS: dict[str, tuple[type, str]] = {
     "accountant": (str, "'rdp' or 'prv': the accountant the budget is checked with"),
     "planning-records": (int, "public record count q, steps and σ are planned with"),
 }
-ACCOUNTANTS = ("rdp", "prv")
 # A device answers federated evaluation only on at least this many test records.
 MIN_TEST_RECORDS = 50
 
@@ -75,6 +74,10 @@ class PrivacyPolicy:
             self._fail(
                 "min-noise-multiplier", "a finite number >= 0", self.min_noise_multiplier
             )
+        if self.accountant not in ACCOUNTANTS:
+            self._fail("accountant", " or ".join(map(repr, ACCOUNTANTS)), self.accountant)
+        if self.planning_records is not None and not 1 <= self.planning_records < 2**40:
+            self._fail("planning-records", "an integer >= 1", self.planning_records)
 
     def _fail(self, key: str, allowed: str, value: object) -> None:
         raise PolicyError(f"privacy policy ({self.source}) key '{key}': must be {allowed}, "

@@ -289,6 +289,11 @@ def test_a_device_without_a_policy_refuses(tmp_path: Path) -> None:
         ),
         ('epsilon-budget = 3.0\ndelta = 1e-5\ncolour = "red"\n', "'colour'"),
         ("epsilon-budget = [", "unreadable"),
+        ('epsilon-budget = 3.0\ndelta = 1e-5\naccountant = "gdp"\n', "'accountant'"),
+        (
+            "epsilon-budget = 3.0\ndelta = 1e-5\nplanning-records = 0\n",
+            "'planning-records'",
+        ),
     ],
 )
 def test_a_bad_policy_file_names_the_key(tmp_path: Path, text: str, message: str) -> None:
