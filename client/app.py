@@ -62,10 +62,6 @@ def _refuse(msg: Message, shard: ClientShard, reason: str, detail: str = "") -> 
     return _send(msg, TrainReport.policy_refused(shard.partition_id, reason))
 
 
-def _policy(cfg: RunConfig, node: NodeSettings) -> PrivacyPolicy:
-    return load_policy(cfg, node.state_dir)
-
-
 def _deployed(context: Context) -> bool:
     """A real device: its data and policy are its owner's, not the server's."""
     return "state-dir" in context.node_config or "data-path" in context.node_config
@@ -109,7 +105,7 @@ def _train(msg: Message, context: Context) -> Message:
     pid = shard.partition_id
     server_round = int(msg.content["config"]["server-round"])
     try:
-        policy = _policy(cfg, node)
+        policy = load_policy(cfg, node.state_dir)
     except PolicyError as exc:
         return _refuse(msg, shard, str(exc))
     refusal = policy.refusal_for_run(cfg)
@@ -203,7 +199,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
     """Local test metrics of the global model, if the node's policy releases them."""
     cfg, node, shard = _setup(context)
     try:
-        policy = _policy(cfg, node)
+        policy = load_policy(cfg, node.state_dir)
     except PolicyError as exc:
         report = EvaluateReport.policy_refused(shard.partition_id, str(exc))
         return Message(report.to_content(), reply_to=msg)

@@ -212,20 +212,24 @@ def _report(declared: tuple[ReplyField, ...], values: dict[str, Any]) -> ConfigR
     return ConfigRecord(present)
 
 
-def _read_report(content: RecordDict) -> dict[str, Any]:
+def _read_report(
+    content: RecordDict, declared: tuple[ReplyField, ...], allowed: tuple[Status, ...]
+) -> tuple[dict[str, Any], Status, int]:
+    """The report's fields, its status and partition id, checked against ``declared``."""
     if REPORT_KEY not in content.config_records:
         raise ReplyError(f"reply has no {REPORT_KEY!r} record")
-    return dict(content.config_records[REPORT_KEY])
-
-
-def _status(raw: dict[str, Any], allowed: tuple[Status, ...]) -> Status:
+    raw = dict(content.config_records[REPORT_KEY])
     try:
         status = Status(str(raw.get("status")))
     except ValueError:
         raise ReplyError(f"unknown reply status {raw.get('status')!r}") from None
     if status not in allowed:
         raise ReplyError(f"status {status.value!r} is not allowed in this reply")
-    return status
+    _check_keys(declared, status, set(raw))
+    partition = _number(raw, "partition-id", int)
+    if partition is None:
+        raise ReplyError("reply lacks 'partition-id'")
+    return raw, status, partition
 
 
 def _number(raw: dict[str, Any], key: str, kind: type) -> Any:
@@ -343,9 +347,7 @@ class TrainReport:
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainReport:
         """Parse a training reply; anything off-contract raises :class:`ReplyError`."""
-        raw = _read_report(content)
-        status = _status(raw, _ALL_TRAIN)
-        _check_keys(TRAIN_FIELDS, status, set(raw))
+        raw, status, partition = _read_report(content, TRAIN_FIELDS, _ALL_TRAIN)
         has_arrays = ARRAYS_KEY in content.array_records
         if has_arrays != (status is Status.TRAINED):
             verb = "may not carry" if has_arrays else "lacks"
@@ -356,9 +358,6 @@ class TrainReport:
                 ledger = PrivacyLedger.from_json(str(raw["ledger"]))
             except LedgerError as exc:
                 raise ReplyError(f"reply field 'ledger': {exc}") from None
-        partition = _number(raw, "partition-id", int)
-        if partition is None:
-            raise ReplyError("reply lacks 'partition-id'")
         return cls(
             status=status,
             partition_id=partition,
@@ -426,12 +425,7 @@ class EvaluateReport:
     @classmethod
     def from_content(cls, content: RecordDict) -> EvaluateReport:
         """Parse an evaluation reply; anything off-contract raises :class:`ReplyError`."""
-        raw = _read_report(content)
-        status = _status(raw, _ALL_EVALUATE)
-        _check_keys(EVALUATE_FIELDS, status, set(raw))
-        partition = _number(raw, "partition-id", int)
-        if partition is None:
-            raise ReplyError("reply lacks 'partition-id'")
+        raw, status, partition = _read_report(content, EVALUATE_FIELDS, _ALL_EVALUATE)
         scores = tuple(
             (name, _number(raw, f"eval-{name}", float))
             for name in EVAL_METRICS

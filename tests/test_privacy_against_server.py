@@ -119,6 +119,7 @@ def _replay_attack(
 def test_replaying_the_noise_fails(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server replays every draw it could predict; the noise stays in the update."""
     ratio, bound = _replay_attack(mode, reproducible=False, monkeypatch=monkeypatch)
+    print(f"replay residual / noise, {mode}, OS entropy: {ratio:.4f} (bound {bound:.4f})")
     assert bound < 0.2  # a successful replay would leave less than this
     assert 1.2 < ratio < 1.6  # residual = signal + noise − unrelated noise: ≈ √2 · noise
 
@@ -129,6 +130,7 @@ def test_reproducible_noise_is_replayable(
 ) -> None:
     """With reproducible-noise = true the same attack strips the noise (it says so)."""
     ratio, bound = _replay_attack(mode, reproducible=True, monkeypatch=monkeypatch)
+    print(f"replay residual / noise, {mode}, reproducible: {ratio:.4f} (bound {bound:.4f})")
     assert ratio <= bound < 0.2
 
 
