@@ -2,12 +2,13 @@
 
 What a reply may carry is declared in :mod:`common.reply`; this module only chooses
 the constructor. Nothing here seeds DP randomness from the run config or a message
-(see :mod:`client.dp_randomness`).
+(see :mod:`common.dp_randomness`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -15,7 +16,6 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dp_randomness import reproducible_seed, round_generator
 from client.dp_training import train_non_private, train_private
 from client.ledger_store import ledger_lock, load_ledger, public_reason, store_ledger
 from client.local_data import ClientShard, load_client_shard
@@ -28,10 +28,12 @@ from client.privacy_policy import (
 )
 from client.round_privacy import decide_round
 from common.config import RunConfig
+from common.dp_randomness import reproducible_seed, round_generator
 from common.metrics import evaluate_model
 from common.models import build_model
 from common.privacy_ledger import LedgerError, PrivacyLedger
-from common.reply import ARRAYS_KEY, EvaluateReport, TrainReport
+from common.reply import ARRAYS_KEY, CLIP_NORM_KEY, EvaluateReport, TrainReport
+from common.update_clipping import clip_update
 
 log = logging.getLogger("privfed.client")
 app = ClientApp()
@@ -119,6 +121,10 @@ def _train(msg: Message, context: Context) -> Message:
             return _send(msg, TrainReport.ledger_error(pid, public_reason(exc)))
         if cfg.is_private:
             return _train_private(msg, context, cfg, node, shard, policy, ledger, started)
+        if cfg.is_client_level:
+            return _train_client_level(
+                msg, context, cfg, node, shard, policy, ledger, started
+            )
         # Non-private: only a policy with allow-non-private gets here; ledgered as ε = ∞.
         model = _model_from(msg, cfg, shard)
         generator = round_generator(reproducible_seed(cfg.seed, pid, server_round))
@@ -188,6 +194,45 @@ def _train_private(
     shown = ledger if policy.release_ledger else None
     report = TrainReport.trained(pid, planned, shown, seconds)
     return _send(msg, report, model)
+
+
+def _train_client_level(
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    node: NodeSettings,
+    shard: ClientShard,
+    policy: PrivacyPolicy,
+    ledger: PrivacyLedger,
+    started: float,
+) -> Message:
+    """DP-FedAvg's client side: train without local noise, clip the change to C.
+
+    The server adds the client-level noise, so the node's own (record-level)
+    ledger records the round as a release without DP: its policy allowed it
+    (``allow-client-level``), and a later record-level run sees ε = ∞.
+    """
+    pid = shard.partition_id
+    server_round = int(msg.content["config"]["server-round"])
+    clip_norm = msg.content["config"].get(CLIP_NORM_KEY)
+    if not isinstance(clip_norm, float) or not 0 < clip_norm < math.inf:
+        raise ValueError(f"instruction config {CLIP_NORM_KEY!r} must be a float > 0")
+    model = _model_from(msg, cfg, shard)
+    before = [p.detach().numpy().copy() for p in model.state_dict().values()]
+    generator = round_generator(reproducible_seed(cfg.seed, pid, server_round))
+    train_non_private(model, shard.x_train, shard.y_train, cfg, generator)
+    after = model.state_dict()
+    change = [v.detach().numpy() - b for v, b in zip(after.values(), before, strict=True)]
+    clipped = clip_update(change, clip_norm)
+    ledger = ledger.extended_non_private(server_round, int(context.run_id))
+    store_ledger(context, ledger, node)  # persisted before the update leaves
+    seconds = time.perf_counter() - started if policy.release_timing else None
+    shown = ledger if policy.release_ledger else None
+    report = TrainReport.client_update(pid, clipped.below_clip, shown, seconds)
+    update = ArrayRecord(
+        {k: torch.from_numpy(a) for k, a in zip(after, clipped.arrays, strict=True)}
+    )
+    return Message(report.to_content(update), reply_to=msg)
 
 
 train = app.train()(

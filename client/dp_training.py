@@ -12,10 +12,10 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.dp_randomness import gaussian_noise
 from client.per_sample_grads import PerSampleClipper
 from common.config import RunConfig
 from common.dp_plan import RoundPlan
+from common.dp_randomness import gaussian_noise
 
 PHYSICAL_BATCH = 256  # larger Poisson batches run in chunks (faster on CPU)
 
@@ -48,7 +48,7 @@ def train_private(
     """DP-SGD: Poisson sampling at ``plan.sample_rate``, clipping, Gaussian noise.
 
     Every Poisson mask and noise draw comes from ``generator`` (OS entropy per round,
-    see :mod:`client.dp_randomness`). The round's history (σ, q, steps) is checked
+    see :mod:`common.dp_randomness`). The round's history (σ, q, steps) is checked
     against the plan; the caller appends it to the client's cumulative ledger.
     """
     if cfg.grad_sample_mode == "direct":

@@ -31,6 +31,11 @@ POLICY_KEYS: dict[str, tuple[type, str]] = {
     "delta": (float, "δ the ledger accounts at, fixed when the ledger is created (0, 1)"),
     "min-noise-multiplier": (float, "least σ this node trains with (>= 0; default 0)"),
     "allow-non-private": (bool, "train without DP when a run asks (default false)"),
+    "allow-client-level": (
+        bool,
+        "send clipped, un-noised updates to a server that adds client-level noise "
+        "(privacy-mode = 'client'; default false)",
+    ),
     "federated-evaluation": (bool, "send local test metrics, un-noised (default false)"),
     "release-ledger": (bool, "send the ledger (σ, q, steps history) (default false)"),
     "release-timing": (bool, "send the round's compute seconds (default false)"),
@@ -54,6 +59,7 @@ class PrivacyPolicy:
     delta: float
     min_noise_multiplier: float = 0.0
     allow_non_private: bool = False
+    allow_client_level: bool = False
     federated_evaluation: bool = False
     release_ledger: bool = False
     release_timing: bool = False
@@ -89,7 +95,8 @@ class PrivacyPolicy:
         return cls(
             epsilon_budget=cfg.effective_epsilon_budget,
             delta=cfg.delta,
-            allow_non_private=not cfg.is_private,
+            allow_non_private=cfg.privacy_mode == "none",
+            allow_client_level=cfg.is_client_level,
             federated_evaluation=cfg.fraction_evaluate > 0,
             release_ledger=True,
             release_timing=True,
@@ -167,6 +174,15 @@ class PrivacyPolicy:
     # -- checks -------------------------------------------------------------------
     def refusal_for_run(self, cfg: RunConfig) -> str | None:
         """Why this node refuses ``cfg`` before looking at its data, or ``None``."""
+        if cfg.is_client_level:
+            if self.allow_client_level:
+                return None
+            return self._refuse(
+                "privacy-mode",
+                "'client' sends the clipped update without noise (the server adds "
+                "the client-level noise)",
+                "allow-client-level = false",
+            )
         if not cfg.is_private:
             if self.allow_non_private:
                 return None

@@ -15,7 +15,8 @@ from typing import Any
 DATASETS = ("digits", "fashion-mnist", "mnist")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 ACCOUNTANTS = ("rdp", "prv")
-PRIVACY_MODES = ("sample", "none")
+PRIVACY_MODES = ("sample", "client", "none")  # record-level, client-level, off
+CLIPPING_MODES = ("fixed", "adaptive")  # client-level update clipping
 GRAD_SAMPLE_MODES = ("direct", "hooks", "ew", "functorch")
 FEATURE_MAPS = ("pixels", "scattering")  # see common/features.py
 EXPORT_COMPRESSIONS = ("none", "int8", "int8+prune")  # see server/model_compression.py
@@ -62,6 +63,14 @@ RULES: dict[str, _Rule] = {
     "server-momentum": _Rule(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "privacy-mode": _choice(PRIVACY_MODES),
     "max-grad-norm": _Rule(float, lambda v: v > 0, "a number > 0"),
+    "client-sampling-rate": _Rule(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "clipping": _choice(CLIPPING_MODES),
+    "client-clip-norm": _Rule(float, lambda v: v > 0, "a number > 0"),
+    "target-clip-quantile": _Rule(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "clip-learning-rate": _Rule(float, lambda v: 0 < v <= 10, "a number in (0, 10]"),
+    "clipped-count-stddev": _Rule(
+        float, lambda v: v >= 0, "a number >= 0 (0 = expected cohort / 20)"
+    ),
     "noise-multiplier": _Rule(float, lambda v: v >= 0, "a number >= 0 (0 = unset)"),
     "target-epsilon": _Rule(float, lambda v: v >= 0, "a number >= 0 (0 = unset)"),
     "epsilon-budget": _Rule(float, lambda v: v >= 0, "a number >= 0 (0 = see README)"),
@@ -119,6 +128,12 @@ class RunConfig:
     server_momentum: float = 0.0
     privacy_mode: str = "sample"
     max_grad_norm: float = 1.0
+    client_sampling_rate: float = 0.5
+    clipping: str = "fixed"
+    client_clip_norm: float = 1.0
+    target_clip_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float = 0.0
     noise_multiplier: float = 0.0
     target_epsilon: float = 8.0
     epsilon_budget: float = 0.0
@@ -164,9 +179,10 @@ class RunConfig:
             )
 
     def _check_privacy_keys(self) -> None:
-        if self.privacy_mode != "sample":
+        if self.privacy_mode == "none":
             return
-        if self.batch_size < 2:
+        # δ < 1/n and the adaptive noise split need n: common/client_level_plan.py
+        if self.privacy_mode == "sample" and self.batch_size < 2:
             # B = 1 makes Opacus' expected batch int(N·(1/N)) round to 0 for many N.
             raise ConfigError(
                 "run config key 'batch-size': must be >= 2 with privacy-mode='sample' "
@@ -182,7 +198,7 @@ class RunConfig:
         if self.target_epsilon == 0 and self.noise_multiplier == 0:
             raise ConfigError(
                 "run config keys 'target-epsilon' and 'noise-multiplier': with "
-                "privacy-mode='sample' one of them must be > 0 "
+                f"privacy-mode={self.privacy_mode!r} one of them must be > 0 "
                 "(use privacy-mode='none' for a non-private run)"
             )
 
@@ -190,6 +206,16 @@ class RunConfig:
     def is_private(self) -> bool:
         """True when clients train with sample-level DP-SGD."""
         return self.privacy_mode == "sample"
+
+    @property
+    def is_client_level(self) -> bool:
+        """True when the server runs DP-FedAvg: clipped updates, noise per round."""
+        return self.privacy_mode == "client"
+
+    @property
+    def privacy_unit(self) -> str | None:
+        """What one ε protects: a record, a client, or nothing (non-private)."""
+        return {"sample": "record", "client": "client"}.get(self.privacy_mode)
 
     @property
     def effective_epsilon_budget(self) -> float:
@@ -222,6 +248,12 @@ class RunConfig:
 
 def noise_statement(cfg: RunConfig) -> str:
     """Where the DP noise comes from, as the results and the log state it."""
+    if cfg.is_client_level:
+        return "client-level: the server adds the noise to the sum of clipped updates " + (
+            "from a generator seeded from the run seed (reproducible; not private)"
+            if cfg.reproducible_noise
+            else "from fresh OS entropy each round"
+        )
     if not cfg.is_private:
         return "no DP noise (non-private run)"
     if cfg.reproducible_noise:

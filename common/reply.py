@@ -27,6 +27,8 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from common.privacy_ledger import LedgerError, PrivacyLedger
 
 ARRAYS_KEY = "arrays"  # ArrayRecord: the model weights of a trained reply
+UPDATE_KEY = "update"  # ArrayRecord: a client-level round's clipped model change
+CLIP_NORM_KEY = "clip-norm"  # instruction config: C of a client-level round
 REPORT_KEY = "report"  # ConfigRecord: every other field below
 
 
@@ -98,6 +100,22 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
         (Status.TRAINED,),
         "model weights after the round's DP-SGD steps (raw weights only in a "
         "non-private run the policy allows: `allow-non-private`)",
+    ),
+    ReplyField(
+        "update",
+        Coverage.POLICY,
+        (Status.TRAINED,),
+        "client-level round (`privacy-mode = 'client'`): the model change, clipped to "
+        "L2 norm C and not noised; the server adds the client-level noise to the sum",
+        released_by="allow-client-level",
+    ),
+    ReplyField(
+        "below-clip",
+        Coverage.POLICY,
+        (Status.TRAINED,),
+        "client-level round: whether the change's norm was at most C; the server "
+        "noises the count (adaptive clipping, accounted in z)",
+        released_by="allow-client-level",
     ),
     ReplyField(
         "status",
@@ -196,7 +214,9 @@ EVALUATE_FIELDS: tuple[ReplyField, ...] = (
 
 
 def _sent(declared: tuple[ReplyField, ...], status: Status) -> set[str]:
-    return {f.key for f in declared if status in f.statuses and f.key != "arrays"}
+    """The report keys (ConfigRecord) a ``status`` reply may carry; arrays travel apart."""
+    array_keys = (ARRAYS_KEY, UPDATE_KEY)
+    return {f.key for f in declared if status in f.statuses and f.key not in array_keys}
 
 
 def _check_keys(declared: tuple[ReplyField, ...], status: Status, keys: set[str]) -> None:
@@ -255,12 +275,16 @@ class TrainReport:
     num_examples: int | None = None
     train_loss: float | None = None
     planning_records: int | None = None
+    below_clip: bool | None = None  # set on client-level replies only
 
     def __post_init__(self) -> None:
         if self.status in _REASONED and not self.reason:
             raise ReplyError(f"a {self.status.value!r} reply needs a reason")
         _check_keys(TRAIN_FIELDS, self.status, set(self._values()))
-        if self.status is Status.TRAINED:
+        if self.client_level:
+            if self.planning_records is not None or self.num_examples is not None:
+                raise ReplyError("a client-level update carries no weight (equal weights)")
+        elif self.status is Status.TRAINED:
             weights = [
                 w for w in (self.planning_records, self.num_examples) if w is not None
             ]
@@ -274,6 +298,16 @@ class TrainReport:
     def weight(self) -> int:
         """The update's aggregation weight (planning count, or records if non-private)."""
         return self.planning_records or self.num_examples or 0
+
+    @property
+    def client_level(self) -> bool:
+        """A clipped, un-noised model change for DP-FedAvg (``privacy-mode = 'client'``)."""
+        return self.below_clip is not None
+
+    @property
+    def arrays_key(self) -> str:
+        """Where this reply's arrays travel: the clipped change, or the weights."""
+        return UPDATE_KEY if self.client_level else ARRAYS_KEY
 
     # -- constructors, one per status ---------------------------------------------
     @classmethod
@@ -298,6 +332,20 @@ class TrainReport:
         return cls(
             Status.TRAINED, partition_id, num_examples=num_examples, train_loss=train_loss
         )
+
+    @classmethod
+    def client_update(
+        cls,
+        partition_id: int,
+        below_clip: bool,
+        ledger: PrivacyLedger | None,
+        client_seconds: float | None,
+    ) -> TrainReport:
+        """A client-level round (policy: allow-client-level); the change travels apart."""
+        return cls(
+            Status.TRAINED, partition_id, None, ledger, client_seconds,
+            below_clip=bool(below_clip),
+        )  # fmt: skip
 
     @classmethod
     def budget_exhausted(
@@ -332,6 +380,7 @@ class TrainReport:
             "num-examples": self.num_examples,
             "train-loss": self.train_loss,
             "planning-records": self.planning_records,
+            "below-clip": self.below_clip,
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -341,17 +390,25 @@ class TrainReport:
             raise ReplyError("weights travel with a 'trained' reply, and only with it")
         content = RecordDict({REPORT_KEY: _report(TRAIN_FIELDS, self._values())})
         if arrays is not None:
-            content[ARRAYS_KEY] = arrays
+            content[self.arrays_key] = arrays
         return content
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainReport:
         """Parse a training reply; anything off-contract raises :class:`ReplyError`."""
         raw, status, partition = _read_report(content, TRAIN_FIELDS, _ALL_TRAIN)
-        has_arrays = ARRAYS_KEY in content.array_records
-        if has_arrays != (status is Status.TRAINED):
-            verb = "may not carry" if has_arrays else "lacks"
-            raise ReplyError(f"a {status.value!r} reply {verb} weights")
+        below_clip = raw.get("below-clip")
+        if below_clip is not None and not isinstance(below_clip, bool):
+            raise ReplyError(f"reply field 'below-clip' must be a bool, got {below_clip!r}")
+        expected = {UPDATE_KEY if below_clip is not None else ARRAYS_KEY}
+        if status is not Status.TRAINED:
+            expected = set()
+        present = set(content.array_records) & {ARRAYS_KEY, UPDATE_KEY}
+        if present != expected:
+            raise ReplyError(
+                f"a {status.value!r} reply carries arrays {sorted(present)}, "
+                f"expected {sorted(expected)}"
+            )
         ledger = None
         if "ledger" in raw:
             try:
@@ -367,6 +424,7 @@ class TrainReport:
             num_examples=_number(raw, "num-examples", int),
             train_loss=_number(raw, "train-loss", float),
             planning_records=_number(raw, "planning-records", int),
+            below_clip=below_clip,
         )
 
 

@@ -7,6 +7,7 @@ import statistics
 import time
 import traceback
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from flwr.supercore import log
 from common.config import RunConfig, noise_statement
 from common.models import build_model
 from server.central_evaluation import CentralEvaluator
+from server.client_level_strategy import ClientLevelFedAvg
+from server.federation_ledger import FederationLedger
 from server.federation_loop import LoopResult, epsilon_text, run_rounds
 from server.model_export import export_model
 from server.plots import plot_rounds
@@ -26,8 +29,25 @@ from server.strategy import PrivateFedAvg
 app = ServerApp()
 
 
-def make_strategy(cfg: RunConfig) -> PrivateFedAvg:
-    """The strategy for ``cfg``."""
+def make_strategy(
+    cfg: RunConfig, out_dir: Path | None = None, run_id: int = 0
+) -> PrivateFedAvg:
+    """The strategy for ``cfg``; client-level DP keeps its ledger in ``out_dir``."""
+    if cfg.is_client_level:
+        if out_dir is None:
+            raise ValueError("client-level DP needs the results folder for its ledger")
+        ledger = FederationLedger(
+            out_dir, cfg.accountant, cfg.delta, cfg.effective_epsilon_budget, run_id
+        )
+        return ClientLevelFedAvg(
+            cfg,
+            ledger,
+            fraction_evaluate=cfg.fraction_evaluate,
+            min_evaluate_nodes=cfg.min_train_nodes,
+            min_available_nodes=cfg.min_train_nodes,
+            server_learning_rate=cfg.server_learning_rate,
+            server_momentum=cfg.server_momentum,
+        )
     return PrivateFedAvg(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -42,7 +62,20 @@ def make_strategy(cfg: RunConfig) -> PrivateFedAvg:
     )
 
 
-def summarise(cfg: RunConfig, result: LoopResult, wall_seconds: float) -> dict[str, Any]:
+_PRIVACY_MODELS = {
+    "sample": "sample-level (record-level) DP per client, cumulative over all rounds",
+    "client": "client-level DP-FedAvg (the server adds the noise), cumulative over all "
+    "rounds",
+    "none": "none (non-private reference)",
+}
+
+
+def summarise(
+    cfg: RunConfig,
+    result: LoopResult,
+    wall_seconds: float,
+    strategy: PrivateFedAvg | None = None,
+) -> dict[str, Any]:
     """The ``summary.json`` of a finished run."""
     latest = result.state.latest
     per_client = {
@@ -55,20 +88,17 @@ def summarise(cfg: RunConfig, result: LoopResult, wall_seconds: float) -> dict[s
         "stop_reason": result.stop_reason,
         "rounds_completed": result.rounds_completed,
         "rounds_planned": cfg.num_rounds,
-        "privacy_model": (
-            "sample-level (record-level) DP per client, cumulative over all rounds"
-            if cfg.is_private
-            else "none (non-private reference)"
-        ),
-        "privacy_unit": "record" if cfg.is_private else None,
+        "privacy_model": _PRIVACY_MODELS[cfg.privacy_mode],
+        "privacy_unit": cfg.privacy_unit,
         "noise": noise_statement(cfg),
-        "noise_reproducible": cfg.is_private and cfg.reproducible_noise,
-        "accountant": last.get("accountant") if cfg.is_private else "none",
-        "delta": last.get("delta") if cfg.is_private else None,
+        "noise_reproducible": cfg.privacy_unit is not None and cfg.reproducible_noise,
+        "accountant": last.get("accountant") if cfg.privacy_unit else "none",
+        "delta": last.get("delta") if cfg.privacy_unit else None,
         "max_epsilon": last.get("max_epsilon"),
         "max_epsilon_infinite": last.get("max_epsilon_infinite", False),
         "epsilon_text": epsilon_text(last) if last else None,
-        "epsilon_by_partition": per_client,
+        "epsilon_by_partition": per_client if cfg.is_private else None,
+        "client_level": strategy.summary_block() if strategy is not None else None,
         "nodes_keeping_ledger_private": result.state.unreleased()
         if cfg.is_private
         else None,
@@ -110,10 +140,9 @@ def main(grid: Grid, context: Context) -> None:
             cfg.dataset, evaluator.num_classes, seed=cfg.seed, features=cfg.features
         )
         initial = ArrayRecord(model.state_dict())
-        result = run_rounds(
-            grid, cfg, make_strategy(cfg), initial, evaluator, writer, started
-        )
-        summary = summarise(cfg, result, time.monotonic() - started)
+        strategy = make_strategy(cfg, out_dir, int(context.run_id))
+        result = run_rounds(grid, cfg, strategy, initial, evaluator, writer, started)
+        summary = summarise(cfg, result, time.monotonic() - started, strategy)
         if writer.rounds:
             summary["final_central"] = writer.rounds[-1]["central"]
             plot_rounds(writer.rounds, out_dir, f"{cfg.dataset}, {cfg.partitioner}")

@@ -31,6 +31,7 @@ class ClientOutcome:
     num_examples: int | None = None
     train_loss: float | None = None
     weight: int | None = None  # aggregation weight of a trained reply
+    below_clip: bool | None = None  # client-level replies (adaptive clipping's bit)
 
     @cached_property
     def epsilon(self) -> float | None:
@@ -85,5 +86,10 @@ def outcome_from_reply(reply: Message) -> ClientOutcome:
         client_seconds=report.client_seconds,
         num_examples=report.num_examples,
         train_loss=report.train_loss,
-        weight=report.weight if report.status is Status.TRAINED else None,
+        weight=(
+            report.weight
+            if report.status is Status.TRAINED and not report.client_level
+            else None
+        ),
+        below_clip=report.below_clip,
     )

@@ -29,9 +29,13 @@ class RoundFailed(RuntimeError):
     """No client trained or refused in a round: every reply failed, or none came."""
 
 
-def check_round(server_round: int, outcomes: list[ClientOutcome]) -> None:
-    """Raise :class:`RoundFailed` when a round produced nothing but failures."""
-    if any(o.status.counter != "failed" for o in outcomes):
+def check_round(server_round: int, outcomes: list[ClientOutcome], sent: int) -> None:
+    """Raise :class:`RoundFailed` when a round produced nothing but failures.
+
+    A round that instructed nobody (an empty Poisson cohort, client-level DP) is
+    valid: it adds noise only.
+    """
+    if sent == 0 or any(o.status.counter != "failed" for o in outcomes):
         return
     if not outcomes:
         raise RoundFailed(f"round {server_round}: no client replied in time")
@@ -174,6 +178,7 @@ def run_rounds(
     wait_started = time.monotonic()
     connected = wait_for_nodes(grid, cfg.min_available_nodes, cfg.node_wait_timeout)
     log(INFO, "%d nodes connected; starting %d rounds", connected, cfg.num_rounds)
+    strategy.start_run(connected)
     totals = {
         "startup_to_round_1": time.monotonic() - app_started,
         "wait_for_nodes": time.monotonic() - wait_started,
@@ -184,19 +189,23 @@ def run_rounds(
     completed = 0
     orchestration: list[float] = []
     for server_round in range(1, cfg.num_rounds + 1):
+        budget_stop = strategy.budget_stop(server_round)
+        if budget_stop is not None:
+            stop_reason = f"{budget_stop}; stopped after round {completed}"
+            log(INFO, "Stopping: %s", stop_reason)
+            break
         t = {"start": time.monotonic()}
         started_at = time.time()  # wall clock, comparable with the launching script
-        replies = exchange(
-            grid,
-            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-            cfg.round_timeout,
+        instructions = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
         )
+        replies = exchange(grid, instructions, cfg.round_timeout) if instructions else []
         t["replies"] = time.monotonic()
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         t["aggregated"] = time.monotonic()
         outcomes = strategy.last_outcomes
         state.record(outcomes)
-        check_round(server_round, outcomes)
+        check_round(server_round, outcomes, len(instructions))
         if new_arrays is not None:
             arrays = new_arrays
 
@@ -214,6 +223,7 @@ def run_rounds(
         t["central"] = time.monotonic()
 
         record = _round_record(server_round, cfg, outcomes, state, central, fed_metrics)
+        record.update(strategy.round_privacy())
         record["train_loss"] = (
             float(train_metrics["train-loss"])
             if train_metrics is not None and "train-loss" in train_metrics
@@ -302,6 +312,11 @@ def epsilon_text(record: dict[str, Any]) -> str:
     if record.get("privacy_mode") == "none":
         return "non-private (no ε)"
     eps = record["max_epsilon"]
+    if record.get("privacy_unit") == "client":
+        return (
+            f"cumulative client-level ε {eps:.3f} ({record['accountant']}, "
+            f"δ={record['delta']:g}, per client)"
+        )
     hidden = record.get("nodes_keeping_ledger_private") or 0
     kept = f"; {hidden} node(s) keep their ledger on the device" if hidden else ""
     if record.get("max_epsilon_infinite"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from logging import WARNING
+from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvgM
@@ -47,6 +48,23 @@ class PrivateFedAvg(FedAvgM):
         kwargs.setdefault("train_metrics_aggr_fn", _train_loss)
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)  # type: ignore[arg-type]
         self.last_outcomes: list[ClientOutcome] = []
+
+    # -- hooks the round loop calls (client-level DP overrides them) ----------------
+    def start_run(self, population: int) -> None:
+        """Called once, when the nodes needed to start have connected."""
+
+    def budget_stop(self, server_round: int) -> str | None:
+        """Why the run must stop before ``server_round``; record-level budgets are the
+        clients' own, so the server never stops a record-level run on ε."""
+        return None
+
+    def round_privacy(self) -> dict[str, Any]:
+        """Privacy facts the strategy itself holds for ``rounds.jsonl`` (none here)."""
+        return {}
+
+    def summary_block(self) -> dict[str, Any] | None:
+        """The strategy's own guarantee for ``summary.json`` (none here)."""
+        return None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

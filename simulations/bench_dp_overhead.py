@@ -17,11 +17,11 @@ import warnings
 
 import torch
 
-from client.dp_randomness import round_generator
 from client.dp_training import train_non_private, train_private
 from common.config import RunConfig
 from common.datasets import load_dataset
 from common.dp_plan import plan_round
+from common.dp_randomness import round_generator
 from common.models import build_model
 
 MODES = ("direct", "hooks", "ew", "functorch")

@@ -36,6 +36,7 @@ from simulations.run_options import (
     add_run_options,
     build_overrides,
     pyproject_defaults,
+    resolve_clients,
 )
 from simulations.run_output import report_results, stream_process
 
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--certs-dir", type=Path, help="default: <results-dir>/certs")
     p.add_argument("--state-root", type=Path, help="default: <results-dir>/nodes")
     p.add_argument("--insecure", action="store_true", help="plaintext, no auth (debug)")
-    args = p.parse_args(argv)
+    args = resolve_clients(p.parse_args(argv))
     if args.clients < 1:
         p.error("--clients must be >= 1")
     return args

@@ -28,7 +28,12 @@ from simulations.flower_env import (
     write_connection,
 )
 from simulations.processes import become_subreaper, descendants, stop_processes
-from simulations.run_options import APP_DIR, add_run_options, build_overrides
+from simulations.run_options import (
+    APP_DIR,
+    add_run_options,
+    build_overrides,
+    resolve_clients,
+)
 from simulations.run_output import report_results, stream_process
 
 
@@ -39,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--client-cpus", type=int, default=1, help="CPUs Ray reserves per ClientApp"
     )
-    args = p.parse_args(argv)
+    args = resolve_clients(p.parse_args(argv))
     if args.clients < 1:
         p.error("--clients must be >= 1")
     return args

@@ -8,11 +8,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunConfig
+from common.client_level_plan import plan_client_level
+from common.config import ACCOUNTANTS, PRIVACY_MODES, ConfigError, RunConfig
 from common.datasets import DatasetError, resolve_idx_dir
 from simulations.presets import PRESETS, preset_help
 
 APP_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_CLIENTS = 10
 
 # CLI option -> run-config key; None means "leave the pyproject default".
 _OPTION_KEYS = {
@@ -42,7 +44,12 @@ def add_run_options(
     p: argparse.ArgumentParser, nodes_help: str, nodes_aliases: tuple[str, ...] = ()
 ) -> None:
     """Options shared by the simulation and deployment scripts (see README)."""
-    p.add_argument("--clients", *nodes_aliases, type=int, default=10, help=nodes_help)
+    p.add_argument(
+        "--clients",
+        *nodes_aliases,
+        type=int,
+        help=f"{nodes_help} (default: the preset's, else {DEFAULT_CLIENTS})",
+    )
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -58,8 +65,8 @@ def add_run_options(
     p.add_argument("--noise-multiplier", type=float)
     p.add_argument("--epsilon-budget", type=float)
     p.add_argument("--delta", type=float)
-    p.add_argument("--accountant", choices=["rdp", "prv"])
-    p.add_argument("--privacy-mode", choices=["sample", "none"])
+    p.add_argument("--accountant", choices=ACCOUNTANTS)
+    p.add_argument("--privacy-mode", choices=PRIVACY_MODES)
     p.add_argument("--local-epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
@@ -76,6 +83,14 @@ def add_run_options(
         help="any other run-config key (TOML value), repeatable",
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
+
+
+def resolve_clients(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill ``--clients`` from the preset (or the default) when it was not given."""
+    if args.clients is None:
+        preset = PRESETS[args.preset] if args.preset else None
+        args.clients = (preset.clients if preset else None) or DEFAULT_CLIENTS
+    return args
 
 
 def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,6 +124,8 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides["results-dir"] = str(results)
     defaults = pyproject_defaults()
     cfg = RunConfig.from_run_config({**defaults, **overrides})  # fail before starting
+    if cfg.is_client_level:
+        plan_client_level(cfg, args.clients)  # δ < 1/n, the adaptive noise split
     if cfg.dataset != "digits":
         try:
             resolve_idx_dir(cfg.dataset, cfg.data_dir)

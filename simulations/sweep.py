@@ -86,10 +86,10 @@ def run_point(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> Poin
     results = out_dir / point.name
     argv = [
         sys.executable, "-m", "simulations.run",
-        "--clients", str(args.clients), "--partitioner", point.partitioner,
+        "--partitioner", point.partitioner,
         "--seed", str(point.seed), "--results-dir", str(results),
     ]  # fmt: skip
-    for option in ("preset", "rounds", "dataset"):  # unset: the preset's or the default
+    for option in ("clients", "preset", "rounds", "dataset"):  # unset: preset's/default
         if getattr(args, option) is not None:
             argv += [f"--{option}", str(getattr(args, option))]
     if point.target_epsilon is None:
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         help="default: the preset's partitioner, else iid and dirichlet",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--clients", type=int, help="default: the preset's, else 10")
     p.add_argument("--rounds", type=int, help="default: the preset's, else 5")
     p.add_argument("--preset", choices=sorted(PRESETS), help="recipe for every point")
     p.add_argument(

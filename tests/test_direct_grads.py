@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.dp_randomness import round_generator
 from client.dp_training import train_private
 from client.per_sample_grads import PerSampleClipper, UnsupportedModel
 from common.config import RunConfig
 from common.dp_plan import RoundPlan, plan_round
+from common.dp_randomness import round_generator
 from common.models import DigitsMLP, TanhCNN28
 
 

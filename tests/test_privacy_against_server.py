@@ -20,13 +20,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 import client.app as client_app
 import client.dp_training as dp_training
-from client.dp_randomness import reproducible_seed, round_generator
 from client.ledger_store import LEDGER_FILE, ledger_lock
 from client.local_data import load_client_shard
 from client.node_settings import NodeSettings
 from client.privacy_policy import POLICY_FILE, PolicyError, PrivacyPolicy
 from common.config import ConfigError, RunConfig
 from common.dp_plan import RoundPlan, plan_round
+from common.dp_randomness import reproducible_seed, round_generator
 from common.models import build_model
 from common.privacy_ledger import PrivacyLedger
 from common.reply import EVAL_METRICS, EvaluateReport, Status, TrainReport
@@ -152,7 +152,7 @@ def test_two_rounds_with_identical_inputs_draw_different_noise() -> None:
 
 def test_noise_construction_has_the_requested_std() -> None:
     """Four draws summed and halved: still N(0, std²) per coordinate."""
-    from client.dp_randomness import gaussian_noise
+    from common.dp_randomness import gaussian_noise
 
     noise = gaussian_noise(3.0, torch.zeros(200_000), round_generator())
     assert abs(float(noise.std()) - 3.0) < 0.03 and abs(float(noise.mean())) < 0.03

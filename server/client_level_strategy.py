@@ -1,0 +1,244 @@
+"""DP-FedAvg as a strategy: Poisson cohorts in, one noised average out, ledger first.
+
+Reply parsing, refusals and failures are :class:`PrivateFedAvg`'s; the mechanism is
+:mod:`server.client_level_dp`; the server optimiser (FedAvgM's learning rate and
+momentum) is Flower's, applied to the noised average as post-processing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvgM
+from flwr.supercore import log
+
+from common.client_level_plan import (
+    ClientLevelSettings,
+    client_noise_multiplier,
+    plan_client_level,
+)
+from common.config import RunConfig
+from common.dp_randomness import reproducible_seed, round_generator
+from common.reply import CLIP_NORM_KEY, UPDATE_KEY, Status
+from common.update_clipping import UpdateError, update_norm
+from server.client_level_dp import (
+    ClientLevelAggregator,
+    RoundAggregate,
+    poisson_cohort,
+    sampling_rng,
+)
+from server.client_outcomes import ClientOutcome, outcome_from_reply
+from server.federation_ledger import FederationLedger
+from server.strategy import WEIGHT_KEY, PrivateFedAvg
+
+SERVER_PARTITION = -2  # the server's "partition" in reproducible-noise seeds
+
+
+class ClientLevelFedAvg(PrivateFedAvg):
+    """Client-level DP-FedAvg with fixed or adaptive clipping and a federation ledger."""
+
+    def __init__(self, cfg: RunConfig, ledger: FederationLedger, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.cfg = cfg
+        self.ledger = ledger
+        self.noise_multiplier = client_noise_multiplier(cfg)
+        replay = cfg.seed if cfg.reproducible_noise else None
+        self.rng = sampling_rng(replay)
+        self.dp: ClientLevelAggregator | None = None
+        self.round_arrays: ArrayRecord | None = None
+        self.last_round: RoundAggregate | None = None
+        self.cohort: list[int] = []
+
+    # -- hooks the round loop calls -------------------------------------------------
+    def start_run(self, population: int) -> None:
+        """Fix n (nodes connected at the start) and the mechanism; check δ < 1/n."""
+        settings = plan_client_level(self.cfg, population)
+        self.dp = ClientLevelAggregator(settings)
+        log(
+            INFO,
+            "[privfed] client-level DP: n %d, q %.4g (expected cohort %.1f), z %.4f "
+            "(update %.4f), %s clipping from C %.4g",
+            population, settings.sampling_rate, settings.expected_cohort,
+            settings.noise_multiplier, settings.update_noise_multiplier,
+            settings.clipping, settings.initial_clip_norm,
+        )  # fmt: skip
+
+    def budget_stop(self, server_round: int) -> str | None:
+        """Why the run must stop before ``server_round`` (the budget), or ``None``."""
+        check = self.ledger.check(self.noise_multiplier, self.cfg.client_sampling_rate)
+        if check.allowed:
+            return None
+        return (
+            f"client-level ε budget: round {server_round} would bring ε from "
+            f"{check.epsilon_now:.3f} to {check.epsilon_after:.3f} > {check.budget:.3f}"
+        )
+
+    def round_privacy(self) -> dict[str, Any]:
+        """The round's client-level facts for ``rounds.jsonl`` (ε is cumulative)."""
+        eps = self.ledger.epsilon()
+        agg = self.last_round
+        settings = self._settings()
+        return {
+            "max_epsilon": eps if math.isfinite(eps) else None,
+            "max_epsilon_infinite": False,
+            "accountant": self.ledger.ledger.accountant_name,
+            "delta": self.cfg.delta,
+            "privacy_unit": "client",
+            "client_level": {
+                "cohort_size": agg.cohort if agg else None,
+                "expected_cohort": settings.expected_cohort,
+                "clip_norm": agg.clip_norm if agg else None,
+                "next_clip_norm": agg.next_clip_norm if agg else None,
+                "clipped_fraction": agg.clipped_fraction if agg else None,
+                "noised_below_fraction": agg.noised_below_fraction if agg else None,
+                "noise_multiplier": settings.noise_multiplier,
+                "sampling_rate": settings.sampling_rate,
+            },
+        }
+
+    def summary_block(self) -> dict[str, Any]:
+        """``summary.json``'s client-level guarantee: one block, from the ledger."""
+        settings = self._settings()
+        eps = self.ledger.epsilon()
+        return {
+            "privacy_mode": "client",
+            "privacy_unit": "client",
+            "accountant": self.ledger.ledger.accountant_name,
+            "delta": self.cfg.delta,
+            "epsilon": eps if math.isfinite(eps) else None,
+            "epsilon_budget": self.ledger.budget if math.isfinite(self.ledger.budget)
+            else None,
+            "history": self.ledger.ledger.history(),
+            "rounds": len(self.ledger.ledger.rounds),
+            "population": settings.population,
+            "sampling_rate": settings.sampling_rate,
+            "expected_cohort": settings.expected_cohort,
+            "noise_multiplier": settings.noise_multiplier,
+            "update_noise_multiplier": settings.update_noise_multiplier,
+            "clipped_count_stddev": settings.clipped_count_stddev or None,
+            "clipping": settings.clipping,
+            "initial_clip_norm": settings.initial_clip_norm,
+            "final_clip_norm": self._aggregator().clip_norm,
+            "ledger_file": self.ledger.path.name,
+        }  # fmt: skip
+
+    # -- Flower strategy ------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Instruct a Poisson cohort (possibly empty) with the round's clip norm."""
+        if self.current_arrays is None:
+            self.current_arrays = arrays  # FedAvgM's reference for its server step
+        self.round_arrays = arrays
+        self.cohort = poisson_cohort(
+            sorted(grid.get_node_ids()), self.cfg.client_sampling_rate, self.rng
+        )
+        config["server-round"] = server_round
+        config[CLIP_NORM_KEY] = float(self._aggregator().clip_norm)
+        record = RecordDict({"arrays": arrays, "config": config})
+        return self._construct_messages(record, self.cohort, MessageType.TRAIN)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Noised mean of the clipped updates over q·n, ledger written, then FedAvgM."""
+        assert self.round_arrays is not None, "configure_train comes first"
+        keys = list(self.round_arrays.keys())
+        current = self.round_arrays.to_numpy_ndarrays()
+        updates: list[tuple[list[np.ndarray], bool]] = []
+        outcomes: list[ClientOutcome] = []
+        for reply in replies:
+            outcome = outcome_from_reply(reply)
+            if outcome.status is Status.TRAINED:
+                outcome, update = _checked_update(outcome, reply, keys, current)
+                if update is not None:
+                    updates.append((update, bool(outcome.below_clip)))
+            outcomes.append(outcome)
+            self._log_outcome(server_round, outcome)
+        self.last_outcomes = outcomes
+        replay = (
+            reproducible_seed(self.cfg.seed, SERVER_PARTITION, server_round)
+            if self.cfg.reproducible_noise
+            else None
+        )
+        agg = self._aggregator().aggregate(current, updates, round_generator(replay))
+        self.last_round = agg
+        self.ledger.record_round(
+            server_round,
+            self.noise_multiplier,
+            self.cfg.client_sampling_rate,
+            {"clip_norm": agg.next_clip_norm, "population": self._settings().population},
+        )
+        target = ArrayRecord(
+            {
+                key: Array(np.asarray(now + change, dtype=now.dtype))
+                for key, now, change in zip(keys, current, agg.mean_update, strict=True)
+            }
+        )
+        average = Message(
+            RecordDict({"arrays": target, "weight": MetricRecord({WEIGHT_KEY: 1.0})}),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
+        new_arrays, _ = FedAvgM.aggregate_train(self, server_round, [average])
+        return new_arrays, MetricRecord({})
+
+    # -- helpers --------------------------------------------------------------------
+    def _aggregator(self) -> ClientLevelAggregator:
+        if self.dp is None:
+            raise RuntimeError("start_run(population) comes before the first round")
+        return self.dp
+
+    def _settings(self) -> ClientLevelSettings:
+        return self._aggregator().settings
+
+    def _log_outcome(self, server_round: int, outcome: ClientOutcome) -> None:
+        if outcome.status.refused:
+            log(WARNING, "round %d: partition %s refused (%s): %s", server_round,
+                outcome.partition_id, outcome.status.value, outcome.reason)  # fmt: skip
+        elif outcome.status.counter == "failed":
+            log(WARNING, "round %d: node %d failed: %s", server_round, outcome.node_id,
+                outcome.reason)  # fmt: skip
+
+
+def _checked_update(
+    outcome: ClientOutcome, reply: Message, keys: list[str], current: list[np.ndarray]
+) -> tuple[ClientOutcome, list[np.ndarray] | None]:
+    """The reply's clipped change, or an ``error`` outcome naming what is wrong."""
+
+    def broken(why: str) -> tuple[ClientOutcome, None]:
+        failed = dataclasses.replace(
+            outcome, status=Status.ERROR, reason=f"client-level update rejected: {why}"
+        )
+        return failed, None
+
+    if outcome.below_clip is None:
+        return broken("a client-level round needs an 'update' reply, got model weights")
+    record = reply.content.array_records[UPDATE_KEY]
+    if list(record.keys()) != keys:
+        return broken(f"arrays {list(record.keys())} do not match the model's {keys}")
+    arrays = record.to_numpy_ndarrays()
+    for key, got, want in zip(keys, arrays, current, strict=True):
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return broken(f"{key!r} is {got.dtype}{list(got.shape)}, "
+                          f"not {want.dtype}{list(want.shape)}")  # fmt: skip
+    try:
+        update_norm(arrays)
+    except UpdateError as exc:
+        return broken(str(exc))
+    return outcome, arrays
