@@ -55,6 +55,17 @@ class DataFileError(DatasetError):
         )
 
 
+def reader_said(exc: BaseException) -> str:
+    """A reader's exception for the log: ``zlib.error: ...``, ``EOFError: ...``."""
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else (f"{kind.__module__}.{kind.__qualname__}")
+    )
+    return f"{name}: {exc}"
+
+
 def _where(index: tuple[int, ...], first_line: int | None) -> str:
     """``example 3, pixel (2, 5)``; with ``first_line`` also the file's line number."""
     record = f"example {index[0]}"

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data_checks import DataFileError, DatasetError, check_images, check_labels
+from common.data_checks import (
+    DataFileError,
+    DatasetError,
+    check_images,
+    check_labels,
+    reader_said,
+)
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_TEST_FRACTION = 0.2
@@ -132,7 +138,7 @@ def read_idx(path: Path) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as exc:
         raise DataFileError(
             path, "cannot read IDX file: corrupt or truncated", _IDX_RULE,
-            f"{type(exc).__name__}: {exc}",
+            reader_said(exc),
         ) from exc  # fmt: skip
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataFileError(path, "is not an unsigned-byte IDX file", _IDX_RULE)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data_checks import DataFileError
+from common.data_checks import DataFileError, reader_said
 from common.datasets import checked_raw, normalise_images, read_idx_pair
 
 LABEL_COLUMN = "label"
@@ -44,7 +44,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except _READ_ERRORS as exc:
         raise DataFileError(
             path, "cannot be read as an .npz (empty, corrupt or truncated)", _NPZ_RULE,
-            f"{type(exc).__name__}: {exc}",
+            reader_said(exc),
         ) from exc  # fmt: skip
 
 
@@ -58,7 +58,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except _READ_ERRORS as exc:  # numpy names the row of a non-number or short row
         raise DataFileError(
             path, "cannot be read as a table of numbers", _CSV_RULE,
-            f"{type(exc).__name__}: {exc}",
+            reader_said(exc),
         ) from exc  # fmt: skip
     if LABEL_COLUMN not in header:
         raise DataFileError(path, f"the header has no '{LABEL_COLUMN}' column", _CSV_RULE)
