@@ -100,7 +100,9 @@ def load_local_arrays(path_text: str, dataset: str) -> tuple[np.ndarray, np.ndar
             dataset, *_read_csv(path), path, first_line=CSV_FIRST_RECORD_LINE
         )
     else:
-        raise DataFileError(path, "is not an .npz, .csv or directory here", _PATH_RULE)
+        raise DataFileError(
+            path, "does not exist or is not an .npz, a .csv or a folder", _PATH_RULE
+        )
     if len(x) == 0:
         raise DataFileError(path, "holds no examples", _PATH_RULE)
     return normalise_images(dataset, x), y

@@ -112,10 +112,16 @@ def _write(path: Path, content: bytes) -> Path:
     return path
 
 
-def _npz_bytes(tmp_path: Path, compressed: int = 0) -> bytes:
-    x, y = _digits(200)
-    (np.savez_compressed if compressed else np.savez)(tmp_path / "ok.npz", x=x, y=y)
+def _npz_bytes(tmp_path: Path, compressed: int = 0, keys: tuple = ("x", "y")) -> bytes:
+    arrays = dict(zip(("x", "y"), _digits(200), strict=True))
+    save = np.savez_compressed if compressed else np.savez
+    save(tmp_path / "ok.npz", **{k: arrays[k] for k in keys})
     return (tmp_path / "ok.npz").read_bytes()
+
+
+def _npy_bytes(tmp_path: Path) -> bytes:
+    np.save(tmp_path / "x.npy", _digits()[0])
+    return (tmp_path / "x.npy").read_bytes()
 
 
 def _corrupt(data: bytes, start: int, length: int) -> bytes:
@@ -130,6 +136,8 @@ FILE_CASES: dict[str, tuple[str, Callable[[Path], bytes], str]] = {
     "bad CRC": ("c.npz", lambda t: _corrupt(_npz_bytes(t), 300, 40), "Bad CRC-32"),
     "bad deflate": ("d.npz", lambda t: _corrupt(_npz_bytes(t, 1), 200, 60), "zlib.error"),
     "pickled arrays": ("p.npz", lambda t: _pickled_npz(t), "allow_pickle=False"),
+    "bare .npy": ("a.npz", lambda t: _npy_bytes(t), "a single .npy array"),
+    "no labels": ("y.npz", lambda t: _npz_bytes(t, keys=("x",)), "lacks array 'y'"),
     "header-only csv": ("h.csv", lambda t: (HEADER + "\n").encode(), "holds no examples"),
     "header-only csv, label last": (
         "l.csv", lambda t: (",".join(f"p{i}" for i in range(64)) + ",label\n").encode(),
@@ -156,6 +164,13 @@ FILE_CASES: dict[str, tuple[str, Callable[[Path], bytes], str]] = {
 def _pickled_npz(tmp_path: Path) -> bytes:
     np.savez(tmp_path / "obj.npz", x=np.array([None] * 3, dtype=object), y=np.zeros(3))
     return (tmp_path / "obj.npz").read_bytes()
+
+
+def test_a_missing_data_path_names_the_node_config_key(tmp_path: Path) -> None:
+    """No such file (or another suffix): the path and 'data-path' are named."""
+    for name in ("missing.npz", "missing.txt"):
+        with pytest.raises(DataFileError, match=f"{name}: does not exist.*'data-path'"):
+            load_local_arrays(str(tmp_path / name), "digits")
 
 
 @pytest.mark.parametrize("case", FILE_CASES)
