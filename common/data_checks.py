@@ -58,12 +58,13 @@ class DataFileError(DatasetError):
 def reader_said(exc: BaseException) -> str:
     """A reader's exception for the log: ``zlib.error: ...``, ``EOFError: ...``."""
     kind = type(exc)
-    name = (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else (f"{kind.__module__}.{kind.__qualname__}")
-    )
-    return f"{name}: {exc}"
+    module = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+    return f"{module}{kind.__qualname__}: {exc}"
+
+
+def _first(bad: np.ndarray) -> tuple[int, ...]:
+    """Index of the first True in ``bad`` (C order)."""
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
 
 
 def _where(index: tuple[int, ...], first_line: int | None) -> str:
@@ -107,26 +108,23 @@ def check_images(
             source, "images are not shaped as the model expects", allowed,
             f"shape {x.shape}",
         )  # fmt: skip
-    bad = np.argwhere(~np.isfinite(x)) if x.dtype.kind == "f" else np.empty((0, 3))
-    if len(bad):
-        at = tuple(int(i) for i in bad[0])
+    if len(x) == 0:
+        return x
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        at = _first(~np.isfinite(x))
         raise DataFileError(
             source, "a pixel is NaN or infinite", allowed,
             f"{_where(at, first_line)} is {x[at]}",
         )  # fmt: skip
-    outside = np.argwhere((x < 0) | (x > max_value))
-    if len(outside):
-        at = tuple(int(i) for i in outside[0])
-        hint = (
-            f"; the largest pixel is {x.max():g}: rescale to 0..{max_value:g}"
-            if x.max() > max_value
-            else ""
-        )
+    low, high = x.min(), x.max()  # two fast passes; locate only on failure
+    if low < 0 or high > max_value:
+        at = _first((x < 0) | (x > max_value))
+        hint = f"; the largest pixel is {high:g}" if high > max_value else ""
         raise DataFileError(
             source, f"pixels lie outside 0..{max_value:g}", allowed,
-            f"{_where(at, first_line)} is {x[at]:g}{hint}",
+            f"{_where(at, first_line)} is {x[at]:g}{hint}: rescale to 0..{max_value:g}",
         )  # fmt: skip
-    if len(x) and x.dtype.kind == "f" and x.max() <= 1.0 and np.any(x != np.round(x)):
+    if x.dtype.kind == "f" and high <= 1.0 and np.any(x != np.round(x)):
         # 0..1 floats pass the range check but would train on near-black images.
         raise DataFileError(
             source, "pixels look scaled to 0..1", allowed,
