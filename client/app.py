@@ -28,6 +28,7 @@ from client.privacy_policy import (
 )
 from client.round_privacy import decide_round
 from common.config import RunConfig
+from common.data_checks import DatasetError
 from common.dp_randomness import reproducible_seed, round_generator
 from common.metrics import evaluate_model
 from common.models import build_model
@@ -72,6 +73,23 @@ def _deployed(context: Context) -> bool:
 Handler = Callable[[Message, Context], Message]
 
 
+def _partition_id(context: Context) -> int:
+    pid = context.node_config.get("partition-id", -1)
+    return pid if isinstance(pid, int) else -1
+
+
+def _data_refusal(
+    msg: Message,
+    context: Context,
+    exc: DatasetError,
+    failed: Callable[[int, str], TrainReport | EvaluateReport],
+) -> Message:
+    """Bad data: refuse before the ledger is read; values and rows stay in the log."""
+    log.error("refusing the %s message: %s", msg.metadata.message_type, exc)
+    report = failed(_partition_id(context), exc.public_reason)
+    return Message(report.to_content(), reply_to=msg)
+
+
 def _sanitised(handler: Handler, failed: Callable[[int, str], RecordDict]) -> Handler:
     """On a device, no exception text leaves the node.
 
@@ -92,10 +110,7 @@ def _sanitised(handler: Handler, failed: Callable[[int, str], RecordDict]) -> Ha
                 f"{type(exc).__name__} on the node; the details stay in its log "
                 "(they may describe the local data)"
             )
-            pid = context.node_config.get("partition-id", -1)
-            return Message(
-                failed(pid if isinstance(pid, int) else -1, reason), reply_to=msg
-            )
+            return Message(failed(_partition_id(context), reason), reply_to=msg)
 
     return run
 
@@ -103,7 +118,10 @@ def _sanitised(handler: Handler, failed: Callable[[int, str], RecordDict]) -> Ha
 def _train(msg: Message, context: Context) -> Message:
     """Train one round, unless the node's policy or its ε budget forbids it."""
     started = time.perf_counter()
-    cfg, node, shard = _setup(context)
+    try:
+        cfg, node, shard = _setup(context)
+    except DatasetError as exc:
+        return _data_refusal(msg, context, exc, TrainReport.data_error)
     pid = shard.partition_id
     server_round = int(msg.content["config"]["server-round"])
     try:
@@ -242,7 +260,10 @@ train = app.train()(
 
 def _evaluate(msg: Message, context: Context) -> Message:
     """Local test metrics of the global model, if the node's policy releases them."""
-    cfg, node, shard = _setup(context)
+    try:
+        cfg, node, shard = _setup(context)
+    except DatasetError as exc:
+        return _data_refusal(msg, context, exc, EvaluateReport.data_error)
     try:
         policy = load_policy(cfg, node.state_dir)
     except PolicyError as exc:

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from common.data_checks import (
+    DataFileError,
+    DatasetError,
+    check_images,
+    check_labels,
+    reader_said,
+)
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_TEST_FRACTION = 0.2
@@ -30,10 +39,6 @@ _IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte.gz",
     "y_test": "t10k-labels-idx1-ubyte.gz",
 }
-
-
-class DatasetError(RuntimeError):
-    """A dataset could not be found or read."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +65,32 @@ class DatasetArrays:
 # Raw pixel range of each dataset (digits 0..16, IDX images 0..255).
 PIXEL_SCALE = {"digits": 16.0, "fashion-mnist": 255.0, "mnist": 255.0}
 IMAGE_SIDE = {"digits": 8, "fashion-mnist": 28, "mnist": 28}
+NUM_CLASSES = 10  # every dataset here has ten classes, labelled 0..9
 
 
 def normalisation(name: str) -> tuple[float, float, float]:
     """``(pixel scale, mean, std)``: x -> (x / scale - mean) / std."""
     mean, std = _NORMALISATION[name]
     return PIXEL_SCALE[name], mean, std
+
+
+def checked_raw(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    source: Path | str,
+    first_line: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw ``(N, H, W)`` pixels and int64 labels of ``name``, checked (common.data_checks).
+
+    ``first_line`` is the file line of record 0 (a CSV), so errors can name lines.
+    """
+    x = check_images(
+        images, source, dataset=name, side=IMAGE_SIDE[name],
+        max_value=PIXEL_SCALE[name], first_line=first_line,
+    )  # fmt: skip
+    y = check_labels(labels, len(x), source, num_classes=NUM_CLASSES, first_line=first_line)
+    return x, y
 
 
 def normalise_images(name: str, images: np.ndarray) -> np.ndarray:
@@ -81,8 +106,9 @@ def load_digits_arrays(seed: int) -> DatasetArrays:
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    images = bunch.images  # (1797, 8, 8), values 0..16
-    labels = bunch.target.astype(np.int64)
+    images, labels = checked_raw(
+        "digits", bunch.images, bunch.target, "scikit-learn load_digits()"
+    )
     x_tr, x_te, y_tr, y_te = train_test_split(
         images,
         labels,
@@ -96,8 +122,11 @@ def load_digits_arrays(seed: int) -> DatasetArrays:
         y_train=y_tr,
         x_test=normalise_images("digits", x_te),
         y_test=y_te,
-        num_classes=10,
+        num_classes=NUM_CLASSES,
     )
+
+
+_IDX_RULE = "an IDX file (optionally gzipped) of unsigned bytes, as its header says"
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -106,21 +135,34 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as fh:
             data = fh.read()
-    except (OSError, EOFError) as exc:
-        raise DatasetError(f"cannot read IDX file {path}: {exc}") from exc
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataFileError(
+            path, "cannot read IDX file: corrupt or truncated", _IDX_RULE,
+            reader_said(exc),
+        ) from exc  # fmt: skip
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DatasetError(f"{path} is not an unsigned-byte IDX file")
+        raise DataFileError(path, "is not an unsigned-byte IDX file", _IDX_RULE)
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DatasetError(f"{path}: truncated inside its IDX header")
+        raise DataFileError(path, "truncated inside its IDX header", _IDX_RULE)
     shape = struct.unpack(f">{ndim}I", data[4:header])
     expected = int(np.prod(shape))
     if len(data) - header != expected:
-        raise DatasetError(
-            f"{path}: header says {expected} values, file holds {len(data) - header}"
-        )
+        raise DataFileError(
+            path, "its size does not match its IDX header", _IDX_RULE,
+            f"header says {expected} values, file holds {len(data) - header}",
+        )  # fmt: skip
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_idx_pair(name: str, images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Raw images and labels of ``name`` from two IDX files, each checked and named."""
+    x = check_images(
+        read_idx(images), images, dataset=name, side=IMAGE_SIDE[name],
+        max_value=PIXEL_SCALE[name],
+    )  # fmt: skip
+    return x, check_labels(read_idx(labels), len(x), labels, num_classes=NUM_CLASSES)
 
 
 def resolve_idx_dir(name: str, data_dir: str) -> Path:
@@ -150,14 +192,19 @@ def resolve_idx_dir(name: str, data_dir: str) -> Path:
 def load_idx_arrays(name: str, data_dir: str) -> DatasetArrays:
     """Fashion-MNIST or MNIST from a directory of the four IDX ``.gz`` files."""
     directory = resolve_idx_dir(name, data_dir)
-    raw = {key: read_idx(directory / fname) for key, fname in _IDX_FILES.items()}
+    split = {}
+    for part in ("train", "test"):
+        x, y = read_idx_pair(
+            name, directory / _IDX_FILES[f"x_{part}"], directory / _IDX_FILES[f"y_{part}"]
+        )
+        split[part] = (normalise_images(name, x), y)
     return DatasetArrays(
         name=name,
-        x_train=normalise_images(name, raw["x_train"]),
-        y_train=raw["y_train"].astype(np.int64),
-        x_test=normalise_images(name, raw["x_test"]),
-        y_test=raw["y_test"].astype(np.int64),
-        num_classes=10,
+        x_train=split["train"][0],
+        y_train=split["train"][1],
+        x_test=split["test"][0],
+        y_test=split["test"][1],
+        num_classes=NUM_CLASSES,
     )
 
 

@@ -7,92 +7,102 @@ labels are integers ``0..9``. They are normalised exactly like the server's data
 
 from __future__ import annotations
 
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from common.datasets import IMAGE_SIDE, DatasetError, normalise_images, read_idx
+from common.data_checks import DataFileError, reader_said
+from common.datasets import checked_raw, normalise_images, read_idx_pair
 
 LABEL_COLUMN = "label"
-
-
-def _images(name: str, x: np.ndarray, source: Path) -> np.ndarray:
-    side = IMAGE_SIDE[name]
-    if x.ndim == 2 and x.shape[1] == side * side:
-        x = x.reshape(-1, side, side)
-    elif x.ndim == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim != 3 or x.shape[1:] != (side, side):
-        raise DatasetError(
-            f"node config key 'data-path': {source} has images shaped {x.shape}; "
-            f"dataset '{name}' needs (N, {side}, {side}), (N, 1, {side}, {side}) "
-            f"or (N, {side * side})"
-        )
-    return normalise_images(name, x)
-
-
-def _labels(y: np.ndarray, n: int, source: Path) -> np.ndarray:
-    y = np.asarray(y).reshape(-1)
-    if len(y) != n:
-        raise DatasetError(f"{source}: {n} images but {len(y)} labels")
-    if not np.issubdtype(y.dtype, np.number) or np.any(y != np.round(y)):
-        raise DatasetError(f"{source}: labels must be integers 0..9")
-    y = y.astype(np.int64)
-    if len(y) and (y.min() < 0 or y.max() > 9):
-        raise DatasetError(f"{source}: labels must be in 0..9, found {y.min()}..{y.max()}")
-    return y
+CSV_FIRST_RECORD_LINE = 2  # line 1 is the header
+_NPZ_RULE = "an .npz archive holding numeric arrays 'x' (images) and 'y' (labels)"
+_CSV_RULE = (
+    f"a CSV whose first line names the columns (one is '{LABEL_COLUMN}'), then one "
+    "row of numbers per example, as wide as the header"
+)
+_PATH_RULE = (
+    "node config key 'data-path' names an existing .npz file, .csv file or IDX directory"
+)
+# What numpy and zipfile raise for an empty, corrupt or truncated archive or table.
+_READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "x" not in data or "y" not in data:
-                raise DatasetError(f"{path}: an .npz needs arrays 'x' and 'y'")
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise DataFileError(path, "is a single .npy array, not an .npz", _NPZ_RULE)
+        with data:
+            missing = [key for key in ("x", "y") if key not in data]
+            if missing:
+                raise DataFileError(path, f"lacks array {missing[0]!r}", _NPZ_RULE)
             return data["x"], data["y"]
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read {path}: {exc}") from exc
+    except _READ_ERRORS as exc:
+        raise DataFileError(
+            path, "cannot be read as an .npz (empty, corrupt or truncated)", _NPZ_RULE,
+            reader_said(exc),
+        ) from exc  # fmt: skip
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, encoding="utf-8") as fh:
-            header = fh.readline().strip().split(",")
-        table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read {path}: {exc}") from exc
+        with open(path, encoding="utf-8-sig") as fh:
+            header = [name.strip() for name in fh.readline().split(",")]
+        with warnings.catch_warnings():  # a header-only file is refused below
+            warnings.simplefilter("ignore", UserWarning)
+            table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, encoding="utf-8")
+    except _READ_ERRORS as exc:  # numpy names the row of a non-number or short row
+        raise DataFileError(
+            path, "cannot be read as a table of numbers", _CSV_RULE,
+            reader_said(exc),
+        ) from exc  # fmt: skip
     if LABEL_COLUMN not in header:
-        raise DatasetError(f"{path}: the header needs a '{LABEL_COLUMN}' column")
+        raise DataFileError(path, f"the header has no '{LABEL_COLUMN}' column", _CSV_RULE)
+    if table.size == 0:
+        raise DataFileError(path, "holds no examples", _CSV_RULE)
+    if table.shape[1] != len(header):
+        raise DataFileError(
+            path, "rows are not as wide as the header", _CSV_RULE,
+            f"{len(header)} names in the header, {table.shape[1]} values per row",
+        )  # fmt: skip
     col = header.index(LABEL_COLUMN)
     return np.delete(table, col, axis=1), table[:, col]
 
 
-def _read_idx_dir(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_idx_dir(path: Path, dataset: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = (
         path / "train-images-idx3-ubyte.gz",
         path / "train-labels-idx1-ubyte.gz",
     )
     for f in (images, labels):
         if not f.is_file():
-            raise DatasetError(f"node config key 'data-path': {path} lacks {f.name}")
-    return read_idx(images), read_idx(labels)
+            raise DataFileError(f, "is missing from the data-path directory", _PATH_RULE)
+    return read_idx_pair(dataset, images, labels)
 
 
 def load_local_arrays(path_text: str, dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised images ``(N, 1, H, W)`` and int64 labels from a local data path."""
+    """Normalised images ``(N, 1, H, W)`` and int64 labels from a local data path.
+
+    Every value is checked first (:mod:`common.data_checks`); a failure is a
+    :class:`~common.data_checks.DataFileError` naming the file and the record.
+    """
     path = Path(path_text).expanduser()
     if path.is_dir():
-        x, y = _read_idx_dir(path)
+        x, y = _read_idx_dir(path, dataset)
     elif path.suffix == ".npz" and path.is_file():
-        x, y = _read_npz(path)
+        x, y = checked_raw(dataset, *_read_npz(path), path)
     elif path.suffix == ".csv" and path.is_file():
-        x, y = _read_csv(path)
-    else:
-        raise DatasetError(
-            f"node config key 'data-path': {path} is not an existing .npz file, "
-            ".csv file or IDX directory"
+        x, y = checked_raw(
+            dataset, *_read_csv(path), path, first_line=CSV_FIRST_RECORD_LINE
         )
-    images = _images(dataset, np.asarray(x), path)
-    labels = _labels(y, len(images), path)
-    if len(images) == 0:
-        raise DatasetError(f"node config key 'data-path': {path} holds no examples")
-    return images, labels
+    else:
+        raise DataFileError(
+            path, "does not exist or is not an .npz, a .csv or a folder", _PATH_RULE
+        )
+    if len(x) == 0:
+        raise DataFileError(path, "holds no examples", _PATH_RULE)
+    return normalise_images(dataset, x), y

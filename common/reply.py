@@ -44,6 +44,7 @@ class Status(StrEnum):
     BUDGET_EXHAUSTED = "budget-exhausted"
     POLICY_REFUSED = "policy-refused"
     LEDGER_ERROR = "ledger-error"
+    DATA_ERROR = "data-error"  # the node's data failed its checks at load
     NODE_ERROR = "node-error"  # a device failed; only the exception type is sent
     ERROR = "error"
 
@@ -88,10 +89,13 @@ _ALL_TRAIN = (
     Status.BUDGET_EXHAUSTED,
     Status.POLICY_REFUSED,
     Status.LEDGER_ERROR,
+    Status.DATA_ERROR,
     Status.NODE_ERROR,
 )
-_ALL_EVALUATE = (Status.SCORED, Status.POLICY_REFUSED, Status.NODE_ERROR)
-_REASONED = (Status.POLICY_REFUSED, Status.LEDGER_ERROR, Status.NODE_ERROR)
+_ALL_EVALUATE = (Status.SCORED, Status.POLICY_REFUSED, Status.DATA_ERROR, Status.NODE_ERROR)
+_REASONED = (
+    Status.POLICY_REFUSED, Status.LEDGER_ERROR, Status.DATA_ERROR, Status.NODE_ERROR
+)  # fmt: skip
 
 TRAIN_FIELDS: tuple[ReplyField, ...] = (
     ReplyField(
@@ -121,7 +125,8 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
         "status",
         Coverage.PUBLIC,
         _ALL_TRAIN,
-        "`trained`, `budget-exhausted`, `policy-refused`, `ledger-error` or `node-error`",
+        "`trained`, `budget-exhausted`, `policy-refused`, `ledger-error`, `data-error` "
+        "or `node-error`",
     ),
     ReplyField(
         "partition-id",
@@ -134,8 +139,9 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
         Coverage.PUBLIC,
         _REASONED,
         "why the node refused, naming the run key, policy key or file; for a "
-        "`node-error` only the exception's type (never a count or statistic of the "
-        "records)",
+        "`data-error` the file, the kind of problem and what is allowed; for a "
+        "`node-error` only the exception's type (never a value, count or statistic "
+        "of the records)",
     ),
     ReplyField(
         "ledger",
@@ -184,13 +190,14 @@ EVALUATE_FIELDS: tuple[ReplyField, ...] = (
         "status",
         Coverage.PUBLIC,
         _ALL_EVALUATE,
-        "`scored`, `policy-refused` (the policy does not allow evaluation) or `node-error`",
+        "`scored`, `policy-refused` (the policy does not allow evaluation), "
+        "`data-error` or `node-error`",
     ),
     ReplyField("partition-id", Coverage.PUBLIC, _ALL_EVALUATE, "as in a training reply"),
     ReplyField(
         "reason",
         Coverage.PUBLIC,
-        (Status.POLICY_REFUSED, Status.NODE_ERROR),
+        (Status.POLICY_REFUSED, Status.DATA_ERROR, Status.NODE_ERROR),
         "why the node refused, or the exception's type",
     ),
     ReplyField(
@@ -365,6 +372,11 @@ class TrainReport:
         return cls(Status.LEDGER_ERROR, partition_id, reason=reason)
 
     @classmethod
+    def data_error(cls, partition_id: int, reason: str) -> TrainReport:
+        """The node's data failed its checks: refuse, spend nothing (reason: no values)."""
+        return cls(Status.DATA_ERROR, partition_id, reason=reason)
+
+    @classmethod
     def node_error(cls, partition_id: int, reason: str) -> TrainReport:
         """A device failed; ``reason`` names the exception's type, nothing more."""
         return cls(Status.NODE_ERROR, partition_id, reason=reason)
@@ -445,7 +457,7 @@ class EvaluateReport:
                 raise ReplyError(
                     f"a 'scored' reply needs num-examples >= 1 and {EVAL_METRICS}"
                 )
-        elif self.status in (Status.POLICY_REFUSED, Status.NODE_ERROR):
+        elif self.status in (Status.POLICY_REFUSED, Status.DATA_ERROR, Status.NODE_ERROR):
             if not self.reason or self.scores or self.num_examples is not None:
                 raise ReplyError("a refused evaluation carries a reason and nothing else")
         else:
@@ -463,6 +475,11 @@ class EvaluateReport:
     def policy_refused(cls, partition_id: int, reason: str) -> EvaluateReport:
         """The node's policy does not release local evaluation metrics."""
         return cls(Status.POLICY_REFUSED, partition_id, reason=reason)
+
+    @classmethod
+    def data_error(cls, partition_id: int, reason: str) -> EvaluateReport:
+        """The node's data failed its checks at load (reason: no values)."""
+        return cls(Status.DATA_ERROR, partition_id, reason=reason)
 
     @classmethod
     def node_error(cls, partition_id: int, reason: str) -> EvaluateReport:
