@@ -17,7 +17,14 @@ from flwr.clientapp import ClientApp
 
 from client.dp_randomness import reproducible_seed, round_generator
 from client.dp_training import train_non_private, train_private
-from client.ledger_store import ledger_lock, load_ledger, public_reason, store_ledger
+from client.ledger_store import (
+    ledger_lock,
+    load_ledger,
+    public_reason,
+    reported_fingerprint,
+    store_ledger,
+    witnessed_in,
+)
 from client.local_data import ClientShard, load_client_shard
 from client.node_settings import NodeSettings
 from client.privacy_policy import (
@@ -113,7 +120,8 @@ def _train(msg: Message, context: Context) -> Message:
         return _refuse(msg, shard, refusal)
     with ledger_lock(node):  # read, decide, train and store without a second round
         try:
-            ledger = load_ledger(context, node, cfg.accountant, policy.delta)
+            witnessed = witnessed_in(msg.content["config"])
+            ledger = load_ledger(context, node, cfg.accountant, policy.delta, witnessed)
         except LedgerError as exc:  # fail closed: never "nothing spent"
             log.error("partition %d refuses to train: %s", pid, exc)
             return _send(msg, TrainReport.ledger_error(pid, public_reason(exc)))
@@ -126,7 +134,9 @@ def _train(msg: Message, context: Context) -> Message:
         released_ledger = ledger.extended_non_private(server_round, int(context.run_id))
         store_ledger(context, released_ledger, node)
         report = TrainReport.trained_non_private(pid, len(shard.x_train), outcome.mean_loss)
-        return _send(msg, report, model)
+        return _send(
+            msg, report.with_fingerprint(reported_fingerprint(context, node)), model
+        )
 
 
 def _train_private(
@@ -159,7 +169,8 @@ def _train_private(
             "partition %d: budget exhausted (ε %.3f now, %.3f after this round > %.3f)",
             pid, decision.epsilon_before, decision.epsilon_after, decision.budget,
         )  # fmt: skip
-        return _send(msg, TrainReport.budget_exhausted(pid, shown))
+        report = TrainReport.budget_exhausted(pid, shown)
+        return _send(msg, report.with_fingerprint(reported_fingerprint(context, node)))
 
     model = _model_from(msg, cfg, shard)
     replay = (
@@ -187,7 +198,7 @@ def _train_private(
     seconds = time.perf_counter() - started if policy.release_timing else None
     shown = ledger if policy.release_ledger else None
     report = TrainReport.trained(pid, planned, shown, seconds)
-    return _send(msg, report, model)
+    return _send(msg, report.with_fingerprint(reported_fingerprint(context, node)), model)
 
 
 train = app.train()(

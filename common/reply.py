@@ -17,6 +17,7 @@ README's "What leaves a client" table is checked against :data:`TRAIN_FIELDS` an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -24,6 +25,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from common.ledger_chain import REPLY_HEAD_KEY, REPLY_LENGTH_KEY, LedgerFingerprint
 from common.privacy_ledger import LedgerError, PrivacyLedger
 
 ARRAYS_KEY = "arrays"  # ArrayRecord: the model weights of a trained reply
@@ -126,6 +128,21 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
         "the whole privacy ledger: accountant, δ, history [(σ, q, steps)], rounds, runs "
         "(q and steps follow from ⌈N/B⌉, so they reveal the shard size to within B)",
         released_by="release-ledger",
+    ),
+    ReplyField(
+        REPLY_HEAD_KEY,
+        Coverage.PUBLIC,
+        (Status.TRAINED, Status.BUDGET_EXHAUSTED),
+        "a node with a state folder: the head of its ledger's SHA-256 hash chain, "
+        "salted with a secret that stays on the node (so it says nothing about the "
+        "history); the server witnesses it to notice a rolled-back or deleted ledger",
+    ),
+    ReplyField(
+        REPLY_LENGTH_KEY,
+        Coverage.PUBLIC,
+        (Status.TRAINED, Status.BUDGET_EXHAUSTED),
+        "with `ledger-head`: the chain's length, one link per round the node stored "
+        "(rounds the servers it trained for saw it train)",
     ),
     ReplyField(
         "planning-records",
@@ -255,6 +272,7 @@ class TrainReport:
     num_examples: int | None = None
     train_loss: float | None = None
     planning_records: int | None = None
+    fingerprint: LedgerFingerprint | None = None  # a durable ledger's chain head
 
     def __post_init__(self) -> None:
         if self.status in _REASONED and not self.reason:
@@ -274,6 +292,10 @@ class TrainReport:
     def weight(self) -> int:
         """The update's aggregation weight (planning count, or records if non-private)."""
         return self.planning_records or self.num_examples or 0
+
+    def with_fingerprint(self, fingerprint: LedgerFingerprint | None) -> TrainReport:
+        """The same report, carrying the node's ledger fingerprint for the witness."""
+        return dataclasses.replace(self, fingerprint=fingerprint)
 
     # -- constructors, one per status ---------------------------------------------
     @classmethod
@@ -332,6 +354,7 @@ class TrainReport:
             "num-examples": self.num_examples,
             "train-loss": self.train_loss,
             "planning-records": self.planning_records,
+            **(self.fingerprint.to_reply() if self.fingerprint is not None else {}),
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -358,6 +381,11 @@ class TrainReport:
                 ledger = PrivacyLedger.from_json(str(raw["ledger"]))
             except LedgerError as exc:
                 raise ReplyError(f"reply field 'ledger': {exc}") from None
+        try:
+            fingerprint = LedgerFingerprint.from_reply(raw)
+        except LedgerError as exc:
+            fields = f"{REPLY_HEAD_KEY!r}/{REPLY_LENGTH_KEY!r}"
+            raise ReplyError(f"reply fields {fields}: {exc}") from None
         return cls(
             status=status,
             partition_id=partition,
@@ -367,6 +395,7 @@ class TrainReport:
             num_examples=_number(raw, "num-examples", int),
             train_loss=_number(raw, "train-loss", float),
             planning_records=_number(raw, "planning-records", int),
+            fingerprint=fingerprint,
         )
 
 
