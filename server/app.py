@@ -18,6 +18,7 @@ from common.config import RunConfig, noise_statement
 from common.models import build_model
 from server.central_evaluation import CentralEvaluator
 from server.federation_loop import LoopResult, epsilon_text, run_rounds
+from server.ledger_witness import LedgerWitness
 from server.model_export import export_model
 from server.plots import plot_rounds
 from server.results import ResultsWriter, resolve_results_dir
@@ -26,9 +27,10 @@ from server.strategy import PrivateFedAvg
 app = ServerApp()
 
 
-def make_strategy(cfg: RunConfig) -> PrivateFedAvg:
-    """The strategy for ``cfg``."""
+def make_strategy(cfg: RunConfig, witness: LedgerWitness | None = None) -> PrivateFedAvg:
+    """The strategy for ``cfg``, witnessing node ledgers in ``witness`` if given."""
     return PrivateFedAvg(
+        ledger_witness=witness,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
@@ -110,9 +112,8 @@ def main(grid: Grid, context: Context) -> None:
             cfg.dataset, evaluator.num_classes, seed=cfg.seed, features=cfg.features
         )
         initial = ArrayRecord(model.state_dict())
-        result = run_rounds(
-            grid, cfg, make_strategy(cfg), initial, evaluator, writer, started
-        )
+        strategy = make_strategy(cfg, LedgerWitness.beside(out_dir))
+        result = run_rounds(grid, cfg, strategy, initial, evaluator, writer, started)
         summary = summarise(cfg, result, time.monotonic() - started)
         if writer.rounds:
             summary["final_central"] = writer.rounds[-1]["central"]

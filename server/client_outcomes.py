@@ -14,6 +14,7 @@ from typing import Any
 
 from flwr.app import Message
 
+from common.ledger_chain import LedgerFingerprint
 from common.privacy_ledger import PrivacyLedger
 from common.reply import ReplyError, Status, TrainReport
 
@@ -31,6 +32,7 @@ class ClientOutcome:
     num_examples: int | None = None
     train_loss: float | None = None
     weight: int | None = None  # aggregation weight of a trained reply
+    fingerprint: LedgerFingerprint | None = None  # for the ledger witness
 
     @cached_property
     def epsilon(self) -> float | None:
@@ -86,4 +88,5 @@ def outcome_from_reply(reply: Message) -> ClientOutcome:
         num_examples=report.num_examples,
         train_loss=report.train_loss,
         weight=report.weight if report.status is Status.TRAINED else None,
+        fingerprint=report.fingerprint,
     )
