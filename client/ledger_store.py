@@ -43,7 +43,7 @@ log = logging.getLogger("privfed.client")
 
 
 class LedgerMissing(LedgerError):
-    """The ledger file vanished after this node trained in this run."""
+    """The ledger file vanished after this node read or stored it in this run."""
 
 
 class LedgerIntegrityError(LedgerError):
@@ -160,22 +160,25 @@ def ledger_lock(node: NodeSettings) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _state_copy(context: Context) -> tuple[PrivacyLedger, LedgerChain] | None:
-    """The ledger (and its chain) this run holds in memory, if it stored one."""
+Copy = tuple[PrivacyLedger, LedgerChain | None]  # a ledger and its chain, if chained
+
+
+def _state_copy(context: Context) -> Copy | None:
+    """The ledger (and its chain) this run holds in memory, if it loaded or stored one."""
     if STATE_KEY not in context.state.config_records:
         return None
     record = context.state.config_records[STATE_KEY]
     ledger = PrivacyLedger.from_json(str(record["json"]))
-    if "chain" not in record:  # kept by a client from before hash chains
-        return ledger, LedgerChain.new().extended(ledger)
-    chain = LedgerChain.from_dict(json.loads(str(record["chain"])))
-    return ledger, chain
+    if "chain" not in record:  # a ledger from before hash chains, not stored since
+        return ledger, None
+    return ledger, LedgerChain.from_dict(json.loads(str(record["chain"])))
 
 
-def _remember(context: Context, ledger: PrivacyLedger, chain: LedgerChain) -> None:
-    context.state.config_records[STATE_KEY] = ConfigRecord(
-        {"json": ledger.to_json(), "chain": json.dumps(chain.to_dict())}
-    )
+def _remember(context: Context, ledger: PrivacyLedger, chain: LedgerChain | None) -> None:
+    values = {"json": ledger.to_json()}
+    if chain is not None:
+        values["chain"] = json.dumps(chain.to_dict())
+    context.state.config_records[STATE_KEY] = ConfigRecord(values)
 
 
 def _newer(
@@ -218,9 +221,20 @@ def _store_files(node: NodeSettings, ledger: PrivacyLedger, chain: LedgerChain) 
         write_record(record_path(node.state_dir or ""), seen)
 
 
-def _from_disk(
-    node: NodeSettings, memory: tuple[PrivacyLedger, LedgerChain] | None
-) -> tuple[PrivacyLedger, LedgerChain] | None:
+def _from_file(
+    path: Path, memory: Copy | None, record: LedgerFingerprint | None
+) -> tuple[PrivacyLedger, LedgerChain] | Copy:
+    """The file's copy; one without a chain is accepted only where none was ever made."""
+    ledger, chain = read_chained_file(path)
+    if chain is None and (record is not None or (memory and memory[1] is not None)):
+        raise LedgerIntegrityError(
+            f"{LEDGER_FILE} has no hash chain although this node has stored chained "
+            "ledgers: it was replaced by an old copy; refusing to train"
+        )
+    return ledger, chain  # a ledger from before hash chains is chained at its next store
+
+
+def _from_disk(node: NodeSettings, memory: Copy | None) -> Copy | None:
     """The newest ledger of file and memory, checked against the node's own record."""
     path = ledger_path(node.state_dir or "")
     record_file = record_path(node.state_dir or "")
@@ -228,7 +242,7 @@ def _from_disk(
     if not path.exists():
         if memory is not None:
             raise LedgerMissing(
-                f"privacy ledger {path} is missing although this node has trained "
+                f"privacy ledger {path} is missing although this node read or stored it "
                 "in this run; refusing to restart its privacy accounting from zero"
             )
         if record is not None:
@@ -238,18 +252,12 @@ def _from_disk(
                 "restart its privacy accounting from zero"
             )
         return None
-    ledger, chain = read_chained_file(path)
-    if chain is None:  # written before hash chains: adopt it once, as it stands
-        if record is not None or memory is not None:
-            raise LedgerIntegrityError(
-                f"{LEDGER_FILE} has no hash chain although this node has stored chained "
-                "ledgers: it was replaced by an old copy; refusing to train"
-            )
-        chain = LedgerChain.new().extended(ledger)
-        log.warning("adopting %s without a hash chain; its chain starts now", path)
-        _store_files(node, ledger, chain)
-        return ledger, chain
-    newest = (ledger, chain) if memory is None else _newer(memory, (ledger, chain))
+    ledger, chain = _from_file(path, memory, record)
+    if chain is None:
+        return ledger, None
+    newest = (ledger, chain)
+    if memory is not None and memory[1] is not None:
+        newest = _newer((memory[0], memory[1]), newest)
     if record is not None:
         why = _behind(newest[1], record, f"its record {RECORD_FILE}")
         if why is not None:
@@ -262,8 +270,8 @@ def _from_disk(
             path, chain.length, newest[1].length,
         )  # fmt: skip
         _store_files(node, *newest)
-    elif record != chain.fingerprint:  # no record yet, or one store behind (a crash)
-        _store_files(node, *newest)
+    elif record != chain.fingerprint and chain.fingerprint is not None:
+        write_record(record_file, chain.fingerprint)  # none yet, or behind by a crash
     return newest
 
 
@@ -305,7 +313,8 @@ def store_ledger(context: Context, ledger: PrivacyLedger, node: NodeSettings) ->
     """Persist the ledger with one more chain link (disk first, then the record and
     ``context.state``); ``ledger`` must extend the one :func:`load_ledger` returned."""
     memory = _state_copy(context)
-    chain = (memory[1] if memory is not None else LedgerChain.new()).extended(ledger)
+    previous = memory[1] if memory is not None else None
+    chain = (previous or LedgerChain.new()).extended(ledger)
     if node.state_dir is not None:
         _store_files(node, ledger, chain)
     _remember(context, ledger, chain)
@@ -320,7 +329,8 @@ def reported_fingerprint(context: Context, node: NodeSettings) -> LedgerFingerpr
     if node.state_dir is None:
         return None
     memory = _state_copy(context)
-    return memory[1].fingerprint if memory is not None else None
+    chain = memory[1] if memory is not None else None
+    return chain.fingerprint if chain is not None else None  # unchained: nothing yet
 
 
 def public_reason(error: LedgerError) -> str:
@@ -335,8 +345,8 @@ def public_reason(error: LedgerError) -> str:
         return f"{RECORD_FILE} is unreadable or corrupt; this node refuses to train"
     if isinstance(error, LedgerMissing):
         return (
-            f"{LEDGER_FILE} is missing although this node trained in this run; it "
-            "refuses to restart its privacy accounting from zero"
+            f"{LEDGER_FILE} is missing although this node read or stored it in this run; "
+            "it refuses to restart its privacy accounting from zero"
         )
     return (
         f"{LEDGER_FILE} is unreadable or corrupt; this node refuses to train (see its log)"
