@@ -37,7 +37,6 @@ from server.client_outcomes import ClientOutcome
 
 WITNESS_FILE = "ledger-witness.json"
 WITNESS_FORMAT = "privfed-ledger-witness/1"
-CONFIG_KEY = "config"  # the train instruction's ConfigRecord (Flower's FedAvg default)
 
 
 class WitnessError(RuntimeError):
@@ -79,15 +78,15 @@ class LedgerWitness:
         """The witness shared by every run folder in ``run_dir``'s parent."""
         return cls(run_dir.parent / WITNESS_FILE)
 
-    def annotate(self, messages: Iterable[Message]) -> list[Message]:
-        """Give each train instruction the fingerprint witnessed for its node."""
+    def annotate(self, messages: Iterable[Message], config_key: str) -> list[Message]:
+        """Give each train instruction's ``config_key`` record the node's fingerprint."""
         out = []
         for message in messages:
             seen = self.seen.get(int(message.metadata.dst_node_id))
             if seen is not None:
                 content = RecordDict(dict(message.content.items()))
-                config = dict(message.content.config_records[CONFIG_KEY])
-                content[CONFIG_KEY] = ConfigRecord({**config, **witness_config(seen)})
+                config = dict(message.content.config_records[config_key])
+                content[config_key] = ConfigRecord({**config, **witness_config(seen)})
                 message = Message(
                     content,
                     dst_node_id=message.metadata.dst_node_id,

@@ -59,7 +59,9 @@ class PrivateFedAvg(FedAvgM):
         """FedAvg's instructions, each with the ledger fingerprint seen from its node."""
         messages = super().configure_train(server_round, arrays, config, grid)
         witness = self.ledger_witness
-        return witness.annotate(messages) if witness is not None else messages
+        if witness is None:
+            return messages
+        return witness.annotate(messages, self.configrecord_key)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

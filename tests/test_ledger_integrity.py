@@ -336,6 +336,6 @@ def test_a_bad_witness_file_names_the_file(tmp_path: Path) -> None:
     entry = {"5": seen.to_dict()}
     path.write_text(json.dumps({"format": "privfed-ledger-witness/1", "nodes": entry}))
     instruction = RecordDict({"config": ConfigRecord({"server-round": 1})})
-    (message,) = LedgerWitness(path).annotate([Message(instruction, 5, "train")])
+    (message,) = LedgerWitness(path).annotate([Message(instruction, 5, "train")], "config")
     assert message.content.config_records["config"][WITNESS_HEAD_KEY] == seen.head
     assert WITNESS_HEAD_KEY not in instruction.config_records["config"]  # a copy
