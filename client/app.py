@@ -17,7 +17,14 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.dp_training import train_non_private, train_private
-from client.ledger_store import ledger_lock, load_ledger, public_reason, store_ledger
+from client.ledger_store import (
+    ledger_lock,
+    load_ledger,
+    public_reason,
+    reported_fingerprint,
+    store_ledger,
+    witnessed_in,
+)
 from client.local_data import ClientShard, load_client_shard
 from client.node_settings import NodeSettings
 from client.privacy_policy import (
@@ -133,7 +140,8 @@ def _train(msg: Message, context: Context) -> Message:
         return _refuse(msg, shard, refusal)
     with ledger_lock(node):  # read, decide, train and store without a second round
         try:
-            ledger = load_ledger(context, node, cfg.accountant, policy.delta)
+            witnessed = witnessed_in(msg.content["config"])
+            ledger = load_ledger(context, node, cfg.accountant, policy.delta, witnessed)
         except LedgerError as exc:  # fail closed: never "nothing spent"
             log.error("partition %d refuses to train: %s", pid, exc)
             return _send(msg, TrainReport.ledger_error(pid, public_reason(exc)))
@@ -150,7 +158,9 @@ def _train(msg: Message, context: Context) -> Message:
         released_ledger = ledger.extended_non_private(server_round, int(context.run_id))
         store_ledger(context, released_ledger, node)
         report = TrainReport.trained_non_private(pid, len(shard.x_train), outcome.mean_loss)
-        return _send(msg, report, model)
+        return _send(
+            msg, report.with_fingerprint(reported_fingerprint(context, node)), model
+        )
 
 
 def _train_private(
@@ -183,7 +193,8 @@ def _train_private(
             "partition %d: budget exhausted (ε %.3f now, %.3f after this round > %.3f)",
             pid, decision.epsilon_before, decision.epsilon_after, decision.budget,
         )  # fmt: skip
-        return _send(msg, TrainReport.budget_exhausted(pid, shown))
+        report = TrainReport.budget_exhausted(pid, shown)
+        return _send(msg, report.with_fingerprint(reported_fingerprint(context, node)))
 
     model = _model_from(msg, cfg, shard)
     replay = (
@@ -211,7 +222,7 @@ def _train_private(
     seconds = time.perf_counter() - started if policy.release_timing else None
     shown = ledger if policy.release_ledger else None
     report = TrainReport.trained(pid, planned, shown, seconds)
-    return _send(msg, report, model)
+    return _send(msg, report.with_fingerprint(reported_fingerprint(context, node)), model)
 
 
 def _train_client_level(
@@ -247,6 +258,7 @@ def _train_client_level(
     seconds = time.perf_counter() - started if policy.release_timing else None
     shown = ledger if policy.release_ledger else None
     report = TrainReport.client_update(pid, clipped.below_clip, shown, seconds)
+    report = report.with_fingerprint(reported_fingerprint(context, node))
     update = ArrayRecord(
         {k: torch.from_numpy(a) for k, a in zip(after, clipped.arrays, strict=True)}
     )

@@ -17,6 +17,7 @@ README's "What leaves a client" table is checked against :data:`TRAIN_FIELDS` an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -24,6 +25,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from common.ledger_chain import REPLY_HEAD_KEY, REPLY_LENGTH_KEY, LedgerFingerprint
 from common.privacy_ledger import LedgerError, PrivacyLedger
 
 ARRAYS_KEY = "arrays"  # ArrayRecord: the model weights of a trained reply
@@ -150,6 +152,21 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
         "the whole privacy ledger: accountant, δ, history [(σ, q, steps)], rounds, runs "
         "(q and steps follow from ⌈N/B⌉, so they reveal the shard size to within B)",
         released_by="release-ledger",
+    ),
+    ReplyField(
+        REPLY_HEAD_KEY,
+        Coverage.PUBLIC,
+        (Status.TRAINED, Status.BUDGET_EXHAUSTED),
+        "a node with a state folder: the head of its ledger's SHA-256 hash chain, "
+        "salted with a secret that stays on the node (so it says nothing about the "
+        "history); the server witnesses it to notice a rolled-back or deleted ledger",
+    ),
+    ReplyField(
+        REPLY_LENGTH_KEY,
+        Coverage.PUBLIC,
+        (Status.TRAINED, Status.BUDGET_EXHAUSTED),
+        "with `ledger-head`: the chain's length, one link per round the node stored "
+        "(rounds the servers it trained for saw it train)",
     ),
     ReplyField(
         "planning-records",
@@ -283,6 +300,7 @@ class TrainReport:
     train_loss: float | None = None
     planning_records: int | None = None
     below_clip: bool | None = None  # set on client-level replies only
+    fingerprint: LedgerFingerprint | None = None  # a durable ledger's chain head
 
     def __post_init__(self) -> None:
         if self.status in _REASONED and not self.reason:
@@ -315,6 +333,10 @@ class TrainReport:
     def arrays_key(self) -> str:
         """Where this reply's arrays travel: the clipped change, or the weights."""
         return UPDATE_KEY if self.client_level else ARRAYS_KEY
+
+    def with_fingerprint(self, fingerprint: LedgerFingerprint | None) -> TrainReport:
+        """The same report, carrying the node's ledger fingerprint for the witness."""
+        return dataclasses.replace(self, fingerprint=fingerprint)
 
     # -- constructors, one per status ---------------------------------------------
     @classmethod
@@ -393,6 +415,7 @@ class TrainReport:
             "train-loss": self.train_loss,
             "planning-records": self.planning_records,
             "below-clip": self.below_clip,
+            **(self.fingerprint.to_reply() if self.fingerprint is not None else {}),
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -427,6 +450,11 @@ class TrainReport:
                 ledger = PrivacyLedger.from_json(str(raw["ledger"]))
             except LedgerError as exc:
                 raise ReplyError(f"reply field 'ledger': {exc}") from None
+        try:
+            fingerprint = LedgerFingerprint.from_reply(raw)
+        except LedgerError as exc:
+            fields = f"{REPLY_HEAD_KEY!r}/{REPLY_LENGTH_KEY!r}"
+            raise ReplyError(f"reply fields {fields}: {exc}") from None
         return cls(
             status=status,
             partition_id=partition,
@@ -437,6 +465,7 @@ class TrainReport:
             train_loss=_number(raw, "train-loss", float),
             planning_records=_number(raw, "planning-records", int),
             below_clip=below_clip,
+            fingerprint=fingerprint,
         )
 
 

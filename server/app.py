@@ -21,6 +21,7 @@ from server.central_evaluation import CentralEvaluator
 from server.client_level_strategy import ClientLevelFedAvg
 from server.federation_ledger import FederationLedger
 from server.federation_loop import LoopResult, epsilon_text, run_rounds
+from server.ledger_witness import LedgerWitness
 from server.model_export import export_model
 from server.plots import plot_rounds
 from server.results import ResultsWriter, resolve_results_dir
@@ -30,9 +31,14 @@ app = ServerApp()
 
 
 def make_strategy(
-    cfg: RunConfig, out_dir: Path | None = None, run_id: int = 0
+    cfg: RunConfig,
+    out_dir: Path | None = None,
+    run_id: int = 0,
+    *,
+    witness: LedgerWitness | None = None,
 ) -> PrivateFedAvg:
-    """The strategy for ``cfg``; client-level DP keeps its ledger in ``out_dir``."""
+    """The strategy for ``cfg``: client-level DP keeps its ledger in ``out_dir``; node
+    ledgers are witnessed in ``witness`` if given."""
     if cfg.is_client_level:
         if out_dir is None:
             raise ValueError("client-level DP needs the results folder for its ledger")
@@ -42,6 +48,7 @@ def make_strategy(
         return ClientLevelFedAvg(
             cfg,
             ledger,
+            ledger_witness=witness,
             fraction_evaluate=cfg.fraction_evaluate,
             min_evaluate_nodes=cfg.min_train_nodes,
             min_available_nodes=cfg.min_train_nodes,
@@ -49,6 +56,7 @@ def make_strategy(
             server_momentum=cfg.server_momentum,
         )
     return PrivateFedAvg(
+        ledger_witness=witness,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
@@ -140,7 +148,9 @@ def main(grid: Grid, context: Context) -> None:
             cfg.dataset, evaluator.num_classes, seed=cfg.seed, features=cfg.features
         )
         initial = ArrayRecord(model.state_dict())
-        strategy = make_strategy(cfg, out_dir, int(context.run_id))
+        strategy = make_strategy(
+            cfg, out_dir, int(context.run_id), witness=LedgerWitness.beside(out_dir)
+        )
         result = run_rounds(grid, cfg, strategy, initial, evaluator, writer, started)
         summary = summarise(cfg, result, time.monotonic() - started, strategy)
         if writer.rounds:

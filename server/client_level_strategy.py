@@ -151,7 +151,10 @@ class ClientLevelFedAvg(PrivateFedAvg):
         config["server-round"] = server_round
         config[CLIP_NORM_KEY] = float(self._aggregator().clip_norm)
         record = RecordDict({"arrays": arrays, "config": config})
-        return self._construct_messages(record, self.cohort, MessageType.TRAIN)
+        messages = self._construct_messages(record, self.cohort, MessageType.TRAIN)
+        if self.ledger_witness is None:
+            return messages
+        return self.ledger_witness.annotate(messages, self.configrecord_key)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -160,10 +163,13 @@ class ClientLevelFedAvg(PrivateFedAvg):
         assert self.round_arrays is not None, "configure_train comes first"
         keys = list(self.round_arrays.keys())
         current = self.round_arrays.to_numpy_ndarrays()
+        replies = list(replies)
+        parsed = [outcome_from_reply(reply) for reply in replies]
+        if self.ledger_witness is not None:  # a reply behind the witness: an error
+            parsed = self.ledger_witness.check(server_round, parsed)
         updates: list[tuple[list[np.ndarray], bool]] = []
         outcomes: list[ClientOutcome] = []
-        for reply in replies:
-            outcome = outcome_from_reply(reply)
+        for reply, outcome in zip(replies, parsed, strict=True):
             if outcome.status is Status.TRAINED:
                 outcome, update = _checked_update(outcome, reply, keys, current)
                 if update is not None:

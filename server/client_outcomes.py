@@ -14,6 +14,7 @@ from typing import Any
 
 from flwr.app import Message
 
+from common.ledger_chain import LedgerFingerprint
 from common.privacy_ledger import PrivacyLedger
 from common.reply import ReplyError, Status, TrainReport
 
@@ -32,6 +33,7 @@ class ClientOutcome:
     train_loss: float | None = None
     weight: int | None = None  # aggregation weight of a trained reply
     below_clip: bool | None = None  # client-level replies (adaptive clipping's bit)
+    fingerprint: LedgerFingerprint | None = None  # for the ledger witness
 
     @cached_property
     def epsilon(self) -> float | None:
@@ -92,4 +94,5 @@ def outcome_from_reply(reply: Message) -> ClientOutcome:
             else None
         ),
         below_clip=report.below_clip,
+        fingerprint=report.fingerprint,
     )

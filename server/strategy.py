@@ -13,12 +13,14 @@ from collections.abc import Iterable
 from logging import WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM
 from flwr.supercore import log
 
 from common.reply import EVAL_METRICS, EvaluateReport, ReplyError, Status
 from server.client_outcomes import ClientOutcome, outcome_from_reply
+from server.ledger_witness import LedgerWitness
 
 WEIGHT_KEY = "aggregation-weight"  # set by the server, never sent by a client
 
@@ -44,10 +46,23 @@ class PrivateFedAvg(FedAvgM):
     (post-processing of the private updates: no privacy cost).
     """
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(
+        self, ledger_witness: LedgerWitness | None = None, **kwargs: object
+    ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", _train_loss)
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)  # type: ignore[arg-type]
         self.last_outcomes: list[ClientOutcome] = []
+        self.ledger_witness = ledger_witness
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's instructions, each with the ledger fingerprint seen from its node."""
+        messages = super().configure_train(server_round, arrays, config, grid)
+        witness = self.ledger_witness
+        if witness is None:
+            return messages
+        return witness.annotate(messages, self.configrecord_key)
 
     # -- hooks the round loop calls (client-level DP overrides them) ----------------
     def start_run(self, population: int) -> None:
@@ -72,6 +87,8 @@ class PrivateFedAvg(FedAvgM):
         """Average the trained replies; record every reply's outcome."""
         replies = list(replies)
         outcomes = [outcome_from_reply(reply) for reply in replies]
+        if self.ledger_witness is not None:  # a reply behind the witness becomes an error
+            outcomes = self.ledger_witness.check(server_round, outcomes)
         self.last_outcomes = outcomes
         weighted: list[Message] = []
         for reply, outcome in zip(replies, outcomes, strict=True):

@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
 import client.app as client_app
-from client.ledger_store import LEDGER_FILE, LOCK_FILE
+from client.ledger_store import LEDGER_FILE, LOCK_FILE, RECORD_FILE
 from client.node_settings import NodeConfigError, NodeSettings
 from client.privacy_policy import POLICY_FILE
 from client.show_ledger import main as show_ledger
@@ -170,7 +170,9 @@ def test_disk_ledger_survives_fresh_processes(tmp_path: Path) -> None:
     ((_, rate, steps),) = report.ledger.history()
     one_shot = PrivacyLedger("rdp", cfg.delta).extended(1, 1.0, rate, steps)
     assert eps[2] == pytest.approx(one_shot.epsilon())
-    assert sorted(p.name for p in state.iterdir()) == [LEDGER_FILE, LOCK_FILE, POLICY_FILE]
+    assert sorted(p.name for p in state.iterdir()) == sorted(
+        [LEDGER_FILE, RECORD_FILE, LOCK_FILE, POLICY_FILE]
+    )
 
 
 @pytest.mark.parametrize("corruption", ["{not json", '{"format": "other"}', ""])

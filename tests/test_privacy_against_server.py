@@ -25,6 +25,7 @@ from client.ledger_store import LEDGER_FILE, ledger_lock
 from client.local_data import load_client_shard
 from client.node_settings import NodeSettings
 from client.privacy_policy import POLICY_FILE, PolicyError, PrivacyPolicy
+from common import ledger_chain
 from common.config import ConfigError, RunConfig
 from common.dp_plan import RoundPlan, plan_round
 from common.dp_randomness import reproducible_seed, round_generator
@@ -331,11 +332,18 @@ def _device_reply(tmp_path: Path, n: int, release_ledger: bool) -> Message:
     return client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
 
 
-def test_neighbouring_devices_send_identical_reports(tmp_path: Path) -> None:
-    """320 vs 321 records (⌈N/B⌉ differs): only the DP-covered weights differ."""
+def test_neighbouring_devices_send_identical_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """320 vs 321 records (⌈N/B⌉ differs): only the DP-covered weights differ.
+
+    The ledger-head fingerprint is salted with a random secret per device; with the
+    salts made equal, it too is identical, so it says nothing about N either."""
+    monkeypatch.setattr(ledger_chain.secrets, "token_hex", lambda n: "5a" * n)
     small = _device_reply(tmp_path / "a", 320, release_ledger=False)
     large = _device_reply(tmp_path / "b", 321, release_ledger=False)
     assert dict(small.content["report"]) == dict(large.content["report"])
+    assert ledger_chain.REPLY_HEAD_KEY in small.content["report"]
     assert set(small.content.keys()) == set(large.content.keys()) == {"report", "arrays"}
     # Both plan from 512 (N rounded up to a power of two), not from ⌈N/B⌉: even the
     # released ledgers (σ, q, steps) agree, and so does the update's noise scale.
