@@ -26,12 +26,12 @@ from client.privacy_policy import (
     PrivacyPolicy,
     load_policy,
 )
-from client.round_privacy import decide_round
 from common.config import RunConfig
 from common.metrics import evaluate_model
 from common.models import build_model
 from common.privacy_ledger import LedgerError, PrivacyLedger
 from common.reply import ARRAYS_KEY, EvaluateReport, TrainReport
+from common.round_privacy import decide_round
 
 log = logging.getLogger("privfed.client")
 app = ClientApp()
