@@ -31,6 +31,11 @@ def partition_sizes(cfg: RunConfig, num_partitions: int) -> list[int]:
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
     except DatasetError as exc:
         raise ConfigError(str(exc)) from None
+    if num_partitions > len(data.y_train):
+        raise ConfigError(
+            f"--clients {num_partitions}: more clients than the {len(data.y_train)} "
+            f"training records of {cfg.dataset}; every client needs at least one"
+        )
     spec = PartitionSpec.for_run(cfg, num_partitions)
     try:
         shards = partition_indices(data.y_train, spec, data.num_classes)
@@ -45,6 +50,11 @@ def partition_sizes(cfg: RunConfig, num_partitions: int) -> list[int]:
         ) from None
     sizes = []
     for pid, indices in enumerate(shards):
+        if len(indices) == 0:
+            raise ConfigError(
+                f"run config key 'partitioner': {cfg.partitioner} over "
+                f"{num_partitions} clients leaves partition {pid} without records"
+            )
         try:
             train, _ = split_local(indices, cfg.local_test_fraction, cfg.seed, pid)
         except PartitionError as exc:
