@@ -33,7 +33,6 @@ from client.privacy_policy import (
     PrivacyPolicy,
     load_policy,
 )
-from client.round_privacy import decide_round
 from common.config import RunConfig
 from common.data_checks import DatasetError
 from common.dp_randomness import reproducible_seed, round_generator
@@ -41,6 +40,7 @@ from common.metrics import evaluate_model
 from common.models import build_model
 from common.privacy_ledger import LedgerError, PrivacyLedger
 from common.reply import ARRAYS_KEY, CLIP_NORM_KEY, EvaluateReport, TrainReport
+from common.round_privacy import decide_round
 from common.update_clipping import clip_update
 
 log = logging.getLogger("privfed.client")

@@ -62,11 +62,5 @@ def load_client_shard(cfg: RunConfig, node: NodeSettings) -> ClientShard:
     if node.data_path is not None:
         return _local_shard(cfg, node.data_path)
     assert node.partition_id is not None and node.num_partitions is not None
-    spec = PartitionSpec(
-        partitioner=cfg.partitioner,
-        num_partitions=node.num_partitions,
-        seed=cfg.seed,
-        dirichlet_alpha=cfg.dirichlet_alpha,
-        classes_per_client=cfg.classes_per_client,
-    )
+    spec = PartitionSpec.for_run(cfg, node.num_partitions)
     return _partition_shard(cfg, spec, node.partition_id)

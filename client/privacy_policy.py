@@ -19,6 +19,7 @@ from typing import Any
 
 from common.config import ACCOUNTANTS, RunConfig
 from common.privacy_ledger import PrivacyLedger
+from common.round_privacy import delta_allows_record_release
 
 POLICY_FILE = "privacy-policy.toml"
 
@@ -247,7 +248,7 @@ class PrivacyPolicy:
                 f"forever; its policy ({self.source}) says delta = {self.delta:g}"
             )
             return reason, reason
-        if self.delta * num_records >= 1:
+        if delta_allows_record_release(self.delta, num_records):
             detail = (
                 f"δ = {self.delta:g} is not below 1/N = 1/{num_records} for this node's "
                 f"N = {num_records} training records; a δ that large allows releasing "

@@ -8,6 +8,7 @@ with a :class:`ConfigError` that names the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,11 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError(
             f"run config key '{key}': must be {rule.allowed}, "
             f"got {value!r} ({type(value).__name__})"
+        )
+    if rule.kind is float and not math.isfinite(value):  # TOML has inf and nan
+        raise ConfigError(
+            f"run config key '{key}': must be a finite number ({rule.allowed}), "
+            f"got {value!r}"
         )
     return value
 
@@ -259,3 +265,20 @@ def noise_statement(cfg: RunConfig) -> str:
     if cfg.reproducible_noise:
         return "noise reproducible from the seed: not private against the server"
     return "fresh OS entropy per client and round: not reproducible, not replayable"
+
+
+def check_key(key: str, value: Any) -> Any:
+    """One key's value, type- and range-checked on its own (e.g. a ``--set`` item).
+
+    Cross-key rules need the whole config; :class:`RunConfig` checks those.
+    """
+    if key not in RULES:
+        raise ConfigError(
+            f"unknown run config key {key!r}; allowed keys: {', '.join(sorted(RULES))}"
+        )
+    value = _coerce(key, value)
+    if not RULES[key].check(value):
+        raise ConfigError(
+            f"run config key '{key}': must be {RULES[key].allowed}, got {value!r}"
+        )
+    return value

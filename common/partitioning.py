@@ -15,6 +15,8 @@ import numpy as np
 if TYPE_CHECKING:  # imported lazily: a node with its own data never needs them
     from flwr_datasets.partitioner.partitioner import Partitioner
 
+    from common.config import RunConfig
+
 
 class PartitionError(ValueError):
     """The requested partitioning is impossible for this federation."""
@@ -38,6 +40,17 @@ class PartitionSpec:
                 f"run config key 'partitioner': unknown partitioner "
                 f"{self.partitioner!r}; allowed: 'iid', 'dirichlet', 'pathological'"
             )
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, num_partitions: int) -> PartitionSpec:
+        """The split a run config asks for, over ``num_partitions`` clients."""
+        return cls(
+            partitioner=cfg.partitioner,
+            num_partitions=num_partitions,
+            seed=cfg.seed,
+            dirichlet_alpha=cfg.dirichlet_alpha,
+            classes_per_client=cfg.classes_per_client,
+        )
 
 
 def _make_partitioner(spec: PartitionSpec, num_classes: int) -> Partitioner:

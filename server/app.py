@@ -25,6 +25,7 @@ from server.ledger_witness import LedgerWitness
 from server.model_export import export_model
 from server.plots import plot_rounds
 from server.results import ResultsWriter, resolve_results_dir
+from server.run_outcome import failure_summary, loop_outcome, summarise_start_failure
 from server.strategy import PrivateFedAvg
 
 app = ServerApp()
@@ -91,8 +92,10 @@ def summarise(
         for n, o in sorted(latest.items(), key=lambda kv: (kv[1].partition_id, kv[0]))
     }
     last = writer_round(result)
+    final_statuses = [o.status.value for o in result.state.latest.values()]
+    outcome = loop_outcome(result.rounds_completed, cfg.num_rounds, final_statuses)
     return {
-        "status": "completed",
+        "status": outcome.value,
         "stop_reason": result.stop_reason,
         "rounds_completed": result.rounds_completed,
         "rounds_planned": cfg.num_rounds,
@@ -134,9 +137,13 @@ def _median_orchestration(result: LoopResult) -> float | None:
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by ``context.run_config``."""
     started = time.monotonic()
-    cfg = RunConfig.from_run_config(context.run_config)
-    out_dir = resolve_results_dir(cfg)
-    writer = ResultsWriter(out_dir, cfg)
+    try:
+        cfg = RunConfig.from_run_config(context.run_config)
+        out_dir = resolve_results_dir(cfg)
+        writer = ResultsWriter(out_dir, cfg)
+    except Exception as exc:  # no results folder yet: make one say why, if we may
+        summarise_start_failure(dict(context.run_config), exc)
+        raise
     log(INFO, "[privfed] results folder: %s", out_dir)
     if cfg.reproducible_noise:
         log(WARNING, "[privfed] reproducible-noise = true: %s", noise_statement(cfg))
@@ -170,14 +177,9 @@ def main(grid: Grid, context: Context) -> None:
             )
         writer.write_summary(summary)
     except BaseException as exc:
-        writer.write_summary(
-            {
-                "status": "failed",
-                "stop_reason": f"{type(exc).__name__}: {exc}",
-                "rounds_completed": len(writer.rounds),
-                "traceback": traceback.format_exc(),
-            }
-        )
+        reason = f"{type(exc).__name__}: {exc}"
+        summary = failure_summary(reason, writer.rounds, cfg.num_rounds)
+        writer.write_summary({**summary, "traceback": traceback.format_exc()})
         raise
     log(
         INFO,

@@ -16,6 +16,9 @@ from flwr.app import ArrayRecord
 from common.atomic_files import atomic_write_bytes
 from common.config import RunConfig, noise_statement
 
+ROUNDS_FILE = "rounds.jsonl"
+SUMMARY_FILE = "summary.json"
+
 
 def _versions() -> dict[str, str]:
     out = {}
@@ -41,7 +44,7 @@ class ResultsWriter:
     def __init__(self, out_dir: Path, cfg: RunConfig) -> None:
         self.out_dir = out_dir
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if (self.out_dir / "rounds.jsonl").exists():
+        if (self.out_dir / ROUNDS_FILE).exists():
             raise FileExistsError(
                 f"run config key 'results-dir': {self.out_dir} already holds a run "
                 "(rounds.jsonl); choose an empty or new directory"
@@ -56,13 +59,12 @@ class ResultsWriter:
         self._write_json("config.json", config)
 
     def _write_json(self, name: str, data: Any) -> None:
-        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        atomic_write_bytes(self.out_dir / name, text.encode())
+        write_json(self.out_dir / name, data)
 
     def append_round(self, record: dict[str, Any]) -> None:
         """Append one round as a JSON line, flushed and fsynced."""
         line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
-        with open(self.out_dir / "rounds.jsonl", "a", encoding="utf-8") as fh:
+        with open(self.out_dir / ROUNDS_FILE, "a", encoding="utf-8") as fh:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
@@ -84,5 +86,16 @@ class ResultsWriter:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write ``summary.json``."""
-        summary = {**summary, "finished_at": datetime.now(UTC).isoformat()}
-        self._write_json("summary.json", summary)
+        write_summary(self.out_dir, summary)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically; NaN or ∞ is an error."""
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode())
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary.json`` (by the ServerApp, or by a launcher if it could not)."""
+    finished = datetime.now(UTC).isoformat()
+    write_json(out_dir / SUMMARY_FILE, {**summary, "finished_at": finished})

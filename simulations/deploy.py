@@ -27,6 +27,7 @@ import tomli_w
 from client.privacy_policy import POLICY_FILE, PolicyError, PrivacyPolicy
 from common.atomic_files import atomic_write_bytes
 from common.config import ConfigError, RunConfig
+from server.run_outcome import Outcome
 from simulations.certificates import CertificateError, ensure_tls_files
 from simulations.deployment import DeploymentSpec, LocalDeployment
 from simulations.processes import become_subreaper, descendants, stop_processes
@@ -38,7 +39,7 @@ from simulations.run_options import (
     pyproject_defaults,
     resolve_clients,
 )
-from simulations.run_output import report_results, stream_process
+from simulations.run_output import StreamEnd, interrupted, report_results, stream_process
 
 INSECURE_WARNING = """
 !!! WARNING: --insecure: the SuperLink and SuperNodes talk in PLAINTEXT and any
@@ -53,10 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--certs-dir", type=Path, help="default: <results-dir>/certs")
     p.add_argument("--state-root", type=Path, help="default: <results-dir>/nodes")
     p.add_argument("--insecure", action="store_true", help="plaintext, no auth (debug)")
-    args = resolve_clients(p.parse_args(argv))
-    if args.clients < 1:
-        p.error("--clients must be >= 1")
-    return args
+    return resolve_clients(p.parse_args(argv))
 
 
 def _watchdog(dep: LocalDeployment, nodes: int) -> Callable[[], str | None]:
@@ -128,7 +126,7 @@ def run_deployment(args: argparse.Namespace) -> int:
     # Flower homes and logs live outside the app folder, which `flwr run` packages.
     work = Path(tempfile.mkdtemp(prefix="privfed-deploy-"))
     launched_at, started = time.time(), time.monotonic()
-    code = 1
+    end: StreamEnd  # set on every path that reaches the report
     try:
         with LocalDeployment(DeploymentSpec(work, certs, secure=not args.insecure)) as dep:
             dep.start_superlink()
@@ -151,23 +149,23 @@ def run_deployment(args: argparse.Namespace) -> int:
             run_config.write_text(tomli_w.dumps(overrides))
             flwr_run = dep.run_app(run_config, APP_DIR)
             try:
-                code = stream_process(
+                end = stream_process(
                     flwr_run, started + args.timeout, _watchdog(dep, args.clients)
                 )
             finally:
                 if flwr_run.poll() is None:
                     flwr_run.terminate()
                     flwr_run.wait(timeout=10)
-    except KeyboardInterrupt:
-        print("\n[privfed] interrupted; stopping every process started", flush=True)
-        code = 130
+    except KeyboardInterrupt as exc:
+        end = interrupted(exc)
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
         print(f"[privfed] deployment failed to start: {exc}", file=sys.stderr, flush=True)
-        code = 1
+        end = StreamEnd(Outcome.FAILED, f"the deployment failed to start: {exc}")
     finally:
         stop_processes(descendants())
     print(f"[privfed] node ledgers: {state_root} (python -m client.show_ledger DIR)")
-    return report_results(code, results_dir, time.monotonic() - started, work, launched_at)
+    seconds = time.monotonic() - started
+    return report_results(end, results_dir, cfg.num_rounds, seconds, work, launched_at)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import tomli_w
 
-from common.config import ConfigError
+from common.config import ConfigError, RunConfig
+from server.run_outcome import Outcome
 from simulations.flower_env import (
     CONNECTION_NAME,
     flower_environment,
@@ -32,9 +33,11 @@ from simulations.run_options import (
     APP_DIR,
     add_run_options,
     build_overrides,
+    positive_int,
+    pyproject_defaults,
     resolve_clients,
 )
-from simulations.run_output import report_results, stream_process
+from simulations.run_output import StreamEnd, interrupted, report_results, stream_process
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,17 +45,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_options(p, "simulated SuperNodes")
     p.add_argument(
-        "--client-cpus", type=int, default=1, help="CPUs Ray reserves per ClientApp"
+        "--client-cpus",
+        type=positive_int,
+        default=1,
+        help="CPUs Ray reserves per ClientApp",
     )
-    args = resolve_clients(p.parse_args(argv))
-    if args.clients < 1:
-        p.error("--clients must be >= 1")
-    return args
+    return resolve_clients(p.parse_args(argv))
 
 
 def install_sigterm_handler() -> None:
     def _raise(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, _raise)
 
@@ -61,6 +64,7 @@ def run_federation(args: argparse.Namespace) -> int:
     """Start the SuperLink, run the app, stream output; return an exit code."""
     overrides = build_overrides(args)
     results_dir = Path(overrides["results-dir"])
+    rounds = RunConfig.from_run_config({**pyproject_defaults(), **overrides}).num_rounds
     become_subreaper()
     install_sigterm_handler()
     work = Path(tempfile.mkdtemp(prefix="privfed-sim-"))
@@ -73,6 +77,7 @@ def run_federation(args: argparse.Namespace) -> int:
     launched_at = time.time()
     started = time.monotonic()
     flwr_run: subprocess.Popen[str] | None = None
+    end: StreamEnd  # set on every path that reaches the report
     try:
         with simulation_superlink(env, work) as link:
             print(f"[privfed] SuperLink serving on {link.address}", flush=True)
@@ -98,10 +103,12 @@ def run_federation(args: argparse.Namespace) -> int:
                 text=True,
                 bufsize=1,
             )
-            code = stream_process(flwr_run, started + args.timeout)
-    except KeyboardInterrupt:
-        print("\n[privfed] interrupted; stopping every process started", flush=True)
-        code = 130
+            end = stream_process(flwr_run, started + args.timeout)
+    except KeyboardInterrupt as exc:
+        end = interrupted(exc)
+    except (RuntimeError, TimeoutError) as exc:  # e.g. the SuperLink did not start
+        print(f"[privfed] simulation failed to start: {exc}", file=sys.stderr, flush=True)
+        end = StreamEnd(Outcome.FAILED, f"the simulation failed to start: {exc}")
     finally:
         if flwr_run is not None and flwr_run.poll() is None:
             flwr_run.terminate()
@@ -111,7 +118,8 @@ def run_federation(args: argparse.Namespace) -> int:
                 flwr_run.kill()
         # Anything left (e.g. daemons Ray re-parented to us) is stopped by PID.
         stop_processes(descendants())
-    return report_results(code, results_dir, time.monotonic() - started, work, launched_at)
+    seconds = time.monotonic() - started
+    return report_results(end, results_dir, rounds, seconds, work, launched_at)
 
 
 def main(argv: list[str] | None = None) -> int:

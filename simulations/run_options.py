@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from common.client_level_plan import plan_client_level
-from common.config import ACCOUNTANTS, PRIVACY_MODES, ConfigError, RunConfig
+from common.config import ACCOUNTANTS, PRIVACY_MODES, ConfigError, RunConfig, check_key
 from common.datasets import DatasetError, resolve_idx_dir
+from simulations.preflight import check_federation
 from simulations.presets import PRESETS, preset_help
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -40,6 +42,32 @@ _OPTION_KEYS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of clients or CPUs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds > 0, got {text!r}"
+        ) from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds > 0, got {text!r}"
+        )
+    return value
+
+
 def add_run_options(
     p: argparse.ArgumentParser, nodes_help: str, nodes_aliases: tuple[str, ...] = ()
 ) -> None:
@@ -47,7 +75,7 @@ def add_run_options(
     p.add_argument(
         "--clients",
         *nodes_aliases,
-        type=int,
+        type=positive_int,
         help=f"{nodes_help} (default: the preset's, else {DEFAULT_CLIENTS})",
     )
     p.add_argument(
@@ -82,7 +110,9 @@ def add_run_options(
         metavar="KEY=VALUE",
         help="any other run-config key (TOML value), repeatable",
     )
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
+    p.add_argument(
+        "--timeout", type=positive_seconds, default=3600.0, help="seconds for the run"
+    )
 
 
 def resolve_clients(args: argparse.Namespace) -> argparse.Namespace:
@@ -98,11 +128,28 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = dict(PRESETS[args.preset].run_config) if args.preset else {}
     for item in args.set:
         try:
-            overrides.update(tomllib.loads(item))
+            pairs = tomllib.loads(item)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(
                 f"--set {item!r}: not KEY=VALUE in TOML syntax ({exc})"
             ) from None
+        for key, value in pairs.items():  # each key on its own, before any is used
+            try:
+                overrides[key] = check_key(key, value)
+            except ConfigError as exc:
+                raise ConfigError(f"--set {item!r}: {exc}") from None
+    set_results = overrides.pop("results-dir", "")
+    if args.results_dir and set_results and Path(args.results_dir) != Path(set_results):
+        raise ConfigError(
+            f"run config key 'results-dir': --results-dir {args.results_dir!r} and "
+            f"--set results-dir={set_results!r} disagree; give one"
+        )
+    if overrides.get("min-available-nodes", args.clients) != args.clients:
+        raise ConfigError(
+            "run config key 'min-available-nodes': these scripts set it to --clients "
+            f"({args.clients}), got --set min-available-nodes="
+            f"{overrides['min-available-nodes']}"
+        )
     for option, key in _OPTION_KEYS.items():
         value = getattr(args, option)
         if value is not None:
@@ -115,7 +162,7 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["target-epsilon"] = 0.0  # the σ option replaces the default ε target
     dataset = overrides.get("dataset", RunConfig().dataset)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    results = Path(args.results_dir or Path("results", f"{stamp}-{dataset}"))
+    results = Path(args.results_dir or set_results or Path("results", f"{stamp}-{dataset}"))
     results = results.expanduser().resolve()
     if (results / "rounds.jsonl").exists() or (results / "summary.json").exists():
         raise ConfigError(
@@ -131,6 +178,7 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
             resolve_idx_dir(cfg.dataset, cfg.data_dir)
         except DatasetError as exc:
             raise ConfigError(str(exc)) from None
+    check_federation(cfg, args.clients)  # the keys that need the data
     return overrides
 
 

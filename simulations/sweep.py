@@ -29,7 +29,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common.config import ConfigError  # noqa: E402
+from server.run_outcome import Outcome  # noqa: E402
 from simulations.presets import PRESETS  # noqa: E402
+from simulations.run import parse_args as run_options  # noqa: E402
+from simulations.run_options import build_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,13 +85,11 @@ def grid(args: argparse.Namespace) -> list[GridPoint]:
     return points
 
 
-def run_point(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> PointResult:
-    """Run one federation through ``simulations.run`` and read its summary."""
-    results = out_dir / point.name
+def point_options(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> list[str]:
+    """``simulations.run``'s options for one grid point."""
     argv = [
-        sys.executable, "-m", "simulations.run",
         "--partitioner", point.partitioner,
-        "--seed", str(point.seed), "--results-dir", str(results),
+        "--seed", str(point.seed), "--results-dir", str(out_dir / point.name),
     ]  # fmt: skip
     for option in ("clients", "preset", "rounds", "dataset"):  # unset: preset's/default
         if getattr(args, option) is not None:
@@ -98,20 +100,38 @@ def run_point(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> Poin
         argv += ["--target-epsilon", str(point.target_epsilon)]
     for item in args.set:
         argv += ["--set", item]
+    return argv
+
+
+def check_points(points: list[GridPoint], args: argparse.Namespace, out_dir: Path) -> None:
+    """Validate every point's options and run keys before any federation starts."""
+    for point in points:
+        try:
+            build_overrides(run_options(point_options(point, args, out_dir)))
+        except ConfigError as exc:
+            raise ConfigError(f"grid point {point.name}: {exc}") from None
+
+
+def run_point(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> PointResult:
+    """Run one federation through ``simulations.run`` and read its summary."""
+    results = out_dir / point.name
+    argv = [sys.executable, "-m", "simulations.run", *point_options(point, args, out_dir)]
     log_path = out_dir / f"{point.name}.log"
     print(f"[sweep] start {point.name}", flush=True)
     with open(log_path, "w", encoding="utf-8") as log:
         code = subprocess.call(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     summary_path = results / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    status = summary.get("status", "failed") if code == 0 else f"failed (exit {code})"
+    status = summary.get("status", Outcome.FAILED.value)
+    if code != 0:
+        status = f"{status} (exit {code})"
     result = PointResult(
         name=point.name,
         target_epsilon=point.target_epsilon,
         partitioner=point.partitioner,
         seed=point.seed,
         status=status,
-        accuracy=summary.get("final_central", {}).get("accuracy"),
+        accuracy=(summary.get("final_central") or {}).get("accuracy"),
         max_epsilon=summary.get("max_epsilon"),
         accountant=summary.get("accountant"),
         delta=summary.get("delta"),
@@ -185,7 +205,7 @@ def plot(rows: list[PointResult], out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the grid; exit 1 if any point failed."""
+    """Run the grid; exit 2 if a point's options are bad, 1 if any point failed."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     p.add_argument(
@@ -219,8 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out_dir = (args.out or Path("results", f"sweep-{stamp}")).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     points = grid(args)
+    try:
+        check_points(points, args, out_dir)
+    except ConfigError as exc:
+        print(f"[sweep] configuration error: {exc}", file=sys.stderr)
+        return 2
+    out_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"[sweep] {len(points)} federations, {args.jobs} at a time -> {out_dir}", flush=True
     )
@@ -231,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     print((out_dir / "sweep.md").read_text(), flush=True)
     print(f"[sweep] table: {out_dir / 'sweep.csv'}", flush=True)
     print(f"[sweep] plot: {out_dir / 'accuracy_vs_epsilon.png'}", flush=True)
-    return 0 if all(r.status == "completed" for r in rows) else 1
+    finished = {o.value for o in Outcome if o.finished}
+    return 0 if all(r.status in finished for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -109,3 +109,31 @@ def assert_loopback_only(watch: Watch) -> None:
         addr = ipaddress.ip_address(ip)
         mapped = getattr(addr, "ipv4_mapped", None)  # e.g. ::ffff:127.0.0.1
         assert (mapped or addr).is_loopback, f"{name} listens on {ip}:{port}"
+
+
+def signal_after(
+    module: str, args: list[str], mark: str, sig: signal.Signals, timeout: float = 300
+) -> tuple[int, str, Watch]:
+    """Run a script, send it ``sig`` once it prints a line containing ``mark``."""
+    proc = start_script(module, args)
+    watch, stop = Watch(), threading.Event()
+    watcher = threading.Thread(
+        target=watch_tree, args=(psutil.Process(proc.pid), watch, stop)
+    )
+    watcher.start()
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if mark in line:
+                proc.send_signal(sig)
+                break
+        rest, _ = proc.communicate(timeout=timeout)
+        lines.append(rest)
+    finally:
+        stop.set()
+        watcher.join()
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, "".join(lines), watch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -32,7 +33,12 @@ from simulations.processes import (
     wait_until,
 )
 from simulations.run_options import APP_DIR, pyproject_defaults
-from tests.process_watch import assert_all_gone, assert_loopback_only, run_watched
+from tests.process_watch import (
+    assert_all_gone,
+    assert_loopback_only,
+    run_watched,
+    signal_after,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -86,6 +92,30 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
         assert show_ledger([str(ledger_file.parent), "--json"]) == 0
     assert_loopback_only(watch)
     assert_all_gone(watch)
+
+
+def test_sigterm_stops_the_deployment_and_the_summary_says_interrupted(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM after round 1: exit 130, no SuperLink or SuperNode left, and
+    summary.json says interrupted with the rounds done, accuracy and max ε."""
+    results = tmp_path / "run"
+    code, out, watch = signal_after(
+        "simulations.deploy",
+        ["--clients", "2", "--rounds", "50", "--set", "fraction-evaluate=0.0",
+         "--results-dir", str(results)],
+        "[privfed] round 1/50",
+        signal.SIGTERM,
+    )  # fmt: skip
+    assert code == 130, out[-3000:]
+    assert_all_gone(watch)
+    rounds = _rounds(results)
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    assert "SIGTERM" in summary["stop_reason"]
+    assert summary["rounds_completed"] == len(rounds) >= 1
+    assert summary["final_central"] == rounds[-1]["central"]
+    assert summary["max_epsilon"] == rounds[-1]["max_epsilon"] > 0
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from common.config import RULES, ConfigError, RunConfig
+from common.config import RULES, ConfigError, RunConfig, check_key
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULTS = RunConfig().to_run_config()
@@ -137,3 +137,31 @@ def test_effective_budget(
     """epsilon-budget 0 means target-epsilon, or no cap when σ is fixed."""
     cfg = RunConfig(target_epsilon=target, noise_multiplier=sigma, epsilon_budget=budget)
     assert cfg.effective_epsilon_budget == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (key, value)
+        for key, rule in RULES.items()
+        if rule.kind is float
+        for value in (float("inf"), float("-inf"), float("nan"))
+    ],
+)
+def test_non_finite_numbers_are_refused(key: str, value: float) -> None:
+    """TOML's inf and nan fail for every number key, naming it (no key means ∞)."""
+    with pytest.raises(ConfigError, match=f"'{key}': must be a finite number"):
+        RunConfig.from_run_config({**DEFAULTS, key: value})
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        check_key(key, value)
+
+
+def test_check_key_checks_one_value() -> None:
+    """check_key (used for each --set item) refuses a wrong type or range, or a typo."""
+    assert check_key("learning-rate", 2) == 2.0
+    with pytest.raises(ConfigError, match="'results-dir': must be a directory path"):
+        check_key("results-dir", 5)
+    with pytest.raises(ConfigError, match="'batch-size': must be an integer >= 1"):
+        check_key("batch-size", 0)
+    with pytest.raises(ConfigError, match="unknown run config key 'batchsize'"):
+        check_key("batchsize", 32)

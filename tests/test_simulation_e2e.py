@@ -6,20 +6,16 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
-import psutil
 import pytest
 
 from common.privacy_ledger import epsilon_of_history
 from tests.process_watch import (
-    Watch,
     assert_all_gone,
     assert_loopback_only,
     run_watched,
-    start_script,
-    watch_tree,
+    signal_after,
 )
 from tests.test_docs import readme_python_snippet
 
@@ -112,7 +108,7 @@ def test_run_stops_cleanly_when_every_budget_is_spent(tmp_path: Path) -> None:
     assert all(c["status"] == "budget-exhausted" for c in rounds[-1]["clients"])
     assert all(c["epsilon"] <= 3.0 for c in rounds[-1]["clients"])
     summary = json.loads((results / "summary.json").read_text())
-    assert summary["status"] == "completed"
+    assert summary["status"] == "budget-exhausted"
     assert "every client refused to train (budget-exhausted;" in summary["stop_reason"]
     assert summary["budget_refusals"] == 2 and summary["rounds_completed"] == 3
     assert "refused to train (budget-exhausted)" in out
@@ -170,37 +166,50 @@ def test_missing_dataset_files_fail_before_starting(tmp_path: Path) -> None:
     assert not watch.pids
 
 
-def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
-    """SIGINT mid-run exits 130 and leaves no SuperLink, simulation or Ray process."""
-    proc = start_script(
+def test_sigterm_stops_every_process_and_the_summary_says_interrupted(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM mid-run exits 130, leaves no SuperLink, simulation or Ray process, and
+    the launcher writes summary.json: interrupted, with what was done."""
+    results = tmp_path / "r"
+    code, out, watch = signal_after(
         "simulations.run",
-        ["--clients", "2", "--rounds", "50", "--results-dir", str(tmp_path / "r")],
+        ["--clients", "2", "--rounds", "50", "--results-dir", str(results)],
+        "[privfed] round 1/50",
+        signal.SIGTERM,
     )
-    watch, stop = Watch(), threading.Event()
-    watcher = threading.Thread(
-        target=watch_tree, args=(psutil.Process(proc.pid), watch, stop)
-    )
-    watcher.start()
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "[privfed] round 1/50" in line:
-                proc.send_signal(signal.SIGINT)
-                break
-        rest, _ = proc.communicate(timeout=120)
-        lines.append(rest)
-    finally:
-        stop.set()
-        watcher.join()
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, "".join(lines)[-3000:]
+    assert code == 130, out[-3000:]
     assert any("raylet" in n or "ray::" in n for n in watch.names), watch.names
     assert_all_gone(watch)
-    # What was recorded before the interrupt is intact.
-    assert json.loads((tmp_path / "r" / "rounds.jsonl").read_text().splitlines()[0])
+    rounds = _rounds(results)  # what was recorded before the signal is intact
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    assert "SIGTERM" in summary["stop_reason"]
+    assert summary["rounds_completed"] == len(rounds) >= 1
+    assert summary["rounds_planned"] == 50
+    assert summary["final_central"] == rounds[-1]["central"]
+    assert summary["max_epsilon"] == rounds[-1]["max_epsilon"] > 0
+    assert "run INTERRUPTED" in out
+
+
+def test_serverapp_failure_leaves_a_failed_summary_and_exit_1(tmp_path: Path) -> None:
+    """A ServerApp that fails (no reply can arrive within round-timeout) writes
+    summary.json with failed and the reason, and the launcher exits non-zero."""
+    results = tmp_path / "r"
+    code, out, watch = run_watched(
+        ["--clients", "2", "--rounds", "2", "--set", "round-timeout=0.001",
+         "--results-dir", str(results)]
+    )  # fmt: skip
+    assert code == 1, out[-3000:]
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["status"] == "failed", summary
+    assert summary["stop_reason"] == ("RoundFailed: round 1: no client replied in time"), (
+        summary["stop_reason"]
+    )
+    assert summary["rounds_completed"] == 0 and summary["rounds_planned"] == 2
+    assert "RoundFailed" in summary["traceback"] and "written_by" not in summary
+    assert "run FAILED" in out and "no client replied in time" in out
+    assert_all_gone(watch)
 
 
 def test_sweep_smoke(tmp_path: Path) -> None:

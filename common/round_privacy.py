@@ -1,4 +1,8 @@
-"""Decide, before any training step, what this round would cost and whether to train."""
+"""Decide, before any training step, what this round would cost and whether to train.
+
+Shared: a client decides each round with it, and a launcher checks a run's first
+round for every partition before anything starts (``simulations/preflight.py``).
+"""
 
 from __future__ import annotations
 
@@ -74,3 +78,8 @@ def decide_round(
         epsilon_after=ledger.epsilon_after(sigma, plan.sample_rate, plan.steps),
         budget=min(cfg.effective_epsilon_budget, policy_budget),
     )
+
+
+def delta_allows_record_release(delta: float, num_records: int) -> bool:
+    """True when δ ≥ 1/N: releasing one whole record at random would meet that δ."""
+    return delta * num_records >= 1

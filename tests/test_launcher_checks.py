@@ -1,0 +1,154 @@
+"""Launchers: every bad run key or option exits 2, naming it, before any process starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import simulations.deploy as deploy
+import simulations.run as run
+import simulations.sweep as sweep
+from simulations.run_options import build_overrides
+
+
+class Started(AssertionError):
+    """A launcher went on to start processes after a bad option."""
+
+
+@pytest.fixture
+def no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a launcher gets as far as starting a SuperLink or a subprocess."""
+
+    def tripwire(*_args: Any, **_kwargs: Any) -> None:
+        raise Started("a process was started")
+
+    monkeypatch.setattr(run, "simulation_superlink", tripwire)
+    monkeypatch.setattr(run, "become_subreaper", tripwire)
+    monkeypatch.setattr(deploy, "LocalDeployment", tripwire)
+    monkeypatch.setattr(deploy, "become_subreaper", tripwire)
+    monkeypatch.setattr(sweep.subprocess, "call", tripwire)
+
+
+def _exit_code(main: Any, argv: list[str]) -> int:
+    try:
+        return int(main(argv))
+    except SystemExit as exc:  # argparse refuses an option with exit 2
+        return int(exc.code or 0)
+
+
+# (options, what the message must name); each is refused by simulations.run.
+BAD_RUNS: list[tuple[list[str], str]] = [
+    *(
+        (["--set", f"{key}=inf"], f"'{key}'")
+        for key in (
+            "noise-multiplier",
+            "target-epsilon",
+            "max-grad-norm",
+            "dirichlet-alpha",
+            "round-timeout",
+        )
+    ),
+    (["--set", "delta=nan"], "'delta'"),
+    (["--set", "learning-rate=-inf"], "'learning-rate'"),
+    (["--set", "results-dir=5"], "'results-dir'"),
+    (["--set", "batchsize=32"], "'batchsize'"),
+    (["--set", "min-available-nodes=5"], "'min-available-nodes'"),
+    (["--set", "results-dir='/elsewhere'"], "'results-dir'"),  # vs --results-dir
+    (["--target-epsilon", "1e-9"], "'target-epsilon'"),
+    (["--noise-multiplier", "0.5", "--epsilon-budget", "0.01"], "'epsilon-budget'"),
+    (["--target-epsilon", "8", "--epsilon-budget", "1e-6"], "'epsilon-budget'"),
+    (["--delta", "0.01"], "'delta'"),  # 1/N is about 1/479 for 3 digits shards
+    (["--partitioner", "pathological"], "'classes-per-client'"),  # 3 + 2 - 1 < 10
+    (["--clients", "2000"], "--clients 2000"),  # digits has 1,437 training records
+    (["--client-cpus", "0"], "--client-cpus"),
+    (["--timeout", "-1"], "--timeout"),
+    (["--timeout", "inf"], "--timeout"),
+    (["--timeout", "0"], "--timeout"),
+    (["--clients", "0"], "--clients"),
+]
+
+
+@pytest.mark.parametrize(("options", "named"), BAD_RUNS, ids=lambda v: str(v))
+def test_simulation_refuses_before_starting(
+    options: list[str],
+    named: str,
+    tmp_path: Path,
+    no_processes: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Exit 2 naming the key or option; no process and no results folder."""
+    results = tmp_path / "r"
+    argv = ["--clients", "3", "--rounds", "2", "--results-dir", str(results), *options]
+    assert _exit_code(run.main, argv) == 2
+    err = capsys.readouterr().err
+    assert named in err, err
+    assert not results.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--set", "results-dir=5"], "'results-dir'"),
+        (["--set", "round-timeout=inf"], "'round-timeout'"),
+        (["--target-epsilon", "1e-9"], "'target-epsilon'"),
+        (["--partitioner", "pathological"], "'classes-per-client'"),
+        (["--timeout", "-1"], "--timeout"),
+        (["--nodes", "0"], "--nodes"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_deployment_refuses_before_starting(
+    options: list[str],
+    named: str,
+    tmp_path: Path,
+    no_processes: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The deployment launcher shares the checks: exit 2, nothing started or written."""
+    results = tmp_path / "r"
+    argv = ["--clients", "3", "--rounds", "2", "--results-dir", str(results), *options]
+    assert _exit_code(deploy.main, argv) == 2
+    err = capsys.readouterr().err
+    assert named in err, err
+    assert not results.exists()  # no node policy, certificate or summary written
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--set", "target-epsilon=inf"], "'target-epsilon'"),
+        (["--epsilons", "1e-9"], "'target-epsilon'"),
+        (["--clients", "0"], "--clients"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_sweep_refuses_before_any_point_starts(
+    options: list[str],
+    named: str,
+    tmp_path: Path,
+    no_processes: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A sweep checks every grid point first: exit 2, no federation, no sweep folder."""
+    argv = ["--partitioners", "iid", "--clients", "2", "--rounds", "1",
+            "--no-reference", "--out", str(tmp_path / "sweep"), *options]  # fmt: skip
+    assert _exit_code(sweep.main, argv) == 2
+    err = capsys.readouterr().err
+    assert named in err, err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_set_results_dir_is_honoured(tmp_path: Path) -> None:
+    """--set results-dir='PATH' is where the run goes (it used to be ignored)."""
+    target = tmp_path / "chosen"
+    args = run.parse_args(["--clients", "2", "--set", f"results-dir='{target}'"])
+    assert build_overrides(args)["results-dir"] == str(target.resolve())
+
+
+def test_a_valid_run_gets_past_the_checks(tmp_path: Path, no_processes: None) -> None:
+    """The tripwire above fires for good options (so the refusals above mean something)."""
+    argv = ["--clients", "3", "--rounds", "2", "--results-dir", str(tmp_path / "r")]
+    with pytest.raises(Started):
+        run.main(argv)
