@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+PARTITIONERS = ("iid", "dirichlet", "inner-dirichlet", "pathological")
 ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_MODES = ("sample", "client", "none")  # record-level, client-level, off
 CLIPPING_MODES = ("fixed", "adaptive")  # client-level update clipping

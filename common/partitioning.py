@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from common.config import PARTITIONERS
+
 if TYPE_CHECKING:  # imported lazily: a node with its own data never needs them
     from flwr_datasets.partitioner.partitioner import Partitioner
 
@@ -35,10 +37,10 @@ class PartitionSpec:
     def __post_init__(self) -> None:
         if self.num_partitions < 1:
             raise PartitionError(f"num-partitions must be >= 1, got {self.num_partitions}")
-        if self.partitioner not in ("iid", "dirichlet", "pathological"):
+        if self.partitioner not in PARTITIONERS:
             raise PartitionError(
                 f"run config key 'partitioner': unknown partitioner "
-                f"{self.partitioner!r}; allowed: 'iid', 'dirichlet', 'pathological'"
+                f"{self.partitioner!r}; allowed: {', '.join(map(repr, PARTITIONERS))}"
             )
 
     @classmethod
@@ -53,15 +55,32 @@ class PartitionSpec:
         )
 
 
-def _make_partitioner(spec: PartitionSpec, num_classes: int) -> Partitioner:
+def _make_partitioner(
+    spec: PartitionSpec, num_classes: int, num_records: int
+) -> Partitioner:
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
+        InnerDirichletPartitioner,
         PathologicalPartitioner,
     )
 
     if spec.partitioner == "iid":
         return IidPartitioner(num_partitions=spec.num_partitions)
+    if spec.partitioner == "inner-dirichlet":
+        # Hsu et al. 2019: equal shards, each with its own Dirichlet(α) class mix; it
+        # keeps every client non-empty where the per-class split cannot (10,000
+        # clients of 6 records).
+        sizes = [
+            len(part)
+            for part in np.array_split(np.arange(num_records), spec.num_partitions)
+        ]
+        return InnerDirichletPartitioner(
+            partition_sizes=sizes,
+            partition_by="label",
+            alpha=spec.dirichlet_alpha,
+            seed=spec.seed,
+        )
     if spec.partitioner == "dirichlet":
         return DirichletPartitioner(
             num_partitions=spec.num_partitions,
@@ -100,15 +119,34 @@ def _partition_all(
     table = hf_datasets.Dataset.from_dict(
         {"index": order.astype(np.int64), "label": labels[order]}
     )
-    partitioner = _make_partitioner(spec, num_classes)
+    partitioner = _make_partitioner(spec, num_classes, len(labels))
     partitioner.dataset = table
-    shards = tuple(
-        np.sort(np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64))
-        for pid in range(spec.num_partitions)
-    )
+    rows = _partition_rows(partitioner, spec.num_partitions, len(labels))
+    shards = tuple(np.sort(order[r].astype(np.int64)) for r in rows)
     for shard in shards:  # cached and shared: nobody may edit them in place
         shard.setflags(write=False)
     return shards
+
+
+def _partition_rows(
+    partitioner: Partitioner, num_partitions: int, num_records: int
+) -> list[np.ndarray]:
+    """Each partition's row positions in the partitioner's table, all at once.
+
+    ``load_partition`` builds a Hugging Face dataset per call: 10,000 calls take
+    minutes, in every process that serves clients. The same rows come from the
+    partitioner's own assignment (``_partition_id_to_indices``, filled by its first
+    ``load_partition``) or, for IID, from ``Dataset.shard(contiguous=True)``'s
+    arithmetic, which is ``np.array_split``. tests/test_partitions.py checks both
+    against ``load_partition`` for the pinned flwr-datasets.
+    """
+    from flwr_datasets.partitioner import IidPartitioner
+
+    if isinstance(partitioner, IidPartitioner):
+        return np.array_split(np.arange(num_records), num_partitions)
+    partitioner.load_partition(0)  # the library determines every assignment here
+    assignment = partitioner._partition_id_to_indices  # noqa: SLF001 (see above)
+    return [np.asarray(assignment[pid], dtype=np.int64) for pid in range(num_partitions)]
 
 
 def partition_indices(
