@@ -34,7 +34,12 @@ def plot_rounds(rounds: list[dict[str, Any]], out_dir: Path, title: str) -> list
     eps = [r.get("max_epsilon") for r in rounds]
     if any(e is not None for e in eps):
         first = next(r for r in rounds if r.get("accountant"))
-        label = f"max cumulative ε ({first['accountant']}, δ={first['delta']:g})"
+        unit = (
+            "client-level ε"
+            if first.get("privacy_unit") == "client"
+            else "max ε per record"
+        )
+        label = f"cumulative {unit} ({first['accountant']}, δ={first['delta']:g})"
         ys = [e if e is not None else float("nan") for e in eps]
         written.append(_line_plot(xs, ys, label, title, out_dir / "epsilon.png"))
     return written

@@ -19,6 +19,7 @@ import itertools
 import json
 import subprocess
 import sys
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -29,7 +30,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.config import ConfigError  # noqa: E402
+from common.config import (  # noqa: E402
+    PARTITIONERS,
+    PRIVACY_MODES,
+    ConfigError,
+    RunConfig,
+)
 from server.run_outcome import Outcome  # noqa: E402
 from simulations.presets import PRESETS  # noqa: E402
 from simulations.run import parse_args as run_options  # noqa: E402
@@ -67,6 +73,7 @@ class PointResult:
     accountant: str | None
     delta: float | None
     wall_seconds: float | None
+    privacy_unit: str | None = None  # record, client, or None (non-private)
 
 
 def grid(args: argparse.Namespace) -> list[GridPoint]:
@@ -96,11 +103,24 @@ def point_options(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> 
             argv += [f"--{option}", str(getattr(args, option))]
     if point.target_epsilon is None:
         argv += ["--privacy-mode", "none"]
+        if args.privacy_mode == "client":  # the same cohorts, without clipping or noise
+            argv += ["--set", f"fraction-train={client_sampling_rate(args)}"]
     else:
+        argv += ["--privacy-mode", args.privacy_mode]
         argv += ["--target-epsilon", str(point.target_epsilon)]
     for item in args.set:
         argv += ["--set", item]
     return argv
+
+
+def client_sampling_rate(args: argparse.Namespace) -> float:
+    """q of the sweep's client-level points: ``--set``, else the preset's, else default."""
+    rate = RunConfig().client_sampling_rate
+    if args.preset:
+        rate = PRESETS[args.preset].run_config.get("client-sampling-rate", rate)
+    for item in args.set:
+        rate = tomllib.loads(item).get("client-sampling-rate", rate)
+    return float(rate)
 
 
 def check_points(points: list[GridPoint], args: argparse.Namespace, out_dir: Path) -> None:
@@ -136,6 +156,7 @@ def run_point(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> Poin
         accountant=summary.get("accountant"),
         delta=summary.get("delta"),
         wall_seconds=summary.get("wall_seconds"),
+        privacy_unit=summary.get("privacy_unit"),
     )
     print(f"[sweep] done  {point.name}: {status}, accuracy {result.accuracy}", flush=True)
     return result
@@ -190,8 +211,10 @@ def plot(rows: list[PointResult], out_dir: Path) -> Path:
     accountants = {
         f"{r.accountant}, δ={r.delta:g}" for r in rows if r.accountant not in (None, "none")
     }
+    unit = "cumulative ε per client"
+    unit += " (client-level)" if "client" in {r.privacy_unit for r in rows} else ""
     ax.set(
-        xlabel=f"max cumulative ε per client ({'; '.join(sorted(accountants)) or 'n/a'})",
+        xlabel=f"{unit} ({'; '.join(sorted(accountants)) or 'n/a'})",
         ylabel="central test accuracy",
         ylim=(0, 1),
     )
@@ -204,17 +227,23 @@ def plot(rows: list[PointResult], out_dir: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the grid; exit 2 if a point's options are bad, 1 if any point failed."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The sweep's options, with the preset's defaults filled in."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     p.add_argument(
         "--partitioners",
         nargs="+",
-        choices=["iid", "dirichlet", "pathological"],
+        choices=PARTITIONERS,
         help="default: the preset's partitioner, else iid and dirichlet",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--privacy-mode",
+        choices=[m for m in PRIVACY_MODES if m != "none"],
+        help="unit of the private points: sample (record) or client; default: the "
+        "preset's, else sample (the reference points are non-private)",
+    )
     p.add_argument("--clients", type=int, help="default: the preset's, else 10")
     p.add_argument("--rounds", type=int, help="default: the preset's, else 5")
     p.add_argument("--preset", choices=sorted(PRESETS), help="recipe for every point")
@@ -232,11 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    preset = PRESETS[args.preset].run_config if args.preset else {}
+    if args.privacy_mode is None:
+        args.privacy_mode = preset.get("privacy-mode", "sample")
     if args.partitioners is None:
-        preset = PRESETS[args.preset].run_config if args.preset else {}
         args.partitioners = (
             [preset["partitioner"]] if "partitioner" in preset else ["iid", "dirichlet"]
         )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the grid; exit 2 if a point's options are bad, 1 if any point failed."""
+    args = parse_args(argv)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out_dir = (args.out or Path("results", f"sweep-{stamp}")).resolve()
     points = grid(args)

@@ -152,3 +152,52 @@ def test_a_valid_run_gets_past_the_checks(tmp_path: Path, no_processes: None) ->
     argv = ["--clients", "3", "--rounds", "2", "--results-dir", str(tmp_path / "r")]
     with pytest.raises(Started):
         run.main(argv)
+
+
+def test_a_client_level_sweep_runs_client_level_points_and_a_same_cohort_reference(
+    tmp_path: Path,
+) -> None:
+    """`--privacy-mode client`: private points ask for it; references keep the cohort."""
+    args = sweep.parse_args(
+        [
+            "--privacy-mode",
+            "client",
+            "--epsilons",
+            "3",
+            "--partitioners",
+            "iid",
+            "--set",
+            "client-sampling-rate=0.2",
+            "--out",
+            str(tmp_path),
+        ]  # fmt: skip
+    )
+    private, reference = sweep.grid(args)
+    private_argv = sweep.point_options(private, args, tmp_path)
+    reference_argv = sweep.point_options(reference, args, tmp_path)
+    assert private_argv[private_argv.index("--privacy-mode") + 1] == "client"
+    assert reference_argv[reference_argv.index("--privacy-mode") + 1] == "none"
+    assert "fraction-train=0.2" in reference_argv
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--set", "delta=0.6"], "'delta'"),  # not below 1/n for n = 2 clients
+        (["--set", 'clipping="adaptive"'], "'clipped-count-stddev'"),  # 2σ_b <= z
+    ],
+    ids=["delta", "count-noise"],
+)
+def test_client_level_keys_that_need_n_are_refused_before_start(
+    options: list[str],
+    named: str,
+    tmp_path: Path,
+    no_processes: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """δ ≥ 1/n and a count noise too small to split z exit 2 before any process."""
+    argv = ["--privacy-mode", "client", "--clients", "2", "--rounds", "1",
+            "--results-dir", str(tmp_path / "run"), *options]  # fmt: skip
+    assert _exit_code(run.main, argv) == 2
+    err = capsys.readouterr().err
+    assert named in err, err
