@@ -553,39 +553,41 @@ def test_ledger_is_on_disk_before_the_model_is_published(tmp_path: Path) -> None
 
 
 # == 8. randomness ==================================================================
-def _one_round(tmp_path: Path, name: str, reproducible: bool) -> tuple[list[int], Any]:
+def _one_round(
+    tmp_path: Path, name: str, reproducible: bool, rate: float
+) -> tuple[list[int], Any]:
     """Cohort and new model of round 1 over 64 nodes, every global RNG seeded alike."""
     random.seed(42)
     np.random.seed(42)
     torch.manual_seed(42)
-    strategy = _strategy(tmp_path / name, 64, reproducible_noise=reproducible)
-    messages = list(
-        strategy.configure_train(1, _tiny_arrays(), ConfigRecord(), _Nodes(range(1, 65)))
+    strategy = _strategy(
+        tmp_path / name, 64, reproducible_noise=reproducible, client_sampling_rate=rate
     )
-    new, _ = strategy.aggregate_train(
-        1, [_update_reply(m, _small_update(1)) for m in messages]
-    )
+    grid = _Nodes(range(1, 65))
+    messages = list(strategy.configure_train(1, _tiny_arrays(), ConfigRecord(), grid))
+    replies = [_update_reply(m, _small_update(m.metadata.dst_node_id)) for m in messages]
+    new, _ = strategy.aggregate_train(1, replies)
     assert new is not None
     return list(strategy.cohort), new["w"].numpy()
 
 
 def test_dp_randomness_comes_from_os_entropy_not_the_run_config(tmp_path: Path) -> None:
-    """Same seed, same inputs, every global RNG seeded the same: other cohort, other noise.
-
-    With reproducible-noise (documented research mode, not private) both repeat.
-    """
-    cohort_a, model_a = _one_round(tmp_path, "a", reproducible=False)
-    cohort_b, model_b = _one_round(tmp_path, "b", reproducible=False)
+    """Same seed, same inputs, every global RNG seeded the same: another cohort (q ½),
+    and with everyone in the cohort (q 1) another noise. With reproducible-noise (the
+    documented research mode, not private) both repeat."""
+    cohort_a, _ = _one_round(tmp_path, "a", reproducible=False, rate=0.5)
+    cohort_b, _ = _one_round(tmp_path, "b", reproducible=False, rate=0.5)
     assert cohort_a != cohort_b
-    assert not np.array_equal(model_a, model_b)
-    like = [np.zeros(1000)]
-    settings = _fixed()
+    cohort_a, model_a = _one_round(tmp_path, "c", reproducible=False, rate=1.0)
+    cohort_b, model_b = _one_round(tmp_path, "d", reproducible=False, rate=1.0)
+    assert cohort_a == cohort_b and not np.array_equal(model_a, model_b)
+    like, settings = [np.zeros(1000)], _fixed()
     first = ClientLevelAggregator(settings).aggregate(like, [], round_generator())
     second = ClientLevelAggregator(settings).aggregate(like, [], round_generator())
     assert not np.array_equal(first.mean_update[0], second.mean_update[0])
 
-    cohort_c, model_c = _one_round(tmp_path, "c", reproducible=True)
-    cohort_d, model_d = _one_round(tmp_path, "d", reproducible=True)
+    cohort_c, model_c = _one_round(tmp_path, "e", reproducible=True, rate=0.5)
+    cohort_d, model_d = _one_round(tmp_path, "f", reproducible=True, rate=0.5)
     assert cohort_c == cohort_d and np.array_equal(model_c, model_d)
 
 
@@ -640,3 +642,28 @@ def test_device_policy_decides_whether_to_send_unnoised_updates(
     assert report.status is Status.POLICY_REFUSED
     assert "'privacy-mode'" in str(report.reason)
     assert "allow-client-level" in str(report.reason)
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_device_refuses_replayable_client_level_noise_unless_its_policy_allows_it(
+    tmp_path: Path, allowed: bool
+) -> None:
+    """reproducible-noise makes the server's noise replayable from the public seed:
+    anyone holding the run config could subtract it from the global model and read
+    the exact sum of clipped updates (one client's, in a cohort of one). A device
+    whose policy allows client-level DP but not reproducible noise refuses."""
+    cfg = _client_cfg(tmp_path, reproducible_noise=True)
+    keys: dict[str, Any] = {"allow-client-level": True}
+    if allowed:
+        keys["allow-reproducible-noise"] = True
+    context = make_context(cfg, 0, 4)
+    context.node_config["state-dir"] = str(write_policy(tmp_path / "node", **keys))
+    report = TrainReport.from_content(
+        client_app.train(_client_level_message(0.5), context).content
+    )
+    if allowed:
+        assert report.status is Status.TRAINED and report.client_level
+        return
+    assert report.status is Status.POLICY_REFUSED
+    assert "'reproducible-noise'" in str(report.reason)
+    assert "allow-reproducible-noise" in str(report.reason)
