@@ -299,8 +299,11 @@ def test_poisson_cohorts_have_rate_q_and_binomial_sizes() -> None:
 
 
 def test_strategy_instructs_a_poisson_cohort_each_round(tmp_path: Path) -> None:
-    """configure_train sends to a cohort whose size varies, mean q·n, sometimes none."""
-    strategy = _strategy(tmp_path, 40, client_sampling_rate=0.1)
+    """configure_train sends to a cohort whose size varies, mean q·n, sometimes none.
+
+    Seeded (reproducible-noise) so that the statistics are deterministic.
+    """
+    strategy = _strategy(tmp_path, 40, client_sampling_rate=0.1, reproducible_noise=True)
     arrays, grid = _tiny_arrays(), _Nodes(range(1, 41))
     sizes = []
     for server_round in range(1, 301):
@@ -323,7 +326,7 @@ def test_empty_cohort_round_adds_noise_only(clipping: str) -> None:
         1.0, c=2.0, q=0.1, n=1000, clipping=clipping, clipped_count_stddev=sigma_b
     )
     like = [np.zeros(300_000), np.zeros((100, 100))]
-    agg = ClientLevelAggregator(settings).aggregate(like, [], round_generator())
+    agg = ClientLevelAggregator(settings).aggregate(like, [], round_generator(11))
     values = np.concatenate([a.ravel() for a in agg.mean_update])
     want = settings.update_noise_multiplier * 2.0 / 100
     assert np.std(values) == pytest.approx(want, rel=0.01)
@@ -338,7 +341,7 @@ def test_noise_std_is_zC_over_qn_not_over_the_replies() -> None:
     settings = _fixed(1.3, c=0.7, q=0.1, n=1000)
     like = [np.zeros(400_000)]
     updates = [([np.zeros(400_000)], True) for _ in range(37)]
-    agg = ClientLevelAggregator(settings).aggregate(like, updates, round_generator())
+    agg = ClientLevelAggregator(settings).aggregate(like, updates, round_generator(12))
     assert np.std(agg.mean_update[0]) == pytest.approx(1.3 * 0.7 / 100, rel=0.01)
     assert agg.cohort == 37 and agg.clipped_fraction == 0.0
 
