@@ -175,16 +175,14 @@ class PrivacyPolicy:
     # -- checks -------------------------------------------------------------------
     def refusal_for_run(self, cfg: RunConfig) -> str | None:
         """Why this node refuses ``cfg`` before looking at its data, or ``None``."""
-        if cfg.is_client_level:
-            if self.allow_client_level:
-                return None
+        if cfg.is_client_level and not self.allow_client_level:
             return self._refuse(
                 "privacy-mode",
                 "'client' sends the clipped update without noise (the server adds "
                 "the client-level noise)",
                 "allow-client-level = false",
             )
-        if not cfg.is_private:
+        if cfg.privacy_mode == "none":
             if self.allow_non_private:
                 return None
             return self._refuse(
@@ -192,12 +190,15 @@ class PrivacyPolicy:
                 "'none' asks for non-private training",
                 "allow-non-private = false",
             )
+        # Replayable noise is refused alike: the node's (sample) or the server's (client).
         if cfg.reproducible_noise and not self.allow_reproducible_noise:
             return self._refuse(
                 "reproducible-noise",
                 "true makes the noise replayable from the seed",
                 "allow-reproducible-noise = false",
             )
+        if cfg.is_client_level:
+            return None  # the rest are record-level limits; the server accounts this ε
         if cfg.accountant != self.accountant:
             return self._refuse(
                 "accountant",
