@@ -20,7 +20,33 @@ SPECS = [
     PartitionSpec("dirichlet", 5, seed=1, dirichlet_alpha=100.0),
     PartitionSpec("pathological", 10, seed=1, classes_per_client=2),
     PartitionSpec("pathological", 4, seed=1, classes_per_client=7),
+    PartitionSpec("inner-dirichlet", 40, seed=1, dirichlet_alpha=0.5),
 ]
+
+
+def _library_rows(spec: PartitionSpec) -> list[np.ndarray]:
+    """Each partition's rows as flwr-datasets' own ``load_partition`` gives them."""
+    import datasets as hf_datasets
+
+    from common.partitioning import _make_partitioner
+
+    order = np.random.default_rng(spec.seed).permutation(len(LABELS))
+    table = hf_datasets.Dataset.from_dict({"index": order, "label": LABELS[order]})
+    partitioner = _make_partitioner(spec, 10, len(LABELS))
+    partitioner.dataset = table
+    return [
+        np.sort(np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64))
+        for pid in range(spec.num_partitions)
+    ]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.partitioner}-{s.num_partitions}")
+def test_the_fast_path_gives_the_library_partitions(spec: PartitionSpec) -> None:
+    """Partitions read at once (and inner-dirichlet's linear-time draw) equal what the
+    pinned flwr-datasets gives partition by partition."""
+    ours = partition_indices(LABELS, spec)
+    for pid, theirs in enumerate(_library_rows(spec)):
+        assert np.array_equal(ours[pid], theirs), pid
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.partitioner}-{s.num_partitions}")
