@@ -50,7 +50,7 @@ def nginx_binary() -> str:
         "nginx not found (looked for "
         + ", ".join(NGINX_CANDIDATES)
         + "); a secure deployment puts it in front of the SuperLink: install the "
-        "Debian package (apt-get install nginx-light), or use --insecure to debug"
+        "Debian package (apt-get install nginx), or use --insecure to debug"
     )
 
 
