@@ -24,6 +24,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from simulations.certificates import TlsFiles
 from simulations.processes import ManagedProcess, free_port, wait_until
 
@@ -73,9 +75,22 @@ class ProxyPorts:
         return cls(superlink, free_port(), free_port())
 
 
+def certificate_serial(path: Path) -> str:
+    """A certificate's serial as nginx's ``$ssl_client_serial`` shows it (hex bytes)."""
+    serial = x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+    digits = f"{serial:X}"
+    return digits.zfill(len(digits) + len(digits) % 2)
+
+
 def nginx_config(folder: Path, ports: ProxyPorts, tls: TlsFiles) -> str:
-    """The whole nginx configuration (everything under ``folder``, loopback only)."""
+    """The whole nginx configuration (everything under ``folder``, loopback only).
+
+    Beyond a CA-signed client certificate, the public listener wants *this*
+    deployment's operator certificate (its serial): the CA outlives deployments,
+    and an ``operator.key`` left in an old results folder must open nothing else.
+    """
     temp = folder / "temp"
+    operator_serial = certificate_serial(tls.operator_cert)
     return f"""\
 daemon off;
 master_process on;
@@ -84,7 +99,10 @@ pid {folder / "nginx.pid"};
 error_log {folder / "error.log"} notice;
 events {{ worker_connections 512; }}
 http {{
-    access_log {folder / "access.log"};
+    # Combined format plus total and upstream seconds: what the proxy itself adds.
+    log_format timed '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
+                     'rt=$request_time urt=$upstream_response_time';
+    access_log {folder / "access.log"} timed;
     client_body_temp_path {temp / "body"};
     proxy_temp_path {temp / "proxy"};
     fastcgi_temp_path {temp / "fastcgi"};
@@ -108,7 +126,7 @@ http {{
     upstream public {{ server 127.0.0.1:{ports.public}; keepalive 16; }}
 
     # Public address: the Fleet API for nodes; anything else needs the
-    # operator's client certificate (signed by the CA, for client auth).
+    # operator's client certificate (signed by the CA, for client auth, this one).
     server {{
         listen 127.0.0.1:{ports.public} ssl;
         ssl_client_certificate {tls.ca_cert};
@@ -120,6 +138,9 @@ http {{
         location / {{
             if ($ssl_client_verify != SUCCESS) {{
                 return 403 "privfed: without a client certificate only the Fleet API\\n";
+            }}
+            if ($ssl_client_serial != "{operator_serial}") {{
+                return 403 "privfed: not this deployment's operator certificate\\n";
             }}
             proxy_pass https://superlink;
         }}

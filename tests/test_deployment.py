@@ -230,6 +230,14 @@ def test_outsider_with_address_and_ca_cert_cannot_register_run_or_list(
         400,
         403,
     )
+    # Another deployment's operator certificate from the same (per-user) CA, as an
+    # old results folder would hold it, opens nothing here.
+    other = ensure_tls_files(tmp_path / "old-results" / "certs")
+    assert other.ca_cert.read_bytes() == tls.ca_cert.read_bytes()
+    old_operator = (other.operator_cert, other.operator_key)
+    assert (
+        _post_status(deployment.address, "/v1/control/list-nodes", ca, old_operator) == 403
+    )
     assert deployment.registered_nodes() == []
     deployment.start_supernode(
         0, {"partition-id": 0, "num-partitions": 1}, deployment.node_key(0)
