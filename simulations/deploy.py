@@ -150,8 +150,9 @@ def run_deployment(args: argparse.Namespace) -> int:
         with LocalDeployment(spec) as dep:
             dep.start_superlink()
             mode = (
-                "TLS + SuperNode authentication; nginx lets nodes reach only the "
-                "Fleet API, operator gateway on " + dep.control_address
+                f"TLS + SuperNode authentication; nodes' address: nginx, Fleet API "
+                f"only; operator gateway {dep.control_address}; SuperLink's own port "
+                f"{dep.port}"
                 if not args.insecure
                 else "INSECURE"
             )
