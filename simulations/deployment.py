@@ -24,7 +24,7 @@ import tomli_w
 
 from simulations.certificates import NodeKey, TlsFiles, ensure_node_key, ensure_tls_files
 from simulations.flower_env import CONNECTION_NAME, flower_environment, stage_app
-from simulations.front_proxy import ProxyPorts, start_front_proxy
+from simulations.front_proxy import ProxyPorts, launch_front_proxy, wait_front_proxy
 from simulations.health import wait_serving
 from simulations.processes import (
     ManagedProcess,
@@ -159,8 +159,9 @@ class LocalDeployment:
             ports = ProxyPorts.free(self.port)
             proxy_dir = self.spec.work_dir / "front-proxy"
             proxy_dir.mkdir(exist_ok=True)
-            self.proxy = start_front_proxy(proxy_dir, ports, self.tls, self.env)
+            self.proxy = launch_front_proxy(proxy_dir, ports, self.tls, self.env)
             self._started.append(self.proxy)
+            wait_front_proxy(self.proxy, proxy_dir, ports)
             self.ports = ports
         self._write_connection()
 

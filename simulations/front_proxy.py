@@ -171,13 +171,14 @@ def _accepts(port: int) -> bool:
         return False
 
 
-def start_front_proxy(
+def launch_front_proxy(
     folder: Path, ports: ProxyPorts, tls: TlsFiles, env: dict[str, str]
 ) -> ManagedProcess:
-    """Write the configuration, start nginx in the foreground, wait for both ports.
+    """Write the configuration and start nginx in the foreground (not yet waited on).
 
-    The caller stops the returned process by PID (SIGTERM: nginx's fast shutdown,
-    workers included).
+    The caller records the process at once, to stop it by PID on every path
+    (SIGTERM: nginx's fast shutdown, workers included), then calls
+    :func:`wait_front_proxy`.
     """
     binary = nginx_binary()
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -186,7 +187,12 @@ def start_front_proxy(
     conf.write_text(nginx_config(folder, ports, tls))
     # -e: errors before the configuration is read go here, not to /var/log.
     argv = [binary, "-p", str(folder), "-c", str(conf), "-e", str(folder / "error.log")]
-    proc = ManagedProcess("nginx", argv, env, folder / "nginx.log", folder)
+    return ManagedProcess("nginx", argv, env, folder / "nginx.log", folder)
+
+
+def wait_front_proxy(proc: ManagedProcess, folder: Path, ports: ProxyPorts) -> None:
+    """Wait until both listeners accept connections; else a :class:`ProxyError`
+    carrying nginx's error log."""
     try:
         wait_until(
             lambda: _accepts(ports.public) and _accepts(ports.operator),
@@ -195,9 +201,6 @@ def start_front_proxy(
             proc,
         )
     except (RuntimeError, TimeoutError) as exc:
-        errors = (
-            (folder / "error.log").read_text() if (folder / "error.log").exists() else ""
-        )
-        proc.stop()
+        log = folder / "error.log"
+        errors = log.read_text() if log.exists() else ""
         raise ProxyError(f"{exc}\nnginx error log:\n{errors[-2000:]}") from None
-    return proc
