@@ -3,7 +3,9 @@
 Each SuperNode is its own OS process with its own data shard (``partition-id``)
 and state folder (its privacy ledger and its ``privacy-policy.toml``, written from
 the run's privacy settings unless the node already has one). Certificates and node
-keys are generated into ``--certs-dir`` (reused if present; put your own there).
+keys are generated into ``--certs-dir`` (reused if present; put your own there),
+signed by a CA whose key stays in ``--ca-dir`` (a per-user folder by default, never
+the results folder). nginx fronts the SuperLink: nodes reach only its Fleet API.
 Streams progress, writes the same results folder as a simulated run, and stops
 every process by PID, also on Ctrl-C and on failure.
 
@@ -28,8 +30,14 @@ from client.privacy_policy import POLICY_FILE, PolicyError, PrivacyPolicy
 from common.atomic_files import atomic_write_bytes
 from common.config import ConfigError, RunConfig
 from server.run_outcome import Outcome
-from simulations.certificates import CertificateError, ensure_tls_files
+from simulations.certificates import (
+    CA_DIR_ENV,
+    CertificateError,
+    default_ca_dir,
+    ensure_tls_files,
+)
 from simulations.deployment import DeploymentSpec, LocalDeployment
+from simulations.front_proxy import ProxyError, nginx_binary
 from simulations.processes import become_subreaper, descendants, stop_processes
 from simulations.run import install_sigterm_handler
 from simulations.run_options import (
@@ -52,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_options(p, "SuperNodes to start", ("--nodes",))
     p.add_argument("--certs-dir", type=Path, help="default: <results-dir>/certs")
+    p.add_argument(
+        "--ca-dir",
+        type=Path,
+        help=f"where the CA's key lives (default: ${CA_DIR_ENV}, else "
+        "$XDG_DATA_HOME/privfed/ca or ~/.local/share/privfed/ca)",
+    )
     p.add_argument("--state-root", type=Path, help="default: <results-dir>/nodes")
     p.add_argument("--insecure", action="store_true", help="plaintext, no auth (debug)")
     return resolve_clients(p.parse_args(argv))
@@ -107,6 +121,7 @@ def run_deployment(args: argparse.Namespace) -> int:
     results_dir = Path(overrides["results-dir"])
     certs = (args.certs_dir or results_dir / "certs").expanduser().resolve()
     state_root = (args.state_root or results_dir / "nodes").expanduser().resolve()
+    ca_dir = (args.ca_dir or default_ca_dir()).expanduser().resolve()
     cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
     policies = [
         write_node_policy(state_root / f"node-{i}", cfg) for i in range(args.clients)
@@ -120,7 +135,9 @@ def run_deployment(args: argparse.Namespace) -> int:
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     else:
-        ensure_tls_files(certs)  # a partial folder fails here, before anything starts
+        nginx_binary()  # so do a missing nginx, a partial folder, a loose CA key
+        ensure_tls_files(certs, ca_dir)
+        print(f"[privfed] certificates in {certs}; CA key in {ca_dir}", flush=True)
     become_subreaper()
     install_sigterm_handler()
     # Flower homes and logs live outside the app folder, which `flwr run` packages.
@@ -128,9 +145,16 @@ def run_deployment(args: argparse.Namespace) -> int:
     launched_at, started = time.time(), time.monotonic()
     end: StreamEnd  # set on every path that reaches the report
     try:
-        with LocalDeployment(DeploymentSpec(work, certs, secure=not args.insecure)) as dep:
+        spec = DeploymentSpec(work, certs, secure=not args.insecure, ca_dir=ca_dir)
+        with LocalDeployment(spec) as dep:
             dep.start_superlink()
-            mode = "TLS + SuperNode authentication" if not args.insecure else "INSECURE"
+            mode = (
+                f"TLS + SuperNode authentication; nodes' address: nginx, Fleet API "
+                f"only; operator gateway {dep.control_address}; SuperLink's own port "
+                f"{dep.port}"
+                if not args.insecure
+                else "INSECURE"
+            )
             print(
                 f"[privfed] SuperLink on {dep.address} ({mode}); logs in {work}", flush=True
             )
@@ -173,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run_deployment(args)
-    except (ConfigError, CertificateError, PolicyError) as exc:
+    except (ConfigError, CertificateError, PolicyError, ProxyError) as exc:
         print(f"[privfed] configuration error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,10 @@
 """A real local deployment: one SuperLink and N SuperNodes as separate processes.
 
 Secure by default: TLS with the project's own CA, SuperNode authentication with
-registered EC P-384 keys, and readiness through the gRPC health service. Every
-process binds 127.0.0.1 and is stopped by PID when the deployment closes.
+registered EC P-384 keys, nginx in front of the SuperLink so that whoever can
+reach the nodes' address gets only the Fleet API (see ``front_proxy``), and
+readiness through the gRPC health service. Every process binds 127.0.0.1 and is
+stopped by PID when the deployment closes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tomli_w
 
 from simulations.certificates import NodeKey, TlsFiles, ensure_node_key, ensure_tls_files
 from simulations.flower_env import CONNECTION_NAME, flower_environment, stage_app
+from simulations.front_proxy import ProxyPorts, launch_front_proxy, wait_front_proxy
 from simulations.health import wait_serving
 from simulations.processes import (
     ManagedProcess,
@@ -59,11 +62,15 @@ def node_config_text(values: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    """Where a deployment keeps its files, and whether it is secure."""
+    """Where a deployment keeps its files, and whether it is secure.
+
+    ``ca_dir`` is where the CA's key lives (default: ``default_ca_dir()``).
+    """
 
     work_dir: Path
     certs_dir: Path
     secure: bool = True
+    ca_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.work_dir.is_absolute() or not self.certs_dir.is_absolute():
@@ -90,6 +97,8 @@ class LocalDeployment:
     port: int = field(init=False, default=0)
     tls: TlsFiles | None = field(init=False, default=None)
     superlink: ManagedProcess | None = field(init=False, default=None)
+    proxy: ManagedProcess | None = field(init=False, default=None)
+    ports: ProxyPorts | None = field(init=False, default=None)
     nodes: dict[int, SuperNodeHandle] = field(init=False, default_factory=dict)
     _started: list[ManagedProcess] = field(init=False, default_factory=list)
 
@@ -102,8 +111,17 @@ class LocalDeployment:
 
     @property
     def address(self) -> str:
-        """The SuperLink's ``127.0.0.1:<port>`` (Fleet, Control and runtime APIs)."""
-        return f"127.0.0.1:{self.port}"
+        """The address nodes are given: the front proxy's public one when secure.
+
+        Without a client certificate it serves only the Fleet API. When insecure
+        it is the SuperLink's own port (every API, for anyone).
+        """
+        return f"127.0.0.1:{self.ports.public if self.ports else self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """Where this deployment's ``flwr`` CLI connects: the operator gateway."""
+        return f"127.0.0.1:{self.ports.operator if self.ports else self.port}"
 
     def _log(self, name: str) -> Path:
         logs = self.spec.work_dir / "logs"
@@ -122,7 +140,7 @@ class LocalDeployment:
             "--health-server-address", health,
         ]  # fmt: skip
         if self.spec.secure:
-            self.tls = ensure_tls_files(self.spec.certs_dir)
+            self.tls = ensure_tls_files(self.spec.certs_dir, self.spec.ca_dir)
             argv += [
                 "--ssl-ca-certfile", str(self.tls.ca_cert),
                 "--ssl-certfile", str(self.tls.server_cert),
@@ -136,10 +154,19 @@ class LocalDeployment:
         )
         self._started.append(self.superlink)
         wait_serving(health, self.superlink, STARTUP_TIMEOUT)
+        if self.spec.secure:
+            assert self.tls is not None
+            ports = ProxyPorts.free(self.port)
+            proxy_dir = self.spec.work_dir / "front-proxy"
+            proxy_dir.mkdir(exist_ok=True)
+            self.proxy = launch_front_proxy(proxy_dir, ports, self.tls, self.env)
+            self._started.append(self.proxy)
+            wait_front_proxy(self.proxy, proxy_dir, ports)
+            self.ports = ports
         self._write_connection()
 
     def _write_connection(self) -> None:
-        conn: dict[str, Any] = {"address": self.address}
+        conn: dict[str, Any] = {"address": self.control_address}
         if self.spec.secure:
             assert self.tls is not None
             conn["root-certificates"] = str(self.tls.ca_cert)
@@ -271,13 +298,13 @@ class LocalDeployment:
                 time.sleep(3)
 
     def problem(self) -> str | None:
-        """Why the run cannot go on (the SuperLink died), or None."""
-        link = self.superlink
-        if link is not None and not link.running():
-            return (
-                f"the SuperLink exited with code {link.popen.returncode}; its log "
-                f"({link.log_path}) ends with:\n{link.log_tail()}"
-            )
+        """Why the run cannot go on (the SuperLink or its front proxy died), or None."""
+        for what, proc in (("the SuperLink", self.superlink), ("nginx", self.proxy)):
+            if proc is not None and not proc.running():
+                return (
+                    f"{what} exited with code {proc.popen.returncode}; its log "
+                    f"({proc.log_path}) ends with:\n{proc.log_tail()}"
+                )
         return None
 
     def exited_supernodes(self) -> list[SuperNodeHandle]:

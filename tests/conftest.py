@@ -19,6 +19,7 @@ from flwr.app import (
 )
 
 from common.config import RunConfig
+from simulations.certificates import CA_DIR_ENV
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -84,3 +85,10 @@ def make_context(
 def digits_cfg() -> RunConfig:
     """A small private digits config."""
     return RunConfig(num_rounds=3, target_epsilon=8.0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_ca_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test (and every script it starts) keeps its CA in a temporary folder,
+    never in the real ~/.local/share/privfed/ca."""
+    os.environ[CA_DIR_ENV] = str(tmp_path_factory.mktemp("privfed-ca") / "ca")

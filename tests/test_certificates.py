@@ -10,13 +10,20 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from simulations.certificates import CertificateError, ensure_node_key, ensure_tls_files
+from simulations.certificates import (
+    CA_DIR_ENV,
+    CertificateError,
+    default_ca_dir,
+    ensure_node_key,
+    ensure_tls_files,
+)
 
 
 def test_server_certificate_is_signed_by_the_ca_for_loopback(tmp_path: Path) -> None:
     """The server certificate names localhost/127.0.0.1/::1 and verifies against the CA."""
-    tls = ensure_tls_files(tmp_path)
+    tls = ensure_tls_files(tmp_path / "certs", tmp_path / "ca")
     ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
     server = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)
@@ -29,23 +36,80 @@ def test_server_certificate_is_signed_by_the_ca_for_loopback(tmp_path: Path) -> 
     assert key.public_key().public_numbers() == server.public_key().public_numbers()
 
 
-def test_private_keys_are_owner_only(tmp_path: Path) -> None:
-    """Private keys are written 0600."""
-    ensure_tls_files(tmp_path)
-    pair = ensure_node_key(tmp_path / "keys", "node-0")
-    for path in (tmp_path / "ca.key", tmp_path / "server.key", pair.private_key):
+def test_operator_certificate_is_for_client_auth_only(tmp_path: Path) -> None:
+    """The operator's certificate is signed by the CA for client auth; the server's
+    is for server auth only, so nginx will not take it as a client certificate."""
+    tls = ensure_tls_files(tmp_path / "certs", tmp_path / "ca")
+    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    for path, usage in (
+        (tls.operator_cert, ExtendedKeyUsageOID.CLIENT_AUTH),
+        (tls.server_cert, ExtendedKeyUsageOID.SERVER_AUTH),
+    ):
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        cert.verify_directly_issued_by(ca)
+        assert list(
+            cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        ) == [usage], path.name
+    key = serialization.load_pem_private_key(tls.operator_key.read_bytes(), password=None)
+    operator = x509.load_pem_x509_certificate(tls.operator_cert.read_bytes())
+    assert key.public_key().public_numbers() == operator.public_key().public_numbers()
+
+
+def test_ca_key_stays_in_the_ca_folder_owner_only(tmp_path: Path) -> None:
+    """The CA key is written only to the CA folder (0700, key 0600), never beside
+    the deployment's certificates; all private keys are 0600."""
+    certs, ca_dir = tmp_path / "results" / "certs", tmp_path / "ca"
+    tls = ensure_tls_files(certs, ca_dir)
+    pair = ensure_node_key(certs / "keys", "node-0")
+    assert not list(tmp_path.joinpath("results").rglob("ca.key"))
+    assert stat.S_IMODE(ca_dir.stat().st_mode) == 0o700
+    for path in (ca_dir / "ca.key", tls.server_key, tls.operator_key, pair.private_key):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+    assert (ca_dir / "ca.crt").read_bytes() == tls.ca_cert.read_bytes()
+    # A second deployment's certificates come from the same CA.
+    other = ensure_tls_files(tmp_path / "other", ca_dir)
+    assert other.ca_cert.read_bytes() == tls.ca_cert.read_bytes()
 
 
-def test_existing_folder_is_reused_and_partial_one_refused(tmp_path: Path) -> None:
-    """A complete folder (e.g. the user's own) is kept as is; a partial one is an error."""
-    ensure_tls_files(tmp_path)
-    before = (tmp_path / "server.pem").read_bytes()
-    ensure_tls_files(tmp_path)
-    assert (tmp_path / "server.pem").read_bytes() == before
-    (tmp_path / "server.key").unlink()
-    with pytest.raises(CertificateError, match="lacks server.key"):
-        ensure_tls_files(tmp_path)
+def test_ca_key_in_the_certificate_folder_or_readable_by_others_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A ca.key beside the certificates is refused unless that folder is the chosen
+    CA folder; a CA folder or key others can read is refused, naming the path."""
+    certs, ca_dir = tmp_path / "certs", tmp_path / "ca"
+    ensure_tls_files(certs, ca_dir)
+    (certs / "ca.key").write_bytes((ca_dir / "ca.key").read_bytes())
+    with pytest.raises(CertificateError, match=r"ca\.key: the CA's private key must not"):
+        ensure_tls_files(certs, ca_dir)
+    (certs / "ca.key").unlink()
+
+    own = tmp_path / "own"  # the user's explicit choice: CA and certificates together
+    tls = ensure_tls_files(own, own)
+    assert (own / "ca.key").is_file() and tls.server_cert.is_file()
+    assert ensure_tls_files(own, own) == tls
+
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    with pytest.raises(CertificateError, match=r"loose has mode 0755.*chmod 0700"):
+        ensure_tls_files(tmp_path / "c2", loose)
+    (ca_dir / "ca.key").chmod(0o644)
+    with pytest.raises(CertificateError, match=r"ca\.key has mode 0644.*chmod 0600"):
+        ensure_tls_files(tmp_path / "c3", ca_dir)
+
+
+def test_default_ca_folder_is_per_user_outside_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$PRIVFED_CA_DIR wins; else $XDG_DATA_HOME/privfed/ca; else ~/.local/share."""
+    monkeypatch.setenv(CA_DIR_ENV, str(tmp_path / "chosen"))
+    assert default_ca_dir() == tmp_path / "chosen"
+    monkeypatch.delenv(CA_DIR_ENV)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_ca_dir() == tmp_path / "xdg" / "privfed" / "ca"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_ca_dir() == tmp_path / "home" / ".local" / "share" / "privfed" / "ca"
 
 
 def test_node_keys_are_p384_openssh(tmp_path: Path) -> None:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import socket
+import ssl
+import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,19 +24,20 @@ from client.privacy_policy import POLICY_FILE, PrivacyPolicy
 from client.show_ledger import main as show_ledger
 from common.config import RunConfig
 from common.privacy_ledger import PrivacyLedger, epsilon_of_history
-from simulations.certificates import ensure_tls_files
+from simulations.certificates import CA_DIR_ENV, ensure_node_key, ensure_tls_files
 from simulations.deploy import write_node_policy
 from simulations.deployment import (
     ADMITTED_MARK,
+    BIN,
     DeploymentSpec,
     LocalDeployment,
     SuperNodeRefused,
 )
+from simulations.flower_env import flower_environment, stage_app
 from simulations.processes import (
     become_subreaper,
     descendants,
     stop_processes,
-    wait_until,
 )
 from simulations.run_options import APP_DIR, pyproject_defaults
 from tests.process_watch import (
@@ -72,6 +79,10 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
     assert f"[privfed] results: {results}" in out
     for name in ("summary.json", "rounds.jsonl", "model.pt", "model.ts", "certs/ca.crt"):
         assert (results / name).is_file(), name
+    ca_key = Path(os.environ[CA_DIR_ENV]).resolve() / "ca.key"  # the tests' CA folder
+    assert f"CA key in {ca_key.parent}" in out
+    assert stat.S_IMODE(ca_key.stat().st_mode) == 0o600
+    assert not list(results.rglob("ca.key")), "the CA key was written into the results"
     rounds = _rounds(results)
     assert [r["clients_trained"] for r in rounds] == [3, 3]
     for pid, history in _by_partition(rounds).items():
@@ -162,15 +173,107 @@ def test_unregistered_and_plaintext_supernodes_are_refused(
     assert refusal in link_log and pem.decode().splitlines()[1] in link_log
     assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in link_log
 
-    # The plaintext node cannot get through TLS: it retries and never gets a node ID.
-    failed = "Connection attempt failed"
-    wait_until(
-        lambda: failed in plaintext.process.log_text(), 60, failed, plaintext.process
-    )
+    # The plaintext node cannot get through TLS: the front proxy answers its plain
+    # HTTP with 400, and it gives up without a node ID.
+    with pytest.raises(SuperNodeRefused, match="400 Bad Request"):
+        deployment.wait_ready(2, timeout=60)
     assert ADMITTED_MARK not in plaintext.process.log_text()
     nodes = deployment.registered_nodes()
     assert len(nodes) == 1 and nodes[0]["status"] == "online"
     assert ADMITTED_MARK + f" {nodes[0]['node-id']}" in member.process.log_text()
+
+
+def _post_status(address: str, path: str, ca: Path, cert: tuple[Path, Path] | None) -> int:
+    """The HTTP status of an empty protobuf POST to ``path``, sent byte for byte
+    (no client library normalises the path), optionally with a client certificate."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(*map(str, cert))
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/protobuf"
+        "\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    with (
+        socket.create_connection((host, int(port)), timeout=30) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(request.encode())
+        return int(tls.recv(256).split(b" ", 2)[1])
+
+
+def test_outsider_with_address_and_ca_cert_cannot_register_run_or_list(
+    deployment: LocalDeployment, tmp_path: Path
+) -> None:
+    """Someone given only the nodes' address and ca.crt is refused by the real flwr
+    CLI (register a key, list nodes, list runs, submit a run) and by crafted paths;
+    nothing of it reaches the SuperLink, and a node the operator registers joins."""
+    deployment.start_superlink()
+    assert deployment.tls is not None
+    outsider = tmp_path / "outsider"
+    home = outsider / "flwr-home"
+    home.mkdir(parents=True)
+    ca = outsider / "ca.crt"
+    shutil.copy(deployment.tls.ca_cert, ca)
+    conn = {"address": deployment.address, "root-certificates": str(ca), "insecure": False}
+    config = {"superlink": {"default": "target", "target": conn}}
+    (home / "config.toml").write_text(tomli_w.dumps(config))
+    own_key = ensure_node_key(outsider / "keys", "mine")
+    app = stage_app(APP_DIR, outsider)
+    attempts = {
+        "register": ["supernode", "register", str(own_key.public_key), "target"],
+        "list nodes": ["supernode", "list", "target"],
+        "list runs": ["ls", "target"],
+        "run": ["run", str(app), "target"],
+    }
+    for what, args in attempts.items():
+        done = subprocess.run(
+            [str(BIN / "flwr"), *args], env=flower_environment(home), cwd=outsider,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode != 0, f"{what}: {done.stdout}{done.stderr}"
+        assert "registered successfully" not in done.stdout, what
+    # Paths that normalise differently, and the runtime API: never a 200.
+    for path in (
+        "/v1/control/list-nodes",
+        "/v1/fleet/../control/list-nodes",
+        "/v1/fleet/%2e%2e/control/list-nodes",
+        "/v1/fleet/..%2fcontrol/list-nodes",
+        "//v1/control/list-nodes",
+        "/v1/runtime/get-nodes",
+    ):
+        assert _post_status(deployment.address, path, ca, None) in (400, 403, 404), path
+    link = deployment.superlink
+    assert link is not None and "/v1/control/" not in link.log_text()
+    access = (deployment.spec.work_dir / "front-proxy" / "access.log").read_text()
+    assert '"POST /v1/control/register-node HTTP/1.1" 403' in access
+
+    # The operator's certificate opens the same route; its CLI (via the gateway)
+    # sees that the outsider registered nothing, and registers a node that joins.
+    tls = deployment.tls
+    operator = (tls.operator_cert, tls.operator_key)
+    assert _post_status(deployment.address, "/v1/control/list-nodes", ca, operator) == 200
+    server_as_client = (tls.server_cert, tls.server_key)  # CA-signed, not for clients
+    assert _post_status(
+        deployment.address, "/v1/control/list-nodes", ca, server_as_client
+    ) in (
+        400,
+        403,
+    )
+    # Another deployment's operator certificate from the same (per-user) CA, as an
+    # old results folder would hold it, opens nothing here.
+    other = ensure_tls_files(tmp_path / "old-results" / "certs")
+    assert other.ca_cert.read_bytes() == tls.ca_cert.read_bytes()
+    old_operator = (other.operator_cert, other.operator_key)
+    assert (
+        _post_status(deployment.address, "/v1/control/list-nodes", ca, old_operator) == 403
+    )
+    assert deployment.registered_nodes() == []
+    deployment.start_supernode(
+        0, {"partition-id": 0, "num-partitions": 1}, deployment.node_key(0)
+    )
+    nodes = deployment.registered_nodes()
+    assert len(nodes) == 1 and nodes[0]["status"] == "online"
 
 
 def _wait_for_round(results: Path, n: int, timeout: float = 300) -> None:
@@ -247,12 +350,12 @@ def test_partial_certificate_folder_fails_before_starting(tmp_path: Path) -> Non
     """A certificate folder missing a file exits 2, naming it, with nothing started."""
     certs = tmp_path / "certs"
     ensure_tls_files(certs)
-    (certs / "ca.key").unlink()
+    (certs / "server.key").unlink()
     code, out, watch = run_watched(
         ["--nodes", "2", "--certs-dir", str(certs), "--results-dir", str(tmp_path / "r")],
         timeout=120,
         module="simulations.deploy",
     )
     assert code == 2, out[-3000:]
-    assert "lacks ca.key" in out
+    assert "lacks server.key" in out
     assert not watch.pids
