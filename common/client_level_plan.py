@@ -79,7 +79,8 @@ class ClientLevelSettings:
 
     @property
     def update_noise_multiplier(self) -> float:
-        """z_Δ: all of z with fixed clipping; z less the count's share if adaptive."""
+        """z_Δ: z with fixed clipping; if adaptive, larger than z, so that the update's
+        noise and the count's (2σ_b) compose to exactly z."""
         if self.clipping == "fixed":
             return self.noise_multiplier
         return (self.noise_multiplier**-2 - (2 * self.clipped_count_stddev) ** -2) ** -0.5
