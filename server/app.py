@@ -40,34 +40,26 @@ def make_strategy(
 ) -> PrivateFedAvg:
     """The strategy for ``cfg``: client-level DP keeps its ledger in ``out_dir``; node
     ledgers are witnessed in ``witness`` if given."""
+    shared: dict[str, Any] = {
+        "ledger_witness": witness,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_evaluate_nodes": cfg.min_train_nodes,
+        # min-available-nodes is awaited once, before round 1 (wait_for_nodes); after
+        # that a round needs only min-train-nodes, so the run goes on without a
+        # node that dropped out.
+        "min_available_nodes": cfg.min_train_nodes,
+        "server_learning_rate": cfg.server_learning_rate,
+        "server_momentum": cfg.server_momentum,
+    }
     if cfg.is_client_level:
         if out_dir is None:
             raise ValueError("client-level DP needs the results folder for its ledger")
         ledger = FederationLedger(
             out_dir, cfg.accountant, cfg.delta, cfg.effective_epsilon_budget, run_id
         )
-        return ClientLevelFedAvg(
-            cfg,
-            ledger,
-            ledger_witness=witness,
-            fraction_evaluate=cfg.fraction_evaluate,
-            min_evaluate_nodes=cfg.min_train_nodes,
-            min_available_nodes=cfg.min_train_nodes,
-            server_learning_rate=cfg.server_learning_rate,
-            server_momentum=cfg.server_momentum,
-        )
+        return ClientLevelFedAvg(cfg, ledger, **shared)  # Poisson cohorts, not fraction
     return PrivateFedAvg(
-        ledger_witness=witness,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_train_nodes,
-        min_evaluate_nodes=cfg.min_train_nodes,
-        # min-available-nodes is awaited once, before round 1 (wait_for_nodes); after
-        # that a round needs only min-train-nodes, so the run goes on without a
-        # node that dropped out.
-        min_available_nodes=cfg.min_train_nodes,
-        server_learning_rate=cfg.server_learning_rate,
-        server_momentum=cfg.server_momentum,
+        fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_train_nodes, **shared
     )
 
 
@@ -93,7 +85,9 @@ def summarise(
     }
     last = writer_round(result)
     final_statuses = [o.status.value for o in result.state.latest.values()]
-    outcome = loop_outcome(result.rounds_completed, cfg.num_rounds, final_statuses)
+    outcome = loop_outcome(
+        result.rounds_completed, cfg.num_rounds, final_statuses, result.budget_stop
+    )
     return {
         "status": outcome.value,
         "stop_reason": result.stop_reason,

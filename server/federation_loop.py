@@ -156,6 +156,7 @@ class LoopResult:
     timings: dict[str, float]
     orchestration_per_round: list[float]
     last_record: dict[str, Any] | None = None
+    budget_stop: bool = False  # the server stopped before passing a federation budget
 
 
 def _client_seconds(outcomes: list[ClientOutcome]) -> list[float]:
@@ -186,11 +187,13 @@ def run_rounds(
 
     state = LoopState()
     stop_reason = f"completed all {cfg.num_rounds} rounds"
+    stopped_on_budget = False
     completed = 0
     orchestration: list[float] = []
     for server_round in range(1, cfg.num_rounds + 1):
         budget_stop = strategy.budget_stop(server_round)
         if budget_stop is not None:
+            stopped_on_budget = True
             stop_reason = f"{budget_stop}; stopped after round {completed}"
             log(INFO, "Stopping: %s", stop_reason)
             break
@@ -269,7 +272,10 @@ def run_rounds(
             log(INFO, "Stopping: %s", stop_reason)
             break
     last = writer.rounds[-1] if writer.rounds else None
-    return LoopResult(arrays, completed, stop_reason, state, totals, orchestration, last)
+    return LoopResult(
+        arrays, completed, stop_reason, state, totals, orchestration, last,
+        budget_stop=stopped_on_budget,
+    )  # fmt: skip
 
 
 def _round_record(

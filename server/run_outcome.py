@@ -45,15 +45,21 @@ class Outcome(StrEnum):
 
 
 def loop_outcome(
-    rounds_completed: int, rounds_planned: int, final_statuses: Iterable[str]
+    rounds_completed: int,
+    rounds_planned: int,
+    final_statuses: Iterable[str],
+    budget_stop: bool = False,
 ) -> Outcome:
     """The outcome of a round loop that returned (rather than raised).
 
-    It stops early only when every client refused: on budget, or for another
+    It stops early when the server's client-level budget would be passed
+    (``budget_stop``), or when every client refused: on budget, or for another
     reason (e.g. every node's policy refused the run), which is a failure.
     """
     if rounds_completed >= rounds_planned:
         return Outcome.COMPLETED
+    if budget_stop:
+        return Outcome.BUDGET_EXHAUSTED
     if all(s == Outcome.BUDGET_EXHAUSTED.value for s in final_statuses):
         return Outcome.BUDGET_EXHAUSTED
     return Outcome.FAILED

@@ -522,6 +522,7 @@ def test_budget_stops_before_the_round_that_would_exceed_it(tmp_path: Path) -> N
     summary = summarise(cfg, result, 1.0, strategy)
     block = summary["client_level"]
     assert summary["stop_reason"] == result.stop_reason
+    assert summary["status"] == "budget-exhausted"  # a clean stop, not a failure
     assert block["history"] == [(z, q, 3)] and block["epsilon"] == on_disk["epsilon"]
     for r, record in enumerate(rounds, start=1):
         assert record["privacy_unit"] == "client"
