@@ -47,11 +47,18 @@ def update_norm(arrays: Sequence[np.ndarray]) -> float:
     return math.sqrt(total)
 
 
+# Scaling to exactly C can land a float32 update up to ~1e-7 above C; clipping to
+# C·(1 − 1e-6) keeps every clipped update at most C, as the sensitivity assumes.
+CLIP_MARGIN = 1e-6
+
+
 def clip_update(arrays: Sequence[np.ndarray], clip_norm: float) -> ClippedUpdate:
     """Scale ``arrays`` so their joint L2 norm is at most ``clip_norm``."""
     if not clip_norm > 0:
         raise ValueError(f"clip norm must be > 0, got {clip_norm!r}")
     norm = update_norm(arrays)
-    factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    factor = 1.0
+    if norm > clip_norm:
+        factor = clip_norm * (1 - CLIP_MARGIN) / norm
     clipped = tuple((np.asarray(a, dtype=a.dtype) * factor).astype(a.dtype) for a in arrays)
     return ClippedUpdate(clipped, norm, clip_norm)

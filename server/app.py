@@ -143,6 +143,7 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "[privfed] reproducible-noise = true: %s", noise_statement(cfg))
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     torch.set_num_threads(cfg.torch_threads)
+    strategy: PrivateFedAvg | None = None
     try:
         evaluator = CentralEvaluator(cfg)
         model = build_model(
@@ -167,12 +168,18 @@ def main(grid: Grid, context: Context) -> None:
                     "max_epsilon": summary["max_epsilon"],
                     "accountant": summary["accountant"],
                     "delta": summary["delta"],
+                    "privacy_unit": summary["privacy_unit"],
+                    "epsilon_text": summary["epsilon_text"],
                 },
             )
         writer.write_summary(summary)
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
         summary = failure_summary(reason, writer.rounds, cfg.num_rounds)
+        if strategy is not None and strategy.summary_block() is not None:
+            # The federation ledger may hold a round rounds.jsonl does not (it is
+            # written first): the failed run's client-level ε is the ledger's.
+            summary["client_level"] = strategy.summary_block()
         writer.write_summary({**summary, "traceback": traceback.format_exc()})
         raise
     log(

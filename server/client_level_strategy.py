@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -63,17 +63,20 @@ class ClientLevelFedAvg(PrivateFedAvg):
         self.round_arrays: ArrayRecord | None = None
         self.last_round: RoundAggregate | None = None
         self.cohort: list[int] = []
+        self.population: frozenset[int] = frozenset()
 
     # -- hooks the round loop calls -------------------------------------------------
-    def start_run(self, population: int) -> None:
-        """Fix n (nodes connected at the start) and the mechanism; check δ < 1/n."""
-        settings = plan_client_level(self.cfg, population)
+    def start_run(self, node_ids: Sequence[int]) -> None:
+        """Fix the population (the nodes connected at the start), n, and the mechanism;
+        check δ < 1/n."""
+        settings = plan_client_level(self.cfg, len(set(node_ids)))
+        self.population = frozenset(node_ids)
         self.dp = ClientLevelAggregator(settings)
         log(
             INFO,
             "[privfed] client-level DP: n %d, q %.4g (expected cohort %.1f), z %.4f "
             "(update %.4f), %s clipping from C %.4g",
-            population, settings.sampling_rate, settings.expected_cohort,
+            settings.population, settings.sampling_rate, settings.expected_cohort,
             settings.noise_multiplier, settings.update_noise_multiplier,
             settings.clipping, settings.initial_clip_norm,
         )  # fmt: skip
@@ -145,9 +148,10 @@ class ClientLevelFedAvg(PrivateFedAvg):
         if self.current_arrays is None:
             self.current_arrays = arrays  # FedAvgM's reference for its server step
         self.round_arrays = arrays
-        self.cohort = poisson_cohort(
-            sorted(grid.get_node_ids()), self.cfg.client_sampling_rate, self.rng
-        )
+        # Only the n nodes of the start: q·n and δ < 1/n were fixed for them. A node
+        # that joins later waits for the next run.
+        present = sorted(self.population.intersection(grid.get_node_ids()))
+        self.cohort = poisson_cohort(present, self.cfg.client_sampling_rate, self.rng)
         config["server-round"] = server_round
         config[CLIP_NORM_KEY] = float(self._aggregator().clip_norm)
         record = RecordDict({"arrays": arrays, "config": config})
@@ -169,8 +173,17 @@ class ClientLevelFedAvg(PrivateFedAvg):
             parsed = self.ledger_witness.check(server_round, parsed)
         updates: list[tuple[list[np.ndarray], bool]] = []
         outcomes: list[ClientOutcome] = []
+        counted: set[int] = set()
         for reply, outcome in zip(replies, parsed, strict=True):
+            if outcome.status is Status.TRAINED and (
+                outcome.node_id not in self.cohort or outcome.node_id in counted
+            ):  # Flower's link state prevents both; one update per sampled node
+                outcome = dataclasses.replace(
+                    outcome, status=Status.ERROR,
+                    reason="client-level update rejected: not one reply per sampled node",
+                )  # fmt: skip
             if outcome.status is Status.TRAINED:
+                counted.add(outcome.node_id)
                 outcome, update = _checked_update(outcome, reply, keys, current)
                 if update is not None:
                     updates.append((update, bool(outcome.below_clip)))
@@ -207,7 +220,7 @@ class ClientLevelFedAvg(PrivateFedAvg):
     # -- helpers --------------------------------------------------------------------
     def _aggregator(self) -> ClientLevelAggregator:
         if self.dp is None:
-            raise RuntimeError("start_run(population) comes before the first round")
+            raise RuntimeError("start_run(node_ids) comes before the first round")
         return self.dp
 
     def _settings(self) -> ClientLevelSettings:
@@ -238,7 +251,10 @@ def _checked_update(
     record = reply.content.array_records[UPDATE_KEY]
     if list(record.keys()) != keys:
         return broken(f"arrays {list(record.keys())} do not match the model's {keys}")
-    arrays = record.to_numpy_ndarrays()
+    try:
+        arrays = record.to_numpy_ndarrays()
+    except (ValueError, TypeError) as exc:  # e.g. bytes that are not an array
+        return broken(f"arrays do not decode: {exc}")
     for key, got, want in zip(keys, arrays, current, strict=True):
         if got.shape != want.shape or got.dtype != want.dtype:
             return broken(f"{key!r} is {got.dtype}{list(got.shape)}, "

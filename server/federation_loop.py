@@ -20,6 +20,8 @@ from server.client_outcomes import ClientOutcome
 from server.results import ResultsWriter
 from server.strategy import PrivateFedAvg
 
+CLIENT_LEVEL_FAILED_ROUNDS = 3  # see run_rounds
+
 
 class NodesUnavailable(RuntimeError):
     """Fewer nodes than required connected before the timeout."""
@@ -179,13 +181,14 @@ def run_rounds(
     wait_started = time.monotonic()
     connected = wait_for_nodes(grid, cfg.min_available_nodes, cfg.node_wait_timeout)
     log(INFO, "%d nodes connected; starting %d rounds", connected, cfg.num_rounds)
-    strategy.start_run(connected)
+    strategy.start_run(list(grid.get_node_ids()))
     totals = {
         "startup_to_round_1": time.monotonic() - app_started,
         "wait_for_nodes": time.monotonic() - wait_started,
     }
 
     state = LoopState()
+    failed_rounds = 0  # rounds in a row in which every instructed client failed
     stop_reason = f"completed all {cfg.num_rounds} rounds"
     stopped_on_budget = False
     completed = 0
@@ -208,7 +211,14 @@ def run_rounds(
         t["aggregated"] = time.monotonic()
         outcomes = strategy.last_outcomes
         state.record(outcomes)
-        check_round(server_round, outcomes, len(instructions))
+        all_failed = bool(instructions) and all(
+            o.status.counter == "failed" for o in outcomes
+        )
+        failed_rounds = failed_rounds + 1 if all_failed else 0
+        # A client-level round is ledgered and noised whoever fails (one bad client
+        # in a cohort of one must not end the run); it fails on a run of such rounds.
+        if not cfg.is_client_level or failed_rounds >= CLIENT_LEVEL_FAILED_ROUNDS:
+            check_round(server_round, outcomes, len(instructions))
         if new_arrays is not None:
             arrays = new_arrays
 

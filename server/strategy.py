@@ -9,7 +9,7 @@ released ``num-examples``) weights by examples.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from logging import WARNING
 from typing import Any
 
@@ -65,8 +65,8 @@ class PrivateFedAvg(FedAvgM):
         return witness.annotate(messages, self.configrecord_key)
 
     # -- hooks the round loop calls (client-level DP overrides them) ----------------
-    def start_run(self, population: int) -> None:
-        """Called once, when the nodes needed to start have connected."""
+    def start_run(self, node_ids: Sequence[int]) -> None:
+        """Called once, with the nodes connected when the run starts."""
 
     def budget_stop(self, server_round: int) -> str | None:
         """Why the run must stop before ``server_round``; record-level budgets are the

@@ -166,7 +166,7 @@ def _strategy(tmp_path: Path, population: int, **overrides: Any) -> ClientLevelF
     (tmp_path / "results").mkdir(parents=True, exist_ok=True)
     strategy = make_strategy(cfg, tmp_path / "results")
     assert isinstance(strategy, ClientLevelFedAvg)
-    strategy.start_run(population)
+    strategy.start_run(range(1, population + 1))  # the test grids' node ids
     return strategy
 
 
@@ -671,3 +671,50 @@ def test_device_refuses_replayable_client_level_noise_unless_its_policy_allows_i
     assert report.status is Status.POLICY_REFUSED
     assert "'reproducible-noise'" in str(report.reason)
     assert "allow-reproducible-noise" in str(report.reason)
+
+
+def test_only_the_nodes_of_the_start_are_sampled(tmp_path: Path) -> None:
+    """n and δ < 1/n were fixed for the nodes connected at the start: a node that
+    joins later is never instructed (it waits for the next run)."""
+    strategy = _strategy(tmp_path, 3, client_sampling_rate=1.0)
+    messages = list(
+        strategy.configure_train(1, _tiny_arrays(), ConfigRecord(), _Nodes([1, 2, 3, 99]))
+    )
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+
+
+def test_a_second_reply_or_one_from_outside_the_cohort_is_not_summed(
+    tmp_path: Path,
+) -> None:
+    """One update per sampled node per round, whatever arrives (Flower's link state
+    already refuses both; the strategy does not rely on it)."""
+    strategy = _strategy(tmp_path, 3, client_sampling_rate=1.0, reproducible_noise=True)
+    messages = list(
+        strategy.configure_train(1, _tiny_arrays(), ConfigRecord(), _Nodes([1, 2]))
+    )
+    first = _update_reply(messages[0], _small_update(1))
+    again = _update_reply(messages[0], _small_update(1))
+    strategy.aggregate_train(1, [first, again])
+    statuses = [o.status for o in strategy.last_outcomes]
+    assert statuses == [Status.TRAINED, Status.ERROR]
+    assert strategy.last_round is not None and strategy.last_round.cohort == 1
+
+
+def test_undecodable_update_bytes_are_an_error_not_a_crash(tmp_path: Path) -> None:
+    """An update array whose bytes are not an array is rejected; the round goes on."""
+    strategy = _strategy(tmp_path, 2, client_sampling_rate=1.0, reproducible_noise=True)
+    messages = list(
+        strategy.configure_train(1, _tiny_arrays(), ConfigRecord(), _Nodes([1, 2]))
+    )
+    good = _update_reply(messages[0], _small_update(1))
+    bad = _update_reply(messages[1], _small_update(2))
+    record = bad.content.array_records[UPDATE_KEY]
+    name = next(iter(record.keys()))
+    record[name] = Array(
+        dtype=record[name].dtype, shape=record[name].shape, stype="numpy.ndarray",
+        data=b"garbage",
+    )  # fmt: skip
+    new, _ = strategy.aggregate_train(1, [good, bad])
+    assert new is not None
+    outcome = strategy.last_outcomes[1]
+    assert outcome.status is Status.ERROR and "do not decode" in (outcome.reason or "")

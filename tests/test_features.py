@@ -20,7 +20,7 @@ from common.features import SCATTERING_SHAPE, ScatteringFront, compute_features
 from common.models import build_model, count_parameters
 from server.model_export import export_model
 from simulations.presets import PRESETS
-from simulations.run_options import add_run_options, build_overrides
+from simulations.run_options import add_run_options, build_overrides, resolve_clients
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,7 +103,7 @@ def test_exported_model_takes_raw_images(tmp_path: Path) -> None:
 def _parse(*argv: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     add_run_options(p, "nodes")
-    return p.parse_args(list(argv))
+    return resolve_clients(p.parse_args(list(argv)))
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -117,7 +117,9 @@ def test_presets_are_valid_configs(name: str, tmp_path: Path) -> None:
         overrides = build_overrides(args)
     except ConfigError as exc:  # the IDX files are not on this machine
         pytest.skip(str(exc))
-    assert overrides["num-rounds"] == 3 and overrides["batch-size"] == 512
+    assert overrides["num-rounds"] == 3
+    assert overrides["batch-size"] == preset["batch-size"]
+    assert overrides["min-available-nodes"] == (PRESETS[name].clients or 10)
     assert overrides.get("partitioner") == preset.get("partitioner")
     assert overrides["target-epsilon"] == 3.0
 
