@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,22 +67,29 @@ def start_script(module: str, args: list[str]) -> subprocess.Popen[str]:
     )
 
 
-def run_watched(
-    args: list[str], timeout: float = 600, module: str = "simulations.run"
-) -> tuple[int, str, Watch]:
-    proc = start_script(module, args)
+@contextmanager
+def watching(proc: subprocess.Popen[str]) -> Iterator[Watch]:
+    """Record ``proc``'s process tree while the block runs; kill it if still alive."""
     watch, stop = Watch(), threading.Event()
     watcher = threading.Thread(
         target=watch_tree, args=(psutil.Process(proc.pid), watch, stop)
     )
     watcher.start()
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        yield watch
     finally:
         stop.set()
         watcher.join()
         if proc.poll() is None:
             proc.kill()
+
+
+def run_watched(
+    args: list[str], timeout: float = 600, module: str = "simulations.run"
+) -> tuple[int, str, Watch]:
+    proc = start_script(module, args)
+    with watching(proc) as watch:
+        out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out, watch
 
 
@@ -116,13 +125,8 @@ def signal_after(
 ) -> tuple[int, str, Watch]:
     """Run a script, send it ``sig`` once it prints a line containing ``mark``."""
     proc = start_script(module, args)
-    watch, stop = Watch(), threading.Event()
-    watcher = threading.Thread(
-        target=watch_tree, args=(psutil.Process(proc.pid), watch, stop)
-    )
-    watcher.start()
     lines: list[str] = []
-    try:
+    with watching(proc) as watch:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
@@ -131,9 +135,4 @@ def signal_after(
                 break
         rest, _ = proc.communicate(timeout=timeout)
         lines.append(rest)
-    finally:
-        stop.set()
-        watcher.join()
-        if proc.poll() is None:
-            proc.kill()
     return proc.returncode, "".join(lines), watch
