@@ -77,7 +77,7 @@ def row(results: Path, wall: float | None = None) -> str:
     cells = [name, f"{accuracy:.4f}" if accuracy is not None else "—"]
     block = summary.get("client_level")
     if block is None:
-        cells += ["non-private"] + ["—"] * 4
+        cells += ["non-private"] + ["—"] * 3
     else:
         rdp, pld = dp_accounting_epsilons(block)
         cells += [
