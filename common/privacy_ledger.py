@@ -124,6 +124,20 @@ def _whole(value: Any) -> int:
 
 
 @dataclass(frozen=True)
+class BudgetCheck:
+    """What one more round would cost, and whether the budget allows it."""
+
+    epsilon_before: float
+    epsilon_after: float
+    budget: float
+
+    @property
+    def allowed(self) -> bool:
+        """True when the round keeps cumulative ε within the budget."""
+        return self.epsilon_after <= self.budget
+
+
+@dataclass(frozen=True)
 class PrivacyLedger:
     """Everything one client has spent, across every round it trained in."""
 
@@ -233,6 +247,14 @@ class PrivacyLedger:
             self.runs[-1] if self.runs else 0,
         )
         return probe.epsilon()
+
+    def check_round(
+        self, noise_multiplier: float, sample_rate: float, steps: int, budget: float
+    ) -> BudgetCheck:
+        """ε now and after one more round of ``steps`` steps, against ``budget``."""
+        return BudgetCheck(
+            self.epsilon(), self.epsilon_after(noise_multiplier, sample_rate, steps), budget
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (JSON-safe)."""

@@ -6,28 +6,20 @@ round for every partition before anything starts (``simulations/preflight.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from common.config import RunConfig
 from common.dp_plan import RoundPlan, calibrate_noise_multiplier, plan_round
-from common.privacy_ledger import PrivacyLedger
+from common.privacy_ledger import BudgetCheck, PrivacyLedger
 
 
 @dataclass(frozen=True)
-class RoundDecision:
+class RoundDecision(BudgetCheck):
     """σ, the planned round, ε before and after it, and whether it fits the budget."""
 
-    plan: RoundPlan
-    noise_multiplier: float
-    epsilon_before: float
-    epsilon_after: float
-    budget: float
-
-    @property
-    def allowed(self) -> bool:
-        """True when training this round keeps cumulative ε within the budget."""
-        return self.epsilon_after <= self.budget
+    plan: RoundPlan = field(kw_only=True)
+    noise_multiplier: float = field(kw_only=True)
 
 
 @lru_cache(maxsize=64)
@@ -71,12 +63,10 @@ def decide_round(
     """
     plan = plan_round(num_examples, cfg.batch_size, cfg.local_epochs)
     sigma = noise_multiplier_for(cfg, plan, ledger, run_id)
+    budget = min(cfg.effective_epsilon_budget, policy_budget)
+    check = ledger.check_round(sigma, plan.sample_rate, plan.steps, budget)
     return RoundDecision(
-        plan=plan,
-        noise_multiplier=sigma,
-        epsilon_before=ledger.epsilon(),
-        epsilon_after=ledger.epsilon_after(sigma, plan.sample_rate, plan.steps),
-        budget=min(cfg.effective_epsilon_budget, policy_budget),
+        check.epsilon_before, check.epsilon_after, budget, plan=plan, noise_multiplier=sigma
     )
 
 

@@ -88,7 +88,7 @@ class ClientLevelFedAvg(PrivateFedAvg):
             return None
         return (
             f"client-level ε budget: round {server_round} would bring ε from "
-            f"{check.epsilon_now:.3f} to {check.epsilon_after:.3f} > {check.budget:.3f}"
+            f"{check.epsilon_before:.3f} to {check.epsilon_after:.3f} > {check.budget:.3f}"
         )
 
     def round_privacy(self) -> dict[str, Any]:

@@ -13,28 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.atomic_files import atomic_write_bytes
-from common.privacy_ledger import PrivacyLedger
+from common.privacy_ledger import BudgetCheck, PrivacyLedger
 
 LEDGER_FILE = "federation-ledger.json"
-
-
-@dataclass(frozen=True)
-class BudgetCheck:
-    """What the next round would cost, and whether the budget allows it."""
-
-    epsilon_now: float
-    epsilon_after: float
-    budget: float
-
-    @property
-    def allowed(self) -> bool:
-        """The round keeps cumulative ε within the budget."""
-        return self.epsilon_after <= self.budget
 
 
 class FederationLedger:
@@ -55,8 +40,7 @@ class FederationLedger:
 
     def check(self, noise_multiplier: float, sampling_rate: float) -> BudgetCheck:
         """The ε one more round of (z, q) would bring, against the budget."""
-        after = self.ledger.epsilon_after(noise_multiplier, sampling_rate, 1)
-        return BudgetCheck(self.epsilon(), after, self.budget)
+        return self.ledger.check_round(noise_multiplier, sampling_rate, 1, self.budget)
 
     def record_round(
         self,
