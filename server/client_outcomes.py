@@ -69,7 +69,8 @@ class ClientOutcome:
 
 
 def outcome_from_reply(reply: Message) -> ClientOutcome:
-    """Parse a training reply; a Flower error or an off-contract reply is an ``error``."""
+    """Parse a training reply; a Flower error is an ``error``, an off-contract reply is
+    ``rejected`` (the node answered, the server refuses what it sent)."""
     node_id = int(reply.metadata.src_node_id)
     if reply.has_error():
         return ClientOutcome(node_id, Status.ERROR, reason=reply.error.reason)
@@ -77,7 +78,7 @@ def outcome_from_reply(reply: Message) -> ClientOutcome:
         report = TrainReport.from_content(reply.content)
     except ReplyError as exc:
         return ClientOutcome(
-            node_id, Status.ERROR, reason=f"reply breaks the contract: {exc}"
+            node_id, Status.REJECTED, reason=f"reply breaks the contract: {exc}"
         )
     return ClientOutcome(
         node_id=node_id,
