@@ -46,9 +46,10 @@ class ClientOutcome:
         return len(self.ledger.rounds) if self.ledger is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``rounds.jsonl`` form; an infinite ε (a non-private release) is null."""
-        ledger = self.ledger
-        epsilon = self.epsilon
+        """The ``rounds.jsonl`` form; an infinite ε (a non-private release) is null, and
+        a rejected reply's ledger is not trusted, so none of its privacy facts shows."""
+        ledger = self.ledger if self.status is not Status.REJECTED else None
+        epsilon = self.epsilon if ledger is not None else None
         return {
             "node_id": self.node_id,
             "partition_id": self.partition_id,
@@ -60,7 +61,7 @@ class ClientOutcome:
             "rounds_trained": self.rounds_trained,
             "steps_total": ledger.total_steps if ledger else None,
             "history": ledger.history() if ledger else None,
-            "ledger_released": ledger is not None,
+            "ledger_released": self.ledger is not None,
             "client_seconds": self.client_seconds,
             "num_examples": self.num_examples,
             "train_loss": self.train_loss,

@@ -17,7 +17,8 @@ import client.app as client_app
 from common.config import RunConfig
 from tests.conftest import make_context, make_message
 
-Tamper = Callable[[Message, int], Message]  # (honest reply, server round) -> reply
+# (honest reply, server round) -> the reply the server gets, or None: no reply
+Tamper = Callable[[Message, int], Message | None]
 
 
 class InProcessGrid:
@@ -44,7 +45,8 @@ class InProcessGrid:
             if node in self.tamper:
                 server_round = int(message.content["config"]["server-round"])
                 reply = self.tamper[node](reply, server_round)
-            self.waiting[delivered.metadata.message_id] = reply
+            if reply is not None:
+                self.waiting[delivered.metadata.message_id] = reply
             ids.append(delivered.metadata.message_id)
         return ids
 

@@ -401,6 +401,8 @@ BAD_UPDATES: dict[str, dict[str, Any]] = {
     "int": {"w": np.zeros((3, 4), np.int32), "b": np.zeros(4, np.int32)},
     "keys": {"weight": np.zeros((3, 4), np.float32), "bias": np.zeros(4, np.float32)},
     "missing": {"w": np.zeros((3, 4), np.float32)},
+    # C = 0.5: an honest client clips before sending; the server rejects, not re-clips
+    "over-norm": {"w": np.full((3, 4), 0.2, np.float32), "b": np.zeros(4, np.float32)},
 }
 
 
@@ -437,6 +439,8 @@ def test_malformed_update_is_an_error_and_never_reaches_the_aggregate(
     by_node = {o.node_id: o for o in strategy.last_outcomes}
     assert by_node[3].status is Status.REJECTED
     assert "client-level update rejected" in str(by_node[3].reason)
+    if bad == "over-norm":
+        assert "> this round's clip norm 0.5" in str(by_node[3].reason)
     assert [by_node[n].status for n in (1, 2)] == [Status.TRAINED] * 2
     assert strategy.last_round is not None and strategy.last_round.cohort == 2
     assert got is not None and want is not None
