@@ -49,10 +49,12 @@ def _norm(arrays: list[np.ndarray]) -> float:
         raise UpdateRejected(str(exc)) from None
 
 
-def checked_arrays(record: ArrayRecord, reference: ArrayRecord) -> list[np.ndarray]:
-    """``record``'s arrays if names, shapes and dtypes equal ``reference``'s and all
-    values are finite."""
-    keys, got_keys = list(reference.keys()), list(record.keys())
+def checked_arrays(
+    record: ArrayRecord, keys: list[str], reference: list[np.ndarray]
+) -> list[np.ndarray]:
+    """``record``'s arrays if their names, shapes and dtypes equal the model's (``keys``,
+    ``reference``) and all values are finite."""
+    got_keys = list(record.keys())
     if got_keys != keys:
         missing = sorted(set(keys) - set(got_keys))
         extra = sorted(set(got_keys) - set(keys))
@@ -71,7 +73,7 @@ def checked_arrays(record: ArrayRecord, reference: ArrayRecord) -> list[np.ndarr
         arrays = record.to_numpy_ndarrays()
     except (ValueError, TypeError) as exc:  # e.g. bytes that are not an array
         raise UpdateRejected(f"arrays do not decode: {exc}") from None
-    for key, got, want in zip(keys, arrays, reference.to_numpy_ndarrays(), strict=True):
+    for key, got, want in zip(keys, arrays, reference, strict=True):
         if got.shape != want.shape or got.dtype != want.dtype:
             raise UpdateRejected(
                 f"{key!r} is {got.dtype}{list(got.shape)}, "
@@ -88,6 +90,7 @@ class UpdateValidator:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.accepted: dict[int, PrivacyLedger] = {}  # node id -> its last accepted ledger
+        self._decoded: tuple[ArrayRecord, list[str], list[np.ndarray]] | None = None
 
     def validate(
         self,
@@ -105,8 +108,9 @@ class UpdateValidator:
         try:
             self._check_claims(server_round, outcome)
             key = UPDATE_KEY if client_level else ARRAYS_KEY
-            arrays = checked_arrays(reply.content.array_records[key], reference)
-            self._check_norm(arrays, reference, clip_norm)
+            keys, model = self._model(reference)
+            arrays = checked_arrays(reply.content.array_records[key], keys, model)
+            self._check_norm(arrays, model, clip_norm)
         except UpdateRejected as exc:
             scope = "client-level update" if client_level else "update"
             reason = f"{scope} rejected: {exc}"
@@ -117,9 +121,19 @@ class UpdateValidator:
             self.accepted[outcome.node_id] = outcome.ledger
         return outcome, arrays
 
+    def _model(self, reference: ArrayRecord) -> tuple[list[str], list[np.ndarray]]:
+        """The round's global model decoded once, not once per reply."""
+        if self._decoded is None or self._decoded[0] is not reference:
+            self._decoded = (
+                reference,
+                list(reference.keys()),
+                reference.to_numpy_ndarrays(),
+            )
+        return self._decoded[1], self._decoded[2]
+
     # -- checks -------------------------------------------------------------------
     def _check_norm(
-        self, arrays: list[np.ndarray], reference: ArrayRecord, clip_norm: float | None
+        self, arrays: list[np.ndarray], model: list[np.ndarray], clip_norm: float | None
     ) -> None:
         if self.cfg.is_client_level:
             if clip_norm is None:
@@ -134,10 +148,8 @@ class UpdateValidator:
         bound = self.cfg.max_update_norm
         if bound == 0:
             return
-        global_arrays = reference.to_numpy_ndarrays()
         change = [
-            got.astype(np.float64) - want
-            for got, want in zip(arrays, global_arrays, strict=True)
+            got.astype(np.float64) - want for got, want in zip(arrays, model, strict=True)
         ]
         norm = _norm(change)
         if norm > bound:

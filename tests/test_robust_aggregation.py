@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -22,7 +22,12 @@ from server.app import make_strategy
 from server.central_evaluation import CentralEvaluator
 from server.federation_loop import run_rounds
 from server.results import ResultsWriter
-from tests.in_process_federation import InProcessGrid, federation, weights, with_arrays
+from simulations.in_process_federation import (
+    InProcessGrid,
+    colluding_push,
+    federation,
+    weights,
+)
 
 ROUNDS = 5
 ATTACK_NORM = 200.0  # far above an honest update (~6 here), within max-update-norm
@@ -34,22 +39,6 @@ def _server_process(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, key, 1)  # as the ServerApp process has
 
 
-def _attack(reply: Message, _round: int) -> Message:
-    """The honest weights plus one fixed direction of norm 200 (the two attackers
-    collude: the same direction, every round)."""
-    honest = weights(reply)
-    rng = np.random.default_rng(7)
-    push = {k: rng.standard_normal(v.shape) for k, v in honest.items()}
-    norm = float(np.sqrt(sum(np.sum(p**2) for p in push.values())))
-    return with_arrays(
-        reply,
-        {
-            k: (honest[k] + push[k] * (ATTACK_NORM / norm)).astype(honest[k].dtype)
-            for k in honest
-        },
-    )
-
-
 def _accuracy(tmp_path: Path, aggregation: str, attacked: bool) -> tuple[float, int]:
     """Final central accuracy after ROUNDS rounds over 10 clients; rejected replies."""
     cfg = RunConfig(
@@ -58,7 +47,8 @@ def _accuracy(tmp_path: Path, aggregation: str, attacked: bool) -> tuple[float, 
         min_train_nodes=10, min_available_nodes=10,
     )  # fmt: skip
     contexts = federation(cfg, range(10), 10)
-    tamper = {100: _attack, 101: _attack} if attacked else {}
+    attack = colluding_push(ATTACK_NORM)  # the two attackers push the same way
+    tamper = {100: attack, 101: attack} if attacked else {}
     evaluator = CentralEvaluator(cfg)
     initial = build_model(cfg.dataset, evaluator.num_classes, seed=cfg.seed)
     out = tmp_path / f"{aggregation}-{attacked}"

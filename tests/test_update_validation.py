@@ -30,7 +30,7 @@ from server.federation_loop import RoundFailed, run_rounds
 from server.results import ResultsWriter
 from server.robust_aggregation import AggregateNotFinite
 from server.strategy import PrivateFedAvg
-from tests.in_process_federation import (
+from simulations.in_process_federation import (
     InProcessGrid,
     Tamper,
     federation,

@@ -1,24 +1,54 @@
 """A federation in one process: real ClientApp training behind a Grid, no Flower processes.
 
-Each node is a simulation context (its ledger lives in ``context.state``) that trains
-with :func:`client.app.train`; a node may be given a ``tamper`` function that rewrites
-its honest reply before the server sees it (a malicious or broken client).
+For tests and benchmarks of the server's own logic (update validation, aggregation
+rules), where a real SuperLink would only add minutes; a run goes through
+``simulations.run``. Each node is a simulation context (its ledger lives in
+``context.state``) that trains with :func:`client.app.train`; a node may be given a
+``tamper`` function that rewrites its honest reply before the server sees it (a
+malicious or broken client).
 """
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    Metadata,
+    RecordDict,
+)
 
 import client.app as client_app
 from common.config import RunConfig
-from tests.conftest import make_context, make_message
+
+_ids = itertools.count(1)
 
 # (honest reply, server round) -> the reply the server gets, or None: no reply
 Tamper = Callable[[Message, int], Message | None]
+
+
+def _delivered(message: Message, node: int) -> Message:
+    """``message`` as a SuperNode would deliver it (ids and times filled in)."""
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"in-process-{next(_ids)}",
+        src_node_id=1,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600,
+        message_type=message.metadata.message_type,
+    )
+    return Message(content=message.content, metadata=metadata)
 
 
 class InProcessGrid:
@@ -40,7 +70,7 @@ class InProcessGrid:
         ids = []
         for message in messages:
             node = int(message.metadata.dst_node_id)
-            delivered = make_message(message.content, message.metadata.message_type, node)
+            delivered = _delivered(message, node)
             reply = client_app.train(delivered, self.contexts[node])
             if node in self.tamper:
                 server_round = int(message.content["config"]["server-round"])
@@ -59,7 +89,13 @@ def federation(
 ) -> dict[int, Context]:
     """One simulation context per partition, node ids ``first_node + partition``."""
     return {
-        first_node + pid: make_context(cfg, pid, num_partitions, first_node + pid)
+        first_node + pid: Context(
+            run_id=1,
+            node_id=first_node + pid,
+            node_config={"partition-id": pid, "num-partitions": num_partitions},
+            state=RecordDict(),
+            run_config=cfg.to_run_config(),
+        )
         for pid in partitions
     }
 
@@ -89,3 +125,20 @@ def weights(reply: Message) -> dict[str, np.ndarray]:
     """The reply's model weights by name."""
     record = reply.content["arrays"]
     return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
+
+
+def colluding_push(norm: float, seed: int = 7) -> Tamper:
+    """An attacker's tamper: its honest weights plus one fixed random direction of L2
+    norm ``norm``; attackers built with the same seed push the same way, every round."""
+
+    def tamper(reply: Message, _round: int) -> Message:
+        honest = weights(reply)
+        rng = np.random.default_rng(seed)
+        push = {k: rng.standard_normal(v.shape) for k, v in honest.items()}
+        scale = norm / float(np.sqrt(sum(np.sum(p**2) for p in push.values())))
+        return with_arrays(
+            reply,
+            {k: (honest[k] + push[k] * scale).astype(honest[k].dtype) for k in honest},
+        )
+
+    return tamper
