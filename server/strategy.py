@@ -41,8 +41,10 @@ def _train_loss(replies: list[RecordDict], weight_key: str) -> MetricRecord:
 class PrivateFedAvg(FedAvgM):
     """FedAvg over the clients that trained; refusals and failures are recorded.
 
-    Only replies with status ``trained`` are averaged. The outcome of every
-    reply of the last training round is kept in :attr:`last_outcomes`. With
+    Only replies with status ``trained`` that pass update validation
+    (``validator``, :mod:`server.update_validation`) are aggregated: by the weighted
+    mean, or by a robust ``rule`` (:mod:`server.robust_aggregation`). The outcome of
+    every reply of the last training round is kept in :attr:`last_outcomes`. With
     ``server_learning_rate`` 1 and ``server_momentum`` 0 (the defaults) this is
     plain FedAvg; otherwise Flower's FedAvgM step is applied to the average
     (post-processing of the private updates: no privacy cost).
