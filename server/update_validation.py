@@ -101,7 +101,15 @@ class UpdateValidator:
         clip_norm: float | None = None,
     ) -> tuple[ClientOutcome, list[np.ndarray] | None]:
         """The outcome (``rejected`` with a reason if a check fails) and the reply's
-        arrays; anything but a ``trained`` reply passes through unchanged."""
+        arrays. A ``budget-exhausted`` reply's ledger is checked against the node's
+        previous one too (its ε is recorded); other replies pass through unchanged."""
+        if outcome.status is Status.BUDGET_EXHAUSTED and outcome.ledger is not None:
+            try:
+                self._check_ledger(outcome.ledger, outcome.node_id, grew=False)
+            except UpdateRejected as exc:
+                return self._rejected(server_round, outcome, f"budget refusal: {exc}"), None
+            self.accepted[outcome.node_id] = outcome.ledger
+            return outcome, None
         if outcome.status is not Status.TRAINED:
             return outcome, None
         client_level = self.cfg.is_client_level
@@ -113,13 +121,17 @@ class UpdateValidator:
             self._check_norm(arrays, model, clip_norm)
         except UpdateRejected as exc:
             scope = "client-level update" if client_level else "update"
-            reason = f"{scope} rejected: {exc}"
-            log(WARNING, "round %d: node %d (partition %s): %s", server_round,
-                outcome.node_id, outcome.partition_id, reason)  # fmt: skip
-            return dataclasses.replace(outcome, status=Status.REJECTED, reason=reason), None
+            return self._rejected(server_round, outcome, f"{scope} rejected: {exc}"), None
         if outcome.ledger is not None:
             self.accepted[outcome.node_id] = outcome.ledger
         return outcome, arrays
+
+    def _rejected(
+        self, server_round: int, outcome: ClientOutcome, reason: str
+    ) -> ClientOutcome:
+        log(WARNING, "round %d: node %d (partition %s): %s", server_round,
+            outcome.node_id, outcome.partition_id, reason)  # fmt: skip
+        return dataclasses.replace(outcome, status=Status.REJECTED, reason=reason)
 
     def _model(self, reference: ArrayRecord) -> tuple[list[str], list[np.ndarray]]:
         """The round's global model decoded once, not once per reply."""
@@ -174,11 +186,6 @@ class UpdateValidator:
         ledger = outcome.ledger
         if ledger is None:
             return  # the node's policy keeps it; no ε is recorded for it
-        if ledger.accountant != cfg.accountant:
-            raise UpdateRejected(
-                f"the ledger's accountant is {ledger.accountant!r}, the run's is "
-                f"{cfg.accountant!r} (run config key 'accountant')"
-            )
         if not ledger.rounds or ledger.rounds[-1] != server_round:
             last = ledger.rounds[-1] if ledger.rounds else None
             raise UpdateRejected(
@@ -187,9 +194,19 @@ class UpdateValidator:
             )
         if cfg.is_private:
             self._check_plan(outcome)
-        previous = self.accepted.get(outcome.node_id)
+        self._check_ledger(ledger, outcome.node_id, grew=True)
+
+    def _check_ledger(self, ledger: PrivacyLedger, node_id: int, grew: bool) -> None:
+        """The run's accountant, and an extension of the node's last accepted ledger
+        (with one more round or more if it ``grew``: it trained since)."""
+        if ledger.accountant != self.cfg.accountant:
+            raise UpdateRejected(
+                f"the ledger's accountant is {ledger.accountant!r}, the run's is "
+                f"{self.cfg.accountant!r} (run config key 'accountant')"
+            )
+        previous = self.accepted.get(node_id)
         if previous is not None:
-            _check_extends(previous, ledger)
+            _check_extends(previous, ledger, grew)
 
     def _check_plan(self, outcome: ClientOutcome) -> None:
         """The last ledger round is the one ``planning-records`` (the weight) plans."""
@@ -216,16 +233,17 @@ class UpdateValidator:
             )
 
 
-def _check_extends(previous: PrivacyLedger, ledger: PrivacyLedger) -> None:
-    """The node's ledger now extends the one it reported before: same δ, more
-    rounds, no fewer steps, no lower ε."""
+def _check_extends(previous: PrivacyLedger, ledger: PrivacyLedger, grew: bool) -> None:
+    """The node's ledger now extends the one it reported before: same δ, more rounds
+    (as many if it did not train since), no fewer steps, no lower ε."""
     if ledger.delta != previous.delta:
         raise UpdateRejected(
             f"the ledger's δ changed from {previous.delta:g} to {ledger.delta:g}"
         )
-    if len(ledger.rounds) <= len(previous.rounds):
+    if len(ledger.rounds) < len(previous.rounds) + int(grew):
+        more = "more than" if grew else "at least"
         raise UpdateRejected(
-            f"the ledger records {len(ledger.rounds)} rounds, not more than the "
+            f"the ledger records {len(ledger.rounds)} rounds, not {more} the "
             f"{len(previous.rounds)} it reported before"
         )
     if ledger.total_steps < previous.total_steps:

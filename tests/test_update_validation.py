@@ -23,7 +23,7 @@ import server.app as server_app
 from common.config import RunConfig
 from common.models import build_model
 from common.privacy_ledger import LedgerEntry, PrivacyLedger
-from common.reply import Status
+from common.reply import Status, TrainReport
 from server.app import make_strategy
 from server.central_evaluation import CentralEvaluator
 from server.federation_loop import RoundFailed, run_rounds
@@ -113,8 +113,12 @@ def _stale_ledger() -> Tamper:
     return tamper
 
 
-def _from_round_2(tamper: Tamper) -> Tamper:
-    return lambda reply, rnd: tamper(reply, rnd) if rnd >= 2 else reply
+def _refusal_with_an_empty_ledger(reply: Message, server_round: int) -> Message:
+    """Round 2: 'budget exhausted', with a ledger that forgets round 1 (ε 0)."""
+    if server_round == 1:
+        return reply
+    report = TrainReport.budget_exhausted(2, PrivacyLedger("rdp", CFG.delta))
+    return Message(content=report.to_content(), metadata=reply.metadata)
 
 
 # name -> (tamper, rounds to play, what the reason must say)
@@ -148,6 +152,11 @@ ATTACKS: dict[str, tuple[Tamper, int, str]] = {
     ),
     "decreasing epsilon": (_lower_epsilon, 2, "cumulative ε decreased from"),
     "stale ledger": (_stale_ledger(), 2, "does not record round 2 (its last round is 1)"),
+    "refusal with a rolled-back ledger": (
+        _refusal_with_an_empty_ledger,
+        2,
+        "budget refusal: the ledger records 0 rounds, not at least the 1 it reported",
+    ),
     "missing planning-records": (
         _report_change(planning_records=None),
         1,
@@ -341,3 +350,33 @@ def _server_context(cfg: RunConfig) -> Context:
         run_id=1, node_id=0, node_config={}, state=RecordDict(),
         run_config=cfg.to_run_config(),
     )  # fmt: skip
+
+
+def test_an_honest_budget_refusal_passes_validation() -> None:
+    """A node whose budget runs out after round 1 refuses round 2 with its real ledger:
+    the refusal is checked against round 1's ledger and stands."""
+
+    def play(cfg: RunConfig) -> list:
+        grid = InProcessGrid(federation(cfg, [0], 3))
+        strategy = make_strategy(cfg)
+        arrays = ArrayRecord(build_model("digits", seed=cfg.seed).state_dict())
+        outcomes = []
+        for server_round in (1, 2):
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            replies = grid.pull_messages(grid.push_messages(messages))
+            new, _ = strategy.aggregate_train(server_round, replies)
+            arrays = new or arrays
+            outcomes += strategy.last_outcomes
+        return outcomes
+
+    fixed = _fields(
+        CFG, target_epsilon=0.0, noise_multiplier=1.0, min_train_nodes=1,
+        min_available_nodes=1,
+    )  # fmt: skip
+    first = play(fixed)[0]
+    assert first.status is Status.TRAINED and first.epsilon is not None
+    tight = _fields(fixed, epsilon_budget=first.epsilon * 1.01)
+    trained, refused = play(tight)
+    assert trained.status is Status.TRAINED
+    assert refused.status is Status.BUDGET_EXHAUSTED
+    assert refused.epsilon == pytest.approx(first.epsilon)
