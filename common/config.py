@@ -191,6 +191,8 @@ class RunConfig:
             )
         if self.is_client_level and self.aggregation != "fedavg":
             # The client-level accountant assumes the noised mean of clipped updates.
+            # Secure aggregation (a later issue) will refuse robust rules as well: the
+            # server sees only the sum, so there is nothing to take a median of.
             raise ConfigError(
                 "run config keys 'aggregation' and 'privacy-mode': client-level DP "
                 "accounts for the noised mean of clipped updates, so it needs "

@@ -10,7 +10,8 @@ round and against what the same node reported before in this run:
 - claims: the reply's kind matches the run's privacy mode; a released ledger uses
   the run's accountant, records this round, and extends the node's previous ledger
   (same δ, steps and ε never lower); with sample-level DP its last round's q and
-  steps are the ones its ``planning-records`` (the aggregation weight) give.
+  steps are the ones its ``planning-records`` (the aggregation weight) give. A
+  ``budget-exhausted`` reply's ledger is held to the same extension rule.
 
 A reply that fails becomes a :attr:`~common.reply.Status.REJECTED` outcome whose
 reason says which check failed; it is never aggregated and its ledger is not
