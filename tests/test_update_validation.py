@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import server.app as server_app
@@ -380,3 +380,44 @@ def test_an_honest_budget_refusal_passes_validation() -> None:
     assert trained.status is Status.TRAINED
     assert refused.status is Status.BUDGET_EXHAUSTED
     assert refused.epsilon == pytest.approx(first.epsilon)
+
+
+def test_honest_client_level_updates_pass_and_an_unclipped_one_is_rejected(
+    tmp_path: Path,
+) -> None:
+    """Real client-level rounds (clipped changes, the node's ledger released) pass
+    round after round; the same node skipping its clipping is rejected, not re-clipped."""
+    cfg = RunConfig(
+        privacy_mode="client", target_epsilon=0.0, noise_multiplier=1.0,
+        client_sampling_rate=1.0, client_clip_norm=0.05, num_rounds=3,
+        min_available_nodes=3, min_train_nodes=1, reproducible_noise=True,
+    )  # fmt: skip
+    contexts = federation(cfg, [0, 1, 2], 3)
+
+    def unclipped(reply: Message, _round: int) -> Message:
+        update = reply.content["update"]
+        arrays = dict(zip(update.keys(), update.to_numpy_ndarrays(), strict=True))
+        scaled = {k: v * np.float32(10) for k, v in arrays.items()}  # 10 C
+        record = ArrayRecord({k: Array(v) for k, v in scaled.items()})
+        content = RecordDict({**dict(reply.content.items()), "update": record})
+        return Message(content=content, metadata=reply.metadata)
+
+    grid = InProcessGrid(contexts, {BAD: lambda r, n: unclipped(r, n) if n == 3 else r})
+    (tmp_path / "results").mkdir()
+    strategy = make_strategy(cfg, tmp_path / "results")
+    strategy.start_run(list(contexts))
+    arrays = ArrayRecord(build_model("digits", seed=cfg.seed).state_dict())
+    statuses = []
+    for server_round in (1, 2, 3):
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        replies = grid.pull_messages(grid.push_messages(messages))
+        new, _ = strategy.aggregate_train(server_round, replies)
+        arrays = new or arrays
+        statuses.append({o.node_id: o.status for o in strategy.last_outcomes})
+    assert (
+        statuses[:2]
+        == [{100: Status.TRAINED, 101: Status.TRAINED, BAD: Status.TRAINED}] * 2
+    )
+    assert statuses[2][BAD] is Status.REJECTED
+    (bad,) = [o for o in strategy.last_outcomes if o.node_id == BAD]
+    assert "> this round's clip norm 0.05" in str(bad.reason)
