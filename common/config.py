@@ -21,6 +21,7 @@ CLIPPING_MODES = ("fixed", "adaptive")  # client-level update clipping
 GRAD_SAMPLE_MODES = ("direct", "hooks", "ew", "functorch")
 FEATURE_MAPS = ("pixels", "scattering")  # see common/features.py
 EXPORT_COMPRESSIONS = ("none", "int8", "int8+prune")  # see server/model_compression.py
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")  # server/robust_aggregation.py
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,12 @@ RULES: dict[str, _Rule] = {
     "torch-threads": _Rule(int, lambda v: 1 <= v <= 256, "an integer in [1, 256]"),
     "results-dir": _Rule(str, lambda v: True, "a directory path, or '' for results/"),
     "export-compression": _choice(EXPORT_COMPRESSIONS),
+    "max-update-norm": _Rule(
+        float, lambda v: v >= 0, "a number >= 0 (0 = no bound on the update norm)"
+    ),
+    "aggregation": _choice(AGGREGATIONS),
+    "trim-fraction": _Rule(float, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "krum-byzantine": _Rule(int, lambda v: v >= 0, "an integer >= 0"),
 }
 
 
@@ -150,6 +157,10 @@ class RunConfig:
     torch_threads: int = 1
     results_dir: str = ""
     export_compression: str = "int8"
+    max_update_norm: float = 1000.0
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2
+    krum_byzantine: int = 1
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -177,6 +188,17 @@ class RunConfig:
             raise ConfigError(
                 "run config keys 'features' and 'dataset': 'scattering' needs 28x28 "
                 "images (fashion-mnist or mnist), got dataset 'digits'"
+            )
+        if self.is_client_level and self.aggregation != "fedavg":
+            # The client-level accountant assumes the noised mean of clipped updates.
+            # Secure aggregation (a later issue) will refuse robust rules as well: the
+            # server sees only the sum, so there is nothing to take a median of.
+            raise ConfigError(
+                "run config keys 'aggregation' and 'privacy-mode': client-level DP "
+                "accounts for the noised mean of clipped updates, so it needs "
+                f"aggregation='fedavg', got aggregation={self.aggregation!r} with "
+                "privacy-mode='client' (robust rules are allowed with 'sample' and "
+                "'none')"
             )
         if self.classes_per_client > 10:  # every supported dataset has 10 classes
             raise ConfigError(

@@ -39,7 +39,13 @@ class ReplyError(ValueError):
 
 
 class Status(StrEnum):
-    """How a client answered; :attr:`ERROR` is the server's label for a failed reply."""
+    """How a client answered.
+
+    :attr:`ERROR` and :attr:`REJECTED` are the server's labels, never sent by a
+    client: a reply that failed (a Flower error, no content), and one the server
+    received but refused to use (off the contract, or failing update validation,
+    :mod:`server.update_validation`).
+    """
 
     TRAINED = "trained"
     SCORED = "scored"  # federated evaluation ran
@@ -49,6 +55,7 @@ class Status(StrEnum):
     DATA_ERROR = "data-error"  # the node's data failed its checks at load
     NODE_ERROR = "node-error"  # a device failed; only the exception type is sent
     ERROR = "error"
+    REJECTED = "rejected"
 
     @property
     def refused(self) -> bool:
@@ -60,6 +67,8 @@ class Status(StrEnum):
         """The progress-line and ``rounds.jsonl`` counter this status adds to."""
         if self in (Status.TRAINED, Status.SCORED):
             return "trained"
+        if self is Status.REJECTED:
+            return "rejected"
         return "refused" if self.refused else "failed"
 
 

@@ -25,8 +25,10 @@ from server.ledger_witness import LedgerWitness
 from server.model_export import export_model
 from server.plots import plot_rounds
 from server.results import ResultsWriter, resolve_results_dir
+from server.robust_aggregation import make_rule
 from server.run_outcome import failure_summary, loop_outcome, summarise_start_failure
 from server.strategy import PrivateFedAvg
+from server.update_validation import UpdateValidator
 
 app = ServerApp()
 
@@ -51,6 +53,7 @@ def make_strategy(
         "server_learning_rate": cfg.server_learning_rate,
         "server_momentum": cfg.server_momentum,
     }
+    shared["validator"] = UpdateValidator(cfg)  # every trained reply, before aggregation
     if cfg.is_client_level:
         if out_dir is None:
             raise ValueError("client-level DP needs the results folder for its ledger")
@@ -59,8 +62,9 @@ def make_strategy(
         )
         return ClientLevelFedAvg(cfg, ledger, **shared)  # Poisson cohorts, not fraction
     return PrivateFedAvg(
-        fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_train_nodes, **shared
-    )
+        fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_train_nodes,
+        rule=make_rule(cfg), **shared,
+    )  # fmt: skip
 
 
 _PRIVACY_MODELS = {
@@ -110,6 +114,7 @@ def summarise(
         "budget_refusals": result.state.refusals,
         "policy_refusals": result.state.policy_refusals,
         "client_failures": result.state.failures,
+        "rejected_updates": result.state.rejections,
         "wall_seconds": round(wall_seconds, 3),
         "time_breakdown_seconds": {k: round(v, 3) for k, v in result.timings.items()},
         "orchestration_seconds_per_round_median": _median_orchestration(result),

@@ -34,8 +34,7 @@ from common.client_level_plan import (
 )
 from common.config import RunConfig
 from common.dp_randomness import reproducible_seed, round_generator
-from common.reply import CLIP_NORM_KEY, UPDATE_KEY, Status
-from common.update_clipping import UpdateError, update_norm
+from common.reply import CLIP_NORM_KEY, Status
 from server.client_level_dp import (
     ClientLevelAggregator,
     RoundAggregate,
@@ -45,6 +44,7 @@ from server.client_level_dp import (
 from server.client_outcomes import ClientOutcome, outcome_from_reply
 from server.federation_ledger import FederationLedger
 from server.strategy import WEIGHT_KEY, PrivateFedAvg
+from server.update_validation import UpdateValidator
 
 SERVER_PARTITION = -2  # the server's "partition" in reproducible-noise seeds
 
@@ -167,6 +167,7 @@ class ClientLevelFedAvg(PrivateFedAvg):
         assert self.round_arrays is not None, "configure_train comes first"
         keys = list(self.round_arrays.keys())
         current = self.round_arrays.to_numpy_ndarrays()
+        clip_norm = self._aggregator().clip_norm  # the C this round's cohort was sent
         replies = list(replies)
         parsed = [outcome_from_reply(reply) for reply in replies]
         if self.ledger_witness is not None:  # a reply behind the witness: an error
@@ -179,12 +180,14 @@ class ClientLevelFedAvg(PrivateFedAvg):
                 outcome.node_id not in self.cohort or outcome.node_id in counted
             ):  # Flower's link state prevents both; one update per sampled node
                 outcome = dataclasses.replace(
-                    outcome, status=Status.ERROR,
+                    outcome, status=Status.REJECTED,
                     reason="client-level update rejected: not one reply per sampled node",
                 )  # fmt: skip
             if outcome.status is Status.TRAINED:
                 counted.add(outcome.node_id)
-                outcome, update = _checked_update(outcome, reply, keys, current)
+                outcome, update = self._validator().validate(
+                    server_round, reply, outcome, self.round_arrays, clip_norm
+                )
                 if update is not None:
                     updates.append((update, bool(outcome.below_clip)))
             outcomes.append(outcome)
@@ -223,6 +226,11 @@ class ClientLevelFedAvg(PrivateFedAvg):
             raise RuntimeError("start_run(node_ids) comes before the first round")
         return self.dp
 
+    def _validator(self) -> UpdateValidator:
+        if self.validator is None:  # client-level updates are always validated
+            self.validator = UpdateValidator(self.cfg)
+        return self.validator
+
     def _settings(self) -> ClientLevelSettings:
         return self._aggregator().settings
 
@@ -233,34 +241,3 @@ class ClientLevelFedAvg(PrivateFedAvg):
         elif outcome.status.counter == "failed":
             log(WARNING, "round %d: node %d failed: %s", server_round, outcome.node_id,
                 outcome.reason)  # fmt: skip
-
-
-def _checked_update(
-    outcome: ClientOutcome, reply: Message, keys: list[str], current: list[np.ndarray]
-) -> tuple[ClientOutcome, list[np.ndarray] | None]:
-    """The reply's clipped change, or an ``error`` outcome naming what is wrong."""
-
-    def broken(why: str) -> tuple[ClientOutcome, None]:
-        failed = dataclasses.replace(
-            outcome, status=Status.ERROR, reason=f"client-level update rejected: {why}"
-        )
-        return failed, None
-
-    if outcome.below_clip is None:
-        return broken("a client-level round needs an 'update' reply, got model weights")
-    record = reply.content.array_records[UPDATE_KEY]
-    if list(record.keys()) != keys:
-        return broken(f"arrays {list(record.keys())} do not match the model's {keys}")
-    try:
-        arrays = record.to_numpy_ndarrays()
-    except (ValueError, TypeError) as exc:  # e.g. bytes that are not an array
-        return broken(f"arrays do not decode: {exc}")
-    for key, got, want in zip(keys, arrays, current, strict=True):
-        if got.shape != want.shape or got.dtype != want.dtype:
-            return broken(f"{key!r} is {got.dtype}{list(got.shape)}, "
-                          f"not {want.dtype}{list(want.shape)}")  # fmt: skip
-    try:
-        update_norm(arrays)
-    except UpdateError as exc:
-        return broken(str(exc))
-    return outcome, arrays

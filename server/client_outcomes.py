@@ -46,9 +46,10 @@ class ClientOutcome:
         return len(self.ledger.rounds) if self.ledger is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``rounds.jsonl`` form; an infinite ε (a non-private release) is null."""
-        ledger = self.ledger
-        epsilon = self.epsilon
+        """The ``rounds.jsonl`` form; an infinite ε (a non-private release) is null, and
+        a rejected reply's ledger is not trusted, so none of its privacy facts shows."""
+        ledger = self.ledger if self.status is not Status.REJECTED else None
+        epsilon = self.epsilon if ledger is not None else None
         return {
             "node_id": self.node_id,
             "partition_id": self.partition_id,
@@ -60,7 +61,7 @@ class ClientOutcome:
             "rounds_trained": self.rounds_trained,
             "steps_total": ledger.total_steps if ledger else None,
             "history": ledger.history() if ledger else None,
-            "ledger_released": ledger is not None,
+            "ledger_released": self.ledger is not None,
             "client_seconds": self.client_seconds,
             "num_examples": self.num_examples,
             "train_loss": self.train_loss,
@@ -69,7 +70,8 @@ class ClientOutcome:
 
 
 def outcome_from_reply(reply: Message) -> ClientOutcome:
-    """Parse a training reply; a Flower error or an off-contract reply is an ``error``."""
+    """Parse a training reply; a Flower error is an ``error``, an off-contract reply is
+    ``rejected`` (the node answered, the server refuses what it sent)."""
     node_id = int(reply.metadata.src_node_id)
     if reply.has_error():
         return ClientOutcome(node_id, Status.ERROR, reason=reply.error.reason)
@@ -77,7 +79,7 @@ def outcome_from_reply(reply: Message) -> ClientOutcome:
         report = TrainReport.from_content(reply.content)
     except ReplyError as exc:
         return ClientOutcome(
-            node_id, Status.ERROR, reason=f"reply breaks the contract: {exc}"
+            node_id, Status.REJECTED, reason=f"reply breaks the contract: {exc}"
         )
     return ClientOutcome(
         node_id=node_id,

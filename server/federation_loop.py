@@ -28,24 +28,34 @@ class NodesUnavailable(RuntimeError):
 
 
 class RoundFailed(RuntimeError):
-    """No client trained or refused in a round: every reply failed, or none came."""
+    """No client trained or refused in a round: every reply failed or was rejected, or
+    none came."""
+
+
+UNUSABLE = ("failed", "rejected")  # Status.counter values of replies that give nothing
 
 
 def check_round(server_round: int, outcomes: list[ClientOutcome], sent: int) -> None:
-    """Raise :class:`RoundFailed` when a round produced nothing but failures.
+    """Raise :class:`RoundFailed` when a round produced nothing but failures and
+    rejected updates.
 
     A round that instructed nobody (an empty Poisson cohort, client-level DP) is
     valid: it adds noise only.
     """
-    if sent == 0 or any(o.status.counter != "failed" for o in outcomes):
+    if sent == 0 or any(o.status.counter not in UNUSABLE for o in outcomes):
         return
     if not outcomes:
         raise RoundFailed(f"round {server_round}: no client replied in time")
     first = outcomes[0].reason or "unknown error"
-    raise RoundFailed(
-        f"round {server_round}: all {len(outcomes)} clients failed; first error: "
-        f"{first[-1500:]}"
-    )
+    rejected = sum(o.status is Status.REJECTED for o in outcomes)
+    if rejected == 0:
+        what = f"all {len(outcomes)} clients failed; first error"
+    elif rejected == len(outcomes):
+        what = f"all {len(outcomes)} updates were rejected; first reason"
+    else:
+        failed = len(outcomes) - rejected
+        what = f"no usable update ({failed} failed, {rejected} rejected); first reason"
+    raise RoundFailed(f"round {server_round}: {what}: {first[-1500:]}")
 
 
 def wait_for_nodes(grid: Grid, required: int, timeout: float, poll: float = 0.1) -> int:
@@ -104,12 +114,17 @@ class LoopState:
     refusals: int = 0  # budget-exhausted replies
     policy_refusals: int = 0
     failures: int = 0
+    rejections: int = 0  # replies the server refused (server/update_validation.py)
 
     def record(self, outcomes: list[ClientOutcome]) -> None:
-        """Remember each node's latest outcome (failures keep the older privacy)."""
+        """Remember each node's latest outcome (failures and rejected replies keep the
+        older privacy facts: a rejected reply's ledger is not trusted)."""
         for outcome in outcomes:
             if outcome.status.counter == "failed":
                 self.failures += 1
+                continue
+            if outcome.status.counter == "rejected":
+                self.rejections += 1
                 continue
             if outcome.status is Status.BUDGET_EXHAUSTED:
                 self.refusals += 1
@@ -212,7 +227,7 @@ def run_rounds(
         outcomes = strategy.last_outcomes
         state.record(outcomes)
         all_failed = bool(instructions) and all(
-            o.status.counter == "failed" for o in outcomes
+            o.status.counter in UNUSABLE for o in outcomes
         )
         failed_rounds = failed_rounds + 1 if all_failed else 0
         # A client-level round is ledgered and noised whoever fails (one bad client
@@ -296,7 +311,7 @@ def _round_record(
     central: dict[str, float],
     fed_metrics: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    counts = {"trained": 0, "refused": 0, "failed": 0}
+    counts = {"trained": 0, "refused": 0, "failed": 0, "rejected": 0}
     for o in outcomes:
         counts[o.status.counter] += 1
     top = state.most_spent()
@@ -350,7 +365,7 @@ def _log_progress(record: dict[str, Any], cfg: RunConfig) -> None:
     log(
         INFO,
         "[privfed] round %d/%d | accuracy %.4f | %s | trained %d, refused %d, "
-        "failed %d | %.1f s",
+        "failed %d, rejected %d | %.1f s",
         record["round"],
         cfg.num_rounds,
         record["central"]["accuracy"],
@@ -358,5 +373,6 @@ def _log_progress(record: dict[str, Any], cfg: RunConfig) -> None:
         record["clients_trained"],
         record["clients_refused"],
         record["clients_failed"],
+        record["clients_rejected"],
         record["seconds"],
     )

@@ -15,12 +15,14 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvgM
+from flwr.serverapp.strategy import FedAvg, FedAvgM
 from flwr.supercore import log
 
 from common.reply import EVAL_METRICS, EvaluateReport, ReplyError, Status
 from server.client_outcomes import ClientOutcome, outcome_from_reply
 from server.ledger_witness import LedgerWitness
+from server.robust_aggregation import aggregate_with, require_finite
+from server.update_validation import UpdateValidator
 
 WEIGHT_KEY = "aggregation-weight"  # set by the server, never sent by a client
 
@@ -39,25 +41,38 @@ def _train_loss(replies: list[RecordDict], weight_key: str) -> MetricRecord:
 class PrivateFedAvg(FedAvgM):
     """FedAvg over the clients that trained; refusals and failures are recorded.
 
-    Only replies with status ``trained`` are averaged. The outcome of every
-    reply of the last training round is kept in :attr:`last_outcomes`. With
+    Only replies with status ``trained`` that pass update validation
+    (``validator``, :mod:`server.update_validation`) are aggregated: by the weighted
+    mean, or by a robust ``rule`` (:mod:`server.robust_aggregation`). The outcome of
+    every reply of the last training round is kept in :attr:`last_outcomes`. With
     ``server_learning_rate`` 1 and ``server_momentum`` 0 (the defaults) this is
     plain FedAvg; otherwise Flower's FedAvgM step is applied to the average
     (post-processing of the private updates: no privacy cost).
     """
 
     def __init__(
-        self, ledger_witness: LedgerWitness | None = None, **kwargs: object
+        self,
+        ledger_witness: LedgerWitness | None = None,
+        validator: UpdateValidator | None = None,
+        rule: FedAvg | None = None,
+        **kwargs: object,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", _train_loss)
         super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)  # type: ignore[arg-type]
         self.last_outcomes: list[ClientOutcome] = []
         self.ledger_witness = ledger_witness
+        self.validator = validator  # None: no update validation (benchmarks, tests)
+        self.rule = rule  # a robust rule (server/robust_aggregation.py); None: the mean
+        if rule is not None:  # it reads the same weights and losses as the mean
+            rule.weighted_by_key = WEIGHT_KEY
+            rule.train_metrics_aggr_fn = self.train_metrics_aggr_fn
+        self.round_arrays: ArrayRecord | None = None  # the global model sent this round
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's instructions, each with the ledger fingerprint seen from its node."""
+        self.round_arrays = arrays  # what update validation compares replies with
         messages = super().configure_train(server_round, arrays, config, grid)
         witness = self.ledger_witness
         if witness is None:
@@ -89,6 +104,13 @@ class PrivateFedAvg(FedAvgM):
         outcomes = [outcome_from_reply(reply) for reply in replies]
         if self.ledger_witness is not None:  # a reply behind the witness becomes an error
             outcomes = self.ledger_witness.check(server_round, outcomes)
+        if self.validator is not None:  # a reply failing a check becomes 'rejected'
+            if self.round_arrays is None:
+                raise RuntimeError("configure_train comes before aggregate_train")
+            outcomes = [
+                self.validator.validate(server_round, reply, outcome, self.round_arrays)[0]
+                for reply, outcome in zip(replies, outcomes, strict=True)
+            ]
         self.last_outcomes = outcomes
         weighted: list[Message] = []
         for reply, outcome in zip(replies, outcomes, strict=True):
@@ -109,12 +131,25 @@ class PrivateFedAvg(FedAvgM):
                     outcome.status.value,
                     f": {outcome.reason}" if outcome.reason else "",
                 )
-            else:
+            elif outcome.status.counter == "failed":  # rejections: the validator logs
                 log(WARNING, "round %d: node %d failed: %s", server_round,
                     outcome.node_id, outcome.reason)  # fmt: skip
         if not weighted:
             return None, None
-        return super().aggregate_train(server_round, weighted)
+        if self.rule is None:
+            arrays, metrics = super().aggregate_train(server_round, weighted)
+        else:  # the robust aggregate, then FedAvgM's server step on it
+            robust, metrics = aggregate_with(self.rule, server_round, weighted)
+            if robust is None:
+                return None, None
+            content = RecordDict(
+                {"arrays": robust, "weight": MetricRecord({WEIGHT_KEY: 1.0})}
+            )
+            arrays, _ = super().aggregate_train(
+                server_round, [Message(content=content, metadata=weighted[0].metadata)]
+            )
+        require_finite(server_round, arrays)
+        return arrays, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -401,6 +401,8 @@ BAD_UPDATES: dict[str, dict[str, Any]] = {
     "int": {"w": np.zeros((3, 4), np.int32), "b": np.zeros(4, np.int32)},
     "keys": {"weight": np.zeros((3, 4), np.float32), "bias": np.zeros(4, np.float32)},
     "missing": {"w": np.zeros((3, 4), np.float32)},
+    # C = 0.5: an honest client clips before sending; the server rejects, not re-clips
+    "over-norm": {"w": np.full((3, 4), 0.2, np.float32), "b": np.zeros(4, np.float32)},
 }
 
 
@@ -435,8 +437,10 @@ def test_malformed_update_is_an_error_and_never_reaches_the_aggregate(
     strategy, got = _round_with(tmp_path, bad)
     reference, want = _round_with(tmp_path, None)
     by_node = {o.node_id: o for o in strategy.last_outcomes}
-    assert by_node[3].status is Status.ERROR
+    assert by_node[3].status is Status.REJECTED
     assert "client-level update rejected" in str(by_node[3].reason)
+    if bad == "over-norm":
+        assert "> this round's clip norm 0.5" in str(by_node[3].reason)
     assert [by_node[n].status for n in (1, 2)] == [Status.TRAINED] * 2
     assert strategy.last_round is not None and strategy.last_round.cohort == 2
     assert got is not None and want is not None
@@ -699,7 +703,7 @@ def test_a_second_reply_or_one_from_outside_the_cohort_is_not_summed(
     again = _update_reply(messages[0], _small_update(1))
     strategy.aggregate_train(1, [first, again])
     statuses = [o.status for o in strategy.last_outcomes]
-    assert statuses == [Status.TRAINED, Status.ERROR]
+    assert statuses == [Status.TRAINED, Status.REJECTED]
     assert strategy.last_round is not None and strategy.last_round.cohort == 1
 
 
@@ -720,4 +724,4 @@ def test_undecodable_update_bytes_are_an_error_not_a_crash(tmp_path: Path) -> No
     new, _ = strategy.aggregate_train(1, [good, bad])
     assert new is not None
     outcome = strategy.last_outcomes[1]
-    assert outcome.status is Status.ERROR and "do not decode" in (outcome.reason or "")
+    assert outcome.status is Status.REJECTED and "do not decode" in (outcome.reason or "")

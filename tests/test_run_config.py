@@ -54,6 +54,10 @@ BAD_VALUES: dict[str, list[Any]] = {
     "torch-threads": [1.5, 0, 257],
     "results-dir": [0, None],
     "export-compression": [8, "INT8", "int4", "prune", True],
+    "max-update-norm": ["1", -1.0, True, float("inf"), float("nan")],
+    "aggregation": [0, "mean", "Median", "multikrum", ""],
+    "trim-fraction": [-0.1, 0.5, 1.0, "0.2"],
+    "krum-byzantine": [-1, 1.5, True, "2"],
 }
 
 
@@ -104,6 +108,10 @@ def test_pyproject_table_matches_the_code() -> None:
         (
             {"local-test-fraction": 0.0, "fraction-evaluate": 0.5},
             ("'local-test-fraction'",),
+        ),
+        (
+            {"privacy-mode": "client", "aggregation": "median"},
+            ("'aggregation'", "'privacy-mode'"),
         ),
     ],
 )

@@ -139,6 +139,7 @@ def test_server_momentum_applies_fedavgm_to_the_trained_average() -> None:
     strategy = make_strategy(cfg)
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
     strategy.current_arrays = initial  # what configure_train records in round 1
+    strategy.round_arrays = initial  # the model sent, for update validation
     plain = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1)
     average, _ = plain.aggregate_train(1, replies)
     assert average is not None
@@ -149,6 +150,7 @@ def test_server_momentum_applies_fedavgm_to_the_trained_average() -> None:
     m1 = x0 - avg
     x1 = x0 - 1.5 * m1
     np.testing.assert_allclose(first[key].numpy(), x1, rtol=1e-5, atol=1e-6)
+    strategy.validator = None  # a replayed round-1 reply is rejected in round 2
     second, _ = strategy.aggregate_train(2, replies)  # same updates again
     m2 = 0.5 * m1 + (x1 - avg)
     np.testing.assert_allclose(second[key].numpy(), x1 - 1.5 * m2, rtol=1e-5, atol=1e-5)
