@@ -84,6 +84,9 @@ RULES: dict[str, _Rule] = {
     "torch-threads": _Rule(int, lambda v: 1 <= v <= 256, "an integer in [1, 256]"),
     "results-dir": _Rule(str, lambda v: True, "a directory path, or '' for results/"),
     "export-compression": _choice(EXPORT_COMPRESSIONS),
+    "resume": _Rule(
+        bool, lambda v: True, "true or false (true: continue results-dir's checkpoint)"
+    ),
 }
 
 
@@ -150,6 +153,7 @@ class RunConfig:
     torch_threads: int = 1
     results_dir: str = ""
     export_compression: str = "int8"
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
