@@ -138,6 +138,14 @@ def _digest(meta: str, model: dict[str, torch.Tensor], momentum: list[torch.Tens
     return h.hexdigest()
 
 
+def arrays_digest(arrays: list[Any]) -> str:
+    """SHA-256 of arrays' bytes, in order: how the log names restored state."""
+    h = hashlib.sha256()
+    for array in arrays:
+        h.update(np.ascontiguousarray(np.asarray(array)).tobytes())
+    return h.hexdigest()[:16]
+
+
 def checkpoint_bytes(ckpt: Checkpoint) -> bytes:
     """The file's content (``torch.save`` archive)."""
     meta = json.dumps(_meta(ckpt), sort_keys=True, allow_nan=False)
@@ -225,6 +233,13 @@ def restore_strategy(strategy: FedAvgM, ckpt: Checkpoint) -> None:
     """
     strategy.current_arrays = ckpt.arrays
     strategy.momentum_vector = list(ckpt.momentum) if ckpt.momentum is not None else None
+    log(
+        INFO,
+        "[privfed] restored round %d: model sha256 %s, momentum sha256 %s",
+        ckpt.round,
+        arrays_digest(list(ckpt.model.values())),
+        arrays_digest(list(ckpt.momentum)) if ckpt.momentum is not None else "none",
+    )
     if not isinstance(strategy, ClientLevelFedAvg):
         return
     saved = ckpt.strategy.get("client_level")
