@@ -20,9 +20,12 @@ from pathlib import Path
 import dp_accounting
 import psutil
 import pytest
+from flwr.app import Context, RecordDict
 
+from client.ledger_store import load_ledger, store_ledger
+from client.node_settings import NodeSettings
 from common.models import build_model
-from common.privacy_ledger import epsilon_of_history
+from common.privacy_ledger import PrivacyLedger, epsilon_of_history
 from server.checkpoint import CHECKPOINT_FILE, arrays_digest, read_checkpoint
 from tests.process_watch import (
     assert_all_gone,
@@ -155,3 +158,57 @@ def test_simulation_killed_after_round_2_resumes_to_round_4(tmp_path: Path) -> N
     assert summary["wall_seconds"] > summary["runs"][1]["wall_seconds"]
     config = json.loads((results / "config.json").read_text())
     assert config["resumes"][0]["after_round"] == 2
+
+
+def _release_in_flight_round(state_dir: Path, server_round: int, run_id: int) -> None:
+    """What a node that trained in the round the server died in has on disk: the
+    round stored (through the node's own ledger store) before its reply left."""
+    node = NodeSettings(partition_id=0, num_partitions=2, state_dir=str(state_dir))
+    context = Context(
+        run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config={}
+    )
+    ledger = load_ledger(context, node, "rdp", 1e-5)
+    sigma, q, steps = ledger.history()[-1]
+    per_round = steps // len(ledger.rounds)
+    store_ledger(context, ledger.extended(server_round, sigma, q, per_round, run_id), node)
+
+
+def test_deployment_resume_keeps_a_node_ledger_that_holds_the_interrupted_round(
+    tmp_path: Path,
+) -> None:
+    """TLS deployment killed after round 1 of 2; node 0 had stored round 2: resumed,
+    its ε never drops, round 2 counts once per release (killed run, rerun)."""
+    results = tmp_path / "run"
+    args = ["--clients", "2", "--rounds", "2", "--noise-multiplier", "1.0",
+            "--results-dir", str(results)]  # fmt: skip
+    kill_when_rounds("simulations.deploy", args, results, 1)
+    killed_run = read_checkpoint(results).runs[0]["run_id"]
+    node_0 = results / "nodes" / "node-0"
+    ledger_file = node_0 / "privacy-ledger.json"
+    if 2 not in json.loads(ledger_file.read_text())["rounds"]:  # the kill came earlier
+        _release_in_flight_round(node_0, 2, killed_run)
+    before = PrivacyLedger.from_json(ledger_file.read_text())
+    assert before.rounds == (1, 2)
+
+    code, out, watch = run_watched(["--resume", str(results)], module="simulations.deploy")
+    assert code == 0, out[-4000:]
+    assert "TLS + SuperNode authentication" in out
+    assert_all_gone(watch)
+    rounds = _rounds(results)
+    assert [r["round"] for r in rounds] == [1, 2]
+    after = PrivacyLedger.from_json(ledger_file.read_text())
+    assert after.rounds == (1, 2, 2)  # the killed run's round 2 and its rerun
+    assert after.runs[:2] == (killed_run, killed_run) and after.runs[2] != killed_run
+    assert after.epsilon() > before.epsilon()  # kept, never reduced
+    reported = {c["partition_id"]: c for c in rounds[-1]["clients"]}
+    assert reported[0]["epsilon"] == pytest.approx(after.epsilon(), rel=1e-12)
+    assert reported[0]["epsilon"] == pytest.approx(
+        _dp_accounting_rdp([list(h) for h in after.history()], 1e-5), rel=3e-3
+    )
+    node_1 = PrivacyLedger.from_json(
+        (results / "nodes/node-1/privacy-ledger.json").read_text()
+    )
+    assert node_1.rounds in ((1, 2), (1, 2, 2))  # (1, 2, 2) if it too stored round 2
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert len({r["run_id"] for r in summary["runs"]}) == 2
