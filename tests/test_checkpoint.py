@@ -229,3 +229,45 @@ def test_resume_refuses_a_changed_delta_before_anything_starts(tmp_path: Path) -
     args = parse_args(["--resume", str(results)])
     with pytest.raises(ConfigError, match=str(results / CHECKPOINT_FILE)):
         resume_overrides(args)
+
+
+def test_client_level_resume_keeps_the_federation_ledger_and_clip_norm(
+    tmp_path: Path,
+) -> None:
+    """The ledger may hold the in-flight round (written first): kept; a ledger behind
+    the checkpoint, or another population, is refused by name."""
+    cfg = RunConfig(
+        privacy_mode="client", target_epsilon=0.0, noise_multiplier=1.0, num_rounds=4,
+        client_sampling_rate=0.5, clipping="adaptive", clipped_count_stddev=1.0,
+    )  # fmt: skip
+    nodes = [11, 12, 13, 14]
+    first = make_strategy(cfg, tmp_path, run_id=1)
+    first.start_run(nodes)
+    assert first.dp is not None
+    first.dp.clip_norm = 0.37  # as adaptive clipping left it after round 1
+    first.ledger.record_round(1, 1.0, 0.5, {})
+    arrays = ArrayRecord(build_model("digits", seed=0).state_dict())
+    Checkpointer(tmp_path, cfg, first, 1, time.monotonic())(
+        1, arrays, {"round": 1, "clients": []}, time.monotonic()
+    )
+    first.ledger.record_round(2, 1.0, 0.5, {})  # in flight when the server died
+    ckpt = read_checkpoint(tmp_path)
+
+    resumed = make_strategy(cfg, tmp_path, run_id=2)
+    resumed.start_run(nodes)
+    restore_strategy(resumed, ckpt)
+    assert resumed.dp is not None and resumed.dp.clip_norm == 0.37
+    assert resumed.ledger.ledger.rounds == (1, 2) and resumed.ledger.ledger.runs == (1, 1)
+    assert resumed.ledger.epsilon() == pytest.approx(first.ledger.epsilon())
+    resumed.ledger.record_round(2, 1.0, 0.5, {})  # the rerun: a new release
+    assert resumed.ledger.ledger.rounds == (1, 2, 2)
+
+    fewer = make_strategy(cfg, tmp_path, run_id=3)
+    fewer.start_run(nodes[:3])
+    with pytest.raises(CheckpointError, match="n = 4"):
+        restore_strategy(fewer, ckpt)
+    rolled_back = make_strategy(cfg, tmp_path / "other", run_id=3)
+    rolled_back.start_run(nodes)
+    rolled_back.ledger.record_round(1, 1.0, 0.5, {})  # another history, run 3
+    with pytest.raises(CheckpointError, match="does not extend the ledger"):
+        restore_strategy(rolled_back, ckpt)
