@@ -32,7 +32,7 @@ from server.checkpoint import (
 )
 from server.results import ResultsWriter
 from simulations.run import parse_args
-from simulations.run_options import resume_overrides
+from simulations.run_options import build_overrides, resume_overrides
 from tests.conftest import make_context, train_message
 
 REPO = Path(__file__).resolve().parent.parent
@@ -271,3 +271,10 @@ def test_client_level_resume_keeps_the_federation_ledger_and_clip_norm(
     rolled_back.ledger.record_round(1, 1.0, 0.5, {})  # another history, run 3
     with pytest.raises(CheckpointError, match="does not extend the ledger"):
         restore_strategy(rolled_back, ckpt)
+
+
+def test_resume_key_alone_is_refused_by_the_launchers(tmp_path: Path) -> None:
+    """--set resume=true without --resume would skip the launcher's checks: refused."""
+    args = parse_args(["--set", "resume=true", "--results-dir", str(tmp_path / "r")])
+    with pytest.raises(ConfigError, match="run config key 'resume'.*--resume"):
+        build_overrides(args)

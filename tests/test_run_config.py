@@ -54,6 +54,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "torch-threads": [1.5, 0, 257],
     "results-dir": [0, None],
     "export-compression": [8, "INT8", "int4", "prune", True],
+    "resume": [1, "true", None],
 }
 
 
