@@ -278,3 +278,31 @@ def test_resume_key_alone_is_refused_by_the_launchers(tmp_path: Path) -> None:
     args = parse_args(["--set", "resume=true", "--results-dir", str(tmp_path / "r")])
     with pytest.raises(ConfigError, match="run config key 'resume'.*--resume"):
         build_overrides(args)
+
+
+def test_simulated_client_ledger_outlives_the_simulation(tmp_path: Path) -> None:
+    """With a results folder, a partition's ledger is a file that a new simulation
+    (fresh context.state, new run id) continues; deleted, the client fails closed."""
+    cfg = RunConfig(
+        num_rounds=4, target_epsilon=0.0, noise_multiplier=1.0, results_dir=str(tmp_path)
+    )
+    arrays = ArrayRecord(build_model("digits", seed=0).state_dict())
+    first = make_context(cfg, 1, 3, node_id=7)
+    reply = client_app.train(train_message(arrays, 1, node_id=7), first)
+    assert reply.content["report"]["status"] == "trained"
+    ledger_file = tmp_path / "nodes" / "partition-1" / "privacy-ledger.json"
+    one_round = json.loads(ledger_file.read_text())
+    assert one_round["rounds"] == [1]
+
+    resumed = make_context(cfg, 1, 3, node_id=99)  # the resumed simulation's node
+    resumed.run_id = 2
+    reply = client_app.train(train_message(arrays, 2, node_id=99), resumed)
+    assert reply.content["report"]["status"] == "trained"
+    two_rounds = json.loads(ledger_file.read_text())
+    assert two_rounds["rounds"] == [1, 2] and two_rounds["runs"] == [1, 2]
+    assert two_rounds["history"][0][2] == 2 * one_round["history"][0][2]
+
+    ledger_file.unlink()
+    again = make_context(cfg, 1, 3, node_id=100)
+    reply = client_app.train(train_message(arrays, 3, node_id=100), again)
+    assert reply.content["report"]["status"] == "ledger-error"
