@@ -3,11 +3,11 @@
 In simulation it lives in ``context.state``, and, when the run has a results folder,
 also in ``<results-dir>/nodes/partition-<id>/`` so that a resumed run continues it.
 On a real node (``state-dir`` set) the file ``<state-dir>/privacy-ledger.json`` is
-the source of truth: each message runs
-in a fresh process and the SuperNode keeps ``context.state`` only in memory. The
-file is read at the start of every round and replaced atomically (temp file,
-fsync, rename, fsync of the folder) before an update leaves the node. A file that
-cannot be read is never treated as "nothing spent": the client fails closed.
+the source of truth: each message runs in a fresh process and the SuperNode keeps
+``context.state`` only in memory. The file is read at the start of every round and
+replaced atomically (temp file, fsync, rename, fsync of the folder) before an update
+leaves the node. A file that cannot be read is never treated as "nothing spent": the
+client fails closed.
 
 A ledger only grows: every store adds a link to its hash chain
 (:mod:`common.ledger_chain`, kept in the ledger file), and then writes the chain's
@@ -146,8 +146,8 @@ def ledger_lock(node: NodeSettings) -> Iterator[None]:
 
     Flower may run two ClientApp processes for one node at once (two runs, or two
     messages); without the lock both would read the same ledger, both train, and
-    the later write would drop the other's spend. A simulated node (no state
-    folder) keeps its ledger in ``context.state``, which Flower serialises.
+    the later write would drop the other's spend. A simulated node without a ledger
+    folder keeps its ledger in ``context.state``, which Flower serialises.
     """
     if node.ledger_dir is None:
         yield

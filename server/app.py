@@ -140,9 +140,7 @@ def whole_run(
     partition's ε is its latest report, from before the resume if it has not
     trained since.
     """
-    last = checkpointer.latest.round if checkpointer.latest else None
-    runs = checkpointer.runs(last if last and last >= checkpointer.first_round else None,
-                             now)  # fmt: skip
+    runs = checkpointer.runs(now)
     out: dict[str, Any] = {
         "runs": list(runs),
         "wall_seconds": round(sum(float(r["wall_seconds"]) for r in runs), 3),

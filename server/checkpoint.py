@@ -325,15 +325,16 @@ class Checkpointer:
         self.started = started  # time.monotonic() at ServerApp start
         self.previous = previous
         self.first_round = previous.round + 1 if previous else 1
+        self.last_round: int | None = None  # of this run; None until it checkpoints one
         self.latest: Checkpoint | None = previous
 
-    def runs(self, server_round: int | None, now: float) -> tuple[dict[str, Any], ...]:
-        """The earlier runs and this one (up to ``server_round``), with wall times."""
+    def runs(self, now: float) -> tuple[dict[str, Any], ...]:
+        """The earlier runs and this one, with this run's wall time up to ``now``."""
         earlier = self.previous.runs if self.previous else ()
         this = {
             "run_id": self.run_id,
             "first_round": self.first_round,
-            "last_round": server_round,
+            "last_round": self.last_round,
             "wall_seconds": round(now - self.started, 3),
         }
         return (*earlier, this)
@@ -343,6 +344,7 @@ class Checkpointer:
     ) -> None:
         """Write the checkpoint of ``server_round``."""
         base = self.latest.epsilon_by_partition if self.latest else {}
+        self.last_round = server_round
         momentum = self.strategy.momentum_vector
         ckpt = Checkpoint(
             round=server_round,
@@ -351,7 +353,7 @@ class Checkpointer:
             else None,
             strategy=strategy_state(self.strategy),
             run_config=self.cfg.to_run_config(),
-            runs=self.runs(server_round, now),
+            runs=self.runs(now),
             round_record=record,
             epsilon_by_partition=updated_epsilons(base, record),
         )  # fmt: skip
