@@ -13,7 +13,12 @@ from typing import Any
 from common.client_level_plan import plan_client_level
 from common.config import ACCOUNTANTS, PRIVACY_MODES, ConfigError, RunConfig, check_key
 from common.datasets import DatasetError, resolve_idx_dir
-from server.checkpoint import CheckpointError, check_resume_config, read_checkpoint
+from server.checkpoint import (
+    CheckpointError,
+    check_resume_config,
+    read_checkpoint,
+    resumed_rounds,
+)
 from simulations.preflight import check_federation
 from simulations.presets import PRESETS, preset_help
 
@@ -214,6 +219,7 @@ def resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
         ) from None
     try:
         checkpoint = read_checkpoint(results)
+        resumed_rounds(results, checkpoint)  # rounds.jsonl and the checkpoint agree
     except CheckpointError as exc:
         raise ConfigError(f"--resume {results}: {exc}") from None
     if args.preset:

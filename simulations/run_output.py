@@ -79,7 +79,7 @@ def report_results(
     reason = end.reason
     if end.outcome is None:
         reason = f"the ServerApp wrote no summary.json ({reason}); logs in {work}"
-    summary = close_run(results_dir, end.outcome, reason, rounds_planned)
+    summary = close_run(results_dir, end.outcome, reason, rounds_planned, launched_at)
     outcome = Outcome(summary["status"])
     if not outcome.finished:
         print(

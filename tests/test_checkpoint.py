@@ -30,7 +30,8 @@ from server.checkpoint import (
     resumed_rounds,
     write_checkpoint,
 )
-from server.results import ResultsWriter
+from server.results import ResultsWriter, write_summary
+from server.run_outcome import close_run
 from simulations.run import parse_args
 from simulations.run_options import build_overrides, resume_overrides
 from tests.conftest import make_context, train_message
@@ -209,22 +210,23 @@ def test_resume_refuses_a_changed_delta_before_anything_starts(tmp_path: Path) -
     cfg = RunConfig(num_rounds=4, min_available_nodes=2, results_dir=str(results))
     (results / "config.json").write_text(json.dumps({"run_config": cfg.to_run_config()}))
     write_checkpoint(results, _checkpoint(2))
+    lines = [json.dumps({"round": r}) + "\n" for r in (1, 2)]
+    (results / "rounds.jsonl").write_text("".join(lines))
     for module, option, key in (
         ("simulations.run", ["--delta", "2e-5"], "delta"),
         ("simulations.deploy", ["--privacy-mode", "none"], "privacy-mode"),
     ):
-        if True:
-            started = time.monotonic()
-            out = subprocess.run(
-                [sys.executable, "-m", module, "--resume", str(results), *option],
-                cwd=REPO, capture_output=True, text=True, timeout=120,
-                env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-            )  # fmt: skip
-            assert out.returncode == 2, out.stderr
-            assert f"run config key '{key}'" in out.stderr
-            assert "a resumed run must keep" in out.stderr
-            assert "SuperLink" not in out.stdout  # nothing was started
-            assert time.monotonic() - started < 60
+        started = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-m", module, "--resume", str(results), *option],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        assert f"run config key '{key}'" in out.stderr
+        assert "a resumed run must keep" in out.stderr
+        assert "SuperLink" not in out.stdout  # nothing was started
+        assert time.monotonic() - started < 60
     (results / CHECKPOINT_FILE).write_bytes(b"garbage")
     args = parse_args(["--resume", str(results)])
     with pytest.raises(ConfigError, match=str(results / CHECKPOINT_FILE)):
@@ -306,3 +308,15 @@ def test_simulated_client_ledger_outlives_the_simulation(tmp_path: Path) -> None
     again = make_context(cfg, 1, 3, node_id=100)
     reply = client_app.train(train_message(arrays, 3, node_id=100), again)
     assert reply.content["report"]["status"] == "ledger-error"
+
+
+def test_an_earlier_runs_summary_does_not_stand_for_a_resumed_one(tmp_path: Path) -> None:
+    """A resumed ServerApp that wrote nothing: the old 'completed' summary is not
+    reported as this run's outcome; the launcher writes a failed one."""
+    write_summary(tmp_path, {"status": "completed", "stop_reason": "all 2 rounds"})
+    launched = time.time() + 1  # the resume started after that summary was written
+    summary = close_run(tmp_path, None, "flwr run exited with code 1", 4, launched)
+    assert summary["status"] == "failed" and summary["written_by"] == "launcher"
+    assert close_run(tmp_path, None, "exit 0", 4, time.time() - 60)["status"] == "failed"
+    write_summary(tmp_path, {"status": "completed", "stop_reason": "all 4 rounds"})
+    assert close_run(tmp_path, None, "exit 0", 4, time.time() - 60)["status"] == "completed"
