@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from common.models import build_model
 from server.app import make_strategy
 from server.checkpoint import (
     CHECKPOINT_FILE,
+    RESUMABLE_KEYS,
     Checkpoint,
     Checkpointer,
     CheckpointError,
@@ -320,3 +322,13 @@ def test_an_earlier_runs_summary_does_not_stand_for_a_resumed_one(tmp_path: Path
     assert close_run(tmp_path, None, "exit 0", 4, time.time() - 60)["status"] == "failed"
     write_summary(tmp_path, {"status": "completed", "stop_reason": "all 4 rounds"})
     assert close_run(tmp_path, None, "exit 0", 4, time.time() - 60)["status"] == "completed"
+
+
+def test_readme_lists_exactly_the_keys_a_resume_may_change() -> None:
+    """README's 'Resuming a run' names the keys of RESUMABLE_KEYS, no more, no less."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### Resuming a run", 1)[1].split("\n### ", 1)[0]
+    listed = re.search(r"a change to any key except (.+?): δ", section, flags=re.S)
+    assert listed is not None
+    keys = set(re.findall(r"`([a-z-]+)`", listed.group(1)))
+    assert keys == set(RESUMABLE_KEYS) - {"results-dir", "resume"}
