@@ -175,6 +175,7 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     torch.set_num_threads(cfg.torch_threads)
     strategy: PrivateFedAvg | None = None
+    checkpointer: Checkpointer | None = None
     try:
         evaluator = CentralEvaluator(cfg)
         model = build_model(
@@ -217,6 +218,8 @@ def main(grid: Grid, context: Context) -> None:
             # The federation ledger may hold a round rounds.jsonl does not (it is
             # written first): the failed run's client-level ε is the ledger's.
             summary["client_level"] = strategy.summary_block()
+        if checkpointer is not None:
+            summary["runs"] = list(checkpointer.runs(time.monotonic()))
         writer.write_summary({**summary, "traceback": traceback.format_exc()})
         raise
     log(
