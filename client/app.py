@@ -50,6 +50,7 @@ app = ClientApp()
 def _setup(context: Context) -> tuple[RunConfig, NodeSettings, ClientShard]:
     cfg = RunConfig.from_run_config(context.run_config)
     node = NodeSettings.from_node_config(dict(context.node_config))
+    node = node.in_results(cfg.results_dir)  # a simulated ledger outlives the run
     torch.set_num_threads(cfg.torch_threads)
     return cfg, node, load_client_shard(cfg, node)
 

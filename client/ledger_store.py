@@ -1,11 +1,13 @@
 """Where the client's privacy ledger lives between rounds, and how rollback is caught.
 
-In simulation it lives in ``context.state``. On a real node (``state-dir`` set) the
-file ``<state-dir>/privacy-ledger.json`` is the source of truth: each message runs
-in a fresh process and the SuperNode keeps ``context.state`` only in memory. The
-file is read at the start of every round and replaced atomically (temp file,
-fsync, rename, fsync of the folder) before an update leaves the node. A file that
-cannot be read is never treated as "nothing spent": the client fails closed.
+In simulation it lives in ``context.state``, and, when the run has a results folder,
+also in ``<results-dir>/nodes/partition-<id>/`` so that a resumed run continues it.
+On a real node (``state-dir`` set) the file ``<state-dir>/privacy-ledger.json`` is
+the source of truth: each message runs in a fresh process and the SuperNode keeps
+``context.state`` only in memory. The file is read at the start of every round and
+replaced atomically (temp file, fsync, rename, fsync of the folder) before an update
+leaves the node. A file that cannot be read is never treated as "nothing spent": the
+client fails closed.
 
 A ledger only grows: every store adds a link to its hash chain
 (:mod:`common.ledger_chain`, kept in the ledger file), and then writes the chain's
@@ -144,13 +146,13 @@ def ledger_lock(node: NodeSettings) -> Iterator[None]:
 
     Flower may run two ClientApp processes for one node at once (two runs, or two
     messages); without the lock both would read the same ledger, both train, and
-    the later write would drop the other's spend. A simulated node (no state
-    folder) keeps its ledger in ``context.state``, which Flower serialises.
+    the later write would drop the other's spend. A simulated node without a ledger
+    folder keeps its ledger in ``context.state``, which Flower serialises.
     """
-    if node.state_dir is None:
+    if node.ledger_dir is None:
         yield
         return
-    path = Path(node.state_dir).expanduser() / LOCK_FILE
+    path = Path(node.ledger_dir).expanduser() / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # blocks until the other round has stored
@@ -215,10 +217,10 @@ def _behind(chain: LedgerChain | None, seen: LedgerFingerprint, by: str) -> str 
 
 def _store_files(node: NodeSettings, ledger: PrivacyLedger, chain: LedgerChain) -> None:
     """The ledger first, then the record: a crash between them leaves a lagging record."""
-    write_chained_file(ledger_path(node.state_dir or ""), ledger, chain)
+    write_chained_file(ledger_path(node.ledger_dir or ""), ledger, chain)
     seen = chain.fingerprint
     if seen is not None:
-        write_record(record_path(node.state_dir or ""), seen)
+        write_record(record_path(node.ledger_dir or ""), seen)
 
 
 def _from_file(
@@ -236,8 +238,8 @@ def _from_file(
 
 def _from_disk(node: NodeSettings, memory: Copy | None) -> Copy | None:
     """The newest ledger of file and memory, checked against the node's own record."""
-    path = ledger_path(node.state_dir or "")
-    record_file = record_path(node.state_dir or "")
+    path = ledger_path(node.ledger_dir or "")
+    record_file = record_path(node.ledger_dir or "")
     record = read_record(record_file) if record_file.exists() else None
     if not path.exists():
         if memory is not None:
@@ -298,7 +300,7 @@ def load_ledger(
     under ``accountant`` over the whole history, at the δ the ledger was created with.
     """
     memory = _state_copy(context)
-    newest = memory if node.state_dir is None else _from_disk(node, memory)
+    newest = memory if node.ledger_dir is None else _from_disk(node, memory)
     if witnessed is not None:
         why = _behind(newest[1] if newest else None, witnessed, "the server")
         if why is not None:
@@ -315,7 +317,7 @@ def store_ledger(context: Context, ledger: PrivacyLedger, node: NodeSettings) ->
     memory = _state_copy(context)
     previous = memory[1] if memory is not None else None
     chain = (previous or LedgerChain.new()).extended(ledger)
-    if node.state_dir is not None:
+    if node.ledger_dir is not None:
         _store_files(node, ledger, chain)
     _remember(context, ledger, chain)
 
@@ -323,8 +325,9 @@ def store_ledger(context: Context, ledger: PrivacyLedger, node: NodeSettings) ->
 def reported_fingerprint(context: Context, node: NodeSettings) -> LedgerFingerprint | None:
     """What a node with a durable ledger reports for the server to witness.
 
-    A simulated partition's ledger lives only as long as the run, so there is
-    nothing for a server to witness across runs and it reports nothing.
+    A simulated partition reports nothing: its Flower node id changes with every
+    simulation, so a witness keyed by node id cannot follow it across runs (its
+    file in the results folder is checked against its own record instead).
     """
     if node.state_dir is None:
         return None

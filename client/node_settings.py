@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -24,6 +26,8 @@ class NodeSettings:
     num_partitions: int | None = None
     data_path: str | None = None
     state_dir: str | None = None
+    # A simulated partition's ledger folder in the run's results (see ledger_dir).
+    simulated_ledger_dir: str | None = None
 
     def __post_init__(self) -> None:
         has_partition = self.partition_id is not None or self.num_partitions is not None
@@ -48,6 +52,22 @@ class NodeSettings:
                     "node config: need 0 <= partition-id < num-partitions, got "
                     f"{self.partition_id}, {self.num_partitions}"
                 )
+
+    @property
+    def ledger_dir(self) -> str | None:
+        """Where the privacy ledger is a file: the node's ``state-dir``, or a simulated
+        partition's folder in the results; ``None``: only in ``context.state``."""
+        return self.state_dir or self.simulated_ledger_dir
+
+    def in_results(self, results_dir: str) -> NodeSettings:
+        """A simulated partition keeps its ledger in ``<results-dir>/nodes/partition-<id>``
+        so that it outlives the simulation (a resume continues it); a node with its own
+        ``state-dir`` or data keeps its own, and without a results folder nothing changes.
+        """
+        if self.state_dir or self.data_path or not results_dir:
+            return self
+        folder = Path(results_dir).expanduser() / "nodes" / f"partition-{self.label}"
+        return dataclasses.replace(self, simulated_ledger_dir=str(folder))
 
     @property
     def label(self) -> int:

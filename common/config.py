@@ -91,6 +91,9 @@ RULES: dict[str, _Rule] = {
     "aggregation": _choice(AGGREGATIONS),
     "trim-fraction": _Rule(float, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     "krum-byzantine": _Rule(int, lambda v: v >= 0, "an integer >= 0"),
+    "resume": _Rule(
+        bool, lambda v: True, "true or false (true: continue results-dir's checkpoint)"
+    ),
 }
 
 
@@ -161,6 +164,7 @@ class RunConfig:
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
     krum_byzantine: int = 1
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

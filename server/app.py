@@ -18,6 +18,7 @@ from flwr.supercore import log
 from common.config import RunConfig, noise_statement
 from common.models import build_model
 from server.central_evaluation import CentralEvaluator
+from server.checkpoint import Checkpoint, Checkpointer, load_for_resume, resumed_rounds
 from server.client_level_strategy import ClientLevelFedAvg
 from server.federation_ledger import FederationLedger
 from server.federation_loop import LoopResult, epsilon_text, run_rounds
@@ -132,6 +133,33 @@ def _median_orchestration(result: LoopResult) -> float | None:
     return round(statistics.median(per_round), 4) if per_round else None
 
 
+def whole_run(
+    summary: dict[str, Any],
+    checkpointer: Checkpointer,
+    resume: Checkpoint | None,
+    now: float,
+) -> dict[str, Any]:
+    """What a summary says about every Flower run of a (possibly resumed) run.
+
+    ``wall_seconds`` adds the earlier runs' time up to their last checkpoint; each
+    partition's ε is its latest report, from before the resume if it has not
+    trained since.
+    """
+    runs = checkpointer.runs(now)
+    out: dict[str, Any] = {
+        "runs": list(runs),
+        "wall_seconds": round(sum(float(r["wall_seconds"]) for r in runs), 3),
+    }
+    if resume is not None:
+        out["resumed_after_round"] = resume.round
+        if summary.get("epsilon_by_partition") is not None:
+            out["epsilon_by_partition"] = {
+                **resume.epsilon_by_partition,
+                **summary["epsilon_by_partition"],
+            }
+    return out
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by ``context.run_config``."""
@@ -139,7 +167,10 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = RunConfig.from_run_config(context.run_config)
         out_dir = resolve_results_dir(cfg)
-        writer = ResultsWriter(out_dir, cfg)
+        resume = load_for_resume(out_dir, cfg) if cfg.resume else None
+        writer = ResultsWriter(
+            out_dir, cfg, resumed_rounds(out_dir, resume) if resume else None
+        )
     except Exception as exc:  # no results folder yet: make one say why, if we may
         summarise_start_failure(dict(context.run_config), exc)
         raise
@@ -149,17 +180,24 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(cfg.seed)  # Flower samples nodes with the global `random`
     torch.set_num_threads(cfg.torch_threads)
     strategy: PrivateFedAvg | None = None
+    checkpointer: Checkpointer | None = None
     try:
         evaluator = CentralEvaluator(cfg)
         model = build_model(
             cfg.dataset, evaluator.num_classes, seed=cfg.seed, features=cfg.features
         )
-        initial = ArrayRecord(model.state_dict())
+        initial = resume.arrays if resume else ArrayRecord(model.state_dict())
         strategy = make_strategy(
             cfg, out_dir, int(context.run_id), witness=LedgerWitness.beside(out_dir)
         )
-        result = run_rounds(grid, cfg, strategy, initial, evaluator, writer, started)
+        checkpointer = Checkpointer(
+            out_dir, cfg, strategy, int(context.run_id), started, resume
+        )
+        result = run_rounds(
+            grid, cfg, strategy, initial, evaluator, writer, started, checkpointer, resume
+        )
         summary = summarise(cfg, result, time.monotonic() - started, strategy)
+        summary.update(whole_run(summary, checkpointer, resume, time.monotonic()))
         if writer.rounds:
             summary["final_central"] = writer.rounds[-1]["central"]
             plot_rounds(writer.rounds, out_dir, f"{cfg.dataset}, {cfg.partitioner}")
@@ -185,6 +223,8 @@ def main(grid: Grid, context: Context) -> None:
             # The federation ledger may hold a round rounds.jsonl does not (it is
             # written first): the failed run's client-level ε is the ledger's.
             summary["client_level"] = strategy.summary_block()
+        if checkpointer is not None:
+            summary["runs"] = list(checkpointer.runs(time.monotonic()))
         writer.write_summary({**summary, "traceback": traceback.format_exc()})
         raise
     log(

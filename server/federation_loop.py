@@ -16,6 +16,7 @@ from flwr.supercore import log
 
 from common.config import RunConfig
 from common.reply import Status
+from server.checkpoint import Checkpoint, Checkpointer, restore_strategy
 from server.client_outcomes import ClientOutcome
 from server.results import ResultsWriter
 from server.strategy import PrivateFedAvg
@@ -188,15 +189,21 @@ def run_rounds(
     central_eval: Callable[[ArrayRecord], dict[str, float]],
     writer: ResultsWriter,
     app_started: float,
+    checkpoint: Checkpointer | None = None,
+    resume: Checkpoint | None = None,
 ) -> LoopResult:
     """Run up to ``num-rounds`` rounds; write a JSON line and checkpoint each round.
 
     ``app_started`` is the ``time.monotonic()`` at which the ServerApp started.
+    ``checkpoint`` is called after each round, before the round is announced;
+    ``resume`` continues after its round with its strategy state.
     """
     wait_started = time.monotonic()
     connected = wait_for_nodes(grid, cfg.min_available_nodes, cfg.node_wait_timeout)
     log(INFO, "%d nodes connected; starting %d rounds", connected, cfg.num_rounds)
     strategy.start_run(list(grid.get_node_ids()))
+    if resume is not None:
+        restore_strategy(strategy, resume)
     totals = {
         "startup_to_round_1": time.monotonic() - app_started,
         "wait_for_nodes": time.monotonic() - wait_started,
@@ -206,9 +213,9 @@ def run_rounds(
     failed_rounds = 0  # rounds in a row in which every instructed client failed
     stop_reason = f"completed all {cfg.num_rounds} rounds"
     stopped_on_budget = False
-    completed = 0
+    completed = resume.round if resume is not None else 0
     orchestration: list[float] = []
-    for server_round in range(1, cfg.num_rounds + 1):
+    for server_round in range(completed + 1, cfg.num_rounds + 1):
         budget_stop = strategy.budget_stop(server_round)
         if budget_stop is not None:
             stopped_on_budget = True
@@ -281,6 +288,11 @@ def run_rounds(
         record["timing_seconds"] = {k: round(v, 4) for k, v in timing.items()}
         record["seconds"] = round(t["end"] - t["start"], 4)
         record["started_at"] = started_at
+        if checkpoint is not None:  # before the round is announced
+            checkpoint(server_round, arrays, record, time.monotonic())
+            totals["checkpoint"] = totals.get("checkpoint", 0.0) + (
+                time.monotonic() - t["end"]
+            )
         writer.append_round(record)
         for key, value in timing.items():
             totals[key] = totals.get(key, 0.0) + value

@@ -41,9 +41,14 @@ def resolve_results_dir(cfg: RunConfig) -> Path:
 class ResultsWriter:
     """Writes one run's results folder as the run goes."""
 
-    def __init__(self, out_dir: Path, cfg: RunConfig) -> None:
+    def __init__(
+        self, out_dir: Path, cfg: RunConfig, resumed: list[dict[str, Any]] | None = None
+    ) -> None:
         self.out_dir = out_dir
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resumed is not None:  # a resume (server/checkpoint.py) continues the folder
+            self._resume(cfg, resumed)
+            return
         if (self.out_dir / ROUNDS_FILE).exists():
             raise FileExistsError(
                 f"run config key 'results-dir': {self.out_dir} already holds a run "
@@ -57,6 +62,30 @@ class ResultsWriter:
             "started_at": datetime.now(UTC).isoformat(),
         }
         self._write_json("config.json", config)
+
+    def _resume(self, cfg: RunConfig, rounds: list[dict[str, Any]]) -> None:
+        """Keep the rounds up to the checkpoint's (rewritten whole, atomically), note
+        the resume in config.json, and drop the summary of the run that stopped."""
+        self.rounds = list(rounds)
+        text = "".join(
+            json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in rounds
+        )
+        atomic_write_bytes(self.out_dir / ROUNDS_FILE, text.encode())
+        config = json.loads((self.out_dir / "config.json").read_text(encoding="utf-8"))
+        summary = self.out_dir / SUMMARY_FILE
+        before = json.loads(summary.read_text(encoding="utf-8")) if summary.exists() else {}
+        config["run_config"] = cfg.to_run_config()
+        config.setdefault("resumes", []).append(
+            {
+                "started_at": datetime.now(UTC).isoformat(),
+                "after_round": rounds[-1]["round"] if rounds else 0,
+                "previous_status": before.get("status"),
+                "previous_stop_reason": before.get("stop_reason"),
+                "versions": _versions(),
+            }
+        )
+        self._write_json("config.json", config)
+        summary.unlink(missing_ok=True)
 
     def _write_json(self, name: str, data: Any) -> None:
         write_json(self.out_dir / name, data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,11 @@ def read_summary(out_dir: Path) -> dict[str, Any] | None:
 
 
 def close_run(
-    out_dir: Path, outcome: Outcome | None, reason: str, rounds_planned: int
+    out_dir: Path,
+    outcome: Outcome | None,
+    reason: str,
+    rounds_planned: int,
+    launched_at: float | None = None,
 ) -> dict[str, Any]:
     """Make sure the run has a summary; return it. Called once every process is gone.
 
@@ -121,9 +126,17 @@ def close_run(
     when ``flwr run`` ended by itself. A summary in which the ServerApp finished
     the run stands; otherwise the launcher's outcome replaces it (the ServerApp
     may have recorded being stopped as a failure), and a run without any summary
-    failed. The ServerApp's own reason is kept beside the launcher's.
+    failed. The ServerApp's own reason is kept beside the launcher's. A summary
+    finished before ``launched_at`` (Unix time) is an earlier run's (a resumed
+    folder's) and does not stand for this one.
     """
     summary = read_summary(out_dir)
+    if (
+        summary is not None
+        and launched_at is not None
+        and _finished_before(summary, launched_at)
+    ):
+        summary = None
     if summary is not None and (outcome is None or Outcome(summary["status"]).finished):
         return summary
     written = {
@@ -137,6 +150,13 @@ def close_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_summary(out_dir, written)
     return written
+
+
+def _finished_before(summary: dict[str, Any], launched_at: float) -> bool:
+    finished = summary.get("finished_at")
+    return isinstance(finished, str) and (
+        datetime.fromisoformat(finished).timestamp() < launched_at
+    )
 
 
 def summarise_start_failure(raw_config: dict[str, Any], exc: BaseException) -> None:

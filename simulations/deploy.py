@@ -11,6 +11,7 @@ every process by PID, also on Ctrl-C and on failure.
 
     python -m simulations.deploy --clients 3 --rounds 2
     python -m simulations.deploy --insecure ...   # plaintext, debugging only
+    python -m simulations.deploy --resume results/RUN   # continue from its checkpoint
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from simulations.run_options import (
     build_overrides,
     pyproject_defaults,
     resolve_clients,
+    resume_overrides,
 )
 from simulations.run_output import StreamEnd, interrupted, report_results, stream_process
 
@@ -117,7 +119,7 @@ def write_node_policy(state_dir: Path, cfg: RunConfig) -> str:
 
 def run_deployment(args: argparse.Namespace) -> int:
     """Start everything, run the app, stream it, tear down; return an exit code."""
-    overrides = build_overrides(args)
+    overrides = resume_overrides(args) if args.resume else build_overrides(args)
     results_dir = Path(overrides["results-dir"])
     certs = (args.certs_dir or results_dir / "certs").expanduser().resolve()
     state_root = (args.state_root or results_dir / "nodes").expanduser().resolve()

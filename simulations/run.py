@@ -5,6 +5,7 @@ loopback), submits this app with ``flwr run``, streams progress, and stops every
 process it started, also on Ctrl-C and on failure. Prints the results folder.
 
     python -m simulations.run --clients 10 --rounds 5 --target-epsilon 8
+    python -m simulations.run --resume results/RUN [--rounds 8]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from simulations.run_options import (
     positive_int,
     pyproject_defaults,
     resolve_clients,
+    resume_overrides,
 )
 from simulations.run_output import StreamEnd, interrupted, report_results, stream_process
 
@@ -62,7 +64,7 @@ def install_sigterm_handler() -> None:
 
 def run_federation(args: argparse.Namespace) -> int:
     """Start the SuperLink, run the app, stream output; return an exit code."""
-    overrides = build_overrides(args)
+    overrides = resume_overrides(args) if args.resume else build_overrides(args)
     results_dir = Path(overrides["results-dir"])
     rounds = RunConfig.from_run_config({**pyproject_defaults(), **overrides}).num_rounds
     become_subreaper()

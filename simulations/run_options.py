@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tomllib
 from datetime import UTC, datetime
@@ -12,6 +13,12 @@ from typing import Any
 from common.client_level_plan import plan_client_level
 from common.config import ACCOUNTANTS, PRIVACY_MODES, ConfigError, RunConfig, check_key
 from common.datasets import DatasetError, resolve_idx_dir
+from server.checkpoint import (
+    CheckpointError,
+    check_resume_config,
+    read_checkpoint,
+    resumed_rounds,
+)
 from simulations.preflight import check_federation
 from simulations.presets import PRESETS, preset_help
 
@@ -113,10 +120,18 @@ def add_run_options(
     p.add_argument(
         "--timeout", type=positive_seconds, default=3600.0, help="seconds for the run"
     )
+    p.add_argument(
+        "--resume",
+        metavar="RESULTS_DIR",
+        help="continue that run from its checkpoint (only some keys may change, "
+        "e.g. --rounds; see README, 'Resuming a run')",
+    )
 
 
 def resolve_clients(args: argparse.Namespace) -> argparse.Namespace:
     """Fill ``--clients`` from the preset (or the default) when it was not given."""
+    if args.clients is None and getattr(args, "resume", None):
+        return args  # the resumed run's own (resume_overrides)
     if args.clients is None:
         preset = PRESETS[args.preset] if args.preset else None
         args.clients = (preset.clients if preset else None) or DEFAULT_CLIENTS
@@ -138,6 +153,11 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
                 overrides[key] = check_key(key, value)
             except ConfigError as exc:
                 raise ConfigError(f"--set {item!r}: {exc}") from None
+    if overrides.get("resume"):
+        raise ConfigError(
+            "run config key 'resume': continue a run with --resume RESULTS_DIR, which "
+            "checks its checkpoint and config first"
+        )
     set_results = overrides.pop("results-dir", "")
     if args.results_dir and set_results and Path(args.results_dir) != Path(set_results):
         raise ConfigError(
@@ -180,6 +200,72 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(str(exc)) from None
     check_federation(cfg, args.clients)  # the keys that need the data
     return overrides
+
+
+def resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The run config of a resumed run: the folder's own, with the options given.
+
+    Refuses (:class:`ConfigError`, before anything starts) a folder without a
+    readable config.json or checkpoint, a changed locked key (named), and a run
+    with no rounds left. Sets ``args.clients`` to the run's number of clients.
+    """
+    results = Path(args.resume).expanduser().resolve()
+    config_file = results / "config.json"
+    try:
+        saved = dict(json.loads(config_file.read_text(encoding="utf-8"))["run_config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"--resume {results}: {config_file} is missing or unreadable ({exc})"
+        ) from None
+    try:
+        checkpoint = read_checkpoint(results)
+        resumed_rounds(results, checkpoint)  # rounds.jsonl and the checkpoint agree
+    except CheckpointError as exc:
+        raise ConfigError(f"--resume {results}: {exc}") from None
+    if args.preset:
+        raise ConfigError(
+            "--preset cannot be combined with --resume (the run keeps its own)"
+        )
+    asked: dict[str, Any] = {}
+    for item in args.set:
+        try:
+            pairs = tomllib.loads(item)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(
+                f"--set {item!r}: not KEY=VALUE in TOML syntax ({exc})"
+            ) from None
+        for key, value in pairs.items():
+            try:
+                asked[key] = check_key(key, value)
+            except ConfigError as exc:
+                raise ConfigError(f"--set {item!r}: {exc}") from None
+    for option, key in _OPTION_KEYS.items():
+        if getattr(args, option) is not None:
+            asked[key] = getattr(args, option)
+    if args.clients is not None:
+        asked["min-available-nodes"] = args.clients
+    if args.results_dir and Path(args.results_dir).expanduser().resolve() != results:
+        raise ConfigError(
+            f"run config key 'results-dir': a resumed run writes to {results}, the "
+            f"folder it continues; got --results-dir {args.results_dir!r}"
+        )
+    resumed = {**saved, **asked, "results-dir": str(results), "resume": True}
+    check_resume_config(saved, resumed)
+    cfg = RunConfig.from_run_config({**pyproject_defaults(), **resumed})
+    if cfg.num_rounds <= checkpoint.round:
+        raise ConfigError(
+            f"run config key 'num-rounds': {results} already completed round "
+            f"{checkpoint.round} of {cfg.num_rounds}; resume with --rounds N "
+            f"(N > {checkpoint.round}) to run more"
+        )
+    args.clients = cfg.min_available_nodes
+    print(
+        f"[privfed] resuming {results} after round {checkpoint.round} of "
+        f"{cfg.num_rounds} (Flower runs so far: "
+        f"{', '.join(str(r['run_id']) for r in checkpoint.runs)})",
+        flush=True,
+    )
+    return resumed
 
 
 def pyproject_defaults() -> dict[str, Any]:

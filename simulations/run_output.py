@@ -79,7 +79,7 @@ def report_results(
     reason = end.reason
     if end.outcome is None:
         reason = f"the ServerApp wrote no summary.json ({reason}); logs in {work}"
-    summary = close_run(results_dir, end.outcome, reason, rounds_planned)
+    summary = close_run(results_dir, end.outcome, reason, rounds_planned, launched_at)
     outcome = Outcome(summary["status"])
     if not outcome.finished:
         print(
@@ -108,7 +108,9 @@ def _print_timing(results_dir: Path, summary: dict[str, Any], launched_at: float
     lines = (results_dir / "rounds.jsonl").read_text().splitlines()
     if not lines:
         return
-    first = json.loads(lines[0])
+    records = [json.loads(line) for line in lines]
+    # A resumed run's folder starts with the earlier runs' rounds.
+    first = next((r for r in records if r["started_at"] >= launched_at), records[0])
     breakdown = summary.get("time_breakdown_seconds", {})
     print(
         f"[privfed] time: launch to round 1 {first['started_at'] - launched_at:.1f} s "

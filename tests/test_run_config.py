@@ -58,6 +58,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "aggregation": [0, "mean", "Median", "multikrum", ""],
     "trim-fraction": [-0.1, 0.5, 1.0, "0.2"],
     "krum-byzantine": [-1, 1.5, True, "2"],
+    "resume": [1, "true", None],
 }
 
 
