@@ -209,17 +209,29 @@ def read_checkpoint(out_dir: Path) -> Checkpoint:
         ) from exc
 
 
+def _validator_state(strategy: FedAvgM) -> dict[str, Any]:
+    """Each node's last accepted ledger, so that a resumed run still refuses a node
+    whose ledger went back (update validation compares with it)."""
+    validator = getattr(strategy, "validator", None)
+    if validator is None:
+        return {}
+    return {
+        "validator": {str(node): led.to_dict() for node, led in validator.accepted.items()}
+    }
+
+
 def strategy_state(strategy: FedAvgM) -> dict[str, Any]:
     """The strategy's own state besides the model and momentum (JSON)."""
     if not isinstance(strategy, ClientLevelFedAvg) or strategy.dp is None:
-        return {}
+        return _validator_state(strategy)
     return {
+        **_validator_state(strategy),
         "client_level": {
             "clip_norm": strategy.dp.clip_norm,
             "population": strategy.dp.settings.population,
             "noise_multiplier": strategy.noise_multiplier,
             "ledger": strategy.ledger.ledger.to_dict(),
-        }
+        },
     }
 
 
@@ -240,6 +252,12 @@ def restore_strategy(strategy: FedAvgM, ckpt: Checkpoint) -> None:
         arrays_digest(list(ckpt.model.values())),
         arrays_digest(list(ckpt.momentum)) if ckpt.momentum is not None else "none",
     )
+    validator = getattr(strategy, "validator", None)
+    if validator is not None:
+        validator.accepted.update(
+            {int(node): PrivacyLedger.from_dict(led)
+             for node, led in ckpt.strategy.get("validator", {}).items()}
+        )  # fmt: skip
     if not isinstance(strategy, ClientLevelFedAvg):
         return
     saved = ckpt.strategy.get("client_level")

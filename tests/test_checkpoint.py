@@ -182,6 +182,9 @@ def test_fedavgm_momentum_continues_exactly_after_a_resume(tmp_path: Path) -> No
 
     whole = make_strategy(cfg)
     whole.current_arrays = x0
+    # Replaying one round's replies is what update validation rejects (their ledgers
+    # do not record the later rounds): this test checks the optimiser arithmetic only.
+    whole.validator = None
     for server_round in (1, 2):
         arrays, _ = whole.aggregate_train(server_round, replies)
     assert arrays is not None
@@ -191,12 +194,14 @@ def test_fedavgm_momentum_continues_exactly_after_a_resume(tmp_path: Path) -> No
 
     ckpt = read_checkpoint(tmp_path)
     resumed = make_strategy(cfg)
+    resumed.validator = None
     restore_strategy(resumed, ckpt)
     assert resumed.momentum_vector is not None
     for got, want in zip(resumed.momentum_vector, whole.momentum_vector or [], strict=True):
         assert got.shape == want.shape
     after, _ = resumed.aggregate_train(3, replies)
     reset = make_strategy(cfg)  # what a resume without the optimiser state would do
+    reset.validator = None
     reset.current_arrays = ckpt.arrays
     without, _ = reset.aggregate_train(3, replies)
     assert after is not None and uninterrupted is not None and without is not None
@@ -332,3 +337,29 @@ def test_readme_lists_exactly_the_keys_a_resume_may_change() -> None:
     assert listed is not None
     keys = set(re.findall(r"`([a-z-]+)`", listed.group(1)))
     assert keys == set(RESUMABLE_KEYS) - {"results-dir", "resume"}
+
+
+def test_update_validation_remembers_each_nodes_ledger_across_a_resume(
+    tmp_path: Path,
+) -> None:
+    """A node whose ledger went back is still refused in the first resumed round."""
+    from common.privacy_ledger import PrivacyLedger
+    from server.update_validation import UpdateRejected, _check_extends
+
+    cfg = RunConfig(num_rounds=3, target_epsilon=0.0, noise_multiplier=1.0)
+    ledger = PrivacyLedger("rdp", 1e-5).extended(1, 1.0, 0.1, 10).extended(2, 1.0, 0.1, 10)
+    whole = make_strategy(cfg)
+    assert whole.validator is not None
+    whole.validator.accepted[7] = ledger
+    arrays = ArrayRecord(build_model("digits", seed=0).state_dict())
+    whole.current_arrays = arrays
+    Checkpointer(tmp_path, cfg, whole, 1, time.monotonic())(
+        2, arrays, {"round": 2, "clients": []}, time.monotonic()
+    )
+    resumed = make_strategy(cfg)
+    assert resumed.validator is not None and not resumed.validator.accepted
+    restore_strategy(resumed, read_checkpoint(tmp_path))
+    assert resumed.validator.accepted == {7: ledger}
+    rolled_back = PrivacyLedger("rdp", 1e-5).extended(3, 1.0, 0.1, 10)
+    with pytest.raises(UpdateRejected, match="not more than"):
+        _check_extends(resumed.validator.accepted[7], rolled_back, grew=True)
