@@ -8,6 +8,7 @@ replies and audits the final model with the server's own audit code.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,31 @@ def test_a_deployed_node_refuses_the_audit(
     )
     assert report.status is Status.POLICY_REFUSED
     assert "run config key 'audit'" in str(report.reason)
+
+
+@pytest.mark.e2e
+def test_a_flower_simulation_writes_the_audit(tmp_path: Path) -> None:
+    """2 digits clients, 2 rounds, non-private: summary.json's audit block, the plot and
+    the final log line come from the real ServerApp."""
+    from tests.process_watch import run_watched
+
+    results = tmp_path / "run"
+    code, out, _ = run_watched(
+        ["--clients", "2", "--rounds", "2", "--privacy-mode", "none",
+         "--results-dir", str(results), "--set", "local-epochs=10",
+         "--set", 'audit="one-run"', "--set", "audit-canaries=300"]
+    )  # fmt: skip
+    assert code == 0, out[-4000:]
+    audit = json.loads((results / "summary.json").read_text())["audit"]
+    assert audit["method"] == "steinke-nasr-jagielski-2023 one-run"
+    assert audit["canaries"] == 300 and audit["inclusion_probability"] == 0.5
+    assert audit["confidence"] == 0.95 and audit["delta"] == 1e-5
+    assert 0 < audit["guesses"] <= 300 and audit["reported_epsilon"] is None
+    print(f"e2e non-private audited ε lower bound: {audit['epsilon_lower_bound']:.3f}")
+    assert audit["epsilon_lower_bound"] > 0
+    assert (results / "audit-scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert re.search(
+        r"audited ε lower bound \d+\.\d{3} \(95%, one-run, 300 canaries\) "
+        r"vs reported ε ∞ \(non-private\)",
+        out,
+    )
