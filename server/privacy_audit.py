@@ -260,9 +260,16 @@ def plot_scores(
     return path
 
 
-def audit_log_line(bound: OneRunBound, reported_epsilon: float | None) -> str:
+def audit_log_line(
+    bound: OneRunBound, reported_epsilon: float | None, private: bool
+) -> str:
     """The final log line: the audited bound beside the reported ε."""
-    reported = "∞ (non-private)" if reported_epsilon is None else f"{reported_epsilon:.3f}"
+    if not private:
+        reported = "∞ (non-private)"
+    elif reported_epsilon is None:
+        reported = "not released (the nodes keep their ledgers)"
+    else:
+        reported = f"{reported_epsilon:.3f}"
     return (
         f"audited ε lower bound {bound.epsilon_lower_bound:.3f} "
         f"({bound.confidence:.0%}, one-run, {bound.canaries} canaries) "
@@ -287,4 +294,5 @@ def run_sample_level_audit(
         f"ε ≥ {audit.bound.epsilon_lower_bound:.2f}",
         out_dir / AUDIT_PLOT,
     )
-    return audit.to_dict(reported_epsilon), audit_log_line(audit.bound, reported_epsilon)
+    line = audit_log_line(audit.bound, reported_epsilon, cfg.is_private)
+    return audit.to_dict(reported_epsilon), line

@@ -24,7 +24,13 @@ from common.config import ConfigError, RunConfig
 from common.datasets import load_dataset
 from common.models import build_model
 from common.reply import Status, TrainReport
-from server.privacy_audit import audit_sample_level, run_sample_level_audit
+from server.privacy_audit import (
+    ONE_RUN_METHOD,
+    OneRunBound,
+    audit_log_line,
+    audit_sample_level,
+    run_sample_level_audit,
+)
 from tests.conftest import make_context, train_message
 from tests.test_edge_client import write_policy
 from tests.test_privacy_against_server import _device_context, _digits_npz
@@ -111,6 +117,15 @@ def test_dp_runs_stay_below_the_reported_epsilon(epsilon: float, seed: int) -> N
     bound = audit_sample_level(cfg, state).bound
     print(f"ε {epsilon}, seed {seed}: audited {bound.epsilon_lower_bound:.3f}")
     assert bound.epsilon_lower_bound <= reported
+
+
+def test_the_log_line_names_what_was_reported() -> None:
+    bound = OneRunBound(ONE_RUN_METHOD, 500, 80, 80, 0.95, 1e-5, 2.713)
+    assert audit_log_line(bound, 7.996, private=True) == (
+        "audited ε lower bound 2.713 (95%, one-run, 500 canaries) vs reported ε 7.996"
+    )
+    assert audit_log_line(bound, None, private=False).endswith("ε ∞ (non-private)")
+    assert "not released" in audit_log_line(bound, None, private=True)
 
 
 def test_audit_applies_to_record_modes_only() -> None:
