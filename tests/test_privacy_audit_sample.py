@@ -22,6 +22,7 @@ from client.node_settings import NodeSettings
 from common.canaries import canary_plan, inserts_canary_records
 from common.config import ConfigError, RunConfig
 from common.datasets import load_dataset
+from common.dp_randomness import reproducible_seed
 from common.models import build_model
 from common.reply import Status, TrainReport
 from server.privacy_audit import (
@@ -33,17 +34,25 @@ from server.privacy_audit import (
 )
 from tests.conftest import make_context, train_message
 from tests.test_edge_client import write_policy
-from tests.test_privacy_against_server import _device_context, _digits_npz
+from tests.test_privacy_against_server import (
+    _device_context,
+    _digits_npz,
+    _replayed_noise,
+)
 
 CLIENTS = 2
 # Strong canaries: 500 mislabelled digits (a third of the pool), 10 local epochs a round.
 AUDIT = {"audit": "one-run", "audit_canaries": 500, "local_epochs": 10}
 
 
-def _federate(cfg: RunConfig) -> tuple[dict[str, torch.Tensor], float | None]:
+def _federate(
+    cfg: RunConfig, replay: pytest.MonkeyPatch | None = None
+) -> tuple[dict[str, torch.Tensor], float | None]:
     """Run ``cfg`` in-process; average the replies (equal weights) each round.
 
-    Returns the final weights and the largest ε a client reported.
+    With ``replay`` the server replays each client's reproducible noise, removes it
+    from the update (plain SGD: the update is lr/B · Σ (clipped sum + noise)) and sends
+    the de-noised average on. Returns the final weights and the largest reported ε.
     """
     state = build_model(cfg.dataset, seed=cfg.seed).state_dict()
     contexts = [make_context(cfg, p, CLIENTS, node_id=p + 1) for p in range(CLIENTS)]
@@ -58,6 +67,15 @@ def _federate(cfg: RunConfig) -> tuple[dict[str, torch.Tensor], float | None]:
             after = reply.content["arrays"].to_torch_state_dict()
             if report.ledger is not None:
                 epsilons.append(report.ledger.epsilon())
+            if replay is not None:
+                n = len(load_client_shard(cfg, NodeSettings(pid, CLIENTS)).x_train)
+                sigma = report.ledger.entries[-1].noise_multiplier
+                guess = reproducible_seed(cfg.seed, pid, rnd)
+                noise, batch = _replayed_noise(cfg, n, sigma, guess, replay)
+                after = {
+                    k: v + cfg.learning_rate / batch * z
+                    for (k, v), z in zip(after.items(), noise, strict=True)
+                }
             updates.append(after)
         state = {k: sum(u[k] for u in updates) / CLIENTS for k in state}
     return state, (max(epsilons) if epsilons else None)
@@ -117,6 +135,25 @@ def test_dp_runs_stay_below_the_reported_epsilon(epsilon: float, seed: int) -> N
     bound = audit_sample_level(cfg, state).bound
     print(f"ε {epsilon}, seed {seed}: audited {bound.epsilon_lower_bound:.3f}")
     assert bound.epsilon_lower_bound <= reported
+
+
+def test_removed_noise_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """reproducible-noise = true: the server replays each client's noise, removes it
+    and sends the de-noised model on; auditing that model proves more than the
+    reported ε. One full-batch step per round (q = 1), so no noisy step happens where
+    the server cannot see it; the same run without the replay stays below ε."""
+    cfg = RunConfig(
+        target_epsilon=1.0, num_rounds=300, local_epochs=1, batch_size=4096,
+        learning_rate=10.0, reproducible_noise=True, seed=0,
+        audit="one-run", audit_canaries=500,
+    )  # fmt: skip
+    state, reported = _federate(cfg, replay=monkeypatch)
+    assert reported is not None and reported <= 1.0
+    caught = audit_sample_level(cfg, state).bound.epsilon_lower_bound
+    state, _ = _federate(cfg)
+    honest = audit_sample_level(cfg, state).bound.epsilon_lower_bound
+    print(f"de-noised: audited {caught:.3f}, noisy: {honest:.3f}, reported {reported:.3f}")
+    assert honest <= reported < caught
 
 
 def test_the_log_line_names_what_was_reported() -> None:
