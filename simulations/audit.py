@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, float
         help=f"run key audit-canaries (default {DIGITS_CANARIES}, for digits)",
     )
     own, rest = p.parse_known_args(argv)
+    if {"-h", "--help"} & set(rest):
+        p.print_help()
+        print("\nand every option of simulations.sweep:\n")
     if "--partitioners" not in rest:
         rest += ["--partitioners", "iid"]
     args = sweep.parse_args(rest)

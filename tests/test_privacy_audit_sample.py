@@ -217,3 +217,33 @@ def test_a_flower_simulation_writes_the_audit(tmp_path: Path) -> None:
         r"vs reported ε ∞ \(non-private\)",
         out,
     )
+
+
+def test_the_audit_script_options_and_outputs(tmp_path: Path) -> None:
+    """simulations.audit: audit keys reach every run; table and plot from its rows."""
+    from simulations import audit as script
+
+    args, canaries = script.parse_args(["--canaries", "300", "--epsilons", "1"])
+    assert canaries == 300 and args.partitioners == ["iid"]
+    assert {'audit="one-run"', "audit-canaries=300"} <= set(args.set)
+    common = {"seed": 0, "accountant": "opacus-rdp", "delta": 1e-5, "run_seconds": 9.0}
+    audited = {"method": ONE_RUN_METHOD, "canaries": 300, "confidence": 0.95}
+    rows = [
+        script.AuditRow(
+            name="eps1", target_epsilon=1.0, status="completed", reported_epsilon=0.998,
+            audited_lower_bound=0.0, guesses=10, correct=5, accuracy=0.5,
+            **common, **audited,
+        ),
+        script.AuditRow(
+            name="nonprivate", target_epsilon=None, status="completed",
+            reported_epsilon=None, audited_lower_bound=2.713, guesses=80, correct=80,
+            accuracy=0.9, **common, **audited,
+        ),
+    ]  # fmt: skip
+    script.write_table(rows, tmp_path)
+    table = (tmp_path / "audit-table.md").read_text()
+    assert "| 1 | 0 | 0.998 (opacus-rdp, δ=1e-05) | 0.000 (95%) |" in table
+    assert "| non-private | 0 | ∞ (non-private) | 2.713 (95%) |" in table
+    assert (tmp_path / "audit-table.csv").read_text().count("\n") == 3
+    png = script.plot(rows, tmp_path).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
