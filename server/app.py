@@ -25,7 +25,7 @@ from server.federation_loop import LoopResult, epsilon_text, run_rounds
 from server.ledger_witness import LedgerWitness
 from server.model_export import export_model
 from server.plots import plot_rounds
-from server.privacy_audit import run_sample_level_audit
+from server.privacy_audit import check_canaries, run_sample_level_audit
 from server.results import ResultsWriter, resolve_results_dir
 from server.run_outcome import failure_summary, loop_outcome, summarise_start_failure
 from server.strategy import PrivateFedAvg
@@ -148,6 +148,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy: PrivateFedAvg | None = None
     try:
         evaluator = CentralEvaluator(cfg)
+        if inserts_canary_records(cfg):
+            check_canaries(cfg)  # a bad audit-canaries fails before round 1
         model = build_model(
             cfg.dataset, evaluator.num_classes, seed=cfg.seed, features=cfg.features
         )

@@ -218,6 +218,12 @@ def canary_scores(
     return log_probs.gather(1, labels.long()[:, None])[:, 0].double().numpy()
 
 
+def check_canaries(cfg: RunConfig) -> None:
+    """Fail before round 1 if ``audit-canaries`` does not fit the training pool."""
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+    canary_plan(cfg.seed, cfg.audit_canaries, data.y_train, data.num_classes)
+
+
 def audit_sample_level(
     cfg: RunConfig, state_dict: Mapping[str, torch.Tensor]
 ) -> SampleLevelAudit:

@@ -30,6 +30,7 @@ from server.privacy_audit import (
     OneRunBound,
     audit_log_line,
     audit_sample_level,
+    check_canaries,
     run_sample_level_audit,
 )
 from tests.conftest import make_context, train_message
@@ -111,6 +112,10 @@ def test_too_many_canaries_names_the_key() -> None:
     y = np.arange(100) % 10
     with pytest.raises(ConfigError, match="run config key 'audit-canaries': must be <= 50"):
         canary_plan(0, 51, y, 10)
+    # the ServerApp checks it before round 1: digits has 1,437 training records
+    with pytest.raises(ConfigError, match="'audit-canaries': must be <= 718 .* got 1000"):
+        check_canaries(RunConfig(audit="one-run"))
+    check_canaries(RunConfig(audit="one-run", audit_canaries=718))
 
 
 def test_non_private_run_is_caught(tmp_path: Path) -> None:
