@@ -22,6 +22,7 @@ GRAD_SAMPLE_MODES = ("direct", "hooks", "ew", "functorch")
 FEATURE_MAPS = ("pixels", "scattering")  # see common/features.py
 EXPORT_COMPRESSIONS = ("none", "int8", "int8+prune")  # see server/model_compression.py
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")  # server/robust_aggregation.py
+AUDIT_MODES = ("off", "one-run")  # empirical privacy audit, simulation only
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,8 @@ RULES: dict[str, _Rule] = {
     "resume": _Rule(
         bool, lambda v: True, "true or false (true: continue results-dir's checkpoint)"
     ),
+    "audit": _choice(AUDIT_MODES),
+    "audit-canaries": _Rule(int, lambda v: v >= 2, "an integer >= 2"),
 }
 
 
@@ -165,6 +168,8 @@ class RunConfig:
     trim_fraction: float = 0.2
     krum_byzantine: int = 1
     resume: bool = False
+    audit: str = "off"
+    audit_canaries: int = 1000
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -59,6 +59,8 @@ BAD_VALUES: dict[str, list[Any]] = {
     "trim-fraction": [-0.1, 0.5, 1.0, "0.2"],
     "krum-byzantine": [-1, 1.5, True, "2"],
     "resume": [1, "true", None],
+    "audit": [True, "on", "one-shot", 1],
+    "audit-canaries": [1, 0, -5, 2.5, True, "1000"],
 }
 
 
