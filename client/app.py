@@ -136,6 +136,11 @@ def _train(msg: Message, context: Context) -> Message:
     except PolicyError as exc:
         return _refuse(msg, shard, str(exc))
     refusal = policy.refusal_for_run(cfg)
+    if refusal is None and cfg.audit != "off" and _deployed(context):
+        refusal = (
+            f"run config key 'audit': {cfg.audit!r} plants canaries, which only a "
+            "simulation may do; a deployed node trains only with audit = 'off'"
+        )
     if refusal is not None:
         return _refuse(msg, shard, refusal)
     with ledger_lock(node):  # read, decide, train and store without a second round

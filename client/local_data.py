@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from client.node_settings import NodeSettings
+from common.canaries import canary_plan, inserts_canary_records
 from common.config import RunConfig
 from common.datasets import load_dataset
 from common.features import compute_features
@@ -29,13 +30,22 @@ class ClientShard:
 
 
 def _shard(
-    x: np.ndarray, y: np.ndarray, indices: np.ndarray, cfg: RunConfig, pid: int
+    x: np.ndarray,
+    y: np.ndarray,
+    indices: np.ndarray,
+    cfg: RunConfig,
+    pid: int,
+    canaries: tuple[np.ndarray, np.ndarray] | None = None,  # (pool indices, labels)
 ) -> ClientShard:
     train_idx, test_idx = split_local(indices, cfg.local_test_fraction, cfg.seed, pid)
+    y_train = y[train_idx]
+    if canaries is not None:  # audit: included canaries train, with their wrong labels
+        train_idx = np.concatenate([train_idx, canaries[0]])
+        y_train = np.concatenate([y_train, canaries[1]])
     return ClientShard(
         partition_id=pid,
         x_train=compute_features(cfg.features, torch.from_numpy(x[train_idx])),
-        y_train=torch.from_numpy(y[train_idx]),
+        y_train=torch.from_numpy(y_train),
         x_test=compute_features(cfg.features, torch.from_numpy(x[test_idx])),
         y_test=torch.from_numpy(y[test_idx]),
         num_classes=10,
@@ -48,7 +58,12 @@ def _shard(
 def _partition_shard(cfg: RunConfig, spec: PartitionSpec, partition_id: int) -> ClientShard:
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
     shards = partition_indices(data.y_train, spec, data.num_classes)
-    return _shard(data.x_train, data.y_train, shards[partition_id], cfg, partition_id)
+    indices, canaries = shards[partition_id], None
+    if inserts_canary_records(cfg):
+        plan = canary_plan(cfg.seed, cfg.audit_canaries, data.y_train, data.num_classes)
+        indices, inserted = plan.split_partition(indices)
+        canaries = (inserted, plan.labels_of(inserted))
+    return _shard(data.x_train, data.y_train, indices, cfg, partition_id, canaries)
 
 
 @lru_cache(maxsize=4)

@@ -21,6 +21,7 @@ CLIPPING_MODES = ("fixed", "adaptive")  # client-level update clipping
 GRAD_SAMPLE_MODES = ("direct", "hooks", "ew", "functorch")
 FEATURE_MAPS = ("pixels", "scattering")  # see common/features.py
 EXPORT_COMPRESSIONS = ("none", "int8", "int8+prune")  # see server/model_compression.py
+AUDIT_MODES = ("off", "one-run")  # empirical privacy audit, simulation only
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,8 @@ RULES: dict[str, _Rule] = {
     "torch-threads": _Rule(int, lambda v: 1 <= v <= 256, "an integer in [1, 256]"),
     "results-dir": _Rule(str, lambda v: True, "a directory path, or '' for results/"),
     "export-compression": _choice(EXPORT_COMPRESSIONS),
+    "audit": _choice(AUDIT_MODES),
+    "audit-canaries": _Rule(int, lambda v: v >= 2, "an integer >= 2"),
 }
 
 
@@ -150,6 +153,8 @@ class RunConfig:
     torch_threads: int = 1
     results_dir: str = ""
     export_compression: str = "int8"
+    audit: str = "off"
+    audit_canaries: int = 1000
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

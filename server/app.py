@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from common.canaries import inserts_canary_records
 from common.config import RunConfig, noise_statement
 from common.models import build_model
 from server.central_evaluation import CentralEvaluator
@@ -24,6 +25,7 @@ from server.federation_loop import LoopResult, epsilon_text, run_rounds
 from server.ledger_witness import LedgerWitness
 from server.model_export import export_model
 from server.plots import plot_rounds
+from server.privacy_audit import run_sample_level_audit
 from server.results import ResultsWriter, resolve_results_dir
 from server.run_outcome import failure_summary, loop_outcome, summarise_start_failure
 from server.strategy import PrivateFedAvg
@@ -172,6 +174,10 @@ def main(grid: Grid, context: Context) -> None:
                     "epsilon_text": summary["epsilon_text"],
                 },
             )
+        if writer.rounds and inserts_canary_records(cfg):
+            summary["audit"], audit_line = run_sample_level_audit(
+                cfg, result.arrays.to_torch_state_dict(), summary["max_epsilon"], out_dir
+            )
         writer.write_summary(summary)
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
@@ -190,3 +196,5 @@ def main(grid: Grid, context: Context) -> None:
         summary["epsilon_text"],
         out_dir,
     )
+    if "audit" in summary:
+        log(INFO, "[privfed] %s", audit_line)
