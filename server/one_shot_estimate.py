@@ -64,12 +64,16 @@ def _regions(
 def log_hockey_stick(
     mean_p: float, std_p: float, mean_q: float, std_q: float, epsilon: float
 ) -> float:
-    """log δ_{P‖Q}(ε) = log sup_S [P(S) − e^ε Q(S)] for P = N(mean_p, std_p²), Q likewise."""
+    """log δ_{P‖Q}(ε) = log sup_S [P(S) − e^ε Q(S)], P = N(mean_p, std_p²), Q alike."""
     regions = _regions(mean_p, std_p, mean_q, std_q, epsilon)
     if not regions:
         return -math.inf
-    log_p = float(np.logaddexp.reduce([_log_mass(lo, hi, mean_p, std_p) for lo, hi in regions]))
-    log_q = float(np.logaddexp.reduce([_log_mass(lo, hi, mean_q, std_q) for lo, hi in regions]))
+    log_p = float(
+        np.logaddexp.reduce([_log_mass(lo, hi, mean_p, std_p) for lo, hi in regions])
+    )
+    log_q = float(
+        np.logaddexp.reduce([_log_mass(lo, hi, mean_q, std_q) for lo, hi in regions])
+    )
     gap = epsilon + log_q - log_p
     if log_p == -math.inf or gap >= 0:
         return -math.inf
