@@ -395,3 +395,35 @@ def test_one_shot_estimate_fits_the_included_cosines_against_the_null() -> None:
     assert wider.epsilon == pytest.approx(epsilon_of_gaussians(0, 1, 0, 1.5, DELTA))
     with pytest.raises(ValueError, match="included"):
         one_shot_estimate([0.1], out, d, DELTA)
+
+
+# == 4. end to end ==================================================================
+@pytest.mark.e2e
+def test_client_level_audit_run_writes_the_block_and_the_plot(tmp_path: Path) -> None:
+    """A real 4-client digits simulation, 2 rounds, audit = "one-run": summary.json's
+    audit block beside the ledger's ε, the plot, the log line; no process left."""
+    from tests.process_watch import assert_all_gone, run_watched
+
+    results = tmp_path / "run"
+    code, out, watch = run_watched(
+        [
+            "--clients", "4", "--rounds", "2", "--noise-multiplier", "1.0",
+            "--set", 'privacy-mode="client"', "--set", "client-sampling-rate=0.5",
+            "--set", 'audit="one-run"', "--set", "audit-canaries=100",
+            "--results-dir", str(results),
+        ]
+    )  # fmt: skip
+    assert code == 0, out[-4000:]
+    summary = json.loads((results / "summary.json").read_text())
+    audit = summary["audit"]
+    assert audit["privacy_unit"] == "client" and audit["canaries"] == 100
+    assert audit["reported_epsilon"] == summary["client_level"]["epsilon"]
+    assert 0 <= audit["epsilon_lower_bound"] <= audit["reported_epsilon"]
+    assert audit["delta"] == summary["delta"]
+    assert (results / audit["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "client-level audited ε lower bound" in out
+    # Canaries are not clients: rounds.jsonl's cohorts hold the 4 real nodes only.
+    for line in (results / "rounds.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["client_level"]["cohort_size"] == len(record["clients"]) <= 4
+    assert_all_gone(watch)
