@@ -25,6 +25,7 @@ audit block's counts. Memory: m·d float32 directions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -45,6 +46,11 @@ from server.privacy_audit import (
 CANARY_STREAM = 0xCA7A  # separates the canaries' generator from others seeded by `seed`
 INCLUSION_PROBABILITY = 0.5
 SCORE = "cosine with final model change"
+CANARY_KIND = "canary client: update C·u_i, u_i a random unit direction, sampled at q"
+ESTIMATE_METHOD = (
+    "andrew-et-al-2024 one-shot estimate: Gaussian fit of the included canaries' "
+    "cosines vs the null N(0, 1/d)"
+)
 
 
 def _flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -114,7 +120,9 @@ class CanaryClients:
         norm = float(np.linalg.norm(change))
         if norm == 0:
             return np.zeros(self.count)
-        return self.directions.astype(np.float64) @ (change / norm)
+        # float32 product: no float64 copy of the m×d directions (cosines ~1e-7 exact)
+        unit = (change / norm).astype(np.float32)
+        return (self.directions @ unit).astype(np.float64)
 
     def audit(
         self,
@@ -128,28 +136,21 @@ class CanaryClients:
         inside, outside = scores[self.included], scores[~self.included]
         estimate = one_shot_estimate(inside, outside, self.dimension, delta)
         bound = one_run_lower_bound(scores.tolist(), self.included.tolist(), delta)
+        fitted = estimate.to_dict()  # an infinite ε becomes None (JSON)
         block: dict[str, Any] = {
+            **bound.to_dict(),  # method, canaries, guesses, correct, confidence, δ, bound
             "privacy_unit": "client",
-            "methods": {
-                "estimate": "Andrew et al. 2024 one-shot estimate (Gaussian fit of the "
-                "included canaries' cosines vs the null N(0, 1/d))",
-                "lower_bound": "Steinke, Nasr & Jagielski 2023 one-run lower bound",
-            },
-            "canaries": self.count,
-            "canaries_included": int(self.included.sum()),
+            "estimate_method": ESTIMATE_METHOD,
+            "canary": CANARY_KIND,
             "inclusion_probability": INCLUSION_PROBABILITY,
-            "canary_update": "C·u_i, u_i a random unit direction; sampled with q per round",
+            "included": int(self.included.sum()),
             "canary_contributions": int(self.times_sampled.sum()),
             "included_never_sampled": int((self.times_sampled[self.included] == 0).sum()),
             "score": SCORE,
             "dimension": self.dimension,
-            "delta": delta,
-            "confidence": bound.confidence,
             "reported_epsilon": reported_epsilon,
-            "epsilon_estimate": estimate.to_dict()["epsilon"],
-            "epsilon_estimate_empirical_null": estimate.to_dict()["epsilon_empirical_null"],
-            "epsilon_lower_bound": bound.epsilon_lower_bound,
-            "one_run": bound.to_dict(),
+            "epsilon_estimate": fitted["epsilon"],
+            "epsilon_estimate_empirical_null": fitted["epsilon_empirical_null"],
             "cosine_in": {"mean": estimate.mean_in, "std": estimate.std_in},
             "cosine_out": {"mean": estimate.mean_out, "std": estimate.std_out},
             "null_std": self.dimension**-0.5,
@@ -191,7 +192,8 @@ def plot_scores(
 
 def canary_audit_line(block: dict[str, Any]) -> str:
     """The log line printed beside the reported ε: the bound, then the estimate."""
-    line = audit_log_line(OneRunBound(**block["one_run"]), block["reported_epsilon"])
+    fields = {f.name: block[f.name] for f in dataclasses.fields(OneRunBound)}
+    line = audit_log_line(OneRunBound(**fields), block["reported_epsilon"])
     estimate = block["epsilon_estimate"]
     shown = "∞" if estimate is None else f"{estimate:.3f}"
     return f"client-level {line}; one-shot estimate ε ≈ {shown} (Andrew et al. 2024)"

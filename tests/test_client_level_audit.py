@@ -316,8 +316,9 @@ def test_audit_block_and_plot(tmp_path: Path) -> None:
     assert block["score"] == "cosine with final model change"
     assert block["delta"] == DELTA and block["confidence"] == 0.95
     assert block["dimension"] == 4100 and block["privacy_unit"] == "client"
-    assert "Steinke" in block["methods"]["lower_bound"]
-    assert "Andrew" in block["methods"]["estimate"]
+    assert block["method"].startswith("steinke-nasr-jagielski-2023")
+    assert block["estimate_method"].startswith("andrew-et-al-2024")
+    assert 450 < block["included"] < 550
     assert (tmp_path / "results" / block["plot"]).stat().st_size > 5000
     line = canary_audit_line(block)
     assert "lower bound" in line and "one-shot estimate" in line
