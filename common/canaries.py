@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
 INCLUSION_PROBABILITY = 0.5  # the one-run audit's design (Steinke et al. 2023)
 CANARY_KIND = "training records relabelled to a wrong class drawn from the seed"
-CANARY_SCORE = "log-probability of the canary's wrong label under the final global model"
+CANARY_SCORE = (
+    "log-probability of the canary's wrong label under the final global model minus "
+    "under the initial one (both known to the server)"
+)
 _AUDIT_STREAM = 0xA0D1  # keeps the audit's draws apart from other uses of the seed
 # Privacy modes whose audit inserts canary records (client-level audits canary clients).
 RECORD_CANARY_MODES = ("sample", "none")

@@ -226,8 +226,13 @@ def audit_sample_level(
     plan = canary_plan(cfg.seed, cfg.audit_canaries, data.y_train, data.num_classes)
     model = build_model(cfg.dataset, data.num_classes, features=cfg.features)
     model.load_state_dict(state_dict)
+    # the server's round-1 weights (server/app.py builds them from the seed alike)
+    initial = build_model(
+        cfg.dataset, data.num_classes, seed=cfg.seed, features=cfg.features
+    )
     x = compute_features(cfg.features, torch.from_numpy(data.x_train[plan.indices]))
-    scores = canary_scores(model, x, torch.from_numpy(plan.labels))
+    labels = torch.from_numpy(plan.labels)
+    scores = canary_scores(model, x, labels) - canary_scores(initial, x, labels)
     bound = one_run_lower_bound(scores, plan.included, cfg.delta)
     return SampleLevelAudit(bound, scores, plan.included)
 
@@ -277,7 +282,7 @@ def run_sample_level_audit(
     plot_scores(
         audit.scores,
         audit.included,
-        "log-probability of the canary's wrong label (final model)",
+        "gain in log-probability of the canary's wrong label (final - initial model)",
         f"one-run audit, {audit.bound.canaries} canaries: "
         f"ε ≥ {audit.bound.epsilon_lower_bound:.2f}",
         out_dir / AUDIT_PLOT,

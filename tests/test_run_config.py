@@ -54,6 +54,8 @@ BAD_VALUES: dict[str, list[Any]] = {
     "torch-threads": [1.5, 0, 257],
     "results-dir": [0, None],
     "export-compression": [8, "INT8", "int4", "prune", True],
+    "audit": [True, "on", "one-shot", 1],
+    "audit-canaries": [1, 0, -5, 2.5, True, "1000"],
 }
 
 
