@@ -134,9 +134,13 @@ class CanaryClients:
         """The ``audit`` block for summary.json; ``audit-scores.png`` in ``out_dir``."""
         scores = self.cosines(final)
         inside, outside = scores[self.included], scores[~self.included]
-        estimate = one_shot_estimate(inside, outside, self.dimension, delta)
+        # The Gaussian fit needs two cosines on each side; a tiny m may not have them.
+        fits = min(inside.size, outside.size) >= 2
+        estimate = (
+            one_shot_estimate(inside, outside, self.dimension, delta) if fits else None
+        )
         bound = one_run_lower_bound(scores.tolist(), self.included.tolist(), delta)
-        fitted = estimate.to_dict()  # an infinite ε becomes None (JSON)
+        fitted = estimate.to_dict() if estimate else {}  # an infinite ε becomes None
         block: dict[str, Any] = {
             **bound.to_dict(),  # method, canaries, guesses, correct, confidence, δ, bound
             "privacy_unit": "client",
@@ -149,10 +153,12 @@ class CanaryClients:
             "score": SCORE,
             "dimension": self.dimension,
             "reported_epsilon": reported_epsilon,
-            "epsilon_estimate": fitted["epsilon"],
-            "epsilon_estimate_empirical_null": fitted["epsilon_empirical_null"],
-            "cosine_in": {"mean": estimate.mean_in, "std": estimate.std_in},
-            "cosine_out": {"mean": estimate.mean_out, "std": estimate.std_out},
+            "epsilon_estimate": fitted.get("epsilon"),
+            "epsilon_estimate_empirical_null": fitted.get("epsilon_empirical_null"),
+            "epsilon_estimate_infinite": estimate is not None
+            and math.isinf(estimate.epsilon),
+            "cosine_in": {"mean": fitted.get("mean_in"), "std": fitted.get("std_in")},
+            "cosine_out": {"mean": fitted.get("mean_out"), "std": fitted.get("std_out")},
             "null_std": self.dimension**-0.5,
         }
         if out_dir is not None:
@@ -195,5 +201,10 @@ def canary_audit_line(block: dict[str, Any]) -> str:
     fields = {f.name: block[f.name] for f in dataclasses.fields(OneRunBound)}
     line = audit_log_line(OneRunBound(**fields), block["reported_epsilon"])
     estimate = block["epsilon_estimate"]
-    shown = "∞" if estimate is None else f"{estimate:.3f}"
+    if block["epsilon_estimate_infinite"]:
+        shown = "∞"
+    elif estimate is None:
+        shown = "none (fewer than 2 canaries included or excluded)"
+    else:
+        shown = f"{estimate:.3f}"
     return f"client-level {line}; one-shot estimate ε ≈ {shown} (Andrew et al. 2024)"

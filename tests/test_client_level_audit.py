@@ -227,7 +227,7 @@ def test_without_noise_the_estimate_is_large_and_the_bound_clearly_positive() ->
         model += agg.mean_update[0]
     block = canaries.audit([model.astype(np.float32)], DELTA, None)
     print("no noise:", block["epsilon_estimate"], block["epsilon_lower_bound"])
-    assert block["epsilon_estimate"] is None or block["epsilon_estimate"] > 20
+    assert block["epsilon_estimate_infinite"] or block["epsilon_estimate"] > 20
     assert block["epsilon_lower_bound"] > 3
     assert block["cosine_in"]["mean"] > 2 * block["null_std"]
     assert abs(block["cosine_out"]["mean"]) < block["null_std"]
@@ -302,6 +302,19 @@ def test_canary_design_is_seeded_and_balanced() -> None:
     assert 450 < a.included.sum() < 550
     with pytest.raises(ValueError, match="'audit-canaries'"):
         CanaryClients(1, 3, Q, like)
+
+
+def test_too_few_canaries_on_one_side_give_a_bound_but_no_estimate() -> None:
+    """m = 2, both included: no Gaussian fit of the excluded side, so no estimate (and
+    no crash at the end of the run); the one-run bound is still computed."""
+    like = [np.zeros(50, np.float32)]
+    canaries = CanaryClients(2, 3, Q, like)
+    canaries.included = np.array([True, True])
+    block = canaries.audit([np.ones(50, np.float32)], DELTA, 1.0)
+    assert block["epsilon_estimate"] is None and block["cosine_out"]["mean"] is None
+    assert block["canaries"] == 2 and block["epsilon_lower_bound"] == 0.0
+    assert "one-shot estimate ε ≈ none (fewer than 2" in canary_audit_line(block)
+    assert block["epsilon_estimate_infinite"] is False
 
 
 def test_audit_block_and_plot(tmp_path: Path) -> None:
