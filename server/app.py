@@ -18,6 +18,7 @@ from flwr.supercore import log
 from common.canaries import inserts_canary_records
 from common.config import RunConfig, noise_statement
 from common.models import build_model
+from server.canary_clients import canary_audit_line
 from server.central_evaluation import CentralEvaluator
 from server.checkpoint import Checkpoint, Checkpointer, load_for_resume, resumed_rounds
 from server.client_level_strategy import ClientLevelFedAvg
@@ -223,6 +224,10 @@ def main(grid: Grid, context: Context) -> None:
             summary["audit"], audit_line = run_sample_level_audit(
                 cfg, result.arrays.to_torch_state_dict(), summary["max_epsilon"], out_dir
             )
+        if writer.rounds and isinstance(strategy, ClientLevelFedAvg):  # canary clients
+            client_audit = strategy.audit_block(result.arrays)
+            if client_audit is not None:
+                summary["audit"], audit_line = client_audit, canary_audit_line(client_audit)
         writer.write_summary(summary)
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"

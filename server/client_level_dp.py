@@ -72,18 +72,22 @@ class ClientLevelAggregator:
         shapes_like: Sequence[np.ndarray],
         updates: Sequence[tuple[Sequence[np.ndarray], bool]],
         generator: torch.Generator,
+        canaries: Sequence[tuple[Sequence[np.ndarray], bool]] = (),
     ) -> RoundAggregate:
         """The noised mean of ``updates`` ((arrays, below-clip bit) per client).
 
         Every update is clipped again here to the round's C: a client that did not
         clip cannot raise the sensitivity. An empty cohort adds noise only.
+        ``canaries`` (an audit's virtual clients) are clipped, summed and counted in
+        the clip bit exactly alike, but left out of the cohort size and the clipped
+        fraction that ``rounds.jsonl`` records; q·n stays the real nodes'.
         """
         s = self.settings
         c = self.clip_norm
         total = [np.zeros_like(a, dtype=np.float64) for a in shapes_like]
         clipped_count = 0
         below_centred = 0.0
-        for arrays, below in updates:
+        for index, (arrays, below) in enumerate([*updates, *canaries]):
             clipped = clip_update(arrays, c)
             if len(clipped.arrays) != len(total):
                 raise ValueError("an update has a different number of arrays")
@@ -93,7 +97,7 @@ class ClientLevelAggregator:
                 acc += part
             # The client's bit, unless its update arrived above C (it did not clip).
             was_below = below and clipped.below_clip
-            clipped_count += int(not was_below)
+            clipped_count += int(not was_below and index < len(updates))
             below_centred += float(was_below) - 0.5
         std = s.update_noise_multiplier * c
         mean = tuple(

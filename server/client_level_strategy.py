@@ -35,6 +35,7 @@ from common.client_level_plan import (
 from common.config import RunConfig
 from common.dp_randomness import reproducible_seed, round_generator
 from common.reply import CLIP_NORM_KEY, Status
+from server.canary_clients import CanaryClients
 from server.client_level_dp import (
     ClientLevelAggregator,
     RoundAggregate,
@@ -64,6 +65,7 @@ class ClientLevelFedAvg(PrivateFedAvg):
         self.last_round: RoundAggregate | None = None
         self.cohort: list[int] = []
         self.population: frozenset[int] = frozenset()
+        self.canaries: CanaryClients | None = None  # audit = "one-run" only
 
     # -- hooks the round loop calls -------------------------------------------------
     def start_run(self, node_ids: Sequence[int]) -> None:
@@ -140,6 +142,19 @@ class ClientLevelFedAvg(PrivateFedAvg):
             "ledger_file": self.ledger.path.name,
         }  # fmt: skip
 
+    def audit_block(self, final_arrays: ArrayRecord) -> dict[str, Any] | None:
+        """``summary.json``'s client-level ``audit`` block (and ``audit-scores.png``
+        beside the ledger), or ``None`` when the run has no canaries."""
+        if self.canaries is None:
+            return None
+        eps = self.ledger.epsilon()
+        return self.canaries.audit(
+            final_arrays.to_numpy_ndarrays(),
+            self.cfg.delta,
+            eps if math.isfinite(eps) else None,
+            self.ledger.path.parent,
+        )
+
     # -- Flower strategy ------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -147,6 +162,11 @@ class ClientLevelFedAvg(PrivateFedAvg):
         """Instruct a Poisson cohort (possibly empty) with the round's clip norm."""
         if self.current_arrays is None:
             self.current_arrays = arrays  # FedAvgM's reference for its server step
+        if self.cfg.audit == "one-run" and self.canaries is None:  # at the initial model
+            self.canaries = CanaryClients(
+                self.cfg.audit_canaries, self.cfg.seed, self.cfg.client_sampling_rate,
+                arrays.to_numpy_ndarrays(),
+            )  # fmt: skip
         self.round_arrays = arrays
         # Only the n nodes of the start: q·n and δ < 1/n were fixed for them. A node
         # that joins later waits for the next run.
@@ -198,7 +218,14 @@ class ClientLevelFedAvg(PrivateFedAvg):
             if self.cfg.reproducible_noise
             else None
         )
-        agg = self._aggregator().aggregate(current, updates, round_generator(replay))
+        canaries = (
+            self.canaries.round_updates(self._aggregator().clip_norm, self.rng)
+            if self.canaries is not None
+            else []
+        )
+        agg = self._aggregator().aggregate(
+            current, updates, round_generator(replay), canaries=canaries
+        )
         self.last_round = agg
         self.ledger.record_round(
             server_round,
