@@ -71,6 +71,12 @@ def check_resume_config(saved: Mapping[str, Any], resumed: Mapping[str, Any]) ->
     compared with the code's default.
     """
     defaults = RunConfig().to_run_config()
+    if resumed.get("audit", defaults["audit"]) != "off":
+        raise ConfigError(
+            "run config key 'audit': an audit run cannot be resumed (its scores compare "
+            "the final model with the run's initial one, and the client-level canaries' "
+            "contributions live only in the process that ran them); start a new run"
+        )
     for key in sorted(set(saved) | set(resumed)):
         if key in RESUMABLE_KEYS:
             continue

@@ -363,3 +363,10 @@ def test_update_validation_remembers_each_nodes_ledger_across_a_resume(
     rolled_back = PrivacyLedger("rdp", 1e-5).extended(3, 1.0, 0.1, 10)
     with pytest.raises(UpdateRejected, match="not more than"):
         _check_extends(resumed.validator.accepted[7], rolled_back, grew=True)
+
+
+def test_an_audit_run_cannot_be_resumed() -> None:
+    """The audit needs the whole run in one process: a resume of one is refused."""
+    saved = RunConfig(audit="one-run", audit_canaries=100).to_run_config()
+    with pytest.raises(ConfigError, match="run config key 'audit': an audit run cannot"):
+        check_resume_config(saved, saved)
