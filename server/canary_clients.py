@@ -199,7 +199,7 @@ def plot_scores(
 def canary_audit_line(block: dict[str, Any]) -> str:
     """The log line printed beside the reported ε: the bound, then the estimate."""
     fields = {f.name: block[f.name] for f in dataclasses.fields(OneRunBound)}
-    line = audit_log_line(OneRunBound(**fields), block["reported_epsilon"])
+    line = audit_log_line(OneRunBound(**fields), block["reported_epsilon"], private=True)
     estimate = block["epsilon_estimate"]
     if block["epsilon_estimate_infinite"]:
         shown = "∞"
