@@ -35,8 +35,8 @@ _ids = itertools.count(1)
 Tamper = Callable[[Message, int], Message | None]
 
 
-def _delivered(message: Message, node: int) -> Message:
-    """``message`` as a SuperNode would deliver it (ids and times filled in)."""
+def delivered(content: RecordDict, message_type: str, node: int) -> Message:
+    """An instruction as a SuperNode would deliver it to ``node`` (ids, times filled in)."""
     metadata = Metadata(
         run_id=1,
         message_id=f"in-process-{next(_ids)}",
@@ -46,9 +46,9 @@ def _delivered(message: Message, node: int) -> Message:
         group_id="1",
         created_at=time.time(),
         ttl=3600,
-        message_type=message.metadata.message_type,
+        message_type=message_type,
     )
-    return Message(content=message.content, metadata=metadata)
+    return Message(content=content, metadata=metadata)
 
 
 class InProcessGrid:
@@ -70,14 +70,14 @@ class InProcessGrid:
         ids = []
         for message in messages:
             node = int(message.metadata.dst_node_id)
-            delivered = _delivered(message, node)
-            reply = client_app.train(delivered, self.contexts[node])
+            instruction = delivered(message.content, message.metadata.message_type, node)
+            reply = client_app.train(instruction, self.contexts[node])
             if node in self.tamper:
                 server_round = int(message.content["config"]["server-round"])
                 reply = self.tamper[node](reply, server_round)
             if reply is not None:
-                self.waiting[delivered.metadata.message_id] = reply
-            ids.append(delivered.metadata.message_id)
+                self.waiting[instruction.metadata.message_id] = reply
+            ids.append(instruction.metadata.message_id)
         return ids
 
     def pull_messages(self, ids: Iterable[str]) -> list[Message]:

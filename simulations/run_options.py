@@ -138,21 +138,29 @@ def resolve_clients(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Run-config overrides from the options; validated before anything starts."""
-    overrides: dict[str, Any] = dict(PRESETS[args.preset].run_config) if args.preset else {}
-    for item in args.set:
+def parse_set_items(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items (TOML values), each key checked on its own before any
+    is used."""
+    parsed: dict[str, Any] = {}
+    for item in items:
         try:
             pairs = tomllib.loads(item)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(
                 f"--set {item!r}: not KEY=VALUE in TOML syntax ({exc})"
             ) from None
-        for key, value in pairs.items():  # each key on its own, before any is used
+        for key, value in pairs.items():
             try:
-                overrides[key] = check_key(key, value)
+                parsed[key] = check_key(key, value)
             except ConfigError as exc:
                 raise ConfigError(f"--set {item!r}: {exc}") from None
+    return parsed
+
+
+def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Run-config overrides from the options; validated before anything starts."""
+    overrides: dict[str, Any] = dict(PRESETS[args.preset].run_config) if args.preset else {}
+    overrides.update(parse_set_items(args.set))
     if overrides.get("resume"):
         raise ConfigError(
             "run config key 'resume': continue a run with --resume RESULTS_DIR, which "
@@ -226,19 +234,7 @@ def resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(
             "--preset cannot be combined with --resume (the run keeps its own)"
         )
-    asked: dict[str, Any] = {}
-    for item in args.set:
-        try:
-            pairs = tomllib.loads(item)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(
-                f"--set {item!r}: not KEY=VALUE in TOML syntax ({exc})"
-            ) from None
-        for key, value in pairs.items():
-            try:
-                asked[key] = check_key(key, value)
-            except ConfigError as exc:
-                raise ConfigError(f"--set {item!r}: {exc}") from None
+    asked = parse_set_items(args.set)
     for option, key in _OPTION_KEYS.items():
         if getattr(args, option) is not None:
             asked[key] = getattr(args, option)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
-import time
 
 import pytest
 from flwr.app import (
@@ -14,18 +12,16 @@ from flwr.app import (
     Context,
     Message,
     MessageType,
-    Metadata,
     RecordDict,
 )
 
 from common.config import RunConfig
 from simulations.certificates import CA_DIR_ENV
+from simulations.in_process_federation import delivered
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-
-_ids = itertools.count(1)
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -38,18 +34,7 @@ signal.signal(signal.SIGTERM, _terminate)
 
 def make_message(content: RecordDict, message_type: str, dst_node_id: int = 5) -> Message:
     """A server-to-client instruction message, as a SuperNode would deliver it."""
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"msg-{next(_ids)}",
-        src_node_id=1,
-        dst_node_id=dst_node_id,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600,
-        message_type=message_type,
-    )
-    return Message(content=content, metadata=metadata)
+    return delivered(content, message_type, dst_node_id)
 
 
 def train_message(arrays: ArrayRecord, server_round: int, node_id: int = 5) -> Message:

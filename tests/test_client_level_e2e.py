@@ -13,21 +13,12 @@ import json
 import math
 from pathlib import Path
 
-import dp_accounting
 import pytest
 
+from tests.independent_accounting import dp_accounting_rdp
 from tests.process_watch import assert_all_gone, run_watched
 
 pytestmark = pytest.mark.e2e
-
-
-def _dp_accounting_rdp(history: list[list[float]], delta: float) -> float:
-    """Google's dp-accounting on the logged history: the independent check."""
-    accountant = dp_accounting.rdp.RdpAccountant()
-    for z, q, rounds in history:
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
-        accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(rounds)))
-    return accountant.get_epsilon(delta)
 
 
 def test_client_level_preset_on_50_clients(tmp_path: Path) -> None:
@@ -68,7 +59,7 @@ def test_client_level_preset_on_50_clients(tmp_path: Path) -> None:
     assert block["history"] == [[block["noise_multiplier"], 0.1, 3]]
     assert block["update_noise_multiplier"] > block["noise_multiplier"]
     # Every reported ε equals dp-accounting's on the logged history (within 1 %).
-    independent = _dp_accounting_rdp(block["history"], block["delta"])
+    independent = dp_accounting_rdp(block["history"], block["delta"])
     assert block["epsilon"] == pytest.approx(independent, rel=0.01)
     assert summary["max_epsilon"] == block["epsilon"] == ledger["epsilon"]
     assert block["epsilon"] <= 3.0  # the preset's target, z calibrated for 3 rounds

@@ -17,7 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-import dp_accounting
 import psutil
 import pytest
 from flwr.app import Context, RecordDict
@@ -27,6 +26,7 @@ from client.node_settings import NodeSettings
 from common.models import build_model
 from common.privacy_ledger import PrivacyLedger, epsilon_of_history
 from server.checkpoint import CHECKPOINT_FILE, arrays_digest, read_checkpoint
+from tests.independent_accounting import dp_accounting_rdp
 from tests.process_watch import (
     assert_all_gone,
     run_watched,
@@ -35,14 +35,6 @@ from tests.process_watch import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-def _dp_accounting_rdp(history: list[list[float]], delta: float) -> float:
-    accountant = dp_accounting.rdp.RdpAccountant()
-    for sigma, q, steps in history:
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-        accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(steps)))
-    return accountant.get_epsilon(delta)
 
 
 def _rounds(results: Path) -> list[dict]:
@@ -106,7 +98,7 @@ def _check_ledgers(ledger_files: list[Path], last: dict, killed_at: int) -> None
         uninterrupted = epsilon_of_history([(sigma, q, steps)], ledger["delta"], "rdp")
         assert reported == pytest.approx(uninterrupted, rel=1e-9)
         assert reported == pytest.approx(
-            _dp_accounting_rdp(ledger["history"], ledger["delta"]), rel=3e-3
+            dp_accounting_rdp(ledger["history"], ledger["delta"]), rel=3e-3
         )
 
 
@@ -203,7 +195,7 @@ def test_deployment_resume_keeps_a_node_ledger_that_holds_the_interrupted_round(
     reported = {c["partition_id"]: c for c in rounds[-1]["clients"]}
     assert reported[0]["epsilon"] == pytest.approx(after.epsilon(), rel=1e-12)
     assert reported[0]["epsilon"] == pytest.approx(
-        _dp_accounting_rdp([list(h) for h in after.history()], 1e-5), rel=3e-3
+        dp_accounting_rdp([list(h) for h in after.history()], 1e-5), rel=3e-3
     )
     node_1 = PrivacyLedger.from_json(
         (results / "nodes/node-1/privacy-ledger.json").read_text()
