@@ -22,6 +22,7 @@ from server.canary_clients import canary_audit_line
 from server.central_evaluation import CentralEvaluator
 from server.checkpoint import Checkpoint, Checkpointer, load_for_resume, resumed_rounds
 from server.client_level_strategy import ClientLevelFedAvg
+from server.client_outcomes import partition_key
 from server.federation_ledger import FederationLedger
 from server.federation_loop import LoopResult, epsilon_text, run_rounds
 from server.ledger_witness import LedgerWitness
@@ -88,7 +89,7 @@ def summarise(
     """The ``summary.json`` of a finished run."""
     latest = result.state.latest
     per_client = {
-        str(o.partition_id if o.partition_id != -1 else f"node-{n}"): o.to_dict()["epsilon"]
+        partition_key(o.partition_id, n): o.to_dict()["epsilon"]
         for n, o in sorted(latest.items(), key=lambda kv: (kv[1].partition_id, kv[0]))
     }
     last = writer_round(result)

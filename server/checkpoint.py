@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -37,6 +36,7 @@ from common.atomic_files import atomic_write_bytes
 from common.config import ConfigError, RunConfig
 from common.privacy_ledger import LedgerError, PrivacyLedger
 from server.client_level_strategy import ClientLevelFedAvg
+from server.client_outcomes import partition_key
 from server.federation_ledger import LEDGER_FILE
 from server.results import ROUNDS_FILE
 
@@ -321,12 +321,9 @@ def updated_epsilons(
     """Each partition's latest reported ε, updated with one round's clients."""
     out = dict(previous)
     for client in record.get("clients", []):
-        eps = client.get("epsilon")
-        if eps is None:
-            continue
-        key = str(client["partition_id"] if client.get("partition_id") is not None
-                  else f"node-{client['node_id']}")  # fmt: skip
-        out[key] = eps if math.isfinite(eps) else None
+        if client.get("epsilon") is not None:  # rounds.jsonl holds finite ε or null
+            key = partition_key(client.get("partition_id"), client["node_id"])
+            out[key] = client["epsilon"]
     return out
 
 

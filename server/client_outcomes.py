@@ -19,6 +19,14 @@ from common.privacy_ledger import PrivacyLedger
 from common.reply import ReplyError, Status, TrainReport
 
 
+def partition_key(partition_id: int | None, node_id: int) -> str:
+    """How results name a client: its partition, or ``node-<id>`` for a node that
+    serves its own data (partition -1) or did not say."""
+    if partition_id is None or partition_id < 0:
+        return f"node-{node_id}"
+    return str(partition_id)
+
+
 @dataclass(frozen=True)
 class ClientOutcome:
     """One node's training reply: status, reason, and its ledger if released."""

@@ -370,3 +370,22 @@ def test_an_audit_run_cannot_be_resumed() -> None:
     saved = RunConfig(audit="one-run", audit_canaries=100).to_run_config()
     with pytest.raises(ConfigError, match="run config key 'audit': an audit run cannot"):
         check_resume_config(saved, saved)
+
+
+def test_the_checkpoint_names_clients_as_the_summary_does() -> None:
+    """A node serving its own data (partition -1) is 'node-<id>' in both, so a resumed
+    summary does not list it twice or fold several such nodes into one."""
+    from server.checkpoint import updated_epsilons
+    from server.client_outcomes import partition_key
+
+    record = {"clients": [
+        {"partition_id": -1, "node_id": 9, "epsilon": 1.5},
+        {"partition_id": -1, "node_id": 4, "epsilon": 0.5},
+        {"partition_id": 2, "node_id": 7, "epsilon": None},
+    ]}  # fmt: skip
+    assert updated_epsilons({"2": 0.25}, record) == {
+        "2": 0.25,
+        "node-9": 1.5,
+        "node-4": 0.5,
+    }
+    assert partition_key(-1, 9) == "node-9" and partition_key(2, 7) == "2"
