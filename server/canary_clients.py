@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from common.canaries import INCLUSION_PROBABILITY
 from common.update_clipping import CLIP_MARGIN
 from server.one_shot_estimate import one_shot_estimate
 from server.privacy_audit import (
@@ -41,10 +42,10 @@ from server.privacy_audit import (
     OneRunBound,
     audit_log_line,
     one_run_lower_bound,
+    plot_scores,
 )
 
 CANARY_STREAM = 0xCA7A  # separates the canaries' generator from others seeded by `seed`
-INCLUSION_PROBABILITY = 0.5
 SCORE = "cosine with final model change"
 CANARY_KIND = "canary client: update C·u_i, u_i a random unit direction, sampled at q"
 ESTIMATE_METHOD = (
@@ -162,38 +163,11 @@ class CanaryClients:
             "null_std": self.dimension**-0.5,
         }
         if out_dir is not None:
-            block["plot"] = plot_scores(inside, outside, self.dimension, out_dir).name
+            block["plot"] = plot_scores(
+                scores, self.included, SCORE, "client-level audit: canary cosines",
+                out_dir / AUDIT_PLOT, null_std=self.dimension**-0.5,
+            ).name  # fmt: skip
         return block
-
-
-def plot_scores(
-    inside: np.ndarray, outside: np.ndarray, dimension: int, out_dir: Path
-) -> Path:
-    """``audit-scores.png``: cosine histograms of included and excluded canaries, and
-    the null density N(0, 1/d) of directions the run never saw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy import stats
-
-    path = out_dir / AUDIT_PLOT
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    both = np.concatenate([inside, outside])
-    spread = max(float(both.max() - both.min()), dimension**-0.5)
-    bins = np.linspace(float(both.min()) - spread / 10, float(both.max()) + spread / 10, 40)
-    ax.hist(outside, bins=bins, density=True, alpha=0.5, label=f"excluded ({outside.size})")
-    ax.hist(inside, bins=bins, density=True, alpha=0.5, label=f"included ({inside.size})")
-    grid = np.linspace(bins[0], bins[-1], 400)
-    ax.plot(
-        grid, stats.norm.pdf(grid, scale=dimension**-0.5), "k--", label="null N(0, 1/d)"
-    )
-    ax.set(xlabel=SCORE, ylabel="density", title="client-level audit: canary cosines")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def canary_audit_line(block: dict[str, Any]) -> str:

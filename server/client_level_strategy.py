@@ -61,7 +61,6 @@ class ClientLevelFedAvg(PrivateFedAvg):
         replay = cfg.seed if cfg.reproducible_noise else None
         self.rng = sampling_rng(replay)
         self.dp: ClientLevelAggregator | None = None
-        self.round_arrays: ArrayRecord | None = None
         self.last_round: RoundAggregate | None = None
         self.cohort: list[int] = []
         self.population: frozenset[int] = frozenset()
@@ -219,7 +218,7 @@ class ClientLevelFedAvg(PrivateFedAvg):
             else None
         )
         canaries = (
-            self.canaries.round_updates(self._aggregator().clip_norm, self.rng)
+            self.canaries.round_updates(clip_norm, self.rng)
             if self.canaries is not None
             else []
         )

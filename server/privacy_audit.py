@@ -244,22 +244,34 @@ def audit_sample_level(
 
 
 def plot_scores(
-    scores: np.ndarray, included: np.ndarray, xlabel: str, title: str, path: Path
+    scores: np.ndarray,
+    included: np.ndarray,
+    xlabel: str,
+    title: str,
+    path: Path,
+    null_std: float | None = None,
 ) -> Path:
-    """Histograms of the canary scores, included against excluded."""
+    """Histograms of the canary scores, included against excluded; with ``null_std``,
+    as densities beside the null N(0, null_std²) of canaries the run never saw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from scipy import stats
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-9, 40)
-    ax.hist(scores[included], bins=bins, alpha=0.6, label=f"in ({int(included.sum())})")
-    ax.hist(
-        scores[~included], bins=bins, alpha=0.6, label=f"out ({int((~included).sum())})"
-    )
-    ax.set(xlabel=xlabel, ylabel="canaries", title=title)
-    ax.legend()
+    low, high = float(scores.min()), float(scores.max())
+    margin = max(high - low, null_std or 0.0) / 10
+    bins = np.linspace(low - margin, high + margin + 1e-9, 40)
+    density = null_std is not None
+    for mask, name in ((included, "in"), (~included, "out")):
+        ax.hist(scores[mask], bins=bins, alpha=0.6, density=density,
+                label=f"{name} ({int(mask.sum())})")  # fmt: skip
+    if null_std is not None:
+        grid = np.linspace(bins[0], bins[-1], 400)
+        ax.plot(grid, stats.norm.pdf(grid, scale=null_std), "k--", label="null N(0, 1/d)")
+    ax.set(xlabel=xlabel, ylabel="density" if density else "canaries", title=title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
