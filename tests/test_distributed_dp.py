@@ -88,7 +88,9 @@ def test_encode_decode_recovers_the_sum_up_to_the_noise() -> None:
         updates.append([(u / np.linalg.norm(u) * 0.9).astype(np.float32)])
     total = np.zeros(plan.padded_dim, dtype=np.uint64)
     for u in updates:
-        total = (total + plan.encode(u, signs, integer_generator())) % np.uint64(plan.modulus)
+        total = (total + plan.encode(u, signs, integer_generator())) % np.uint64(
+            plan.modulus
+        )
     decoded = plan.decode(total, signs, [np.zeros(plan.dim, dtype=np.float32)])[0]
     truth = sum(u[0] for u in updates)
     noise_norm = math.sqrt(3 * plan.share_variance * plan.dim) / plan.scale
