@@ -57,7 +57,7 @@ class ClientLevelFedAvg(PrivateFedAvg):
         super().__init__(**kwargs)
         self.cfg = cfg
         self.ledger = ledger
-        self.noise_multiplier = client_noise_multiplier(cfg)
+        self.noise_multiplier = self.initial_noise_multiplier()
         replay = cfg.seed if cfg.reproducible_noise else None
         self.rng = sampling_rng(replay)
         self.dp: ClientLevelAggregator | None = None
@@ -65,6 +65,10 @@ class ClientLevelFedAvg(PrivateFedAvg):
         self.cohort: list[int] = []
         self.population: frozenset[int] = frozenset()
         self.canaries: CanaryClients | None = None  # audit = "one-run" only
+
+    def initial_noise_multiplier(self) -> float:
+        """z, calibrated for the Gaussian mechanism the server runs."""
+        return client_noise_multiplier(self.cfg)
 
     # -- hooks the round loop calls -------------------------------------------------
     def start_run(self, node_ids: Sequence[int]) -> None:

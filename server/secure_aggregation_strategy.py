@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.client_level_plan import ClientLevelSettings, plan_client_level
+from common.client_level_plan import ClientLevelSettings, check_population
 from common.config import RunConfig
 from common.distributed_dp import QuantisationPlan, plan_round, rotation_signs
 from common.reply import CLIP_NORM_KEY, Status
@@ -61,12 +61,12 @@ def secagg_noise_multiplier(cfg: RunConfig, population: int, dim: int) -> float:
     ``num-rounds`` rounds at the minimum number of uploads end at ``target-epsilon``.
 
     The sensitivities depend on the quantisation scale, which depends on z: two
-    passes, from the Gaussian z (the Skellam bound is slightly looser)."""
+    passes from a first guess."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    settings = plan_client_level(cfg, population)  # the Gaussian z, δ < 1/n checked
-    z = settings.noise_multiplier * 1.1
-    cohort = max(MIN_COHORT, round(settings.expected_cohort))
+    check_population(cfg, population)
+    z = 1.0  # a first guess: the scale depends on z only through the noise's width
+    cohort = max(MIN_COHORT, round(cfg.client_sampling_rate * population))
     minimum = expected_minimum(cfg, cohort)
     for _ in range(2):
         plan = _plan(cfg, dim, z, cohort, minimum)
@@ -112,6 +112,10 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
         self.failed_in_a_row = 0
         self.stop_reason: str | None = None
 
+    def initial_noise_multiplier(self) -> float:
+        """Unknown before start_run: the Skellam calibration needs the population."""
+        return self.cfg.noise_multiplier
+
     # -- hooks the round loop calls -------------------------------------------------
     def start_run(self, node_ids: Sequence[int]) -> None:
         """Fix n, calibrate z with the Skellam accountant, and plan the typical round."""
@@ -120,7 +124,6 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
         settings = ClientLevelSettings.from_config(
             self.cfg, population, self.noise_multiplier
         )
-        plan_client_level(self.cfg, population)  # δ < 1/n, naming the key
         self.population = frozenset(node_ids)
         self.dp = ClientLevelAggregator(settings)
         cohort = max(MIN_COHORT, round(settings.expected_cohort))
