@@ -33,10 +33,10 @@ from typing import Any
 from flwr.app import ConfigRecord
 
 from common.distributed_dp import QuantisationPlan
+from common.reply import Coverage, ReplyField, Status
 
 SECAGG_KEY = "secagg"  # ConfigRecord of every stage, both directions
-MASKED_KEY = "masked-update"  # ArrayRecord of the upload: one packed uint8 vector
-PACKED_ARRAY = "packed"
+PACKED_ARRAY = "packed"  # the one array of the upload (common.reply.MASKED_KEY)
 SEED_BYTES = 32
 
 
@@ -52,6 +52,38 @@ class Stage(StrEnum):
     def message_type(self) -> str:
         """Flower's message type (category ``train``, action the stage)."""
         return f"train.{self.value}"
+
+
+def _released(key: str, meaning: str) -> ReplyField:
+    return ReplyField(
+        key, Coverage.POLICY, (Status.TRAINED,), meaning,
+        released_by="allow-secure-aggregation",
+    )  # fmt: skip
+
+
+# What each stage's reply carries in its ``secagg`` record (the masked update's report
+# and upload are common.reply.TRAIN_FIELDS'); README's table is checked against it.
+STAGE_FIELDS: dict[Stage, tuple[ReplyField, ...]] = {
+    Stage.SETUP: (
+        _released("pk-encryption", "a fresh public key (EC P-384) the neighbours "
+                  "encrypt this node's shares with; new each round"),
+        _released("pk-masking", "a fresh public key the neighbours agree pairwise "
+                  "masks with; new each round"),
+    ),
+    Stage.SHARE_KEYS: (
+        _released("nodes", "the neighbours the ciphertexts are for"),
+        _released("ciphertexts", "this node's Shamir shares of its mask seed and mask "
+                  "key, each encrypted for its holder (the server cannot read them)"),
+    ),
+    Stage.UNMASK: (
+        _released("seed-nodes", "the neighbours that uploaded, whose shares follow"),
+        _released("seed-shares", "the shares this node holds of those neighbours' mask "
+                  "seeds (they remove private masks from the sum)"),
+        _released("key-nodes", "the neighbours that dropped after sharing keys"),
+        _released("key-shares", "the shares this node holds of those neighbours' mask "
+                  "keys (they remove the pairwise masks others added for them)"),
+    ),
+}  # fmt: skip
 
 
 class ProtocolError(ValueError):

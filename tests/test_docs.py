@@ -64,6 +64,25 @@ def test_readme_what_leaves_a_client_is_the_declared_contract() -> None:
     assert documented == declared
 
 
+def test_readme_secure_aggregation_stage_fields_are_the_declared_ones() -> None:
+    """The stage table under "What leaves a client" is common.secagg_protocol's."""
+    from common.secagg_protocol import STAGE_FIELDS
+
+    section = README.split("### What leaves a client", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(
+        r"^\| (secagg_[a-z_]+) \| `([a-z0-9-]+)` \| ([^|]+?) \| ([^|]+?) \|",
+        section,
+        flags=re.MULTILINE,
+    )
+    declared = [
+        (stage.value, f.key, f"{f.coverage.value} (`{f.released_by}`)",
+         ", ".join(s.value for s in f.statuses))
+        for stage, fields in STAGE_FIELDS.items()
+        for f in fields
+    ]  # fmt: skip
+    assert rows == declared
+
+
 def test_readme_lists_every_policy_key() -> None:
     """The privacy-policy table documents exactly the keys the node reads."""
     from client.privacy_policy import POLICY_KEYS
