@@ -37,10 +37,9 @@ from client.privacy_policy import (
 )
 from common.config import RunConfig
 from common.data_checks import DatasetError
-from common.datasets import NUM_CLASSES
 from common.dp_randomness import reproducible_seed, round_generator
 from common.metrics import evaluate_model
-from common.models import build_model, count_parameters
+from common.models import build_model, model_dimension
 from common.privacy_ledger import LedgerError, PrivacyLedger
 from common.reply import ARRAYS_KEY, CLIP_NORM_KEY, EvaluateReport, TrainReport
 from common.round_privacy import decide_round
@@ -340,9 +339,8 @@ def _secagg_stage(stage: Stage) -> Handler:
             if stage is Stage.MASKED_UPDATE:
                 return _masked_update(msg, context, cfg, policy, record)
             if stage is Stage.SETUP:
-                model = build_model(cfg.dataset, NUM_CLASSES, features=cfg.features)
                 out = secagg_client.setup(
-                    context, int(context.node_id), record, count_parameters(model),
+                    context, int(context.node_id), record, model_dimension(cfg),
                     policy.min_noise_multiplier,
                 )  # fmt: skip
             elif stage is Stage.SHARE_KEYS:

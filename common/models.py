@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from common.config import RunConfig
+from common.datasets import NUM_CLASSES
 from common.features import SCATTERING_SHAPE
 
 
@@ -87,3 +89,8 @@ def build_model(
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_dimension(cfg: RunConfig) -> int:
+    """Trainable parameters of the run's model."""
+    return count_parameters(build_model(cfg.dataset, NUM_CLASSES, features=cfg.features))

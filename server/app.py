@@ -17,8 +17,7 @@ from flwr.supercore import log
 
 from common.canaries import inserts_canary_records
 from common.config import RunConfig, noise_statement
-from common.datasets import NUM_CLASSES
-from common.models import build_model, count_parameters
+from common.models import build_model, model_dimension
 from server.canary_clients import canary_audit_line
 from server.central_evaluation import CentralEvaluator
 from server.checkpoint import Checkpoint, Checkpointer, load_for_resume, resumed_rounds
@@ -65,7 +64,7 @@ def make_strategy(
         raise ValueError("client-level DP needs the results folder for its ledger")
     if cfg.secure_aggregation:
         assert out_dir is not None
-        dim = count_parameters(build_model(cfg.dataset, NUM_CLASSES, features=cfg.features))
+        dim = model_dimension(cfg)
         distributed = DistributedLedger(
             out_dir, cfg.delta, cfg.effective_epsilon_budget, run_id
         )

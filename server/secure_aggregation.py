@@ -17,7 +17,6 @@ unmasking anything.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,9 +29,11 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_
 from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
+from common.config import RunConfig
 from common.distributed_dp import QuantisationPlan
 from common.reply import MASKED_KEY, ReplyError, Status, TrainReport
 from common.secagg_masks import mask, mask_nonce, shared_seed, unpack
+from common.secagg_plan import round_sizes
 from common.secagg_protocol import (
     PACKED_ARRAY,
     SECAGG_KEY,
@@ -44,12 +45,9 @@ from common.secagg_protocol import (
     SetupInstruction,
     Stage,
     UnmaskInstruction,
-    threshold_for,
 )
 from server.client_outcomes import ClientOutcome
 from server.messaging import content_bytes, exchange
-
-MIN_COHORT = 2  # secure aggregation of one client would be its update
 
 
 @dataclass(frozen=True)
@@ -66,33 +64,23 @@ class Layout:
         return tuple(self.neighbours)
 
 
-def round_layout(
-    cohort: Sequence[int],
-    num_shares: int,
-    threshold_fraction: float,
-    min_fraction: float,
-    rng: random.Random,
-) -> Layout:
+def round_layout(cohort: Sequence[int], cfg: RunConfig, rng: random.Random) -> Layout:
     """SecAgg+'s graph: the cohort in a random ring, each node with the ⌊k/2⌋ nodes on
-    either side (every node, if the cohort is not larger than k); t = ⌈fraction·k⌉;
-    at least max(t, ⌈min_fraction·N⌉) uploads."""
+    either side (every node, if the cohort is not larger); t and the minimum of
+    uploads as :func:`common.secagg_plan.round_sizes` gives them."""
     nodes = list(cohort)
-    if len(nodes) < MIN_COHORT or len(set(nodes)) != len(nodes):
-        raise ValueError(f"secure aggregation needs >= {MIN_COHORT} distinct nodes")
+    if len(set(nodes)) != len(nodes):
+        raise ValueError("a node is in the cohort twice")
+    shares, threshold, minimum = round_sizes(cfg, len(nodes))
     rng.shuffle(nodes)
-    size = len(nodes)
-    half = num_shares // 2
-    if 2 * half + 1 >= size:
+    size, half = len(nodes), shares // 2
+    if shares == size:
         neighbours = {n: tuple(nodes) for n in nodes}
-        shares = size
     else:
         neighbours = {
             n: tuple(nodes[(i + off) % size] for off in range(-half, half + 1))
             for i, n in enumerate(nodes)
         }
-        shares = 2 * half + 1
-    threshold = threshold_for(shares, threshold_fraction)
-    minimum = max(threshold, math.ceil(min_fraction * size - 1e-9))
     return Layout(neighbours, threshold, minimum)
 
 

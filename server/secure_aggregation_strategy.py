@@ -20,7 +20,6 @@ Accounting (:class:`~server.federation_ledger.DistributedLedger`):
 
 from __future__ import annotations
 
-import math
 import secrets
 import statistics
 import time
@@ -33,20 +32,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.client_level_plan import ClientLevelSettings, check_population
+from common.client_level_plan import ClientLevelSettings
 from common.config import RunConfig
-from common.distributed_dp import QuantisationPlan, plan_round, rotation_signs
+from common.distributed_dp import QuantisationPlan, rotation_signs
 from common.reply import CLIP_NORM_KEY, Status
-from common.skellam_accounting import (
-    calibrate_noise_multiplier,
-    epsilon_from_rdp,
-    round_rdp,
+from common.secagg_plan import (
+    MIN_COHORT,
+    expected_cohort,
+    plan_for_round,
+    secagg_noise_multiplier,
 )
+from common.skellam_accounting import epsilon_from_rdp, round_rdp
 from server.client_level_dp import ClientLevelAggregator, RoundAggregate, poisson_cohort
 from server.client_level_strategy import ClientLevelFedAvg
 from server.client_outcomes import ClientOutcome, outcome_from_reply
 from server.federation_ledger import DistributedLedger
-from server.secure_aggregation import MIN_COHORT, SecAggRound, round_layout
+from server.secure_aggregation import SecAggRound, round_layout
 from server.strategy import TrainStep
 
 FAILED_ROUNDS_LIMIT = 3  # secure-aggregation rounds in a row that unmask nothing
@@ -54,45 +55,6 @@ FAILED_ROUNDS_LIMIT = 3  # secure-aggregation rounds in a row that unmask nothin
 
 class SecureAggregationError(RuntimeError):
     """Several rounds in a row could not be unmasked."""
-
-
-def secagg_noise_multiplier(cfg: RunConfig, population: int, dim: int) -> float:
-    """z: the run's ``noise-multiplier``, or calibrated with the Skellam accountant so
-    ``num-rounds`` rounds at the minimum number of uploads end at ``target-epsilon``.
-
-    The sensitivities depend on the quantisation scale, which depends on z: two
-    passes from a first guess."""
-    if cfg.noise_multiplier > 0:
-        return cfg.noise_multiplier
-    check_population(cfg, population)
-    z = 1.0  # a first guess: the scale depends on z only through the noise's width
-    cohort = max(MIN_COHORT, round(cfg.client_sampling_rate * population))
-    minimum = expected_minimum(cfg, cohort)
-    for _ in range(2):
-        plan = _plan(cfg, dim, z, cohort, minimum)
-        z = calibrate_noise_multiplier(
-            cfg.target_epsilon, cfg.delta, cfg.client_sampling_rate, cfg.num_rounds,
-            plan.l1_sensitivity, plan.l2_sensitivity,
-        )  # fmt: skip
-    return z
-
-
-def expected_minimum(cfg: RunConfig, cohort: int) -> int:
-    """The round's minimum of uploads for a cohort of ``cohort`` (see round_layout)."""
-    layout = round_layout(
-        range(cohort), cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold,
-        cfg.secagg_min_contributors, secrets.SystemRandom(),
-    )  # fmt: skip
-    return layout.min_contributors
-
-
-def _plan(
-    cfg: RunConfig, dim: int, z: float, cohort: int, minimum: int
-) -> QuantisationPlan:
-    return plan_round(
-        dim, cfg.client_clip_norm, z, cohort, minimum,
-        int(math.log2(cfg.secagg_modulus_range)), cfg.secagg_clipping_range,
-    )  # fmt: skip
 
 
 class SecureAggregationFedAvg(ClientLevelFedAvg):
@@ -126,11 +88,9 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
         )
         self.population = frozenset(node_ids)
         self.dp = ClientLevelAggregator(settings)
-        cohort = max(MIN_COHORT, round(settings.expected_cohort))
-        self.planned = _plan(
-            self.cfg, self.dim, self.noise_multiplier, cohort,
-            expected_minimum(self.cfg, cohort),
-        )  # fmt: skip
+        self.planned = plan_for_round(
+            self.cfg, self.dim, self.noise_multiplier, expected_cohort(self.cfg, population)
+        )
         log(
             INFO,
             "[privfed] client-level DP under secure aggregation: n %d, q %.4g (expected "
@@ -182,13 +142,8 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
             log(WARNING, "round %d: %s", server_round, facts["failure"])
             return TrainStep(None, MetricRecord({}), 0, 0.0)
         cfg = self.cfg
-        layout = round_layout(
-            self.cohort, cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold,
-            cfg.secagg_min_contributors, secrets.SystemRandom(),
-        )  # fmt: skip
-        plan = _plan(
-            cfg, self.dim, self.noise_multiplier, len(self.cohort), layout.min_contributors
-        )
+        layout = round_layout(self.cohort, cfg, secrets.SystemRandom())
+        plan = plan_for_round(cfg, self.dim, self.noise_multiplier, len(self.cohort))
         over = self._over_budget(
             server_round, plan.release(layout.min_contributors, cfg.client_sampling_rate)
         )

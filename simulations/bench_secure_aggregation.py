@@ -38,8 +38,8 @@ def epsilon_table(
 ) -> None:
     """ε by number of uploads per round, and against the server by participations."""
     from common.config import RunConfig
+    from common.secagg_plan import plan_for_round, secagg_noise_multiplier
     from common.skellam_accounting import composed_epsilon
-    from server.secure_aggregation_strategy import _plan, secagg_noise_multiplier
 
     dim = 81 * 7 * 7 * 10 + 10  # the preset's ScatterNet + linear model
     cfg = RunConfig(
@@ -48,7 +48,7 @@ def epsilon_table(
         secagg_min_contributors=minimum / cohort,
     )  # fmt: skip
     z = secagg_noise_multiplier(cfg, round(cohort / rate), dim)
-    plan = _plan(cfg, dim, z, cohort, minimum)
+    plan = plan_for_round(cfg, dim, z, cohort)
     print(
         f"z {z:.4f} (Skellam, calibrated at m = {minimum} uploads), scale {plan.scale:.1f}"
     )
@@ -102,7 +102,7 @@ def bytes_table(clients: int) -> None:
         plain_up = content_bytes(client_app.app(msg, contexts[node]).content)
         cfg = RunConfig(**common, secure_aggregation=True, results_dir=tempfile.mkdtemp())  # type: ignore[arg-type]
         contexts = federation(cfg, range(clients), clients)
-        layout = round_layout(list(contexts), 15, 0.6, 0.9, random.Random(0))
+        layout = round_layout(list(contexts), cfg, random.Random(0))
         plan = plan_round(dim, 1.0, 1.0, clients, layout.min_contributors, 16)
         protocol = SecAggRound(
             InProcessGrid(contexts), 1, layout, plan, secrets.token_bytes(32), 60, 600,

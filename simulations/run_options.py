@@ -13,6 +13,8 @@ from typing import Any
 from common.client_level_plan import plan_client_level
 from common.config import ACCOUNTANTS, PRIVACY_MODES, ConfigError, RunConfig, check_key
 from common.datasets import DatasetError, resolve_idx_dir
+from common.models import model_dimension
+from common.secagg_plan import secagg_noise_multiplier
 from server.checkpoint import (
     CheckpointError,
     check_resume_config,
@@ -199,7 +201,9 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides["results-dir"] = str(results)
     defaults = pyproject_defaults()
     cfg = RunConfig.from_run_config({**defaults, **overrides})  # fail before starting
-    if cfg.is_client_level:
+    if cfg.secure_aggregation:  # δ < 1/n, and the typical round's sum must fit
+        secagg_noise_multiplier(cfg, args.clients, model_dimension(cfg))
+    elif cfg.is_client_level:
         plan_client_level(cfg, args.clients)  # δ < 1/n, the adaptive noise split
     if cfg.dataset != "digits":
         try:

@@ -57,6 +57,22 @@ BAD_RUNS: list[tuple[list[str], str]] = [
     (["--set", "min-available-nodes=5"], "'min-available-nodes'"),
     (["--set", "results-dir='/elsewhere'"], "'results-dir'"),  # vs --results-dir
     (["--target-epsilon", "1e-9"], "'target-epsilon'"),
+    (  # a sum of 100 uploads with noise does not fit in 8 bits
+        [
+            "--clients",
+            "100",
+            "--privacy-mode",
+            "client",
+            "--set",
+            "secure-aggregation=true",
+            "--set",
+            "client-sampling-rate=1.0",
+            "--set",
+            "secagg-modulus-range=256",
+        ],
+        "'secagg-modulus-range'",
+    ),
+    (["--set", "secure-aggregation=true"], "'secure-aggregation'"),  # sample mode
     (["--noise-multiplier", "0.5", "--epsilon-budget", "0.01"], "'epsilon-budget'"),
     (["--target-epsilon", "8", "--epsilon-budget", "1e-6"], "'epsilon-budget'"),
     (["--delta", "0.01"], "'delta'"),  # 1/N is about 1/479 for 3 digits shards

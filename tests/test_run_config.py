@@ -61,6 +61,13 @@ BAD_VALUES: dict[str, list[Any]] = {
     "resume": [1, "true", None],
     "audit": [True, "on", "one-shot", 1],
     "audit-canaries": [1, 0, -5, 2.5, True, "1000"],
+    "secure-aggregation": [1, "true", None],
+    "secagg-num-shares": [2, 0, 3.5, True, "15"],
+    "secagg-reconstruction-threshold": [0.5, 0.0, 1.01, "0.6", True],
+    "secagg-min-contributors": [0.0, -0.1, 1.5, "0.9"],
+    "secagg-modulus-range": [100, 2**7, 2**33, 65536.0, True],
+    "secagg-clipping-range": [-1.0, "0", float("inf")],
+    "secagg-timeout": [0, -1.0, "60"],
 }
 
 
@@ -176,3 +183,17 @@ def test_check_key_checks_one_value() -> None:
         check_key("batch-size", 0)
     with pytest.raises(ConfigError, match="unknown run config key 'batchsize'"):
         check_key("batchsize", 32)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("privacy-mode", "sample"), ("clipping", "adaptive"), ("accountant", "prv"),
+     ("reproducible-noise", True), ("audit", "one-run")],
+)  # fmt: skip
+def test_secure_aggregation_refuses_what_it_cannot_distribute(key: str, value: Any) -> None:
+    """Secure aggregation needs client-level DP with fixed clipping, RDP, OS-entropy
+    noise and no audit; anything else fails naming both keys."""
+    base = {**DEFAULTS, "privacy-mode": "client", "secure-aggregation": True}
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config({**base, key: value})
+    assert "'secure-aggregation'" in str(info.value) and f"'{key}'" in str(info.value)

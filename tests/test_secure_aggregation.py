@@ -102,10 +102,7 @@ class Protocol:
             return (node, message_type) in lost
 
         self.grid = InProcessGrid(self.contexts, lost=unreachable)
-        self.layout = round_layout(
-            list(self.contexts), cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold,
-            cfg.secagg_min_contributors, random.Random(0),
-        )  # fmt: skip
+        self.layout = round_layout(list(self.contexts), cfg, random.Random(0))
         self.dim = count_parameters(build_model(cfg.dataset))
         self.plan = plan_round(self.dim, 1.0, 1.0, NODES, self.layout.min_contributors, 16)
         self.seed = secrets.token_bytes(32)
