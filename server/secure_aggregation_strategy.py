@@ -20,6 +20,7 @@ Accounting (:class:`~server.federation_ledger.DistributedLedger`):
 
 from __future__ import annotations
 
+import json
 import secrets
 import statistics
 import time
@@ -318,12 +319,13 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
     def checkpoint_state(self) -> dict[str, Any]:
         """What a resume needs besides the model: n, z, the ledger, each client's
         exposure to the server (JSON)."""
-        return {
+        state = {
             "population": self._settings().population,
             "noise_multiplier": self.noise_multiplier,
             "ledger": self.distributed.to_dict(),
             "exposure": {str(n): list(map(float, v)) for n, v in self.exposure.items()},
         }
+        return json.loads(json.dumps(state))  # a snapshot, not the live lists
 
     def restore_state(self, saved: dict[str, Any]) -> None:
         """Continue from a checkpoint; the ledger file may hold one more round (the

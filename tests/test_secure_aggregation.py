@@ -440,3 +440,37 @@ def test_zero_updates_unmask_to_the_noise_of_the_survivors(
     low, high = stats.chi2.ppf([1e-4, 1 - 1e-4], dof) / dof
     assert low < noise.var(ddof=1) / expected < high
     assert plan.release(4, 1.0).variance == pytest.approx(expected)
+
+
+def test_resume_continues_the_ledger_and_charges_the_round_in_flight(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint after round 1; the server died after ledgering round 2. The
+    resumed strategy keeps both rounds (ε never goes back) and charges round 2 to
+    every client's exposure to the server, since who uploaded is not on disk."""
+    cfg = _cfg(tmp_path)
+    contexts = federation(cfg, range(NODES), NODES, first_node=FIRST)
+    grid = InProcessGrid(contexts)
+    out = Path(cfg.results_dir)
+    out.mkdir(parents=True)
+    arrays = ArrayRecord(build_model(cfg.dataset, seed=0).state_dict())
+    first = make_strategy(cfg, out, 1)
+    first.start_run(grid.get_node_ids())
+    first.train_round(1, arrays, grid, 0.3)
+    saved = first.checkpoint_state()
+    first.train_round(2, arrays, grid, 0.3)  # ledgered, then the server "dies"
+    epsilon_before = first.distributed.epsilon()
+
+    resumed = make_strategy(cfg, out, 2)
+    resumed.start_run(grid.get_node_ids())
+    resumed.restore_state(saved)
+    assert resumed.distributed.rounds_recorded == 2
+    assert resumed.distributed.epsilon() == pytest.approx(epsilon_before)
+    assert resumed.epsilon_against_server[FIRST] == pytest.approx(
+        first.epsilon_against_server[FIRST]
+    )
+    (out / "federation-ledger.json").write_text(json.dumps({"rounds": []}))
+    rolled_back = make_strategy(cfg, out, 3)
+    rolled_back.start_run(grid.get_node_ids())
+    with pytest.raises(ValueError, match="does not extend"):
+        rolled_back.restore_state(saved)
