@@ -18,7 +18,7 @@ unmasking anything.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -348,6 +348,19 @@ class SecAggRound:
                 revealed[node] = answer
         return revealed
 
+    def _rebuild_all(
+        self, owners: Iterable[int], revealed: dict[int, RevealedShares], what: str
+    ) -> dict[int, bytes]:
+        """Each owner's ``what`` ("mask seed" or "mask key") from the revealed shares."""
+        out = {}
+        for owner in owners:
+            held = [
+                (r.seed_shares if what == "mask seed" else r.key_shares).get(owner)
+                for r in revealed.values()
+            ]
+            out[owner] = self._rebuild(owner, [h for h in held if h is not None], what)
+        return out
+
     def _rebuild(self, owner: int, shares: list[bytes], what: str) -> bytes:
         t = self.layout.threshold
         if len(shares) < t:
@@ -373,20 +386,8 @@ class SecAggRound:
         modulus = np.uint64(plan.modulus)
         nonce = mask_nonce(self.round)
         try:
-            seeds = {
-                u: self._rebuild(
-                    u, [r.seed_shares[u] for r in revealed.values() if u in r.seed_shares],
-                    "mask seed",
-                )
-                for u in uploads
-            }  # fmt: skip
-            mask_keys = {
-                v: self._rebuild(
-                    v, [r.key_shares[v] for r in revealed.values() if v in r.key_shares],
-                    "mask key",
-                )
-                for v in dropped
-            }  # fmt: skip
+            seeds = self._rebuild_all(uploads, revealed, "mask seed")
+            mask_keys = self._rebuild_all(dropped, revealed, "mask key")
             dead = {v: bytes_to_private_key(k) for v, k in mask_keys.items()}
         except (ProtocolError, ValueError) as exc:
             return self._fail(str(exc))

@@ -90,7 +90,10 @@ def _pld_one_dim(variance: float, shift: int, q: float, rounds: int) -> float:
     k = np.arange(-span, span + 1)
     base = skellam_log_pmf(k, variance)
     shifted = skellam_log_pmf(k - shift, variance)
-    mixture = np.logaddexp(np.log1p(-q) + base, math.log(q) + shifted)
+    if q < 1:
+        mixture = np.logaddexp(np.log1p(-q) + base, math.log(q) + shifted)
+    else:
+        mixture = shifted
     lower = {int(v): float(p) for v, p in zip(k, base, strict=True) if np.isfinite(p)}
     upper = {int(v): float(p) for v, p in zip(k, mixture, strict=True) if np.isfinite(p)}
     epsilons = []
