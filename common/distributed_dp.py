@@ -10,7 +10,7 @@ Federated Learning"), as a client of privfed runs it on its clipped model change
 2. clip each rotated coordinate to ±c (only shrinks the vector), and scale by s;
 3. round to integers with conditional randomized rounding: each coordinate up or
    down with the probability of its fractional part, redrawn until the L2 norm
-   is at most Δ₂ (:func:`~common.skellam_accounting.rounded_l2_bound`);
+   is at most Δ₂ (:func:`rounded_l2_bound`);
 4. add Skellam noise Sk(V/m) per coordinate, where V = (z·Δ₂)² and m is the least
    number of clients whose noise the round's sum is guaranteed to contain;
 5. reduce mod 2^b.
@@ -30,21 +30,45 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import stats
 
 from common.secagg_masks import mask
-from common.skellam_accounting import (
-    SkellamRound,
-    rounded_l1_bound,
-    rounded_l2_bound,
-)
 
+if TYPE_CHECKING:  # the accountant (scipy, Opacus' RDP) is the server's, not a client's
+    from common.skellam_accounting import SkellamRound
+
+ROUNDING_BETA = math.exp(-0.5)  # conditional rounding: P(a rounding is redrawn) ≤ β
 COORDINATE_CLIP_STDS = 4.0  # default c = 4·C/√D: a rotated norm-C coordinate's 4 RMS
 WRAP_PROBABILITY_TARGET = 1e-6  # the scale is chosen so a round wraps less often
 MAX_ROUNDING_TRIES = 1000
 ROTATION_NONCE = b"privfed-rotation"
+
+
+def rounded_l2_bound(l2_norm: float, dim: int, beta: float = ROUNDING_BETA) -> float:
+    """Largest L2 norm a randomized rounding of a norm-``l2_norm`` vector may keep.
+
+    A rounding whose norm exceeds it is redrawn (conditional randomized rounding);
+    with β > 0 the bound is Kairouz, Liu & Steinke 2021's, and it never exceeds the
+    trivial ``l2_norm + √D`` (each coordinate moves by less than 1).
+    """
+    if not l2_norm > 0 or dim < 1 or not 0 <= beta < 1:
+        raise ValueError(f"bad rounding bound arguments ({l2_norm}, {dim}, {beta})")
+    trivial = l2_norm + math.sqrt(dim)
+    if beta == 0:
+        return trivial
+    squared = (
+        l2_norm**2
+        + dim / 4
+        + math.sqrt(2 * math.log(1 / beta)) * (l2_norm + math.sqrt(dim) / 2)
+    )
+    return min(trivial, math.sqrt(squared))
+
+
+def rounded_l1_bound(l2_bound: float, dim: int) -> float:
+    """L1 bound of an integer vector of L2 norm ≤ ``l2_bound`` in ``dim`` dimensions."""
+    return l2_bound * min(math.sqrt(dim), l2_bound)
 
 
 def padded_dimension(dim: int) -> int:
@@ -177,6 +201,8 @@ class QuantisationPlan:
 
     def release(self, contributors: int, sampling_rate: float) -> SkellamRound:
         """The round's mechanism when ``contributors`` uploads are in the sum."""
+        from common.skellam_accounting import SkellamRound
+
         if contributors < self.min_contributors:
             raise ValueError(
                 f"{contributors} contributions carry less noise than the plan's "
@@ -207,6 +233,8 @@ class QuantisationPlan:
         room = self.modulus / 2 - 1 - contributors * (self.coordinate_clip * self.scale + 1)
         if room <= 0:
             return 1.0
+        from scipy import stats  # the server's: clients never compute it
+
         lam = contributors * self.share_variance / 2
         tail = float(stats.skellam.sf(math.floor(room), lam, lam))
         return min(1.0, 2 * tail * self.padded_dim)

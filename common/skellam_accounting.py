@@ -15,11 +15,8 @@ bound too, and the smaller of the two is used. Rounds compose by adding RDP, and
 RDP becomes (ε, δ) with the conversion Opacus' RDP accountant uses (Balle et al.
 2020), so a Skellam ε and an Opacus ε are directly comparable.
 
-Sensitivities after the mechanism's conditional randomized rounding follow the
-same paper (and Kairouz, Liu & Steinke 2021): an L2-clipped vector of norm c·s in
-D dimensions, rounded with the conditional bound β, has L2 norm at most
-:func:`rounded_l2_bound` and, being an integer vector, L1 norm at most
-Δ₂·min(√D, Δ₂).
+Sensitivities after the mechanism's conditional randomized rounding are
+:func:`common.distributed_dp.rounded_l2_bound` and ``rounded_l1_bound``.
 
 The tests check the RDP bound against the exact Rényi divergence of Skellam
 distributions and the composed ε against Google's dp-accounting (its PLD accountant
@@ -41,32 +38,6 @@ from scipy import special
 # Integer orders only: the subsampling bound (Zhu & Wang, Theorem 6) is for integer α.
 ORDERS: tuple[int, ...] = tuple(range(2, 129)) + (160, 192, 256)
 ACCOUNTANT_NAME = "skellam-rdp"
-ROUNDING_BETA = math.exp(-0.5)  # conditional rounding: P(a rounding is redrawn) ≤ β
-
-
-def rounded_l2_bound(l2_norm: float, dim: int, beta: float = ROUNDING_BETA) -> float:
-    """Largest L2 norm a randomized rounding of a norm-``l2_norm`` vector may keep.
-
-    A rounding whose norm exceeds it is redrawn (conditional randomized rounding);
-    with β > 0 the bound is Kairouz et al.'s, and it never exceeds the trivial
-    ``l2_norm + √D`` (each coordinate moves by less than 1).
-    """
-    if not l2_norm > 0 or dim < 1 or not 0 <= beta < 1:
-        raise ValueError(f"bad rounding bound arguments ({l2_norm}, {dim}, {beta})")
-    trivial = l2_norm + math.sqrt(dim)
-    if beta == 0:
-        return trivial
-    squared = (
-        l2_norm**2
-        + dim / 4
-        + math.sqrt(2 * math.log(1 / beta)) * (l2_norm + math.sqrt(dim) / 2)
-    )
-    return min(trivial, math.sqrt(squared))
-
-
-def rounded_l1_bound(l2_bound: float, dim: int) -> float:
-    """L1 bound of an integer vector of L2 norm ≤ ``l2_bound`` in ``dim`` dimensions."""
-    return l2_bound * min(math.sqrt(dim), l2_bound)
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from common.distributed_dp import (
     plan_round,
     rotate,
     rotation_signs,
+    rounded_l2_bound,
     signed_integers,
     unrotate,
 )
 from common.dp_randomness import integer_generator
-from common.skellam_accounting import rounded_l2_bound
 
 
 def test_hadamard_equals_scipy_matrix() -> None:

@@ -20,13 +20,12 @@ import pytest
 from dp_accounting.pld import privacy_loss_distribution as pld
 from scipy import special
 
+from common.distributed_dp import rounded_l1_bound, rounded_l2_bound
 from common.skellam_accounting import (
     ORDERS,
     SkellamRound,
     calibrate_noise_multiplier,
     composed_epsilon,
-    rounded_l1_bound,
-    rounded_l2_bound,
     skellam_rdp,
     subsampled_rdp,
 )
