@@ -199,8 +199,8 @@ def dropout(nodes: int, rounds: int) -> int:
     overrides = {
         "privacy-mode": "client", "secure-aggregation": True,
         "client-sampling-rate": 1.0, "target-epsilon": 8.0, "num-rounds": rounds,
-        "secagg-min-contributors": (nodes - 1) / nodes, "secagg-timeout": 120.0,
-        "round-timeout": 300.0, "min-available-nodes": nodes, "min-train-nodes": 2,
+        "secagg-min-contributors": 0.6, "secagg-timeout": 600.0,
+        "round-timeout": 900.0, "min-available-nodes": nodes, "min-train-nodes": 2,
         "results-dir": str(results),
     }  # fmt: skip
     run_config = work / "run.toml"
@@ -222,6 +222,7 @@ def dropout(nodes: int, rounds: int) -> int:
             deployment.start_supernode(i, config, deployment.node_key(i))
         flwr_run = deployment.run_app(run_config, APP_DIR)
         path = results / "rounds.jsonl"
+        print(f"[bench] {nodes} SuperNodes up; waiting for round 1", flush=True)
         while not (path.exists() and path.read_text().strip()):
             if flwr_run.poll() is not None:
                 raise SystemExit("[bench] the run ended before round 1")
@@ -235,21 +236,24 @@ def dropout(nodes: int, rounds: int) -> int:
         deployment.close()
         stop_processes(list(descendants()))  # the flwr CLI and anything it left
     summary = json.loads((results / "summary.json").read_text())
-    ledger = json.loads((results / "federation-ledger.json").read_text())
-    print("| round | started after the kill | contributors | lost at stage | ε |")
-    print("|---|---|---|---|---|")
-    records = [json.loads(x) for x in path.read_text().splitlines()]
-    for record, entry in zip(records, ledger["rounds"], strict=False):
-        lost = {k: v for k, v in entry["dropped"].items() if v}
-        print(
-            f"| {record['round']} | {record['started_at'] > killed_at} | "
-            f"{entry['contributors']} | {lost or '—'} | {entry['epsilon']:.3f} |"
-        )
+    print("| round | started after the kill | cohort | uploads summed | lost at stage | "
+          "unmasked | ε (skellam-rdp) | round seconds |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    unmasked = 0
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        sa = record["client_level"]["secure_aggregation"]
+        unmasked += bool(sa["unmasked"])
+        lost = {k: len(v) for k, v in sa.get("dropped", {}).items() if v}
+        print(f"| {record['round']} | {record['started_at'] > killed_at} | {sa['cohort']} | "
+              f"{sa.get('contributors', 0)} | {lost or '—'} | "
+              f"{'yes' if sa['unmasked'] else sa.get('failure')} | {record['max_epsilon']} | "
+              f"{record['seconds']:.0f} |")  # fmt: skip
     print(
         f"status {summary['status']}, {summary['rounds_completed']} of {rounds} rounds, "
         f"{time.monotonic() - started:.0f} s"
     )
-    return 0 if summary["status"] == "completed" else 1
+    return 0 if summary["status"] == "completed" and unmasked == rounds else 1
 
 
 def main(argv: list[str] | None = None) -> int:
