@@ -245,10 +245,11 @@ def dropout(nodes: int, rounds: int) -> int:
         sa = record["client_level"]["secure_aggregation"]
         unmasked += bool(sa["unmasked"])
         lost = {k: len(v) for k, v in sa.get("dropped", {}).items() if v}
-        print(f"| {record['round']} | {record['started_at'] > killed_at} | {sa['cohort']} | "
-              f"{sa.get('contributors', 0)} | {lost or '—'} | "
-              f"{'yes' if sa['unmasked'] else sa.get('failure')} | {record['max_epsilon']} | "
-              f"{record['seconds']:.0f} |")  # fmt: skip
+        outcome = "yes" if sa["unmasked"] else sa.get("failure")
+        after = record["started_at"] > killed_at
+        print(f"| {record['round']} | {after} | {sa['cohort']} | "
+              f"{sa.get('contributors', 0)} | {lost or '—'} | {outcome} | "
+              f"{record['max_epsilon']} | {record['seconds']:.0f} |")  # fmt: skip
     print(
         f"status {summary['status']}, {summary['rounds_completed']} of {rounds} rounds, "
         f"{time.monotonic() - started:.0f} s"
