@@ -82,16 +82,27 @@ PHASES = (
 )
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid``'s tree: each live process's own and its reaped children's."""
-    total = 0.0
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of ``pid``'s tree: (its live processes' own, their reaped children's).
+
+    On a SuperNode the reaped children are the finished ClientApp processes (reaped
+    by the SuperExec), counted to their very end.
+    """
+    own = reaped = 0.0
     for proc in process_tree(pid):
         try:
             t = proc.cpu_times()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
+        own += t.user + t.system
+        reaped += t.children_user + t.children_system
+    return own, reaped
+
+
+def _nodes_cpu(dep: LocalDeployment) -> tuple[float, float]:
+    """(SuperNodes' and SuperExecs' own CPU, their finished ClientApps' CPU), summed."""
+    parts = [tree_cpu(h.process.pid) for h in dep.nodes.values()]
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 def tree_rss(pid: int) -> int:
@@ -235,6 +246,12 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             for i in range(args.clients):
                 dep.wait_ready(i)
             idle = {i: tree_rss(h.process.pid) for i, h in dep.nodes.items()}
+            # Flower's own cost of a node that waits: SuperNode + SuperExec polling
+            # (after their start-up has settled).
+            time.sleep(5.0)
+            idle0 = _nodes_cpu(dep)[0]
+            time.sleep(args.idle_seconds)
+            out["idle_cpu_per_s"] = (_nodes_cpu(dep)[0] - idle0) / args.idle_seconds
 
             def sample() -> None:
                 while not stop.is_set():
@@ -245,9 +262,9 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             assert dep.superlink is not None
-            node_cpu0 = {i: tree_cpu(h.process.pid) for i, h in dep.nodes.items()}
-            link_cpu0 = tree_cpu(dep.superlink.pid)
-            proxy_cpu0 = tree_cpu(dep.proxy.pid) if dep.proxy else 0.0
+            nodes0 = _nodes_cpu(dep)
+            link_cpu0 = sum(tree_cpu(dep.superlink.pid))
+            proxy_cpu0 = sum(tree_cpu(dep.proxy.pid)) if dep.proxy else 0.0
             run_config = work / "run.toml"
             run_config.write_text(tomli_w.dumps(overrides))
             started = time.monotonic()
@@ -256,12 +273,12 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out["run_seconds"] = time.monotonic() - started
             stop.set()
             sampler.join()
-            out["node_cpu"] = {
-                i: tree_cpu(h.process.pid) - node_cpu0[i] for i, h in dep.nodes.items()
-            }
-            out["link_cpu"] = tree_cpu(dep.superlink.pid) - link_cpu0
+            nodes1 = _nodes_cpu(dep)
+            out["node_own_cpu"] = nodes1[0] - nodes0[0]
+            out["clientapp_reaped_cpu"] = nodes1[1] - nodes0[1]
+            out["link_cpu"] = sum(tree_cpu(dep.superlink.pid)) - link_cpu0
             if dep.proxy:
-                out["link_cpu"] += tree_cpu(dep.proxy.pid) - proxy_cpu0
+                out["link_cpu"] += sum(tree_cpu(dep.proxy.pid)) - proxy_cpu0
             out["flwr_run_tail"] = output[-2000:]
     finally:
         stop.set()
@@ -296,10 +313,14 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> list[str]:
     per_kind = ", ".join(
         f"{k}: {sum(m.get('message_type') == k for m in messages)}" for k in kinds
     )
-    heavy = sorted({h for m in messages for h in m.get("heavy_modules", [])})
+    heavy = ", ".join(
+        sorted({h for m in split_first(messages)[0] for h in m.get("heavy_modules", [])})
+    )
     unwrapped = sorted({u for m in messages for u in m.get("unwrapped", [])})
     clientapp_cpu = sum(m["cpu_total"] for m in messages)
-    node_total = sum(out["node_cpu"].values())
+    later_heavy = ", ".join(
+        sorted({h for m in split_first(messages)[1] for h in m.get("heavy_modules", [])})
+    )
     seconds = [r["seconds"] for r in out["rounds"] if "seconds" in r]
     central = [
         r["timing_seconds"]["central_evaluation"]
@@ -311,10 +332,14 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> list[str]:
         "| measure | value |",
         "|---|---|",
         f"| messages by type | {per_kind or 'none recorded'} |",
-        f"| heavy modules imported by some message | {', '.join(heavy) or 'none'} |",
-        f"| ClientApp CPU, all messages | {clientapp_cpu:.1f} CPU-s |",
-        f"| SuperNode + SuperExec CPU, all nodes, besides ClientApps | "
-        f"{node_total - clientapp_cpu:.1f} CPU-s |",
+        f"| heavy modules imported by a node's first message | {heavy or 'none'} |",
+        f"| heavy modules imported by later messages | {later_heavy or 'none'} |",
+        f"| ClientApp processes' CPU, all messages: to atexit (probe) / to their end "
+        f"(reaped) | {clientapp_cpu:.1f} / {out['clientapp_reaped_cpu']:.1f} CPU-s |",
+        f"| SuperNodes' + SuperExecs' own CPU during the run, all nodes | "
+        f"{out['node_own_cpu']:.1f} CPU-s |",
+        f"| idle SuperNodes + SuperExecs, all nodes, before the run | "
+        f"{out['idle_cpu_per_s']:.2f} CPU-s per s |",
         f"| SuperLink side CPU (SuperLink, nginx, SuperExec, ServerApp) | "
         f"{out['link_cpu']:.1f} CPU-s |",
         f"| round wall seconds (rounds.jsonl), each | "
@@ -347,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         "first --clients of them, so a preset's shard size can be measured on few nodes",
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument(
+        "--idle-seconds", type=float, default=10.0,
+        help="measure the waiting nodes' own CPU this long before the run",
+    )  # fmt: skip
     p.add_argument("--messages-out", type=Path, help="also save every message's record")
     p.add_argument("--no-bytes", action="store_true", help="skip the bytes measurement")
     args = p.parse_args(argv)
