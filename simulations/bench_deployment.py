@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import threading
@@ -83,26 +84,42 @@ PHASES = (
 
 
 def tree_cpu(pid: int) -> tuple[float, float]:
-    """CPU seconds of ``pid``'s tree: (its live processes' own, their reaped children's).
+    """CPU seconds of SuperNode ``pid``'s own process and of its SuperExec.
 
-    On a SuperNode the reaped children are the finished ClientApp processes (reaped
-    by the SuperExec), counted to their very end.
+    Its ClientApp processes (running, or finished and not yet reaped) are left out:
+    the probe measures each of them from inside.
     """
-    own = reaped = 0.0
+    node = superexec = 0.0
     for proc in process_tree(pid):
         try:
             t = proc.cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            if proc.pid == pid:
+                node += t.user + t.system
+            elif "flower-superexec" in " ".join(proc.cmdline()):
+                superexec += t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        own += t.user + t.system
-        reaped += t.children_user + t.children_system
-    return own, reaped
+    return node, superexec
 
 
 def _nodes_cpu(dep: LocalDeployment) -> tuple[float, float]:
-    """(SuperNodes' and SuperExecs' own CPU, their finished ClientApps' CPU), summed."""
+    """(SuperNodes' own CPU, SuperExecs' own CPU), summed over the nodes."""
     parts = [tree_cpu(h.process.pid) for h in dep.nodes.values()]
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def link_side_cpu(dep: LocalDeployment) -> float:
+    """CPU seconds of the SuperLink, nginx and what they started (SuperExec,
+    ServerApp), including children they reaped."""
+    total = 0.0
+    for root in (dep.superlink, dep.proxy):
+        for proc in process_tree(root.pid) if root is not None else []:
+            try:
+                t = proc.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def tree_rss(pid: int) -> int:
@@ -249,9 +266,10 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             # Flower's own cost of a node that waits: SuperNode + SuperExec polling
             # (after their start-up has settled).
             time.sleep(5.0)
-            idle0 = _nodes_cpu(dep)[0]
+            idle0 = sum(_nodes_cpu(dep))
             time.sleep(args.idle_seconds)
-            out["idle_cpu_per_s"] = (_nodes_cpu(dep)[0] - idle0) / args.idle_seconds
+            idle1 = sum(_nodes_cpu(dep))
+            out["idle_cpu_per_s"] = (idle1 - idle0) / args.idle_seconds
 
             def sample() -> None:
                 while not stop.is_set():
@@ -263,8 +281,7 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             sampler.start()
             assert dep.superlink is not None
             nodes0 = _nodes_cpu(dep)
-            link_cpu0 = sum(tree_cpu(dep.superlink.pid))
-            proxy_cpu0 = sum(tree_cpu(dep.proxy.pid)) if dep.proxy else 0.0
+            link_cpu0 = link_side_cpu(dep)
             run_config = work / "run.toml"
             run_config.write_text(tomli_w.dumps(overrides))
             started = time.monotonic()
@@ -274,11 +291,9 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             stop.set()
             sampler.join()
             nodes1 = _nodes_cpu(dep)
-            out["node_own_cpu"] = nodes1[0] - nodes0[0]
-            out["clientapp_reaped_cpu"] = nodes1[1] - nodes0[1]
-            out["link_cpu"] = sum(tree_cpu(dep.superlink.pid)) - link_cpu0
-            if dep.proxy:
-                out["link_cpu"] += sum(tree_cpu(dep.proxy.pid)) - proxy_cpu0
+            out["supernode_cpu"] = nodes1[0] - nodes0[0]
+            out["superexec_cpu"] = nodes1[1] - nodes0[1]
+            out["link_cpu"] = link_side_cpu(dep) - link_cpu0
             out["flwr_run_tail"] = output[-2000:]
     finally:
         stop.set()
@@ -334,10 +349,10 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> list[str]:
         f"| messages by type | {per_kind or 'none recorded'} |",
         f"| heavy modules imported by a node's first message | {heavy or 'none'} |",
         f"| heavy modules imported by later messages | {later_heavy or 'none'} |",
-        f"| ClientApp processes' CPU, all messages: to atexit (probe) / to their end "
-        f"(reaped) | {clientapp_cpu:.1f} / {out['clientapp_reaped_cpu']:.1f} CPU-s |",
-        f"| SuperNodes' + SuperExecs' own CPU during the run, all nodes | "
-        f"{out['node_own_cpu']:.1f} CPU-s |",
+        f"| ClientApp processes' CPU, all messages (start to exit) | "
+        f"{clientapp_cpu:.1f} CPU-s |",
+        f"| SuperNodes' / SuperExecs' own CPU during the run, all nodes | "
+        f"{out['supernode_cpu']:.1f} / {out['superexec_cpu']:.1f} CPU-s |",
         f"| idle SuperNodes + SuperExecs, all nodes, before the run | "
         f"{out['idle_cpu_per_s']:.2f} CPU-s per s |",
         f"| SuperLink side CPU (SuperLink, nginx, SuperExec, ServerApp) | "
@@ -378,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--messages-out", type=Path, help="also save every message's record")
     p.add_argument("--no-bytes", action="store_true", help="skip the bytes measurement")
+    p.add_argument("--keep-work", action="store_true", help="keep the work folder")
     args = p.parse_args(argv)
     if not args.preset and not args.dataset:
         args.dataset = "digits"
@@ -399,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| model parameters | {sizes['model_parameters']:,} |",
         ]
     print("\n".join(lines))
+    if args.keep_work:
+        print(f"work folder kept: {work}")
+    else:  # it holds every node's cached shard (95 MB per ScatterNet shard)
+        shutil.rmtree(work, ignore_errors=True)
     if out["summary"].get("status") != "completed":
         print(out.get("flwr_run_tail", ""))
         return 1
