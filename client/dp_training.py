@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from client.per_sample_grads import PerSampleClipper
+from client.sgd import PlainSGD
 from common.config import RunConfig
 from common.dp_plan import RoundPlan
 from common.dp_randomness import gaussian_noise
+
+if TYPE_CHECKING:  # Opacus' engine is imported only by the modes that use it
+    from torch.utils.data import DataLoader
 
 PHYSICAL_BATCH = 256  # larger Poisson batches run in chunks (faster on CPU)
 
@@ -34,6 +36,11 @@ class TrainOutcome:
 
 def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+
+
+def _plain_sgd(model: nn.Module, cfg: RunConfig) -> PlainSGD:
+    """torch's SGD update without a ``torch.optim`` object (see :mod:`client.sgd`)."""
+    return PlainSGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
 
 
 def train_private(
@@ -85,7 +92,7 @@ def _train_direct(
     draws it (:func:`gaussian_noise`). Returns the mean loss and the steps taken.
     """
     clipper = PerSampleClipper(model)
-    optimizer = _optimizer(model, cfg)
+    optimizer = _plain_sgd(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     expected_batch = plan.expected_batch_size
     std = noise_multiplier * cfg.max_grad_norm
@@ -130,6 +137,10 @@ def _train_opacus(
     ``plan.sample_rate``), and the optimizer divides by ``plan.expected_batch_size``.
     Both the loader's sampler and the optimizer's noise draw from ``generator``.
     """
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import TensorDataset
+
     loader = DPDataLoader(
         TensorDataset(x, y), sample_rate=plan.sampler_rate, generator=generator
     )
@@ -169,7 +180,7 @@ def train_non_private(
     generator: torch.Generator,
 ) -> TrainOutcome:
     """Plain mini-batch SGD over shuffled batches (the non-private reference)."""
-    optimizer = _optimizer(model, cfg)
+    optimizer = _plain_sgd(model, cfg)
     model.train()
     total = 0.0
     for _ in range(cfg.local_epochs):

@@ -8,6 +8,7 @@ of the private data) and int64 labels. The test split stays on the server.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import struct
 import zlib
 from dataclasses import dataclass
@@ -100,8 +101,10 @@ def normalise_images(name: str, images: np.ndarray) -> np.ndarray:
     return ((x - mean) / std)[:, None, :, :].astype(np.float32)
 
 
-def load_digits_arrays(seed: int) -> DatasetArrays:
-    """scikit-learn's 1,797 8x8 digits, split 80/20 stratified by ``seed``."""
+def _digits_raw_split(
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Raw checked digits (0..16), split 80/20 by ``seed``: x_tr, x_te, y_tr, y_te."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -109,13 +112,20 @@ def load_digits_arrays(seed: int) -> DatasetArrays:
     images, labels = checked_raw(
         "digits", bunch.images, bunch.target, "scikit-learn load_digits()"
     )
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        images,
-        labels,
-        test_size=DIGITS_TEST_FRACTION,
-        random_state=seed,
-        stratify=labels,
+    return tuple(  # type: ignore[return-value]
+        train_test_split(
+            images,
+            labels,
+            test_size=DIGITS_TEST_FRACTION,
+            random_state=seed,
+            stratify=labels,
+        )
     )
+
+
+def load_digits_arrays(seed: int) -> DatasetArrays:
+    """scikit-learn's 1,797 8x8 digits, split 80/20 stratified by ``seed``."""
+    x_tr, x_te, y_tr, y_te = _digits_raw_split(seed)
     return DatasetArrays(
         name="digits",
         x_train=normalise_images("digits", x_tr),
@@ -124,6 +134,19 @@ def load_digits_arrays(seed: int) -> DatasetArrays:
         y_test=y_te,
         num_classes=NUM_CLASSES,
     )
+
+
+def digits_file() -> Path:
+    """The file ``load_digits()`` reads, found without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / "datasets" / "data" / "digits.csv.gz" if locations else None
+    if path is None or not path.is_file():
+        raise DatasetError(
+            "dataset 'digits' needs scikit-learn's embedded digits.csv.gz, which the "
+            f"installed scikit-learn lacks (looked for {path})"
+        )
+    return path
 
 
 _IDX_RULE = "an IDX file (optionally gzipped) of unsigned bytes, as its header says"
@@ -189,14 +212,19 @@ def resolve_idx_dir(name: str, data_dir: str) -> Path:
     return directory
 
 
+def _idx_part(name: str, directory: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """Raw checked images and labels of the ``train`` or ``test`` IDX pair."""
+    return read_idx_pair(
+        name, directory / _IDX_FILES[f"x_{part}"], directory / _IDX_FILES[f"y_{part}"]
+    )
+
+
 def load_idx_arrays(name: str, data_dir: str) -> DatasetArrays:
     """Fashion-MNIST or MNIST from a directory of the four IDX ``.gz`` files."""
     directory = resolve_idx_dir(name, data_dir)
     split = {}
     for part in ("train", "test"):
-        x, y = read_idx_pair(
-            name, directory / _IDX_FILES[f"x_{part}"], directory / _IDX_FILES[f"y_{part}"]
-        )
+        x, y = _idx_part(name, directory, part)
         split[part] = (normalise_images(name, x), y)
     return DatasetArrays(
         name=name,
@@ -206,6 +234,36 @@ def load_idx_arrays(name: str, data_dir: str) -> DatasetArrays:
         y_test=split["test"][1],
         num_classes=NUM_CLASSES,
     )
+
+
+def training_sources(name: str, data_dir: str) -> tuple[Path, ...]:
+    """The files the training split of ``name`` is read from (what a client uses)."""
+    if name == "digits":
+        return (digits_file(),)
+    if name in ("fashion-mnist", "mnist"):
+        directory = resolve_idx_dir(name, data_dir)
+        return (directory / _IDX_FILES["x_train"], directory / _IDX_FILES["y_train"])
+    raise DatasetError(f"run config key 'dataset': unknown dataset {name!r}")
+
+
+@lru_cache(maxsize=2)
+def load_raw_training(name: str, data_dir: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training split's checked raw pixels ``(N, H, W)`` and int64 labels.
+
+    Exactly ``load_dataset(...)``'s ``x_train`` before :func:`normalise_images` (and
+    its ``y_train``), without reading or normalising the test split: a client
+    normalises only its own shard's rows. Read-only (cached and shared).
+    """
+    if name == "digits":
+        x, _, y, _ = _digits_raw_split(seed)
+    elif name in ("fashion-mnist", "mnist"):
+        x, y = _idx_part(name, resolve_idx_dir(name, data_dir), "train")
+    else:
+        raise DatasetError(f"run config key 'dataset': unknown dataset {name!r}")
+    x, y = np.asarray(x), np.asarray(y)
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
 
 
 @lru_cache(maxsize=4)

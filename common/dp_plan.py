@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from opacus.accountants.utils import get_noise_multiplier
+from common.opacus_rdp import rdp_noise_multiplier
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,18 @@ def calibrate_noise_multiplier(
     total_steps: int,
     accountant: str,
 ) -> float:
-    """σ such that ``total_steps`` steps at rate q end at or just below the target ε."""
+    """σ such that ``total_steps`` steps at rate q end at or just below the target ε.
+
+    Opacus' ``get_noise_multiplier``; for RDP without the opacus package init
+    (see :mod:`common.opacus_rdp`).
+    """
     tolerance = min(0.01, 0.002 * target_epsilon)
+    if accountant == "rdp":
+        return float(
+            rdp_noise_multiplier(target_epsilon, delta, sample_rate, total_steps, tolerance)
+        )
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

@@ -73,15 +73,27 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.delete(table, col, axis=1), table[:, col]
 
 
-def _read_idx_dir(path: Path, dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = (
-        path / "train-images-idx3-ubyte.gz",
-        path / "train-labels-idx1-ubyte.gz",
+_TRAIN_IDX = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+
+
+def local_sources(path_text: str) -> tuple[Path, ...]:
+    """The files :func:`load_local_arrays` reads for ``data-path``: one ``.npz`` or
+    ``.csv``, or an IDX folder's two training files. A path that is none of these
+    fails here, with the error the loader gives."""
+    path = Path(path_text).expanduser()
+    if path.is_dir():
+        files = tuple(path / name for name in _TRAIN_IDX)
+        for f in files:
+            if not f.is_file():
+                raise DataFileError(
+                    f, "is missing from the data-path directory", _PATH_RULE
+                )
+        return files
+    if path.suffix in (".npz", ".csv") and path.is_file():
+        return (path,)
+    raise DataFileError(
+        path, "does not exist or is not an .npz, a .csv or a folder", _PATH_RULE
     )
-    for f in (images, labels):
-        if not f.is_file():
-            raise DataFileError(f, "is missing from the data-path directory", _PATH_RULE)
-    return read_idx_pair(dataset, images, labels)
 
 
 def load_local_arrays(path_text: str, dataset: str) -> tuple[np.ndarray, np.ndarray]:
@@ -90,18 +102,16 @@ def load_local_arrays(path_text: str, dataset: str) -> tuple[np.ndarray, np.ndar
     Every value is checked first (:mod:`common.data_checks`); a failure is a
     :class:`~common.data_checks.DataFileError` naming the file and the record.
     """
-    path = Path(path_text).expanduser()
-    if path.is_dir():
-        x, y = _read_idx_dir(path, dataset)
-    elif path.suffix == ".npz" and path.is_file():
+    files = local_sources(path_text)
+    path = files[0]
+    if len(files) == 2:  # an IDX folder
+        x, y = read_idx_pair(dataset, *files)
+        path = files[0].parent
+    elif path.suffix == ".npz":
         x, y = checked_raw(dataset, *_read_npz(path), path)
-    elif path.suffix == ".csv" and path.is_file():
+    else:
         x, y = checked_raw(
             dataset, *_read_csv(path), path, first_line=CSV_FIRST_RECORD_LINE
-        )
-    else:
-        raise DataFileError(
-            path, "does not exist or is not an .npz, a .csv or a folder", _PATH_RULE
         )
     if len(x) == 0:
         raise DataFileError(path, "holds no examples", _PATH_RULE)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
 
@@ -17,6 +16,10 @@ def evaluate_model(
     batch_size: int = 1024,
 ) -> dict[str, float]:
     """Loss, accuracy and macro precision/recall/F1 of ``model`` on ``(x, y)``."""
+    # Imported here: scikit-learn's metrics (and the pandas they pull in) cost a
+    # ClientApp process 0.7 CPU-s, and most messages never evaluate.
+    from sklearn.metrics import precision_recall_fscore_support
+
     if len(x) == 0:
         raise ValueError("cannot evaluate on an empty set")
     model.eval()

@@ -111,17 +111,20 @@ def _make_partitioner(
 def _partition_all(
     labels_bytes: bytes, spec: PartitionSpec, num_classes: int
 ) -> tuple[np.ndarray, ...]:
-    import datasets as hf_datasets
-
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
     # Shuffle once by seed so that IID shards are not contiguous slices.
     order = np.random.default_rng(spec.seed).permutation(len(labels))
-    table = hf_datasets.Dataset.from_dict(
-        {"index": order.astype(np.int64), "label": labels[order]}
-    )
-    partitioner = _make_partitioner(spec, num_classes, len(labels))
-    partitioner.dataset = table
-    rows = _partition_rows(partitioner, spec, len(labels), num_classes)
+    if spec.partitioner == "iid":  # IidPartitioner's rows, without importing it
+        rows = iid_rows(len(labels), spec.num_partitions)
+    else:
+        import datasets as hf_datasets
+
+        table = hf_datasets.Dataset.from_dict(
+            {"index": order.astype(np.int64), "label": labels[order]}
+        )
+        partitioner = _make_partitioner(spec, num_classes, len(labels))
+        partitioner.dataset = table
+        rows = _partition_rows(partitioner, spec, len(labels), num_classes)
     shards = tuple(np.sort(order[r].astype(np.int64)) for r in rows)
     for shard in shards:  # cached and shared: nobody may edit them in place
         shard.setflags(write=False)
@@ -180,6 +183,16 @@ def inner_dirichlet_rows(
     return [np.asarray(rows, dtype=np.int64) for rows in out]
 
 
+def iid_rows(num_records: int, num_partitions: int) -> list[np.ndarray]:
+    """``IidPartitioner``'s rows: ``Dataset.shard(contiguous=True)`` is ``array_split``.
+
+    IID partitioning needs neither flwr-datasets nor Hugging Face ``datasets``, whose
+    imports (matplotlib, pandas, pyarrow) cost a client process seconds;
+    tests/test_partitions.py checks these rows against ``load_partition``.
+    """
+    return np.array_split(np.arange(num_records), num_partitions)
+
+
 def _partition_rows(
     partitioner: Partitioner, spec: PartitionSpec, num_records: int, num_classes: int
 ) -> list[np.ndarray]:
@@ -195,7 +208,7 @@ def _partition_rows(
     from flwr_datasets.partitioner import IidPartitioner, InnerDirichletPartitioner
 
     if isinstance(partitioner, IidPartitioner):
-        return np.array_split(np.arange(num_records), spec.num_partitions)
+        return iid_rows(num_records, spec.num_partitions)
     if isinstance(partitioner, InnerDirichletPartitioner):
         labels = np.asarray(partitioner.dataset["label"], dtype=np.int64)
         shares = np.array_split(np.arange(num_records), spec.num_partitions)

@@ -12,15 +12,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from common.opacus_rdp import RDP_ORDERS, compute_rdp, get_privacy_spent
+
+if TYPE_CHECKING:  # the opacus package is imported only for PRV (see common.opacus_rdp)
+    from opacus.accountants.accountant import IAccountant
 
 LEDGER_FORMAT = "privfed-ledger/1"
-RDP_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
 ACCOUNTANT_NAMES = {"rdp": "opacus-rdp", "prv": "opacus-prv"}
 MIN_SIGMA, MAX_SIGMA = 0.01, 1e6
 MAX_STEPS = 10**12  # per entry: far beyond any real history, small enough to account
@@ -63,6 +64,8 @@ class LedgerEntry:
 
 def make_accountant(accountant: str) -> IAccountant:
     """A fresh Opacus accountant by short name (``rdp`` or ``prv``)."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     if accountant == "rdp":
         return RDPAccountant()
     if accountant == "prv":
@@ -73,9 +76,7 @@ def make_accountant(accountant: str) -> IAccountant:
 @lru_cache(maxsize=4096)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """RDP of one step at every Opacus default order (cached per (σ, q))."""
-    vector = compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS
-    )
+    vector = compute_rdp(sample_rate, noise_multiplier, 1, RDP_ORDERS)
     vector.setflags(write=False)
     return vector
 
@@ -84,12 +85,14 @@ def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
     # Opacus' compute_rdp is steps x (per-step RDP), summed over the history: the
     # same arithmetic, with the per-order work done once per (σ, q).
     rdp = sum(_rdp_per_step(sigma, rate) * steps for sigma, rate, steps in history)
-    epsilon, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
+    epsilon, _ = get_privacy_spent(rdp, delta, RDP_ORDERS)
     return float(epsilon)
 
 
 @lru_cache(maxsize=256)
 def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
     acc = PRVAccountant()
     acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))

@@ -86,6 +86,7 @@ class SuperNodeHandle:
     node_config: dict[str, Any]
     key: NodeKey | None
     health: str
+    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -212,11 +213,13 @@ class LocalDeployment:
         key: NodeKey | None = None,
         insecure: bool | None = None,
         wait: bool = True,
+        extra_env: dict[str, str] | None = None,
     ) -> SuperNodeHandle:
         """Start SuperNode ``index``; by default it uses the deployment's security.
 
         With ``wait`` it returns once the node serves health checks and the
-        SuperLink has admitted it (see :meth:`wait_ready`).
+        SuperLink has admitted it (see :meth:`wait_ready`). ``extra_env`` is added
+        to the node's environment (benchmarks put a probe first on its ``PATH``).
         """
         insecure = (not self.spec.secure) if insecure is None else insecure
         health = f"127.0.0.1:{free_port()}"
@@ -238,12 +241,13 @@ class LocalDeployment:
         # installs the FAB there, and installs into a shared folder could race.
         home = self.spec.work_dir / f"supernode-{index}-home"
         home.mkdir(exist_ok=True)
+        env = {**flower_environment(home), **(extra_env or {})}
         proc = ManagedProcess(
-            f"flower-supernode-{index}", argv, flower_environment(home),
+            f"flower-supernode-{index}", argv, env,
             self._log(f"supernode-{index}"), self.spec.work_dir,
         )  # fmt: skip
         self._started.append(proc)
-        handle = SuperNodeHandle(index, proc, node_config, key, health)
+        handle = SuperNodeHandle(index, proc, node_config, key, health, extra_env or {})
         self.nodes[index] = handle
         if wait:
             self.wait_ready(index)
@@ -284,7 +288,9 @@ class LocalDeployment:
         old = self.nodes[index]
         deadline = time.monotonic() + timeout
         while True:
-            handle = self.start_supernode(index, old.node_config, old.key, wait=False)
+            handle = self.start_supernode(
+                index, old.node_config, old.key, wait=False, extra_env=old.extra_env
+            )
             try:
                 self.wait_ready(index, max(deadline - time.monotonic(), 1.0))
                 return handle

@@ -43,10 +43,19 @@ def test_dp_overhead_benchmark_smoke() -> None:
 
 @pytest.mark.e2e
 def test_deployment_benchmark_smoke() -> None:
-    """The deployment benchmark measures RSS and bytes on one real SuperNode."""
-    out = _run("simulations.bench_deployment", "--clients", "1", "--rounds", "1")
+    """The deployment benchmark measures RSS, bytes and each message's phases (from
+    inside its flwr-clientapp process) on one real SuperNode."""
+    out = _run(
+        "simulations.bench_deployment", "--clients", "1", "--rounds", "1",
+        "--idle-seconds", "1",
+    )  # fmt: skip
     assert "status completed" in out
     assert "| bytes down per round per client" in out and "MiB |" in out
+    assert "| messages by type | train: 1 |" in out
+    row = next(line for line in out.splitlines() if "process start to reply sent" in line)
+    first = row.split("|")[2].strip()
+    assert float(first) > 0  # measured, not 'n/a'
+    assert "phases not found" not in out
 
 
 @pytest.mark.e2e

@@ -19,6 +19,7 @@ import client.app as client_app
 from client.ledger_store import LEDGER_FILE, LOCK_FILE, RECORD_FILE
 from client.node_settings import NodeConfigError, NodeSettings
 from client.privacy_policy import POLICY_FILE
+from client.shard_cache import CACHE_DIR
 from client.show_ledger import main as show_ledger
 from common.config import RunConfig
 from common.datasets import DatasetError, load_digits_arrays
@@ -171,7 +172,7 @@ def test_disk_ledger_survives_fresh_processes(tmp_path: Path) -> None:
     one_shot = PrivacyLedger("rdp", cfg.delta).extended(1, 1.0, rate, steps)
     assert eps[2] == pytest.approx(one_shot.epsilon())
     assert sorted(p.name for p in state.iterdir()) == sorted(
-        [LEDGER_FILE, RECORD_FILE, LOCK_FILE, POLICY_FILE]
+        [LEDGER_FILE, RECORD_FILE, LOCK_FILE, POLICY_FILE, CACHE_DIR]
     )
 
 
