@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants.analysis.rdp import get_privacy_spent
 from scipy import special
+
+from common.opacus_rdp import get_privacy_spent
 
 # Integer orders only: the subsampling bound (Zhu & Wang, Theorem 6) is for integer α.
 ORDERS: tuple[int, ...] = tuple(range(2, 129)) + (160, 192, 256)
