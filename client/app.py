@@ -37,7 +37,7 @@ from client.privacy_policy import (
 )
 from common.config import RunConfig
 from common.data_checks import DatasetError
-from common.dp_randomness import reproducible_seed, round_generator
+from common.dp_randomness import integer_generator, reproducible_seed, round_generator
 from common.metrics import evaluate_model
 from common.models import build_model, model_dimension
 from common.privacy_ledger import LedgerError, PrivacyLedger
@@ -45,6 +45,7 @@ from common.reply import ARRAYS_KEY, CLIP_NORM_KEY, EvaluateReport, TrainReport
 from common.round_privacy import decide_round
 from common.secagg_protocol import SECAGG_KEY, ProtocolError, Stage
 from common.update_clipping import ClippedUpdate, clip_update
+from common.update_codec import UpdateCodec, encode_change
 
 log = logging.getLogger("privfed.client")
 app = ClientApp()
@@ -65,9 +66,21 @@ def _model_from(msg: Message, cfg: RunConfig, shard: ClientShard) -> torch.nn.Mo
 
 
 def _send(
-    msg: Message, report: TrainReport, model: torch.nn.Module | None = None
+    msg: Message,
+    report: TrainReport,
+    model: torch.nn.Module | None = None,
+    compression: str = "none",
 ) -> Message:
-    arrays = ArrayRecord(model.state_dict()) if model is not None else None
+    """The reply; trained weights go as float32, or as their change from the global
+    model encoded by ``update-compression`` (after the DP noise: post-processing)."""
+    arrays = None
+    if model is not None and compression != "none":
+        after = [t.detach().numpy() for t in model.state_dict().values()]
+        before = msg.content[ARRAYS_KEY].to_numpy_ndarrays()
+        arrays = encode_change(compression, after, before, integer_generator())
+        report = report.with_compressed_update()
+    elif model is not None:
+        arrays = ArrayRecord(model.state_dict())
     return Message(report.to_content(arrays), reply_to=msg)
 
 
@@ -167,9 +180,8 @@ def _train(msg: Message, context: Context) -> Message:
         released_ledger = ledger.extended_non_private(server_round, int(context.run_id))
         store_ledger(context, released_ledger, node)
         report = TrainReport.trained_non_private(pid, len(shard.x_train), outcome.mean_loss)
-        return _send(
-            msg, report.with_fingerprint(reported_fingerprint(context, node)), model
-        )
+        report = report.with_fingerprint(reported_fingerprint(context, node))
+        return _send(msg, report, model, cfg.update_compression)
 
 
 def _train_private(
@@ -231,7 +243,8 @@ def _train_private(
     seconds = time.perf_counter() - started if policy.release_timing else None
     shown = ledger if policy.release_ledger else None
     report = TrainReport.trained(pid, planned, shown, seconds)
-    return _send(msg, report.with_fingerprint(reported_fingerprint(context, node)), model)
+    report = report.with_fingerprint(reported_fingerprint(context, node))
+    return _send(msg, report, model, cfg.update_compression)
 
 
 def _clipped_change(
@@ -292,9 +305,14 @@ def _train_client_level(
         shard.partition_id, clipped.below_clip, shown, seconds
     )
     report = report.with_fingerprint(reported_fingerprint(context, node))
-    update = ArrayRecord(
-        {k: torch.from_numpy(a) for k, a in zip(keys, clipped.arrays, strict=True)}
-    )
+    if cfg.update_compression == "none":
+        update = ArrayRecord(
+            {k: torch.from_numpy(a) for k, a in zip(keys, clipped.arrays, strict=True)}
+        )
+    else:  # encoded after clipping; the server clips the decoded change again
+        codec = UpdateCodec(cfg.update_compression)
+        update = codec.encode(clipped.arrays, integer_generator())
+        report = report.with_compressed_update()
     return Message(report.to_content(update), reply_to=msg)
 
 

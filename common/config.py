@@ -21,6 +21,7 @@ CLIPPING_MODES = ("fixed", "adaptive")  # client-level update clipping
 GRAD_SAMPLE_MODES = ("direct", "hooks", "ew", "functorch")
 FEATURE_MAPS = ("pixels", "scattering")  # see common/features.py
 EXPORT_COMPRESSIONS = ("none", "int8", "int8+prune")  # see server/model_compression.py
+UPDATE_COMPRESSIONS = ("none", "float16", "int8", "int4", "int2")  # common/update_codec.py
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")  # server/robust_aggregation.py
 AUDIT_MODES = ("off", "one-run")  # empirical privacy audit, simulation only
 
@@ -86,6 +87,7 @@ RULES: dict[str, _Rule] = {
     "torch-threads": _Rule(int, lambda v: 1 <= v <= 256, "an integer in [1, 256]"),
     "results-dir": _Rule(str, lambda v: True, "a directory path, or '' for results/"),
     "export-compression": _choice(EXPORT_COMPRESSIONS),
+    "update-compression": _choice(UPDATE_COMPRESSIONS),
     "max-update-norm": _Rule(
         float, lambda v: v >= 0, "a number >= 0 (0 = no bound on the update norm)"
     ),
@@ -185,6 +187,7 @@ class RunConfig:
     torch_threads: int = 1
     results_dir: str = ""
     export_compression: str = "int8"
+    update_compression: str = "int4"
     max_update_norm: float = 1000.0
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2

@@ -59,8 +59,10 @@ def gaussian_noise(
 
 
 def integer_generator() -> np.random.Generator:
-    """Integer-valued DP randomness (Skellam noise, randomized rounding): a NumPy
-    PCG64 generator seeded with 128 bits of OS entropy, fresh for each use.
+    """Integer-valued DP randomness (Skellam noise, randomized rounding), and the
+    stochastic rounding of a compressed update (:mod:`common.update_codec`; post-
+    processing, but nothing seeded leaves a device): a NumPy PCG64 generator seeded
+    with 128 bits of OS entropy, fresh for each use.
 
     Distributed DP has no reproducible mode: a client's noise share must never be
     predictable, or the server could remove it from the sum.

@@ -31,11 +31,30 @@ from common.privacy_ledger import LedgerError, PrivacyLedger
 ARRAYS_KEY = "arrays"  # ArrayRecord: the model weights of a trained reply
 UPDATE_KEY = "update"  # ArrayRecord: a client-level round's clipped model change
 MASKED_KEY = "masked-update"  # ArrayRecord: a secure-aggregation upload (one uint8 vector)
+# ArrayRecords of a compressed reply (common/update_codec.py), instead of the two above
+COMPRESSED_CHANGE_KEY = "compressed-change"  # weights − global model, encoded
+COMPRESSED_UPDATE_KEY = "compressed-update"  # a client-level clipped change, encoded
 CLIP_NORM_KEY = "clip-norm"  # instruction config: C of a client-level round
 REPORT_KEY = "report"  # ConfigRecord: every other field below
 
 
-ARRAY_KEYS = (ARRAYS_KEY, UPDATE_KEY, MASKED_KEY)  # at most one travels with a reply
+# at most one travels with a reply
+ARRAY_KEYS = (
+    ARRAYS_KEY,
+    UPDATE_KEY,
+    MASKED_KEY,
+    COMPRESSED_CHANGE_KEY,
+    COMPRESSED_UPDATE_KEY,
+)
+COMPRESSED_KEYS = (COMPRESSED_CHANGE_KEY, COMPRESSED_UPDATE_KEY)
+
+
+def arrays_key(client_level: bool, compressed: bool) -> str:
+    """Where a plaintext update travels: weights or a client-level change, as sent
+    (float32) or encoded by ``update-compression``."""
+    if client_level:
+        return COMPRESSED_UPDATE_KEY if compressed else UPDATE_KEY
+    return COMPRESSED_CHANGE_KEY if compressed else ARRAYS_KEY
 
 
 class ReplyError(ValueError):
@@ -126,6 +145,23 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
         (Status.TRAINED,),
         "client-level round (`privacy-mode = 'client'`): the model change, clipped to "
         "L2 norm C and not noised; the server adds the client-level noise to the sum",
+        released_by="allow-client-level",
+    ),
+    ReplyField(
+        COMPRESSED_CHANGE_KEY,
+        Coverage.DP,
+        (Status.TRAINED,),
+        "instead of `arrays` when `update-compression` is not 'none': the weights' "
+        "change from the global model the server sent, encoded after the DP noise "
+        "(float16, or b-bit codes by stochastic rounding from OS entropy): "
+        "post-processing, so ε is unchanged; the server adds it to the global model",
+    ),
+    ReplyField(
+        COMPRESSED_UPDATE_KEY,
+        Coverage.POLICY,
+        (Status.TRAINED,),
+        "instead of `update` when `update-compression` is not 'none': the clipped "
+        "change, encoded the same way; the server clips the decoded change to C again",
         released_by="allow-client-level",
     ),
     ReplyField(
@@ -325,6 +361,7 @@ class TrainReport:
     below_clip: bool | None = None  # set on client-level replies only
     masked: bool = False  # a secure-aggregation upload (its arrays: MASKED_KEY)
     fingerprint: LedgerFingerprint | None = None  # a durable ledger's chain head
+    compressed: bool = False  # its update travels encoded (COMPRESSED_KEYS)
 
     def __post_init__(self) -> None:
         if self.status in _REASONED and not self.reason:
@@ -332,6 +369,8 @@ class TrainReport:
         _check_keys(TRAIN_FIELDS, self.status, set(self._values()))
         if self.masked and self.below_clip is not None:
             raise ReplyError("a masked upload carries no clip bit (fixed clipping only)")
+        if self.compressed and (self.masked or self.status is not Status.TRAINED):
+            raise ReplyError("only a trained plaintext update travels compressed")
         if self.client_level or self.masked:
             if self.planning_records is not None or self.num_examples is not None:
                 raise ReplyError("a client-level update carries no weight (equal weights)")
@@ -361,11 +400,15 @@ class TrainReport:
         the weights."""
         if self.masked:
             return MASKED_KEY
-        return UPDATE_KEY if self.client_level else ARRAYS_KEY
+        return arrays_key(self.client_level, self.compressed)
 
     def with_fingerprint(self, fingerprint: LedgerFingerprint | None) -> TrainReport:
         """The same report, carrying the node's ledger fingerprint for the witness."""
         return dataclasses.replace(self, fingerprint=fingerprint)
+
+    def with_compressed_update(self) -> TrainReport:
+        """The same report, its update encoded (:mod:`common.update_codec`)."""
+        return dataclasses.replace(self, compressed=True)
 
     # -- constructors, one per status ---------------------------------------------
     @classmethod
@@ -476,7 +519,8 @@ class TrainReport:
             raise ReplyError(f"reply field 'below-clip' must be a bool, got {below_clip!r}")
         present = set(content.array_records) & set(ARRAY_KEYS)
         masked = MASKED_KEY in present
-        kind = UPDATE_KEY if below_clip is not None else ARRAYS_KEY
+        compressed = bool(present & set(COMPRESSED_KEYS))
+        kind = arrays_key(below_clip is not None, compressed)
         expected = {MASKED_KEY if masked and below_clip is None else kind}
         if status is not Status.TRAINED:
             expected = set()
@@ -508,6 +552,7 @@ class TrainReport:
             below_clip=below_clip,
             masked=masked and status is Status.TRAINED,
             fingerprint=fingerprint,
+            compressed=compressed and status is Status.TRAINED,
         )
 
 

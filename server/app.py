@@ -26,6 +26,7 @@ from server.client_outcomes import partition_key
 from server.federation_ledger import DistributedLedger, FederationLedger
 from server.federation_loop import LoopResult, epsilon_text, run_rounds
 from server.ledger_witness import LedgerWitness
+from server.messaging import run_bytes
 from server.model_export import export_model
 from server.plots import plot_rounds
 from server.privacy_audit import check_canaries, run_sample_level_audit
@@ -218,6 +219,7 @@ def main(grid: Grid, context: Context) -> None:
         )
         summary = summarise(cfg, result, time.monotonic() - started, strategy)
         summary.update(whole_run(summary, checkpointer, resume, time.monotonic()))
+        summary["message_bytes"] = run_bytes(writer.rounds)
         if writer.rounds:
             summary["final_central"] = writer.rounds[-1]["central"]
             plot_rounds(writer.rounds, out_dir, f"{cfg.dataset}, {cfg.partitioner}")

@@ -43,6 +43,7 @@ class ClientOutcome:
     below_clip: bool | None = None  # client-level replies (adaptive clipping's bit)
     masked: bool = False  # a secure-aggregation upload (unmasked only in the sum)
     fingerprint: LedgerFingerprint | None = None  # for the ledger witness
+    compressed: bool = False  # its update travels encoded (common/update_codec.py)
 
     @cached_property
     def epsilon(self) -> float | None:
@@ -108,4 +109,5 @@ def outcome_from_reply(reply: Message) -> ClientOutcome:
         below_clip=report.below_clip,
         masked=report.masked,
         fingerprint=report.fingerprint,
+        compressed=report.compressed,
     )

@@ -18,7 +18,7 @@ from common.config import RunConfig
 from common.reply import Status
 from server.checkpoint import Checkpoint, Checkpointer, restore_strategy
 from server.client_outcomes import ClientOutcome
-from server.messaging import exchange
+from server.messaging import CountingGrid, exchange, round_bytes
 from server.results import ResultsWriter
 from server.strategy import PrivateFedAvg
 
@@ -197,7 +197,8 @@ def run_rounds(
             break
         t = {"start": time.monotonic()}
         started_at = time.time()  # wall clock, comparable with the launching script
-        step = strategy.train_round(server_round, arrays, grid, cfg.round_timeout)
+        counted = CountingGrid(grid)  # every message's bytes, per node
+        step = strategy.train_round(server_round, arrays, counted, cfg.round_timeout)
         t["replies"] = t["start"] + step.exchange_seconds
         t["aggregated"] = time.monotonic()
         outcomes = strategy.last_outcomes
@@ -213,10 +214,14 @@ def run_rounds(
             arrays = step.arrays
 
         fed_metrics = None
+        eval_counted = None
         if cfg.fraction_evaluate > 0:
+            eval_counted = CountingGrid(grid)
             eval_replies = exchange(
-                grid,
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                eval_counted,
+                strategy.configure_evaluate(
+                    server_round, arrays, ConfigRecord(), eval_counted
+                ),
                 cfg.round_timeout,
             )
             aggregated = strategy.aggregate_evaluate(server_round, eval_replies)
@@ -227,6 +232,7 @@ def run_rounds(
 
         record = _round_record(server_round, cfg, outcomes, state, central, fed_metrics)
         record.update(strategy.round_privacy())
+        record["message_bytes"] = round_bytes(update_encoding(cfg), counted, eval_counted)
         record["train_loss"] = (
             float(train_metrics["train-loss"])
             if train_metrics is not None and "train-loss" in train_metrics
@@ -281,6 +287,12 @@ def run_rounds(
         arrays, completed, stop_reason, state, totals, orchestration, last,
         budget_stop=stopped_on_budget,
     )  # fmt: skip
+
+
+def update_encoding(cfg: RunConfig) -> str:
+    """How a round's updates travel: ``update-compression``, or ``masked`` (secure
+    aggregation's own quantised, masked vectors)."""
+    return "masked" if cfg.secure_aggregation else cfg.update_compression
 
 
 def _round_record(

@@ -1,13 +1,18 @@
-"""Messages out, replies in: one exchange with the nodes, polled briskly."""
+"""Messages out, replies in: one exchange with the nodes, polled briskly, and the
+bytes each node's messages cost (``rounds.jsonl``'s ``message_bytes``)."""
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.run import Run
 
 
 def exchange(
@@ -42,3 +47,109 @@ def content_bytes(content: RecordDict) -> int:
     """Serialised size of a message's content: Flower sends a message as the tree of
     its objects (records, arrays, chunks), each deflated to bytes."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+class CountingGrid(Grid):
+    """A grid that counts the serialised content bytes (:func:`content_bytes`) of every
+    message it pushes (down, by destination node) and every reply it pulls (up, by
+    source node); everything else is the wrapped grid's. A reply that is an error
+    carries no content and counts nothing."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.down: dict[int, int] = {}
+        self.up: dict[int, int] = {}
+
+    def set_run(self, run: Run) -> None:
+        """As the wrapped grid."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """As the wrapped grid."""
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """As the wrapped grid."""
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """As the wrapped grid."""
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Count, then push."""
+        messages = list(messages)
+        for message in messages:
+            node = int(message.metadata.dst_node_id)
+            self.down[node] = self.down.get(node, 0) + content_bytes(message.content)
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull, then count."""
+        replies = list(self.grid.pull_messages(message_ids))
+        for reply in replies:
+            if not reply.has_error():
+                node = int(reply.metadata.src_node_id)
+                self.up[node] = self.up.get(node, 0) + content_bytes(reply.content)
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push and collect the replies (:func:`exchange`), counting both."""
+        return exchange(self, messages, math.inf if timeout is None else timeout)
+
+    def facts(self) -> dict[str, Any]:
+        """Per node up and down: how many nodes, median and largest per node, total."""
+        return {**_direction("up", self.up), **_direction("down", self.down)}
+
+
+def _direction(name: str, per_node: dict[int, int]) -> dict[str, Any]:
+    sizes = list(per_node.values())
+    return {
+        f"{name}_clients": len(sizes),
+        f"{name}_per_client_median": statistics.median(sizes) if sizes else None,
+        f"{name}_per_client_max": max(sizes, default=None),
+        f"{name}_total": sum(sizes),
+    }
+
+
+def round_bytes(
+    encoding: str, train: CountingGrid, evaluate: CountingGrid | None
+) -> dict[str, Any]:
+    """``rounds.jsonl``'s ``message_bytes``: the update encoding, and the training (and
+    federated-evaluation) exchanges' bytes per node."""
+    return {
+        "update_encoding": encoding,
+        "train": train.facts(),
+        "evaluate": evaluate.facts() if evaluate is not None else None,
+    }
+
+
+def run_bytes(rounds: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """``summary.json``'s ``message_bytes``: medians over rounds of the per-client
+    median, and totals, of the training exchanges."""
+    blocks = [r["message_bytes"] for r in rounds if r.get("message_bytes")]
+    if not blocks:
+        return None
+
+    def median(key: str) -> float | None:
+        values = [b["train"][key] for b in blocks if b["train"][key] is not None]
+        return statistics.median(values) if values else None
+
+    return {
+        "update_encoding": blocks[-1]["update_encoding"],
+        "rounds": len(blocks),
+        "up_per_client_per_round_median": median("up_per_client_median"),
+        "down_per_client_per_round_median": median("down_per_client_median"),
+        "up_total": sum(b["train"]["up_total"] for b in blocks),
+        "down_total": sum(b["train"]["down_total"] for b in blocks),
+    }

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from logging import WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 from flwr.supercore import log
@@ -132,22 +133,28 @@ class PrivateFedAvg(FedAvgM):
         outcomes = [outcome_from_reply(reply) for reply in replies]
         if self.ledger_witness is not None:  # a reply behind the witness becomes an error
             outcomes = self.ledger_witness.check(server_round, outcomes)
+        decoded: list[list[np.ndarray] | None] = [None] * len(replies)
         if self.validator is not None:  # a reply failing a check becomes 'rejected'
             if self.round_arrays is None:
                 raise RuntimeError("configure_train comes before aggregate_train")
-            outcomes = [
-                self.validator.validate(server_round, reply, outcome, self.round_arrays)[0]
+            checked = [
+                self.validator.validate(server_round, reply, outcome, self.round_arrays)
                 for reply, outcome in zip(replies, outcomes, strict=True)
             ]
+            outcomes = [outcome for outcome, _ in checked]
+            decoded = [arrays for _, arrays in checked]
         self.last_outcomes = outcomes
         weighted: list[Message] = []
-        for reply, outcome in zip(replies, outcomes, strict=True):
+        for reply, outcome, arrays in zip(replies, outcomes, decoded, strict=True):
             if outcome.status is Status.TRAINED:
                 metrics = {WEIGHT_KEY: float(outcome.weight or 0)}
                 if outcome.train_loss is not None:
                     metrics["train-loss"] = outcome.train_loss
                 content = RecordDict(
-                    {"arrays": reply.content["arrays"], "weight": MetricRecord(metrics)}
+                    {
+                        "arrays": self._weights(reply, outcome, arrays),
+                        "weight": MetricRecord(metrics),
+                    }
                 )
                 weighted.append(Message(content=content, metadata=reply.metadata))
             elif outcome.status.refused:
@@ -178,6 +185,17 @@ class PrivateFedAvg(FedAvgM):
             )
         require_finite(server_round, arrays)
         return arrays, metrics
+
+    def _weights(
+        self, reply: Message, outcome: ClientOutcome, decoded: list[np.ndarray] | None
+    ) -> ArrayRecord:
+        """A trained reply's weights: as sent, or decoded by update validation."""
+        if not outcome.compressed:
+            return reply.content["arrays"]
+        if decoded is None or self.round_arrays is None:
+            raise RuntimeError("a compressed reply is decoded by update validation")
+        keys = self.round_arrays.keys()
+        return ArrayRecord({k: Array(a) for k, a in zip(keys, decoded, strict=True)})
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -3,11 +3,15 @@
 The server checks each ``trained`` reply against the global model it sent that
 round and against what the same node reported before in this run:
 
-- arrays: the same names, shapes and dtypes as the model, all values finite;
+- arrays: the same names, shapes and dtypes as the model, all values finite; a
+  compressed reply (``update-compression``) is decoded against the global model
+  first, and one that does not decode is rejected with the codec's reason;
 - norm: ``‖reply − global‖`` (or a client-level change's ``‖update‖``) within the
-  bound the privacy mode implies: the round's clip norm C for client-level DP, run
-  key ``max-update-norm`` for ``sample`` and ``none``;
-- claims: the reply's kind matches the run's privacy mode; a released ledger uses
+  bound the privacy mode implies: the round's clip norm C for client-level DP (plus
+  the encoding's error bound for a compressed change), run key ``max-update-norm``
+  for ``sample`` and ``none``; the norm is the decoded update's;
+- claims: the reply's kind matches the run's privacy mode and its encoding the run's
+  ``update-compression``; a released ledger uses
   the run's accountant, records this round, and extends the node's previous ledger
   (same δ, steps and ε never lower); with sample-level DP its last round's q and
   steps are the ones its ``planning-records`` (the aggregation weight) give. A
@@ -32,8 +36,9 @@ from flwr.supercore import log
 from common.config import RunConfig
 from common.dp_plan import plan_round
 from common.privacy_ledger import PrivacyLedger
-from common.reply import ARRAYS_KEY, UPDATE_KEY, Status
+from common.reply import Status, arrays_key
 from common.update_clipping import UpdateError, update_norm
+from common.update_codec import CodecError, UpdateCodec, apply_change
 from server.client_outcomes import ClientOutcome
 
 EPSILON_SLACK = 1e-9  # relative: ε recomputed from the same history may differ in ulps
@@ -85,6 +90,25 @@ def checked_arrays(
     return arrays
 
 
+def decoded_arrays(
+    record: ArrayRecord, reference: list[np.ndarray], codec: UpdateCodec, change: bool
+) -> tuple[list[np.ndarray], float]:
+    """A compressed reply's arrays in the model's dtypes — the weights ``reference +
+    change``, or the ``change`` itself (client-level) — and the codec's bound on the
+    L2 error of the decoded change."""
+    try:
+        decoded = codec.decode(record, reference)
+    except CodecError as exc:
+        raise UpdateRejected(f"the {codec.name} change: {exc}") from None
+    if change:
+        arrays = [d.astype(r.dtype) for d, r in zip(decoded.arrays, reference, strict=True)]
+    else:
+        arrays = apply_change(reference, decoded.arrays)
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise UpdateRejected(f"the {codec.name} change decodes past the model's dtype")
+    return arrays, decoded.error_norm
+
+
 class UpdateValidator:
     """Checks every trained reply of a run; remembers each node's accepted ledger."""
 
@@ -116,10 +140,17 @@ class UpdateValidator:
         client_level = self.cfg.is_client_level
         try:
             self._check_claims(server_round, outcome)
-            key = UPDATE_KEY if client_level else ARRAYS_KEY
             keys, model = self._model(reference)
-            arrays = checked_arrays(reply.content.array_records[key], keys, model)
-            self._check_norm(arrays, model, clip_norm)
+            record = reply.content.array_records[
+                arrays_key(client_level, outcome.compressed)
+            ]
+            slack = 0.0
+            if outcome.compressed:
+                codec = UpdateCodec(self.cfg.update_compression)
+                arrays, slack = decoded_arrays(record, model, codec, client_level)
+            else:
+                arrays = checked_arrays(record, keys, model)
+            self._check_norm(arrays, model, clip_norm, slack)
         except UpdateRejected as exc:
             scope = "client-level update" if client_level else "update"
             return self._rejected(server_round, outcome, f"{scope} rejected: {exc}"), None
@@ -160,16 +191,23 @@ class UpdateValidator:
 
     # -- checks -------------------------------------------------------------------
     def _check_norm(
-        self, arrays: list[np.ndarray], model: list[np.ndarray], clip_norm: float | None
+        self,
+        arrays: list[np.ndarray],
+        model: list[np.ndarray],
+        clip_norm: float | None,
+        slack: float = 0.0,
     ) -> None:
+        """``slack``: the encoding's error bound (0 for float32), for client-level."""
         if self.cfg.is_client_level:
             if clip_norm is None:
                 raise RuntimeError("a client-level round validates against its clip norm")
             norm = _norm(arrays)
-            if norm > clip_norm:  # an honest client clips to C·(1 − 1e-6) before sending
+            # An honest client clips to C·(1 − 1e-6) before sending (and encoding).
+            if norm > clip_norm + slack:
+                encoding = f" + {slack:.6g} (the encoding's error bound)" if slack else ""
                 raise UpdateRejected(
-                    f"update norm {norm:.6g} > this round's clip norm {clip_norm:.6g} "
-                    "(an honest client clips before sending)"
+                    f"update norm {norm:.6g} > this round's clip norm {clip_norm:.6g}"
+                    f"{encoding} (an honest client clips before sending)"
                 )
             return
         bound = self.cfg.max_update_norm
@@ -200,6 +238,14 @@ class UpdateValidator:
         )  # fmt: skip
         if sent != want:
             raise UpdateRejected(f"privacy-mode {mode!r} needs {want}, got {sent}")
+        encoding = cfg.update_compression
+        if not outcome.masked and outcome.compressed != (encoding != "none"):
+            got = "a compressed update" if outcome.compressed else "float32 arrays"
+            raise UpdateRejected(
+                f"update-compression {encoding!r} needs "
+                f"{'float32 arrays' if encoding == 'none' else 'a compressed update'}, "
+                f"got {got}"
+            )
         if cfg.is_private and outcome.num_examples is not None:
             raise UpdateRejected(
                 "a non-private reply (num-examples) in a privacy-mode 'sample' run"

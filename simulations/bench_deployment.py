@@ -50,10 +50,10 @@ from flwr.app import (
     Metadata,
     RecordDict,
 )
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from common.config import RunConfig
 from common.models import build_model
+from server.messaging import content_bytes
 from simulations.clientapp_probe import install_probe, read_messages
 from simulations.deploy import write_node_policy
 from simulations.deployment import DeploymentSpec, LocalDeployment
@@ -156,14 +156,10 @@ def message_bytes(dataset: str) -> dict[str, int]:
     instruction = Message(content=content, metadata=metadata)
     reply = client_app.train(instruction, ctx)
     return {
-        "down_bytes": _tree_bytes(instruction.content),
-        "up_bytes": _tree_bytes(reply.content),
+        "down_bytes": content_bytes(instruction.content),
+        "up_bytes": content_bytes(reply.content),
         "model_parameters": sum(a.numpy().size for a in arrays.values()),
     }
-
-
-def _tree_bytes(content: RecordDict) -> int:
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
 def _median(values: list[float]) -> float | None:
