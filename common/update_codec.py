@@ -196,10 +196,11 @@ def apply_change(
 ) -> list[np.ndarray]:
     """The weights ``reference + change`` in the reference's dtypes (the server's view
     of a compressed weights reply)."""
-    return [
-        (_float64(ref) + delta).astype(ref.dtype)
-        for ref, delta in zip(reference, change, strict=True)
-    ]
+    with np.errstate(over="ignore"):  # past the dtype's range: inf, which is checked
+        return [
+            (_float64(ref) + delta).astype(ref.dtype)
+            for ref, delta in zip(reference, change, strict=True)
+        ]
 
 
 # -- internals --------------------------------------------------------------------------

@@ -101,7 +101,10 @@ def decoded_arrays(
     except CodecError as exc:
         raise UpdateRejected(f"the {codec.name} change: {exc}") from None
     if change:
-        arrays = [d.astype(r.dtype) for d, r in zip(decoded.arrays, reference, strict=True)]
+        with np.errstate(over="ignore"):  # past the dtype's range: inf, checked below
+            arrays = [
+                d.astype(r.dtype) for d, r in zip(decoded.arrays, reference, strict=True)
+            ]
     else:
         arrays = apply_change(reference, decoded.arrays)
     if not all(np.isfinite(a).all() for a in arrays):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from client.ledger_store import STATE_KEY
 from common.config import RunConfig
 from common.models import build_model
 from common.privacy_ledger import PrivacyLedger, epsilon_of_history
-from common.reply import EvaluateReport, Status, TrainReport
+from common.reply import ARRAY_KEYS, EvaluateReport, Status, TrainReport
 from tests.conftest import evaluate_message, make_context, train_message
 
 
@@ -36,8 +37,9 @@ def _independent_epsilon(history: list[list[float]], delta: float) -> float:
 
 
 def test_train_reply_carries_weights_and_cumulative_privacy(digits_cfg: RunConfig) -> None:
-    """Each round's reply has new weights and ε equal to an independent recomputation."""
-    ctx = make_context(digits_cfg, partition_id=3)
+    """Each round's reply has new weights and ε equal to an independent recomputation
+    (float32 weights here; compressed replies: tests/test_update_compression.py)."""
+    ctx = make_context(replace(digits_cfg, update_compression="none"), partition_id=3)
     arrays = _arrays()
     eps_seen = []
     for server_round in (1, 2, 3):
@@ -93,7 +95,7 @@ def test_budget_refusal_happens_before_any_training_step(
     assert not reply.has_error()
     report = _report(reply)
     assert report.status is Status.BUDGET_EXHAUSTED
-    assert "arrays" not in reply.content.array_records  # no update leaves the client
+    assert not set(reply.content.array_records) & set(ARRAY_KEYS)  # no update leaves
     assert report.ledger is not None
     assert report.ledger.epsilon() <= digits_cfg.target_epsilon
     assert str(ctx.state.config_records[STATE_KEY]["json"]) == ledger_before
@@ -124,8 +126,11 @@ def test_non_private_mode_trains_and_ledgers_an_unbounded_release() -> None:
 
 
 def test_non_private_training_is_reproducible_per_seed() -> None:
-    """Without DP nothing is secret: same seed, round and partition, same weights."""
-    cfg = RunConfig(num_rounds=2, privacy_mode="none", target_epsilon=0.0)
+    """Without DP nothing is secret: same seed, round and partition, same weights (sent
+    as float32: a compressed change is stochastically rounded)."""
+    cfg = RunConfig(
+        num_rounds=2, privacy_mode="none", target_epsilon=0.0, update_compression="none"
+    )
     first = client_app.train(train_message(_arrays(), 1), make_context(cfg))
     second = client_app.train(train_message(_arrays(), 1), make_context(cfg))
     a = first.content["arrays"].to_torch_state_dict()

@@ -86,6 +86,7 @@ def _strategy(tmp_path: Path, z: float, rounds: int, **overrides: Any) -> Client
         "audit": "one-run",
         "audit_canaries": 1000,
         "results_dir": str(tmp_path / "results"),
+        "update_compression": "none",  # the honest replies below are float32 updates
     }
     values.update(overrides)
     (tmp_path / "results").mkdir(parents=True, exist_ok=True)

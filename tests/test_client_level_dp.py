@@ -109,6 +109,7 @@ def _client_cfg(tmp_path: Path, **overrides: Any) -> RunConfig:
         "min_available_nodes": 2,
         "min_train_nodes": 1,
         "results_dir": str(tmp_path / "results"),
+        "update_compression": "none",  # float32 (compressed: test_update_compression)
     }
     values.update(overrides)
     return RunConfig(**values)

@@ -31,7 +31,13 @@ from common.dp_plan import RoundPlan, plan_round
 from common.dp_randomness import reproducible_seed, round_generator
 from common.models import build_model
 from common.privacy_ledger import PrivacyLedger
-from common.reply import EVAL_METRICS, EvaluateReport, Status, TrainReport
+from common.reply import (
+    COMPRESSED_CHANGE_KEY,
+    EVAL_METRICS,
+    EvaluateReport,
+    Status,
+    TrainReport,
+)
 from server.client_outcomes import outcome_from_reply
 from server.strategy import PrivateFedAvg
 from tests.conftest import evaluate_message, make_context, train_message
@@ -95,6 +101,7 @@ def _replay_attack(
     cfg = RunConfig(
         num_rounds=3, target_epsilon=0.0, noise_multiplier=SIGMA, epsilon_budget=1e6,
         grad_sample_mode=mode, reproducible_noise=reproducible,
+        update_compression="none",  # the attack reads the float32 weights
     )  # fmt: skip
     ctx = make_context(cfg, PARTITION)
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
@@ -137,15 +144,16 @@ def test_reproducible_noise_is_replayable(
 
 
 def test_two_rounds_with_identical_inputs_draw_different_noise() -> None:
-    """Same weights, data, seed, round and partition: different updates."""
-    cfg = RunConfig(num_rounds=3)
+    """Same weights, data, seed, round and partition: different updates (float32
+    weights: a compressed change differs anyway, by its stochastic rounding)."""
+    cfg = RunConfig(num_rounds=3, update_compression="none")
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
     first = client_app.train(train_message(initial, 1), make_context(cfg, PARTITION))
     second = client_app.train(train_message(initial, 1), make_context(cfg, PARTITION))
     a, b = _weights(first.content["arrays"]), _weights(second.content["arrays"])
     assert all(not torch.equal(x, y) for x, y in zip(a, b, strict=True))
     # … unless the run asks for replayable noise (simulation research only)
-    cfg = RunConfig(num_rounds=3, reproducible_noise=True)
+    cfg = RunConfig(num_rounds=3, reproducible_noise=True, update_compression="none")
     first = client_app.train(train_message(initial, 1), make_context(cfg, PARTITION))
     second = client_app.train(train_message(initial, 1), make_context(cfg, PARTITION))
     a, b = _weights(first.content["arrays"]), _weights(second.content["arrays"])
@@ -344,7 +352,14 @@ def test_neighbouring_devices_send_identical_reports(
     large = _device_reply(tmp_path / "b", 321, release_ledger=False)
     assert dict(small.content["report"]) == dict(large.content["report"])
     assert ledger_chain.REPLY_HEAD_KEY in small.content["report"]
-    assert set(small.content.keys()) == set(large.content.keys()) == {"report", "arrays"}
+    assert (
+        set(small.content.keys())
+        == set(large.content.keys())
+        == {
+            "report",
+            COMPRESSED_CHANGE_KEY,  # the default update-compression's encoded change
+        }
+    )
     # Both plan from 512 (N rounded up to a power of two), not from ⌈N/B⌉: even the
     # released ledgers (σ, q, steps) agree, and so does the update's noise scale.
     small = _device_reply(tmp_path / "c", 320, release_ledger=True)

@@ -7,6 +7,7 @@ replies and audits the final model with the server's own audit code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -54,7 +55,9 @@ def _federate(
     With ``replay`` the server replays each client's reproducible noise, removes it
     from the update (plain SGD: the update is lr/B · Σ (clipped sum + noise)) and sends
     the de-noised average on. Returns the final weights and the largest reported ε.
+    The clients send float32 weights (``update-compression = "none"``), averaged here.
     """
+    cfg = dataclasses.replace(cfg, update_compression="none")
     state = build_model(cfg.dataset, seed=cfg.seed).state_dict()
     contexts = [make_context(cfg, p, CLIENTS, node_id=p + 1) for p in range(CLIENTS)]
     epsilons: list[float] = []

@@ -45,6 +45,7 @@ def _accuracy(tmp_path: Path, aggregation: str, attacked: bool) -> tuple[float, 
         num_rounds=ROUNDS, target_epsilon=8.0, reproducible_noise=True,
         aggregation=aggregation, krum_byzantine=2,
         min_train_nodes=10, min_available_nodes=10,
+        update_compression="none",  # the attackers rewrite float32 weights
     )  # fmt: skip
     contexts = federation(cfg, range(10), 10)
     attack = colluding_push(ATTACK_NORM)  # the two attackers push the same way
@@ -89,6 +90,7 @@ def test_robust_rule_leaves_the_replies_intact_and_keeps_server_momentum(
     cfg = RunConfig(
         num_rounds=1, target_epsilon=8.0, reproducible_noise=True, aggregation="median",
         server_learning_rate=0.5, min_train_nodes=3, min_available_nodes=3,
+        update_compression="none",  # the replies' float32 weights are compared below
     )  # fmt: skip
     contexts = federation(cfg, range(3), 3)
     grid = InProcessGrid(contexts)

@@ -54,6 +54,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "torch-threads": [1.5, 0, 257],
     "results-dir": [0, None],
     "export-compression": [8, "INT8", "int4", "prune", True],
+    "update-compression": [4, "INT4", "int3", "int16", "float32", "", True],
     "max-update-norm": ["1", -1.0, True, float("inf"), float("nan")],
     "aggregation": [0, "mean", "Median", "multikrum", ""],
     "trim-fraction": [-0.1, 0.5, 1.0, "0.2"],

@@ -19,8 +19,12 @@ from server.federation_loop import LoopState, RoundFailed, check_round, exchange
 from server.strategy import PrivateFedAvg
 from tests.conftest import make_context, train_message
 
+F32 = {"update_compression": "none"}  # float32 replies, averaged by hand below
+
 
 def _replies(cfg: RunConfig, server_round: int, contexts: list) -> list[Message]:
+    """Real ClientApp replies; the configs below send float32 weights
+    (``update-compression = "none"``), which these tests average by hand."""
     arrays = ArrayRecord(build_model("digits", seed=0).state_dict())
     return [
         client_app.train(train_message(arrays, server_round, node_id=ctx.node_id), ctx)
@@ -30,7 +34,7 @@ def _replies(cfg: RunConfig, server_round: int, contexts: list) -> list[Message]
 
 def test_refused_and_failed_replies_are_not_averaged() -> None:
     """Only 'trained' replies enter the average, by planning count; all are recorded."""
-    cfg = RunConfig(num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0)
+    cfg = RunConfig(**F32, num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0)
     tight = RunConfig(
         num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0, epsilon_budget=0.01
     )
@@ -67,7 +71,7 @@ def test_refused_and_failed_replies_are_not_averaged() -> None:
 
 def test_non_private_replies_are_weighted_by_examples() -> None:
     """A non-private run (num-examples released) averages example-weighted."""
-    cfg = RunConfig(num_rounds=2, privacy_mode="none", target_epsilon=0.0)
+    cfg = RunConfig(**F32, num_rounds=2, privacy_mode="none", target_epsilon=0.0)
     contexts = [make_context(cfg, pid, 4, node_id=50 + pid) for pid in (0, 3)]
     replies = _replies(cfg, 1, contexts)
     strategy = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1)
@@ -103,7 +107,7 @@ def test_all_refused_gives_no_new_model() -> None:
 
 def test_loop_state_tracks_max_cumulative_epsilon() -> None:
     """max_epsilon is over every client seen, and failures keep older privacy data."""
-    cfg = RunConfig(num_rounds=3, target_epsilon=0.0, noise_multiplier=1.0)
+    cfg = RunConfig(**F32, num_rounds=3, target_epsilon=0.0, noise_multiplier=1.0)
     contexts = [make_context(cfg, pid, 4, node_id=30 + pid) for pid in (0, 1)]
     strategy = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1)
     state = LoopState()
@@ -131,7 +135,7 @@ def test_round_with_only_failures_fails_the_run() -> None:
 def test_server_momentum_applies_fedavgm_to_the_trained_average() -> None:
     """server-learning-rate η and server-momentum β: x ← x − η·m, m ← β·m + (x − avg)."""
     cfg = RunConfig(
-        num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0,
+        **F32, num_rounds=2, target_epsilon=0.0, noise_multiplier=1.0,
         server_learning_rate=1.5, server_momentum=0.5,
     )  # fmt: skip
     contexts = [make_context(cfg, pid, 3, node_id=40 + pid) for pid in (0, 1)]

@@ -70,7 +70,20 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
         assert record["seconds"] >= timing["client_compute_max"]
     assert "[privfed] time: launch to round 1" in out
 
+    # Each reply is the DP-noised change, int4-encoded (the default update-compression):
+    # under a quarter of the model's float32 weights alone, let alone the float32 reply.
+    float32 = 4 * 4810  # the digits MLP
+    for record in rounds:
+        sizes = record["message_bytes"]
+        assert sizes["update_encoding"] == "int4"
+        assert sizes["train"]["up_clients"] == sizes["train"]["down_clients"] == 3
+        assert 0 < sizes["train"]["up_per_client_max"] < float32 / 4
+        assert sizes["train"]["down_per_client_median"] > float32  # the global model
+
     summary = json.loads((results / "summary.json").read_text())
+    assert summary["message_bytes"]["up_total"] == sum(
+        r["message_bytes"]["train"]["up_total"] for r in rounds
+    )
     assert summary["status"] == "completed"
     assert summary["rounds_completed"] == 2
     assert summary["time_breakdown_seconds"]["startup_to_round_1"] > 0

@@ -39,9 +39,10 @@ from simulations.in_process_federation import (
     with_report,
 )
 
+# The attacks rewrite float32 weights (compressed replies: test_update_compression.py).
 CFG = RunConfig(
     num_rounds=3, target_epsilon=8.0, reproducible_noise=True,
-    min_train_nodes=2, min_available_nodes=2,
+    min_train_nodes=2, min_available_nodes=2, update_compression="none",
 )  # fmt: skip
 BAD = 102  # the malicious node (partition 2 of 3)
 
@@ -391,6 +392,7 @@ def test_honest_client_level_updates_pass_and_an_unclipped_one_is_rejected(
         privacy_mode="client", target_epsilon=0.0, noise_multiplier=1.0,
         client_sampling_rate=1.0, client_clip_norm=0.05, num_rounds=3,
         min_available_nodes=3, min_train_nodes=1, reproducible_noise=True,
+        update_compression="none",
     )  # fmt: skip
     contexts = federation(cfg, [0, 1, 2], 3)
 
