@@ -56,6 +56,7 @@ RESUMABLE_KEYS = (
     "torch-threads",
     "grad-sample-mode",
     "export-compression",
+    "update-compression",  # post-processing of the released updates
     "results-dir",  # the folder being resumed; it may have been moved
     "resume",
 )

@@ -95,7 +95,9 @@ def bytes_table(clients: int) -> None:
         arrays = ArrayRecord(model.state_dict())
         dim = count_parameters(model)
         config = ConfigRecord({"server-round": 1, "clip-norm": 1.0})
-        plain_cfg = RunConfig(**common, results_dir=tempfile.mkdtemp())  # type: ignore[arg-type]
+        plain_cfg = RunConfig(  # float32 updates, as this table's "plain" means
+            **common, update_compression="none", results_dir=tempfile.mkdtemp()
+        )  # type: ignore[arg-type]
         contexts = federation(plain_cfg, range(clients), clients)
         node = next(iter(contexts))
         msg = delivered(RecordDict({"arrays": arrays, "config": config}), "train", node)

@@ -52,6 +52,7 @@ def cost(dataset: str, clients: int, repeats: int) -> None:
     cfg = RunConfig(
         dataset=dataset, num_rounds=5, target_epsilon=8.0,
         min_train_nodes=clients, min_available_nodes=clients,
+        update_compression="none",  # float32 replies: "validation off" cannot decode
     )  # fmt: skip
     started = time.perf_counter()
     arrays, replies = _honest_round(cfg, clients)
@@ -96,6 +97,7 @@ def robust(rounds: int, attack_norm: float) -> None:
                 num_rounds=rounds, target_epsilon=8.0, reproducible_noise=True,
                 aggregation=aggregation, krum_byzantine=2,
                 min_train_nodes=10, min_available_nodes=10,
+                update_compression="none",  # the attackers rewrite float32 weights
             )  # fmt: skip
             evaluator = CentralEvaluator(cfg)
             model = build_model(cfg.dataset, evaluator.num_classes, seed=cfg.seed)

@@ -135,7 +135,8 @@ def with_arrays(reply: Message, arrays: dict[str, np.ndarray]) -> Message:
 
 
 def weights(reply: Message) -> dict[str, np.ndarray]:
-    """The reply's model weights by name."""
+    """The reply's model weights by name (a float32 reply: ``update-compression =
+    "none"``; a compressed one carries its encoded change instead)."""
     record = reply.content["arrays"]
     return dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
 
