@@ -75,9 +75,12 @@ def _send(
     model encoded by ``update-compression`` (after the DP noise: post-processing)."""
     arrays = None
     if model is not None and compression != "none":
-        after = [t.detach().numpy() for t in model.state_dict().values()]
-        before = msg.content[ARRAYS_KEY].to_numpy_ndarrays()
-        arrays = encode_change(compression, after, before, integer_generator())
+        sent = msg.content[ARRAYS_KEY]  # the server decodes against it, in its order
+        state = model.state_dict()
+        after = [state[key].detach().numpy() for key in sent.keys()]
+        arrays = encode_change(
+            compression, after, sent.to_numpy_ndarrays(), integer_generator()
+        )
         report = report.with_compressed_update()
     elif model is not None:
         arrays = ArrayRecord(model.state_dict())

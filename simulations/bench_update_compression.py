@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS = {  # label -> run-config fields and the partitioning of the one client
-    "digits MLP": ({"dataset": "digits"}, 10),
-    "Fashion-MNIST tanh CNN": ({"dataset": "fashion-mnist"}, 60),
-    "Fashion-MNIST ScatterNet + linear (fmnist-eps3)": (
+MODELS = {  # name -> label, run-config fields, and the partitioning of the one client
+    "digits": ("digits MLP", {"dataset": "digits"}, 10),
+    "cnn": ("Fashion-MNIST tanh CNN", {"dataset": "fashion-mnist"}, 60),
+    "scattering": (
+        "Fashion-MNIST ScatterNet + linear (fmnist-eps3)",
         {
             "dataset": "fashion-mnist",
             "features": "scattering",
@@ -42,7 +43,7 @@ MODELS = {  # label -> run-config fields and the partitioning of the one client
             "target_epsilon": 3.0,
         },
         60,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -68,7 +69,7 @@ def _reply(cfg: Any, partitions: int) -> tuple[Any, Any]:
     return initial, reply
 
 
-def bytes_rows() -> list[dict[str, Any]]:
+def bytes_rows(models: list[str]) -> list[dict[str, Any]]:
     """One row per (model, encoding)."""
     import numpy as np
 
@@ -78,7 +79,7 @@ def bytes_rows() -> list[dict[str, Any]]:
     from server.messaging import content_bytes
 
     rows = []
-    for label, (fields, partitions) in MODELS.items():
+    for label, fields, partitions in (MODELS[m] for m in models):
         plain: dict[str, Any] = {}
         for name in UPDATE_COMPRESSIONS:
             started = time.process_time()
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bytes", help="bytes and codec error per model, in process")
     b.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    b.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     a = sub.add_parser("accuracy", help="the preset once per encoding, sequentially")
     a.add_argument("--preset", default="fmnist-eps3")
     a.add_argument("--encodings", nargs="+", default=["none", "int4"])
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = p.parse_args(argv)
     if args.command == "bytes":
-        rows = bytes_rows()
+        rows = bytes_rows(args.models)
         if args.json is not None:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
         print(bytes_markdown(rows))

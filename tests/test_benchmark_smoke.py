@@ -41,6 +41,18 @@ def test_dp_overhead_benchmark_smoke() -> None:
         assert f"| {mode} |" in out
 
 
+def test_update_compression_benchmark_smoke() -> None:
+    """The bytes table of every encoding, for the digits MLP: int4 under a quarter."""
+    out = _run("simulations.bench_update_compression", "bytes", "--models", "digits")
+    rows = {
+        line.split("|")[2].strip(): float(line.split("|")[4])
+        for line in out.splitlines()
+        if line.startswith("| digits MLP")
+    }
+    assert rows["none"] == 1.0 and set(rows) == {"none", "float16", "int8", "int4", "int2"}
+    assert rows["int2"] < rows["int4"] < 0.25 < rows["int8"] < rows["float16"] < 1
+
+
 @pytest.mark.e2e
 def test_deployment_benchmark_smoke() -> None:
     """The deployment benchmark measures RSS, bytes and each message's phases (from
