@@ -28,7 +28,8 @@ def no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run, "become_subreaper", tripwire)
     monkeypatch.setattr(deploy, "LocalDeployment", tripwire)
     monkeypatch.setattr(deploy, "become_subreaper", tripwire)
-    monkeypatch.setattr(sweep.subprocess, "call", tripwire)
+    monkeypatch.setattr(sweep, "simulation_superlink", tripwire)
+    monkeypatch.setattr(sweep, "become_subreaper", tripwire)
 
 
 def _exit_code(main: Any, argv: list[str]) -> int:
