@@ -69,9 +69,9 @@ class SubmittedRun:
 
     ``serverapp`` is the process the SuperLink started for this run's ServerApp
     (``flwr-serverapp``, or ``flwr-simulation`` with the ServerApp in a thread),
-    found as the one that appeared after the submission: submissions from
-    several threads (a sweep's ``--jobs``) take turns until theirs is found, so
-    stopping one run never touches another's.
+    found in the background as the one that appeared after the submission:
+    submissions from several threads (a sweep's ``--jobs``) take turns until
+    theirs is found, so stopping one run never touches another's.
     """
 
     _launching = threading.Lock()
@@ -91,7 +91,8 @@ class SubmittedRun:
         self._seen_id = threading.Event()
         self.out = out or sys.stdout
         self.serverapp: psutil.Process | None = None
-        with SubmittedRun._launching:
+        SubmittedRun._launching.acquire()  # released once this run's is found
+        try:
             before = {p.pid for p in serverapp_processes()}
             self.popen = subprocess.Popen(
                 list(argv),
@@ -104,19 +105,28 @@ class SubmittedRun:
                 bufsize=1,
                 process_group=0,  # a terminal's Ctrl-C reaches the launcher only
             )
-            self._reader = threading.Thread(target=self._pump, daemon=True)
-            self._reader.start()
-            self.serverapp = self._new_serverapp(before)
+        except BaseException:
+            SubmittedRun._launching.release()
+            raise
+        self._finder = threading.Thread(
+            target=self._find_serverapp, args=(before,), daemon=True
+        )
+        self._finder.start()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
 
-    def _new_serverapp(self, before: set[int]) -> psutil.Process | None:
-        """The ServerApp process that appears after the submission, if any."""
-        deadline = time.monotonic() + SERVERAPP_START_S
-        while time.monotonic() < deadline and self.popen.poll() is None:
-            new = [p for p in serverapp_processes() if p.pid not in before]
-            if new:
-                return new[0]
-            time.sleep(0.1)
-        return None
+    def _find_serverapp(self, before: set[int]) -> None:
+        """Note the ServerApp process that appears after the submission, if any."""
+        try:
+            deadline = time.monotonic() + SERVERAPP_START_S
+            while time.monotonic() < deadline and self.popen.poll() is None:
+                new = [p for p in serverapp_processes() if p.pid not in before]
+                if new:
+                    self.serverapp = new[0]
+                    return
+                time.sleep(0.1)
+        finally:
+            SubmittedRun._launching.release()
 
     def _pump(self) -> None:
         assert self.popen.stdout is not None
@@ -179,6 +189,7 @@ class SubmittedRun:
             self.popen.wait(timeout=STREAM_EXIT_S)
         except subprocess.TimeoutExpired:
             pass
+        self._finder.join(timeout=SERVERAPP_START_S)  # it gives up once flwr run exits
         if self.serverapp is None:
             return
         while time.monotonic() < deadline and self.serverapp.is_running():
