@@ -11,11 +11,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secagg_client
 from client.dp_training import train_non_private, train_private
 from client.ledger_store import (
     ledger_lock,
@@ -35,13 +37,15 @@ from client.privacy_policy import (
 )
 from common.config import RunConfig
 from common.data_checks import DatasetError
+from common.datasets import NUM_CLASSES
 from common.dp_randomness import reproducible_seed, round_generator
 from common.metrics import evaluate_model
-from common.models import build_model
+from common.models import build_model, count_parameters
 from common.privacy_ledger import LedgerError, PrivacyLedger
 from common.reply import ARRAYS_KEY, CLIP_NORM_KEY, EvaluateReport, TrainReport
 from common.round_privacy import decide_round
-from common.update_clipping import clip_update
+from common.secagg_protocol import SECAGG_KEY, ProtocolError, Stage
+from common.update_clipping import ClippedUpdate, clip_update
 
 log = logging.getLogger("privfed.client")
 app = ClientApp()
@@ -231,6 +235,40 @@ def _train_private(
     return _send(msg, report.with_fingerprint(reported_fingerprint(context, node)), model)
 
 
+def _clipped_change(
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    node: NodeSettings,
+    shard: ClientShard,
+    ledger: PrivacyLedger,
+) -> tuple[list[str], ClippedUpdate, PrivacyLedger]:
+    """DP-FedAvg's client step: train without local noise, clip the change to C.
+
+    The client-level noise is added by the server (central) or by the clients'
+    shares (secure aggregation), so the node's own (record-level) ledger records
+    the round as a release without DP — stored here, before anything leaves: its
+    policy allowed it (``allow-client-level`` / ``allow-secure-aggregation``), and a
+    later record-level run sees ε = ∞.
+    """
+    server_round = int(msg.content["config"]["server-round"])
+    clip_norm = msg.content["config"].get(CLIP_NORM_KEY)
+    if not isinstance(clip_norm, float) or not 0 < clip_norm < math.inf:
+        raise ValueError(f"instruction config {CLIP_NORM_KEY!r} must be a float > 0")
+    model = _model_from(msg, cfg, shard)
+    before = [p.detach().numpy().copy() for p in model.state_dict().values()]
+    generator = round_generator(
+        reproducible_seed(cfg.seed, shard.partition_id, server_round)
+    )
+    train_non_private(model, shard.x_train, shard.y_train, cfg, generator)
+    after = model.state_dict()
+    change = [v.detach().numpy() - b for v, b in zip(after.values(), before, strict=True)]
+    clipped = clip_update(change, clip_norm)
+    ledger = ledger.extended_non_private(server_round, int(context.run_id))
+    store_ledger(context, ledger, node)  # persisted before the update leaves
+    return list(after), clipped, ledger
+
+
 def _train_client_level(
     msg: Message,
     context: Context,
@@ -241,39 +279,125 @@ def _train_client_level(
     ledger: PrivacyLedger,
     started: float,
 ) -> Message:
-    """DP-FedAvg's client side: train without local noise, clip the change to C.
-
-    The server adds the client-level noise, so the node's own (record-level)
-    ledger records the round as a release without DP: its policy allowed it
-    (``allow-client-level``), and a later record-level run sees ε = ∞.
-    """
-    pid = shard.partition_id
-    server_round = int(msg.content["config"]["server-round"])
-    clip_norm = msg.content["config"].get(CLIP_NORM_KEY)
-    if not isinstance(clip_norm, float) or not 0 < clip_norm < math.inf:
-        raise ValueError(f"instruction config {CLIP_NORM_KEY!r} must be a float > 0")
-    model = _model_from(msg, cfg, shard)
-    before = [p.detach().numpy().copy() for p in model.state_dict().values()]
-    generator = round_generator(reproducible_seed(cfg.seed, pid, server_round))
-    train_non_private(model, shard.x_train, shard.y_train, cfg, generator)
-    after = model.state_dict()
-    change = [v.detach().numpy() - b for v, b in zip(after.values(), before, strict=True)]
-    clipped = clip_update(change, clip_norm)
-    ledger = ledger.extended_non_private(server_round, int(context.run_id))
-    store_ledger(context, ledger, node)  # persisted before the update leaves
+    """Central DP-FedAvg: the clipped change goes to a server trusted to noise it."""
+    if cfg.secure_aggregation:  # never in the clear: the masked stages carry it
+        return _refuse(
+            msg, shard,
+            "run config key 'secure-aggregation' is true: this node sends its update "
+            "only masked, through the secure-aggregation stages",
+        )  # fmt: skip
+    keys, clipped, ledger = _clipped_change(msg, context, cfg, node, shard, ledger)
     seconds = time.perf_counter() - started if policy.release_timing else None
     shown = ledger if policy.release_ledger else None
-    report = TrainReport.client_update(pid, clipped.below_clip, shown, seconds)
+    report = TrainReport.client_update(
+        shard.partition_id, clipped.below_clip, shown, seconds
+    )
     report = report.with_fingerprint(reported_fingerprint(context, node))
     update = ArrayRecord(
-        {k: torch.from_numpy(a) for k, a in zip(after, clipped.arrays, strict=True)}
+        {k: torch.from_numpy(a) for k, a in zip(keys, clipped.arrays, strict=True)}
     )
     return Message(report.to_content(update), reply_to=msg)
 
 
-train = app.train()(
-    _sanitised(_train, lambda pid, why: TrainReport.node_error(pid, why).to_content())
-)
+train = app.train()(_sanitised(_train, lambda pid, why: _node_error(pid, why)))
+
+
+# -- secure aggregation with distributed DP (client/secagg_client.py) ----------------
+def _secagg_refusal(cfg: RunConfig, policy: PrivacyPolicy) -> str | None:
+    refusal = policy.refusal_for_run(cfg)
+    if refusal is None and not (cfg.is_client_level and cfg.secure_aggregation):
+        refusal = (
+            "run config keys 'privacy-mode' and 'secure-aggregation': the secure-"
+            "aggregation stages serve privacy-mode 'client' with secure-aggregation = "
+            f"true, got {cfg.privacy_mode!r} and {cfg.secure_aggregation}"
+        )
+    return refusal
+
+
+def _secagg_stage(stage: Stage) -> Handler:
+    """One stage's handler: the node's policy first, then the protocol step.
+
+    A protocol violation wipes the round's secrets and is refused with its reason
+    (it says nothing about the data); the server counts the node as dropped.
+    """
+
+    def handle(msg: Message, context: Context) -> Message:
+        cfg = RunConfig.from_run_config(context.run_config)
+        node = NodeSettings.from_node_config(dict(context.node_config))
+        node = node.in_results(cfg.results_dir)
+        pid = _partition_id(context)
+        try:
+            policy = load_policy(cfg, node.state_dir)
+            refusal = _secagg_refusal(cfg, policy)
+        except PolicyError as exc:
+            refusal = str(exc)
+        if refusal is not None:
+            secagg_client.forget(context)
+            log.warning("node %d refuses %s: %s", context.node_id, stage.value, refusal)
+            return _send(msg, TrainReport.policy_refused(pid, refusal))
+        try:
+            record = secagg_client.stage_record(msg.content)
+            if stage is Stage.MASKED_UPDATE:
+                return _masked_update(msg, context, cfg, policy, record)
+            if stage is Stage.SETUP:
+                model = build_model(cfg.dataset, NUM_CLASSES, features=cfg.features)
+                out = secagg_client.setup(
+                    context, int(context.node_id), record, count_parameters(model),
+                    policy.min_noise_multiplier,
+                )  # fmt: skip
+            elif stage is Stage.SHARE_KEYS:
+                out = secagg_client.share_keys(context, record)
+            else:
+                out = secagg_client.unmask(context, record)
+        except ProtocolError as exc:
+            secagg_client.forget(context)
+            log.warning("node %d refuses %s: %s", context.node_id, stage.value, exc)
+            return _send(msg, TrainReport.policy_refused(pid, f"secure aggregation: {exc}"))
+        return Message(RecordDict({SECAGG_KEY: out}), reply_to=msg)
+
+    return handle
+
+
+def _masked_update(
+    msg: Message, context: Context, cfg: RunConfig, policy: PrivacyPolicy, record: Any
+) -> Message:
+    """Stage 3: decrypt the neighbours' shares, train, clip, then noise and mask."""
+    started = time.perf_counter()
+    try:
+        cfg, node, shard = _setup(context)
+    except DatasetError as exc:
+        secagg_client.forget(context)
+        return _data_refusal(msg, context, exc, TrainReport.data_error)
+    held = secagg_client.receive_shares(context, record)
+    if msg.content["config"].get(CLIP_NORM_KEY) != held.setup.plan.clip_norm:
+        raise ProtocolError(
+            "the round's clip norm differs from the one its plan was made for"
+        )
+    with ledger_lock(node):
+        try:
+            witnessed = witnessed_in(msg.content["config"])
+            ledger = load_ledger(context, node, cfg.accountant, policy.delta, witnessed)
+        except LedgerError as exc:  # fail closed: never "nothing spent"
+            secagg_client.forget(context)
+            log.error("partition %d refuses to train: %s", shard.partition_id, exc)
+            return _send(
+                msg, TrainReport.ledger_error(shard.partition_id, public_reason(exc))
+            )
+        _, clipped, ledger = _clipped_change(msg, context, cfg, node, shard, ledger)
+    upload = secagg_client.masked_upload(context, held, clipped.arrays)
+    seconds = time.perf_counter() - started if policy.release_timing else None
+    shown = ledger if policy.release_ledger else None
+    report = TrainReport.masked_update(shard.partition_id, shown, seconds)
+    report = report.with_fingerprint(reported_fingerprint(context, node))
+    return Message(report.to_content(upload), reply_to=msg)
+
+
+def _node_error(pid: int, why: str) -> RecordDict:
+    return TrainReport.node_error(pid, why).to_content()
+
+
+for _stage in Stage:
+    app.train(_stage.value)(_sanitised(_secagg_stage(_stage), _node_error))
 
 
 def _evaluate(msg: Message, context: Context) -> Message:

@@ -37,6 +37,12 @@ POLICY_KEYS: dict[str, tuple[type, str]] = {
         "send clipped, un-noised updates to a server that adds client-level noise "
         "(privacy-mode = 'client'; default false)",
     ),
+    "allow-secure-aggregation": (
+        bool,
+        "send masked updates carrying this node's share of the client-level noise, "
+        "which the server can only unmask summed with others' (privacy-mode = "
+        "'client', secure-aggregation = true; default false)",
+    ),
     "federated-evaluation": (bool, "send local test metrics, un-noised (default false)"),
     "release-ledger": (bool, "send the ledger (σ, q, steps history) (default false)"),
     "release-timing": (bool, "send the round's compute seconds (default false)"),
@@ -61,6 +67,7 @@ class PrivacyPolicy:
     min_noise_multiplier: float = 0.0
     allow_non_private: bool = False
     allow_client_level: bool = False
+    allow_secure_aggregation: bool = False
     federated_evaluation: bool = False
     release_ledger: bool = False
     release_timing: bool = False
@@ -97,7 +104,8 @@ class PrivacyPolicy:
             epsilon_budget=cfg.effective_epsilon_budget,
             delta=cfg.delta,
             allow_non_private=cfg.privacy_mode == "none",
-            allow_client_level=cfg.is_client_level,
+            allow_client_level=cfg.is_client_level and not cfg.secure_aggregation,
+            allow_secure_aggregation=cfg.is_client_level and cfg.secure_aggregation,
             federated_evaluation=cfg.fraction_evaluate > 0,
             release_ledger=True,
             release_timing=True,
@@ -175,7 +183,14 @@ class PrivacyPolicy:
     # -- checks -------------------------------------------------------------------
     def refusal_for_run(self, cfg: RunConfig) -> str | None:
         """Why this node refuses ``cfg`` before looking at its data, or ``None``."""
-        if cfg.is_client_level and not self.allow_client_level:
+        if cfg.is_client_level and cfg.secure_aggregation:
+            if not self.allow_secure_aggregation:
+                return self._refuse(
+                    "secure-aggregation",
+                    "true sends a masked update with this node's share of the noise",
+                    "allow-secure-aggregation = false",
+                )
+        elif cfg.is_client_level and not self.allow_client_level:
             return self._refuse(
                 "privacy-mode",
                 "'client' sends the clipped update without noise (the server adds "

@@ -89,9 +89,14 @@ class ClientLevelSettings:
 def plan_client_level(cfg: RunConfig, population: int) -> ClientLevelSettings:
     """The mechanism for ``cfg`` with ``population`` clients; a bad combination raises
     :class:`ConfigError` naming the key (δ ≥ 1/n, a count noise too small to split)."""
+    check_population(cfg, population)
+    return ClientLevelSettings.from_config(cfg, population, client_noise_multiplier(cfg))
+
+
+def check_population(cfg: RunConfig, population: int) -> None:
+    """δ must be below 1/n for the n clients (:class:`ConfigError` naming the key)."""
     if cfg.delta >= 1 / population:
         raise ConfigError(
             f"run config key 'delta': {cfg.delta:g} is not below 1/n = 1/{population} "
             f"for the {population} clients"
         )
-    return ClientLevelSettings.from_config(cfg, population, client_noise_multiplier(cfg))

@@ -97,6 +97,28 @@ RULES: dict[str, _Rule] = {
     ),
     "audit": _choice(AUDIT_MODES),
     "audit-canaries": _Rule(int, lambda v: v >= 2, "an integer >= 2"),
+    "secure-aggregation": _Rule(
+        bool,
+        lambda v: True,
+        "true or false (true: client-level DP under secure "
+        "aggregation, each client adds its share of the noise)",
+    ),
+    "secagg-num-shares": _Rule(int, lambda v: v >= 3, "an integer >= 3"),
+    "secagg-reconstruction-threshold": _Rule(
+        float, lambda v: 0.5 < v <= 1, "a fraction in (0.5, 1] of secagg-num-shares"
+    ),
+    "secagg-min-contributors": _Rule(
+        float, lambda v: 0 < v <= 1, "a fraction in (0, 1] of the round's cohort"
+    ),
+    "secagg-modulus-range": _Rule(
+        int,
+        lambda v: 2**8 <= v <= 2**32 and v & (v - 1) == 0,
+        "a power of two from 2**8 to 2**32",
+    ),
+    "secagg-clipping-range": _Rule(
+        float, lambda v: v >= 0, "a number >= 0 (0 = 4·C/√D, see README)"
+    ),
+    "secagg-timeout": _Rule(float, lambda v: v > 0, "a number of seconds > 0"),
 }
 
 
@@ -170,6 +192,13 @@ class RunConfig:
     resume: bool = False
     audit: str = "off"
     audit_canaries: int = 1000
+    secure_aggregation: bool = False
+    secagg_num_shares: int = 15
+    secagg_reconstruction_threshold: float = 0.6
+    secagg_min_contributors: float = 0.9
+    secagg_modulus_range: int = 65536
+    secagg_clipping_range: float = 0.0
+    secagg_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -209,6 +238,8 @@ class RunConfig:
                 "privacy-mode='client' (robust rules are allowed with 'sample' and "
                 "'none')"
             )
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
         if self.classes_per_client > 10:  # every supported dataset has 10 classes
             raise ConfigError(
                 "run config key 'classes-per-client': must be <= 10 (the number "
@@ -238,6 +269,27 @@ class RunConfig:
                 f"privacy-mode={self.privacy_mode!r} one of them must be > 0 "
                 "(use privacy-mode='none' for a non-private run)"
             )
+
+    def _check_secure_aggregation(self) -> None:
+        """Distributed DP needs the client-level mechanism it distributes, nothing else."""
+        conflicts = {
+            "privacy-mode": (self.privacy_mode != "client", "'client'"),
+            "clipping": (self.clipping != "fixed", "'fixed' (the clipped count would need "
+                         "a secure sum of its own)"),
+            "accountant": (self.accountant != "rdp", "'rdp' (the Skellam mechanism is "
+                           "accounted with RDP)"),
+            "reproducible-noise": (self.reproducible_noise, "false (the clients' noise "
+                                   "must come from OS entropy)"),
+            "audit": (self.audit != "off", "'off' (canary clients are not supported "
+                      "with secure aggregation)"),
+        }  # fmt: skip
+        for key, (bad, needed) in conflicts.items():
+            if bad:
+                raise ConfigError(
+                    f"run config keys 'secure-aggregation' and '{key}': secure "
+                    f"aggregation needs {key} = {needed}, got "
+                    f"{getattr(self, key.replace('-', '_'))!r}"
+                )
 
     @property
     def is_private(self) -> bool:
@@ -285,6 +337,11 @@ class RunConfig:
 
 def noise_statement(cfg: RunConfig) -> str:
     """Where the DP noise comes from, as the results and the log state it."""
+    if cfg.is_client_level and cfg.secure_aggregation:
+        return (
+            "client-level, distributed: each client adds its share of Skellam noise "
+            "from fresh OS entropy before secure aggregation masks its update"
+        )
     if cfg.is_client_level:
         return "client-level: the server adds the noise to the sum of clipped updates " + (
             "from a generator seeded from the run seed (reproducible; not private)"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import secrets
 
+import numpy as np
 import torch
 
 
@@ -55,3 +56,13 @@ def gaussian_noise(
             0.0, std, like.shape, generator=generator, dtype=like.dtype, device=like.device
         )
     return total / 2
+
+
+def integer_generator() -> np.random.Generator:
+    """Integer-valued DP randomness (Skellam noise, randomized rounding): a NumPy
+    PCG64 generator seeded with 128 bits of OS entropy, fresh for each use.
+
+    Distributed DP has no reproducible mode: a client's noise share must never be
+    predictable, or the server could remove it from the sum.
+    """
+    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))

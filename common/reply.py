@@ -30,8 +30,12 @@ from common.privacy_ledger import LedgerError, PrivacyLedger
 
 ARRAYS_KEY = "arrays"  # ArrayRecord: the model weights of a trained reply
 UPDATE_KEY = "update"  # ArrayRecord: a client-level round's clipped model change
+MASKED_KEY = "masked-update"  # ArrayRecord: a secure-aggregation upload (one uint8 vector)
 CLIP_NORM_KEY = "clip-norm"  # instruction config: C of a client-level round
 REPORT_KEY = "report"  # ConfigRecord: every other field below
+
+
+ARRAY_KEYS = (ARRAYS_KEY, UPDATE_KEY, MASKED_KEY)  # at most one travels with a reply
 
 
 class ReplyError(ValueError):
@@ -123,6 +127,16 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
         "client-level round (`privacy-mode = 'client'`): the model change, clipped to "
         "L2 norm C and not noised; the server adds the client-level noise to the sum",
         released_by="allow-client-level",
+    ),
+    ReplyField(
+        MASKED_KEY,
+        Coverage.POLICY,
+        (Status.TRAINED,),
+        "client-level round under secure aggregation: the clipped change, rotated, "
+        "quantised, with this node's share of the Skellam noise, masked mod 2^b; the "
+        "server can unmask only the sum of at least the round's minimum number of "
+        "uploads (see [Secure aggregation](#secure-aggregation-with-distributed-dp))",
+        released_by="allow-secure-aggregation",
     ),
     ReplyField(
         "below-clip",
@@ -248,7 +262,7 @@ EVALUATE_FIELDS: tuple[ReplyField, ...] = (
 
 def _sent(declared: tuple[ReplyField, ...], status: Status) -> set[str]:
     """The report keys (ConfigRecord) a ``status`` reply may carry; arrays travel apart."""
-    array_keys = (ARRAYS_KEY, UPDATE_KEY)
+    array_keys = ARRAY_KEYS
     return {f.key for f in declared if status in f.statuses and f.key not in array_keys}
 
 
@@ -309,13 +323,16 @@ class TrainReport:
     train_loss: float | None = None
     planning_records: int | None = None
     below_clip: bool | None = None  # set on client-level replies only
+    masked: bool = False  # a secure-aggregation upload (its arrays: MASKED_KEY)
     fingerprint: LedgerFingerprint | None = None  # a durable ledger's chain head
 
     def __post_init__(self) -> None:
         if self.status in _REASONED and not self.reason:
             raise ReplyError(f"a {self.status.value!r} reply needs a reason")
         _check_keys(TRAIN_FIELDS, self.status, set(self._values()))
-        if self.client_level:
+        if self.masked and self.below_clip is not None:
+            raise ReplyError("a masked upload carries no clip bit (fixed clipping only)")
+        if self.client_level or self.masked:
             if self.planning_records is not None or self.num_examples is not None:
                 raise ReplyError("a client-level update carries no weight (equal weights)")
         elif self.status is Status.TRAINED:
@@ -340,7 +357,10 @@ class TrainReport:
 
     @property
     def arrays_key(self) -> str:
-        """Where this reply's arrays travel: the clipped change, or the weights."""
+        """Where this reply's arrays travel: the masked upload, the clipped change, or
+        the weights."""
+        if self.masked:
+            return MASKED_KEY
         return UPDATE_KEY if self.client_level else ARRAYS_KEY
 
     def with_fingerprint(self, fingerprint: LedgerFingerprint | None) -> TrainReport:
@@ -384,6 +404,16 @@ class TrainReport:
             Status.TRAINED, partition_id, None, ledger, client_seconds,
             below_clip=bool(below_clip),
         )  # fmt: skip
+
+    @classmethod
+    def masked_update(
+        cls,
+        partition_id: int,
+        ledger: PrivacyLedger | None,
+        client_seconds: float | None,
+    ) -> TrainReport:
+        """A secure-aggregation upload (policy: allow-secure-aggregation)."""
+        return cls(Status.TRAINED, partition_id, None, ledger, client_seconds, masked=True)
 
     @classmethod
     def budget_exhausted(
@@ -444,10 +474,12 @@ class TrainReport:
         below_clip = raw.get("below-clip")
         if below_clip is not None and not isinstance(below_clip, bool):
             raise ReplyError(f"reply field 'below-clip' must be a bool, got {below_clip!r}")
-        expected = {UPDATE_KEY if below_clip is not None else ARRAYS_KEY}
+        present = set(content.array_records) & set(ARRAY_KEYS)
+        masked = MASKED_KEY in present
+        kind = UPDATE_KEY if below_clip is not None else ARRAYS_KEY
+        expected = {MASKED_KEY if masked and below_clip is None else kind}
         if status is not Status.TRAINED:
             expected = set()
-        present = set(content.array_records) & {ARRAYS_KEY, UPDATE_KEY}
         if present != expected:
             raise ReplyError(
                 f"a {status.value!r} reply carries arrays {sorted(present)}, "
@@ -474,6 +506,7 @@ class TrainReport:
             train_loss=_number(raw, "train-loss", float),
             planning_records=_number(raw, "planning-records", int),
             below_clip=below_clip,
+            masked=masked and status is Status.TRAINED,
             fingerprint=fingerprint,
         )
 

@@ -17,13 +17,14 @@ from flwr.supercore import log
 
 from common.canaries import inserts_canary_records
 from common.config import RunConfig, noise_statement
-from common.models import build_model
+from common.datasets import NUM_CLASSES
+from common.models import build_model, count_parameters
 from server.canary_clients import canary_audit_line
 from server.central_evaluation import CentralEvaluator
 from server.checkpoint import Checkpoint, Checkpointer, load_for_resume, resumed_rounds
 from server.client_level_strategy import ClientLevelFedAvg
 from server.client_outcomes import partition_key
-from server.federation_ledger import FederationLedger
+from server.federation_ledger import DistributedLedger, FederationLedger
 from server.federation_loop import LoopResult, epsilon_text, run_rounds
 from server.ledger_witness import LedgerWitness
 from server.model_export import export_model
@@ -32,6 +33,7 @@ from server.privacy_audit import check_canaries, run_sample_level_audit
 from server.results import ResultsWriter, resolve_results_dir
 from server.robust_aggregation import make_rule
 from server.run_outcome import failure_summary, loop_outcome, summarise_start_failure
+from server.secure_aggregation_strategy import SecureAggregationFedAvg
 from server.strategy import PrivateFedAvg
 from server.update_validation import UpdateValidator
 
@@ -59,9 +61,17 @@ def make_strategy(
         "server_momentum": cfg.server_momentum,
     }
     shared["validator"] = UpdateValidator(cfg)  # every trained reply, before aggregation
+    if cfg.is_client_level and out_dir is None:
+        raise ValueError("client-level DP needs the results folder for its ledger")
+    if cfg.secure_aggregation:
+        assert out_dir is not None
+        dim = count_parameters(build_model(cfg.dataset, NUM_CLASSES, features=cfg.features))
+        distributed = DistributedLedger(
+            out_dir, cfg.delta, cfg.effective_epsilon_budget, run_id
+        )
+        return SecureAggregationFedAvg(cfg, distributed, dim, **shared)
     if cfg.is_client_level:
-        if out_dir is None:
-            raise ValueError("client-level DP needs the results folder for its ledger")
+        assert out_dir is not None
         ledger = FederationLedger(
             out_dir, cfg.accountant, cfg.delta, cfg.effective_epsilon_budget, run_id
         )
@@ -77,6 +87,9 @@ _PRIVACY_MODELS = {
     "client": "client-level DP-FedAvg (the server adds the noise), cumulative over all "
     "rounds",
     "none": "none (non-private reference)",
+    "secure-aggregation": "client-level distributed DP: each client adds its share of "
+    "Skellam noise and the server unmasks only the sum (secure aggregation), "
+    "cumulative over all rounds",
 }
 
 
@@ -102,7 +115,9 @@ def summarise(
         "stop_reason": result.stop_reason,
         "rounds_completed": result.rounds_completed,
         "rounds_planned": cfg.num_rounds,
-        "privacy_model": _PRIVACY_MODELS[cfg.privacy_mode],
+        "privacy_model": _PRIVACY_MODELS[
+            "secure-aggregation" if cfg.secure_aggregation else cfg.privacy_mode
+        ],
         "privacy_unit": cfg.privacy_unit,
         "noise": noise_statement(cfg),
         "noise_reproducible": cfg.privacy_unit is not None and cfg.reproducible_noise,

@@ -39,6 +39,7 @@ from server.client_level_strategy import ClientLevelFedAvg
 from server.client_outcomes import partition_key
 from server.federation_ledger import LEDGER_FILE
 from server.results import ROUNDS_FILE
+from server.secure_aggregation_strategy import SecureAggregationFedAvg
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "privfed-checkpoint/1"
@@ -230,6 +231,11 @@ def strategy_state(strategy: FedAvgM) -> dict[str, Any]:
     """The strategy's own state besides the model and momentum (JSON)."""
     if not isinstance(strategy, ClientLevelFedAvg) or strategy.dp is None:
         return _validator_state(strategy)
+    if isinstance(strategy, SecureAggregationFedAvg):
+        return {
+            **_validator_state(strategy),
+            "secure_aggregation": strategy.checkpoint_state(),
+        }
     return {
         **_validator_state(strategy),
         "client_level": {
@@ -265,6 +271,17 @@ def restore_strategy(strategy: FedAvgM, ckpt: Checkpoint) -> None:
              for node, led in ckpt.strategy.get("validator", {}).items()}
         )  # fmt: skip
     if not isinstance(strategy, ClientLevelFedAvg):
+        return
+    if isinstance(strategy, SecureAggregationFedAvg):
+        distributed = ckpt.strategy.get("secure_aggregation")
+        if distributed is None:
+            raise CheckpointError(
+                f"{CHECKPOINT_FILE} holds no secure-aggregation state for such a run"
+            )
+        try:
+            strategy.restore_state(distributed)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
         return
     saved = ckpt.strategy.get("client_level")
     if saved is None or strategy.dp is None:

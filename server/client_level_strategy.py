@@ -57,7 +57,7 @@ class ClientLevelFedAvg(PrivateFedAvg):
         super().__init__(**kwargs)
         self.cfg = cfg
         self.ledger = ledger
-        self.noise_multiplier = client_noise_multiplier(cfg)
+        self.noise_multiplier = self.initial_noise_multiplier()
         replay = cfg.seed if cfg.reproducible_noise else None
         self.rng = sampling_rng(replay)
         self.dp: ClientLevelAggregator | None = None
@@ -65,6 +65,10 @@ class ClientLevelFedAvg(PrivateFedAvg):
         self.cohort: list[int] = []
         self.population: frozenset[int] = frozenset()
         self.canaries: CanaryClients | None = None  # audit = "one-run" only
+
+    def initial_noise_multiplier(self) -> float:
+        """z, calibrated for the Gaussian mechanism the server runs."""
+        return client_noise_multiplier(self.cfg)
 
     # -- hooks the round loop calls -------------------------------------------------
     def start_run(self, node_ids: Sequence[int]) -> None:
@@ -100,7 +104,7 @@ class ClientLevelFedAvg(PrivateFedAvg):
         return {
             "max_epsilon": eps if math.isfinite(eps) else None,
             "max_epsilon_infinite": False,
-            "accountant": self.ledger.ledger.accountant_name,
+            "accountant": self.ledger.accountant_name,
             "delta": self.cfg.delta,
             "privacy_unit": "client",
             "client_level": {
@@ -122,13 +126,13 @@ class ClientLevelFedAvg(PrivateFedAvg):
         return {
             "privacy_mode": "client",
             "privacy_unit": "client",
-            "accountant": self.ledger.ledger.accountant_name,
+            "accountant": self.ledger.accountant_name,
             "delta": self.cfg.delta,
             "epsilon": eps if math.isfinite(eps) else None,
             "epsilon_budget": self.ledger.budget if math.isfinite(self.ledger.budget)
             else None,
-            "history": self.ledger.ledger.history(),
-            "rounds": len(self.ledger.ledger.rounds),
+            "history": self.ledger.history,
+            "rounds": self.ledger.rounds_recorded,
             "population": settings.population,
             "sampling_rate": settings.sampling_rate,
             "expected_cohort": settings.expected_cohort,
@@ -232,10 +236,22 @@ class ClientLevelFedAvg(PrivateFedAvg):
             self.cfg.client_sampling_rate,
             {"clip_norm": agg.next_clip_norm, "population": self._settings().population},
         )
+        return self.server_step(server_round, keys, current, agg.mean_update), MetricRecord(
+            {}
+        )
+
+    def server_step(
+        self,
+        server_round: int,
+        keys: list[str],
+        current: Sequence[np.ndarray],
+        mean_update: Sequence[np.ndarray],
+    ) -> ArrayRecord | None:
+        """FedAvgM's step on the noised mean update (post-processing)."""
         target = ArrayRecord(
             {
                 key: Array(np.asarray(now + change, dtype=now.dtype))
-                for key, now, change in zip(keys, current, agg.mean_update, strict=True)
+                for key, now, change in zip(keys, current, mean_update, strict=True)
             }
         )
         average = Message(
@@ -244,7 +260,7 @@ class ClientLevelFedAvg(PrivateFedAvg):
             message_type=MessageType.TRAIN,
         )
         new_arrays, _ = FedAvgM.aggregate_train(self, server_round, [average])
-        return new_arrays, MetricRecord({})
+        return new_arrays
 
     # -- helpers --------------------------------------------------------------------
     def _aggregator(self) -> ClientLevelAggregator:

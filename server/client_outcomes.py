@@ -41,6 +41,7 @@ class ClientOutcome:
     train_loss: float | None = None
     weight: int | None = None  # aggregation weight of a trained reply
     below_clip: bool | None = None  # client-level replies (adaptive clipping's bit)
+    masked: bool = False  # a secure-aggregation upload (unmasked only in the sum)
     fingerprint: LedgerFingerprint | None = None  # for the ledger witness
 
     @cached_property
@@ -100,9 +101,11 @@ def outcome_from_reply(reply: Message) -> ClientOutcome:
         train_loss=report.train_loss,
         weight=(
             report.weight
-            if report.status is Status.TRAINED and not report.client_level
+            if report.status is Status.TRAINED
+            and not (report.client_level or report.masked)
             else None
         ),
         below_clip=report.below_clip,
+        masked=report.masked,
         fingerprint=report.fingerprint,
     )

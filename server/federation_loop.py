@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -18,6 +18,7 @@ from common.config import RunConfig
 from common.reply import Status
 from server.checkpoint import Checkpoint, Checkpointer, restore_strategy
 from server.client_outcomes import ClientOutcome
+from server.messaging import exchange
 from server.results import ResultsWriter
 from server.strategy import PrivateFedAvg
 
@@ -77,34 +78,6 @@ def wait_for_nodes(grid: Grid, required: int, timeout: float, poll: float = 0.1)
             log(INFO, "Waiting for nodes: %d of %d connected", connected, required)
             last_log = now
         time.sleep(poll)
-
-
-def exchange(
-    grid: Grid,
-    messages: Iterable[Message],
-    timeout: float,
-    first_poll: float = 0.02,
-    max_poll: float = 0.5,
-) -> list[Message]:
-    """Push ``messages`` and collect their replies until all are in or ``timeout``.
-
-    Like ``Grid.send_and_receive``, but polls from ``first_poll`` seconds, growing
-    to ``max_poll``: Flower's deployment grid sleeps a fixed 3 s between pulls,
-    which would add up to 3 s of idle time to every exchange.
-    """
-    pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    poll = first_poll
-    while pending:
-        pulled = list(grid.pull_messages(pending))
-        replies.extend(pulled)
-        pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
-        poll = min(poll * 1.5, max_poll)
-    return replies
 
 
 @dataclass
@@ -224,25 +197,20 @@ def run_rounds(
             break
         t = {"start": time.monotonic()}
         started_at = time.time()  # wall clock, comparable with the launching script
-        instructions = list(
-            strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-        )
-        replies = exchange(grid, instructions, cfg.round_timeout) if instructions else []
-        t["replies"] = time.monotonic()
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        step = strategy.train_round(server_round, arrays, grid, cfg.round_timeout)
+        t["replies"] = t["start"] + step.exchange_seconds
         t["aggregated"] = time.monotonic()
         outcomes = strategy.last_outcomes
         state.record(outcomes)
-        all_failed = bool(instructions) and all(
-            o.status.counter in UNUSABLE for o in outcomes
-        )
+        all_failed = bool(step.sent) and all(o.status.counter in UNUSABLE for o in outcomes)
         failed_rounds = failed_rounds + 1 if all_failed else 0
         # A client-level round is ledgered and noised whoever fails (one bad client
         # in a cohort of one must not end the run); it fails on a run of such rounds.
         if not cfg.is_client_level or failed_rounds >= CLIENT_LEVEL_FAILED_ROUNDS:
-            check_round(server_round, outcomes, len(instructions))
-        if new_arrays is not None:
-            arrays = new_arrays
+            check_round(server_round, outcomes, step.sent)
+        train_metrics = step.metrics
+        if step.arrays is not None:
+            arrays = step.arrays
 
         fed_metrics = None
         if cfg.fraction_evaluate > 0:

@@ -78,15 +78,20 @@ class LedgerWitness:
         """The witness shared by every run folder in ``run_dir``'s parent."""
         return cls(run_dir.parent / WITNESS_FILE)
 
+    def annotation(self, node_id: int) -> dict[str, Any]:
+        """The config entries telling ``node_id`` the fingerprint seen from it."""
+        seen = self.seen.get(node_id)
+        return witness_config(seen) if seen is not None else {}
+
     def annotate(self, messages: Iterable[Message], config_key: str) -> list[Message]:
         """Give each train instruction's ``config_key`` record the node's fingerprint."""
         out = []
         for message in messages:
-            seen = self.seen.get(int(message.metadata.dst_node_id))
-            if seen is not None:
+            extra = self.annotation(int(message.metadata.dst_node_id))
+            if extra:
                 content = RecordDict(dict(message.content.items()))
                 config = dict(message.content.config_records[config_key])
-                content[config_key] = ConfigRecord({**config, **witness_config(seen)})
+                content[config_key] = ConfigRecord({**config, **extra})
                 message = Message(
                     content,
                     dst_node_id=message.metadata.dst_node_id,

@@ -9,7 +9,9 @@ released ``num-examples``) weights by examples.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from logging import WARNING
 from typing import Any
 
@@ -21,10 +23,22 @@ from flwr.supercore import log
 from common.reply import EVAL_METRICS, EvaluateReport, ReplyError, Status
 from server.client_outcomes import ClientOutcome, outcome_from_reply
 from server.ledger_witness import LedgerWitness
+from server.messaging import exchange
 from server.robust_aggregation import aggregate_with, require_finite
 from server.update_validation import UpdateValidator
 
 WEIGHT_KEY = "aggregation-weight"  # set by the server, never sent by a client
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One round's training exchange: the new model (or ``None``), its metrics, how
+    many instructions went out, and the seconds spent exchanging messages."""
+
+    arrays: ArrayRecord | None
+    metrics: MetricRecord | None
+    sent: int
+    exchange_seconds: float
 
 
 def _train_loss(replies: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -95,6 +109,20 @@ class PrivateFedAvg(FedAvgM):
     def summary_block(self) -> dict[str, Any] | None:
         """The strategy's own guarantee for ``summary.json`` (none here)."""
         return None
+
+    def train_round(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid, timeout: float
+    ) -> TrainStep:
+        """Instruct, collect the replies, aggregate (secure aggregation overrides it:
+        its round is several exchanges)."""
+        started = time.monotonic()
+        instructions = list(
+            self.configure_train(server_round, arrays, ConfigRecord(), grid)
+        )
+        replies = exchange(grid, instructions, timeout) if instructions else []
+        exchanged = time.monotonic() - started
+        new_arrays, metrics = self.aggregate_train(server_round, replies)
+        return TrainStep(new_arrays, metrics, len(instructions), exchanged)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

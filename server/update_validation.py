@@ -127,6 +127,20 @@ class UpdateValidator:
             self.accepted[outcome.node_id] = outcome.ledger
         return outcome, arrays
 
+    def validate_claims(self, server_round: int, outcome: ClientOutcome) -> ClientOutcome:
+        """A secure-aggregation upload's report: kind and released ledger (its masked
+        vector is checked where it is unmasked, and its norm cannot be: that is the
+        point of masking)."""
+        if outcome.status is not Status.TRAINED:
+            return self.validate(server_round, None, outcome, None)[0]  # type: ignore[arg-type]
+        try:
+            self._check_claims(server_round, outcome)
+        except UpdateRejected as exc:
+            return self._rejected(server_round, outcome, f"masked upload rejected: {exc}")
+        if outcome.ledger is not None:
+            self.accepted[outcome.node_id] = outcome.ledger
+        return outcome
+
     def _rejected(
         self, server_round: int, outcome: ClientOutcome, reason: str
     ) -> ClientOutcome:
@@ -174,10 +188,18 @@ class UpdateValidator:
     def _check_claims(self, server_round: int, outcome: ClientOutcome) -> None:
         cfg = self.cfg
         mode = cfg.privacy_mode
-        if (outcome.below_clip is not None) != cfg.is_client_level:
-            sent = "a client-level update" if outcome.below_clip is not None else "weights"
-            want = "an 'update'" if cfg.is_client_level else "model weights"
-            raise UpdateRejected(f"privacy-mode {mode!r} needs {want} reply, got {sent}")
+        sent = (
+            "a masked upload" if outcome.masked
+            else "a client-level update" if outcome.below_clip is not None
+            else "weights"
+        )  # fmt: skip
+        want = (
+            "a masked upload" if cfg.secure_aggregation
+            else "a client-level update" if cfg.is_client_level
+            else "weights"
+        )  # fmt: skip
+        if sent != want:
+            raise UpdateRejected(f"privacy-mode {mode!r} needs {want}, got {sent}")
         if cfg.is_private and outcome.num_examples is not None:
             raise UpdateRejected(
                 "a non-private reply (num-examples) in a privacy-mode 'sample' run"

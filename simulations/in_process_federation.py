@@ -33,6 +33,9 @@ _ids = itertools.count(1)
 
 # (honest reply, server round) -> the reply the server gets, or None: no reply
 Tamper = Callable[[Message, int], Message | None]
+# (node, message type) -> True: the node is unreachable for that message (it is never
+# delivered, so the node does not act on it), as a device that went offline
+Lost = Callable[[int, str], bool]
 
 
 def delivered(content: RecordDict, message_type: str, node: int) -> Message:
@@ -58,9 +61,11 @@ class InProcessGrid:
         self,
         contexts: dict[int, Context],
         tamper: dict[int, Tamper] | None = None,
+        lost: Lost | None = None,
     ) -> None:
         self.contexts = contexts
         self.tamper = tamper or {}
+        self.lost = lost or (lambda node, message_type: False)
         self.waiting: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
@@ -70,18 +75,26 @@ class InProcessGrid:
         ids = []
         for message in messages:
             node = int(message.metadata.dst_node_id)
-            instruction = delivered(message.content, message.metadata.message_type, node)
-            reply = client_app.train(instruction, self.contexts[node])
+            message_type = message.metadata.message_type
+            instruction = delivered(message.content, message_type, node)
+            ids.append(instruction.metadata.message_id)
+            if self.lost(node, message_type):
+                continue
+            reply = client_app.app(instruction, self.contexts[node])  # routes by type
             if node in self.tamper:
-                server_round = int(message.content["config"]["server-round"])
-                reply = self.tamper[node](reply, server_round)
+                reply = self.tamper[node](reply, _server_round(message.content))
             if reply is not None:
                 self.waiting[instruction.metadata.message_id] = reply
-            ids.append(instruction.metadata.message_id)
         return ids
 
     def pull_messages(self, ids: Iterable[str]) -> list[Message]:
         return [self.waiting.pop(i) for i in list(ids) if i in self.waiting]
+
+
+def _server_round(content: RecordDict) -> int:
+    """The round an instruction belongs to (train config, or a protocol stage's)."""
+    record = content["config"] if "config" in content else content["secagg"]
+    return int(record["server-round"])
 
 
 def federation(
