@@ -1,11 +1,14 @@
 """Run one private federation on Flower's simulation engine, on this machine.
 
-Starts a simulation SuperLink on 127.0.0.1 (isolated FLWR_HOME, Ray on
-loopback), submits this app with ``flwr run``, streams progress, and stops every
-process it started, also on Ctrl-C and on failure. Prints the results folder.
+Starts a simulation SuperLink on 127.0.0.1 (isolated FLWR_HOME; a private Ray
+instance on loopback, or the Ray cluster of ``--ray-address``), submits this app
+with ``flwr run``, streams progress, and stops every process it started by PID.
+A run that must end early (Ctrl-C, SIGTERM, SIGHUP, ``--timeout``) is stopped with
+``flwr stop`` first. Prints the results folder.
 
     python -m simulations.run --clients 10 --rounds 5 --target-epsilon 8
     python -m simulations.run --resume results/RUN [--rounds 8]
+    python -m simulations.run --ray-address 10.0.0.5:6379 --clients 100
 """
 
 from __future__ import annotations
@@ -127,12 +130,17 @@ def run_on_superlink(
     args: argparse.Namespace,
     out: TextIO | None = None,
     interrupt: Interrupt | None = None,
+    launched: tuple[float, float] | None = None,
 ) -> RunReport:
     """One run on a running simulation SuperLink: submit, follow, stop it if it
-    must end early (``flwr stop``, then its process), and report its results."""
+    must end early (``flwr stop``, then its process), and report its results.
+
+    ``launched`` is when the launch began (Unix and monotonic time; default: now),
+    from which ``--timeout`` and the launch-to-round-1 time count.
+    """
     results_dir = Path(overrides["results-dir"])
     rounds = RunConfig.from_run_config({**pyproject_defaults(), **overrides}).num_rounds
-    launched_at, started = time.time(), time.monotonic()
+    launched_at, started = launched or (time.time(), time.monotonic())
     run = submit_simulation(app, work, env, overrides, args.clients, args.client_cpus, out)
     end = follow_run(
         run, started + args.timeout, interrupt=interrupt, kill_grace=SIMULATION_KILL_S
@@ -164,7 +172,10 @@ def run_federation(args: argparse.Namespace) -> int:
             print(f"[privfed] SuperLink serving on {link.address}", flush=True)
             write_connection(flwr_home, link.address)
             app = stage_app(APP_DIR, work)
-            return run_on_superlink(app, work, env, overrides, args).exit_code
+            launched = (launched_at, started)  # the SuperLink's start counts
+            return run_on_superlink(
+                app, work, env, overrides, args, launched=launched
+            ).exit_code
     except KeyboardInterrupt as exc:  # before the run was submitted, or while stopping
         end = interrupted(exc)
     except (RuntimeError, TimeoutError) as exc:  # e.g. the SuperLink did not start
