@@ -3,8 +3,8 @@
 The stages are declared in :mod:`common.secagg_protocol`. Between stages the
 round's secrets live in ``context.state`` (the SuperNode's memory, or the
 simulation's node state), never on disk, and are wiped after the unmask stage.
-Keys, seeds and shares come from Flower's secure-aggregation primitives
-(EC key agreement, Fernet encryption, Shamir sharing over pycryptodome) and
+Keys, seeds and shares come from :mod:`common.secagg_keys` (X25519 and HKDF from
+``cryptography``, Flower's Fernet encryption, pycryptodome's Shamir sharing) and
 ``os.urandom``; masks from AES-CTR (:mod:`common.secagg_masks`); the Skellam noise
 and the rounding from OS entropy.
 
@@ -18,33 +18,29 @@ minimum, or comes twice.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
-from flwr.common.secure_aggregation.crypto.shamir import create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-    decrypt,
-    encrypt,
-    generate_shared_key,
-)
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
-)
 
 from common.distributed_dp import rotation_signs
 from common.dp_randomness import integer_generator
-from common.secagg_masks import mask, mask_nonce, pack, shared_seed
+from common.secagg_keys import (
+    ENCRYPTION,
+    MASKING,
+    agree,
+    fernet_key,
+    new_secret,
+    public_key,
+    split,
+)
+from common.secagg_masks import mask, mask_nonce, pack
 from common.secagg_protocol import (
     PACKED_ARRAY,
     SECAGG_KEY,
@@ -68,8 +64,8 @@ class RoundSecrets:
     node_id: int
     setup: SetupInstruction
     stage: Stage
-    encryption_key: bytes  # private, never shared
-    masking_key: bytes  # private, Shamir-shared among the neighbours
+    encryption_key: bytes  # X25519 private key, never shared
+    masking_key: bytes  # X25519 private key, Shamir-shared among the neighbours
     public: PublicKeys
     peers: dict[int, PublicKeys] = field(default_factory=dict)
     mask_seed: bytes = b""
@@ -177,15 +173,14 @@ def setup(context: Context, node_id: int, record: ConfigRecord, dim: int,
             f"node's least ({least_noise:.4g}, policy key 'min-noise-multiplier')"
         )
     forget(context)  # a new round abandons any earlier one
-    enc_private, enc_public = generate_key_pairs()
-    mask_private, mask_public = generate_key_pairs()
-    public = PublicKeys(public_key_to_bytes(enc_public), public_key_to_bytes(mask_public))
+    encryption, masking = new_secret(), new_secret()
+    public = PublicKeys(public_key(encryption), public_key(masking))
     held = RoundSecrets(
         node_id=node_id,
         setup=instruction,
         stage=Stage.SETUP,
-        encryption_key=private_key_to_bytes(enc_private),
-        masking_key=private_key_to_bytes(mask_private),
+        encryption_key=encryption,
+        masking_key=masking,
         public=public,
     )
     _save(context, held)
@@ -211,17 +206,18 @@ def share_keys(context: Context, record: ConfigRecord) -> ConfigRecord:
     if len(set(every_key)) != len(every_key):
         raise ProtocolError("two neighbours advertise the same public key")
     held.peers = dict(keys)
-    held.mask_seed = os.urandom(32)
+    held.mask_seed = new_secret()
     holders = sorted(keys)
-    seed_shares = create_shares(held.mask_seed, t, len(holders))
-    key_shares = create_shares(held.masking_key, t, len(holders))
-    private = bytes_to_private_key(held.encryption_key)
+    seed_shares = split(held.mask_seed, t, len(holders))
+    key_shares = split(held.masking_key, t, len(holders))
     nodes, ciphertexts = [], []
     for holder, seed_share, key_share in zip(holders, seed_shares, key_shares, strict=True):
         if holder == held.node_id:
             held.seed_shares[holder], held.key_shares[holder] = seed_share, key_share
             continue
-        channel = generate_shared_key(private, bytes_to_public_key(keys[holder].encryption))
+        channel = fernet_key(
+            agree(held.encryption_key, keys[holder].encryption, ENCRYPTION)
+        )
         plaintext = share_keys_plaintext_concat(held.node_id, holder, seed_share, key_share)
         nodes.append(holder)
         ciphertexts.append(encrypt(channel, plaintext))
@@ -236,12 +232,11 @@ def receive_shares(context: Context, record: ConfigRecord) -> RoundSecrets:
     """Decrypt the shares the neighbours sent; they become this round's mask partners."""
     forward = EncryptedShares.from_record(record, Stage.MASKED_UPDATE)
     held = load_secrets(context, Stage.SHARE_KEYS, forward.server_round)
-    private = bytes_to_private_key(held.encryption_key)
     for sender, ciphertext in zip(forward.nodes, forward.ciphertexts, strict=True):
         if sender == held.node_id or sender not in held.peers:
             raise ProtocolError(f"shares from node {sender}, which is not a neighbour")
-        channel = generate_shared_key(
-            private, bytes_to_public_key(held.peers[sender].encryption)
+        channel = fernet_key(
+            agree(held.encryption_key, held.peers[sender].encryption, ENCRYPTION)
         )
         try:
             plaintext = decrypt(channel, ciphertext)
@@ -273,10 +268,9 @@ def masked_upload(
     bits, nonce = plan.modulus_bits, mask_nonce(server_round)
     modulus = np.uint64(plan.modulus)
     total = (values + mask(held.mask_seed, values.size, bits, nonce)) % modulus
-    private = bytes_to_private_key(held.masking_key)
     for partner in held.partners:
-        key = generate_shared_key(private, bytes_to_public_key(held.peers[partner].masking))
-        pairwise = mask(shared_seed(key), values.size, bits, nonce)
+        seed = agree(held.masking_key, held.peers[partner].masking, MASKING)
+        pairwise = mask(seed, values.size, bits, nonce)
         # the larger id adds, the smaller subtracts: the pair cancels in the sum
         total = (total + pairwise if held.node_id > partner else total - pairwise) % modulus
     held.stage = Stage.MASKED_UPDATE

@@ -1,8 +1,8 @@
 """Uniform masks and compact integer vectors for secure aggregation.
 
 The masks come from AES-256 in counter mode (``cryptography``), keyed by a
-32-byte secret: a client's private mask seed, or the key two clients derive with
-ECDH (Flower's ``generate_shared_key``). The modulus is a power of two, so each
+32-byte secret: a client's private mask seed, or the key two clients agree
+(:func:`common.secagg_keys.agree`). The modulus is a power of two, so each
 32-bit block of the key stream, reduced mod 2^b, is exactly uniform.
 
 Flower's own ``pseudo_rand_gen`` (``secaggplus_utils``) is not used: it folds the
@@ -13,8 +13,6 @@ uniform; ``tests/test_secagg_masks.py`` shows both.
 """
 
 from __future__ import annotations
-
-import base64
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -48,14 +46,6 @@ def mask(seed: bytes, count: int, bits: int, nonce: bytes = b"") -> np.ndarray:
 def mask_nonce(server_round: int) -> bytes:
     """Binds a mask stream to its round (the keys are fresh each round as well)."""
     return b"mask" + server_round.to_bytes(8, "little")
-
-
-def shared_seed(shared_key: bytes) -> bytes:
-    """The 32-byte mask seed from Flower's ``generate_shared_key`` (urlsafe base64)."""
-    seed = base64.urlsafe_b64decode(shared_key)
-    if len(seed) != SEED_BYTES:
-        raise ValueError("a shared key decodes to 32 bytes")
-    return seed
 
 
 def pack(values: np.ndarray, bits: int) -> np.ndarray:

@@ -65,7 +65,7 @@ def _released(key: str, meaning: str) -> ReplyField:
 # and upload are common.reply.TRAIN_FIELDS'); README's table is checked against it.
 STAGE_FIELDS: dict[Stage, tuple[ReplyField, ...]] = {
     Stage.SETUP: (
-        _released("pk-encryption", "a fresh public key (EC P-384) the neighbours "
+        _released("pk-encryption", "a fresh public key (X25519) the neighbours "
                   "encrypt this node's shares with; new each round"),
         _released("pk-masking", "a fresh public key the neighbours agree pairwise "
                   "masks with; new each round"),

@@ -67,7 +67,8 @@ def loop_outcome(
 
 
 def progress(rounds: list[dict[str, Any]], rounds_planned: int | None) -> dict[str, Any]:
-    """Rounds completed, the last central metrics and max ε, as a summary states them."""
+    """Rounds completed, the last central metrics and max ε (with its accountant, δ
+    and unit), as a summary states them."""
     last = rounds[-1] if rounds else {}
     return {
         "rounds_completed": len(rounds),
@@ -77,6 +78,7 @@ def progress(rounds: list[dict[str, Any]], rounds_planned: int | None) -> dict[s
         "max_epsilon_infinite": last.get("max_epsilon_infinite", False),
         "accountant": last.get("accountant"),
         "delta": last.get("delta"),
+        "privacy_unit": last.get("privacy_unit"),
         "epsilon_text": epsilon_text(last) if last else None,
     }
 
@@ -126,9 +128,11 @@ def close_run(
     when ``flwr run`` ended by itself. A summary in which the ServerApp finished
     the run stands; otherwise the launcher's outcome replaces it (the ServerApp
     may have recorded being stopped as a failure), and a run without any summary
-    failed. The ServerApp's own reason is kept beside the launcher's. A summary
-    finished before ``launched_at`` (Unix time) is an earlier run's (a resumed
-    folder's) and does not stand for this one.
+    failed. The ServerApp's own reason is kept beside the launcher's
+    (``serverapp_stop_reason``), and so is everything else it recorded (e.g. a
+    client-level run's ``client_level`` block, whose ledger may hold a round that
+    ``rounds.jsonl`` does not). A summary finished before ``launched_at`` (Unix
+    time) is an earlier run's (a resumed folder's) and does not stand for this one.
     """
     summary = read_summary(out_dir)
     if (
@@ -139,10 +143,14 @@ def close_run(
         summary = None
     if summary is not None and (outcome is None or Outcome(summary["status"]).finished):
         return summary
+    recorded = {
+        k: v for k, v in (summary or {}).items() if k not in ("status", "stop_reason")
+    }
     written = {
+        **progress(read_rounds(out_dir), rounds_planned),
+        **recorded,
         "status": (outcome or Outcome.FAILED).value,
         "stop_reason": reason,
-        **progress(read_rounds(out_dir), rounds_planned),
         "written_by": "launcher",
     }
     if summary is not None:
@@ -150,6 +158,15 @@ def close_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_summary(out_dir, written)
     return written
+
+
+def summary_written_since(out_dir: Path, launched_at: float) -> bool:
+    """Whether ``summary.json`` was written after ``launched_at`` (Unix time)."""
+    try:
+        summary = read_summary(out_dir)
+    except (OSError, ValueError):
+        return False
+    return summary is not None and not _finished_before(summary, launched_at)
 
 
 def _finished_before(summary: dict[str, Any], launched_at: float) -> bool:

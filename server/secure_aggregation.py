@@ -24,15 +24,13 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Message, RecordDict
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from common.config import RunConfig
 from common.distributed_dp import QuantisationPlan
 from common.reply import MASKED_KEY, ReplyError, Status, TrainReport
-from common.secagg_masks import mask, mask_nonce, shared_seed, unpack
+from common.secagg_keys import MASKING, agree, combine
+from common.secagg_masks import mask, mask_nonce, unpack
 from common.secagg_plan import round_sizes
 from common.secagg_protocol import (
     PACKED_ARRAY,
@@ -369,7 +367,7 @@ class SecAggRound:
                 "the sum cannot be unmasked and nothing was revealed"
             )
         try:
-            secret = combine_shares(shares[:t])
+            secret = combine(shares[:t])
         except ValueError:
             raise ProtocolError(f"node {owner}'s {what} shares do not combine") from None
         return secret
@@ -388,7 +386,6 @@ class SecAggRound:
         try:
             seeds = self._rebuild_all(uploads, revealed, "mask seed")
             mask_keys = self._rebuild_all(dropped, revealed, "mask key")
-            dead = {v: bytes_to_private_key(k) for v, k in mask_keys.items()}
         except (ProtocolError, ValueError) as exc:
             return self._fail(str(exc))
         total = np.zeros(count, dtype=np.uint64)
@@ -397,12 +394,12 @@ class SecAggRound:
             total = (total + unpack(packed, bits, count)) % modulus
         for seed in seeds.values():
             total = (total - mask(seed, count, bits, nonce)) % modulus
-        for v, private in dead.items():
+        for v, private in mask_keys.items():
             for j in self.layout.neighbours[v]:
                 if j not in uploads:
                     continue  # only uploaders added a pairwise mask with v
-                key = generate_shared_key(private, bytes_to_public_key(keys[j].masking))
-                pairwise = mask(shared_seed(key), count, bits, nonce)
+                seed = agree(private, keys[j].masking, MASKING)
+                pairwise = mask(seed, count, bits, nonce)
                 # j added +mask if j > v, else −mask: take it back out
                 total = (total - pairwise if j > v else total + pairwise) % modulus
         self.result.uploads = uploads

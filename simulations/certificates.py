@@ -4,21 +4,29 @@ The private CA (``ca.crt``/``ca.key``) lives in a per-user folder outside any
 results folder (:func:`default_ca_dir`; folder 0700, key 0600): whoever holds
 ``ca.key`` can mint an operator certificate. The certificate folder of a
 deployment holds ``ca.crt`` (a copy), ``server.pem``/``server.key`` (the SuperLink
-and front proxy's certificate, SAN localhost, 127.0.0.1 and ::1) and
+and front proxy's certificate, SAN localhost, 127.0.0.1 and ::1, plus the host
+names and addresses devices use, ``extra_sans``) and
 ``operator.pem``/``operator.key`` (the client certificate the front proxy asks
 for on every route but the Fleet API's). Users may put their own files there: a
 complete folder is reused as it is, a partial one is an error. SuperNode
 authentication keys are EC NIST P-384 pairs in OpenSSH format, as
 ``flwr supernode register`` and ``flower-supernode --auth-supernode-private-key``
 expect.
+
+    python -m simulations.certificates --certs-dir certs --server-san server.example.org
+    python -m simulations.certificates --node-key keys/node-7   # node-7, node-7.pub
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import ipaddress
 import os
+import re
 import stat
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +41,9 @@ CA_FILES = ("ca.crt", "ca.key")
 CA_DIR_ENV = "PRIVFED_CA_DIR"
 OPERATOR_NAME = "privfed operator"
 VALIDITY = datetime.timedelta(days=365)
+LOOPBACK_SANS = ("localhost", "127.0.0.1", "::1")  # every server certificate has these
+# A DNS name (RFC 1123): dot-separated labels of letters, digits and inner hyphens.
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
 class CertificateError(RuntimeError):
@@ -53,6 +64,53 @@ class TlsFiles:
     def in_folder(cls, folder: Path) -> TlsFiles:
         """The files of a certificate folder, named as in :data:`TLS_FILES`."""
         return cls(*(folder / name for name in TLS_FILES))
+
+
+def server_san(text: str) -> x509.GeneralName:
+    """A subject alternative name for the server certificate: an IP address
+    (v4 or v6) or a DNS host name; anything else is a :class:`CertificateError`."""
+    value = text.strip()
+    try:
+        return x509.IPAddress(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    labels = value.removesuffix(".").split(".")
+    if (
+        len(value) <= 253
+        and all(_DNS_LABEL.match(label) for label in labels)
+        and not labels[-1].isdigit()  # 10.0.0 is a broken address, not a name
+    ):
+        return x509.DNSName(value.removesuffix(".").lower())
+    raise CertificateError(
+        f"server SAN {text!r}: not an IP address (e.g. 203.0.113.7, 2001:db8::7) or "
+        "a DNS host name (letters, digits and hyphens in dot-separated labels, e.g. "
+        "superlink.example.org; no wildcards, ports or URLs)"
+    )
+
+
+def _san_text(name: x509.GeneralName) -> str:
+    return str(name.value)
+
+
+def server_sans(extra: Iterable[str] = ()) -> list[x509.GeneralName]:
+    """The server certificate's names: the loopback ones, then ``extra`` (each
+    checked by :func:`server_san`), without repeats."""
+    names: list[x509.GeneralName] = []
+    for text in (*LOOPBACK_SANS, *extra):
+        name = server_san(text)
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def certificate_sans(path: Path) -> list[x509.GeneralName]:
+    """The subject alternative names of the PEM certificate at ``path``."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return list(ext.value)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -138,19 +196,13 @@ def _issue(
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 
-def _generate(folder: Path, ca_dir: Path) -> None:
+def _generate(folder: Path, ca_dir: Path, names: Sequence[x509.GeneralName]) -> None:
     ca_pem = (ca_dir / "ca.crt").read_bytes()
     ca_cert = x509.load_pem_x509_certificate(ca_pem)
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise CertificateError(f"{ca_dir / 'ca.key'} is not an EC private key")
-    san = x509.SubjectAlternativeName(
-        [
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-        ]
-    )
+    san = x509.SubjectAlternativeName(list(names))
     server = _issue(ca_cert, ca_key, "localhost", ExtendedKeyUsageOID.SERVER_AUTH, san)
     operator = _issue(ca_cert, ca_key, OPERATOR_NAME, ExtendedKeyUsageOID.CLIENT_AUTH)
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,13 +252,19 @@ def ensure_ca(ca_dir: Path) -> Path:
     return ca_dir
 
 
-def ensure_tls_files(folder: Path, ca_dir: Path | None = None) -> TlsFiles:
+def ensure_tls_files(
+    folder: Path, ca_dir: Path | None = None, extra_sans: Sequence[str] = ()
+) -> TlsFiles:
     """Reuse a complete certificate folder, or create one; refuse a partial one.
 
     New certificates are signed by the CA in ``ca_dir`` (default
-    :func:`default_ca_dir`, created if absent). A ``ca.key`` in the certificate
+    :func:`default_ca_dir`, created if absent); the server certificate names the
+    loopback addresses and ``extra_sans`` (the host names and addresses devices
+    use, see :func:`server_san`). A reused folder whose server certificate lacks
+    one of ``extra_sans`` is refused, naming it. A ``ca.key`` in the certificate
     folder is refused unless that folder *is* the chosen CA folder.
     """
+    names = server_sans(extra_sans)  # a bad name fails before anything is written
     ca_dir = (ca_dir or default_ca_dir()).expanduser().resolve()
     folder = folder.expanduser().resolve()
     if (folder / "ca.key").exists() and folder != ca_dir:
@@ -224,9 +282,20 @@ def ensure_tls_files(folder: Path, ca_dir: Path | None = None) -> TlsFiles:
             f"certificate folder {folder} has {', '.join(present)} but lacks "
             f"{', '.join(missing)}; add them, or empty the folder to generate new ones"
         )
+    files = TlsFiles.in_folder(folder)
     if not present:
-        _generate(folder, ensure_ca(ca_dir))
-    return TlsFiles.in_folder(folder)
+        _generate(folder, ensure_ca(ca_dir), names)
+        return files
+    has = certificate_sans(files.server_cert)
+    missing = [_san_text(n) for n in names[len(LOOPBACK_SANS) :] if n not in has]
+    if missing:
+        raise CertificateError(
+            f"{files.server_cert} does not name {', '.join(missing)} (it names "
+            f"{', '.join(_san_text(n) for n in has) or 'nothing'}); empty {folder} "
+            "to make new certificates, or put a server certificate there that names "
+            "every address the devices use"
+        )
+    return files
 
 
 @dataclass(frozen=True)
@@ -261,3 +330,53 @@ def ensure_node_key(folder: Path, name: str) -> NodeKey:
         + b"\n"
     )
     return NodeKey(private, public)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Make (or check) a deployment's certificate folder and SuperNode keys."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--certs-dir", type=Path, help="the deployment's certificate folder")
+    p.add_argument(
+        "--ca-dir",
+        type=Path,
+        help=f"where the CA's key lives (default: ${CA_DIR_ENV}, else "
+        "$XDG_DATA_HOME/privfed/ca or ~/.local/share/privfed/ca)",
+    )
+    p.add_argument(
+        "--server-san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or IP address the devices use to reach the SuperLink "
+        "(repeatable); localhost, 127.0.0.1 and ::1 are always named",
+    )
+    p.add_argument(
+        "--node-key",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="make a SuperNode key pair PATH and PATH.pub (repeatable)",
+    )
+    args = p.parse_args(argv)
+    if args.certs_dir is None and not args.node_key:
+        p.error("give --certs-dir, --node-key, or both")
+    try:
+        if args.certs_dir is not None:
+            tls = ensure_tls_files(args.certs_dir, args.ca_dir, args.server_san)
+            names = ", ".join(_san_text(n) for n in certificate_sans(tls.server_cert))
+            print(f"{tls.server_cert}: names {names}")
+            print(f"give devices {tls.ca_cert}; keep the other files on the server")
+        for key_path in args.node_key:
+            key = ensure_node_key(key_path.parent, key_path.name)
+            print(
+                f"{key.private_key} (stays on the device), {key.public_key} (register it)"
+            )
+    except CertificateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

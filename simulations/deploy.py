@@ -30,17 +30,24 @@ import tomli_w
 from client.privacy_policy import POLICY_FILE, PolicyError, PrivacyPolicy
 from common.atomic_files import atomic_write_bytes
 from common.config import ConfigError, RunConfig
-from server.run_outcome import Outcome
+from server.run_outcome import Outcome, summary_written_since
 from simulations.certificates import (
     CA_DIR_ENV,
     CertificateError,
     default_ca_dir,
     ensure_tls_files,
+    server_sans,
 )
 from simulations.deployment import DeploymentSpec, LocalDeployment
+from simulations.flwr_run import follow_run
 from simulations.front_proxy import ProxyError, nginx_binary
-from simulations.processes import become_subreaper, descendants, stop_processes
-from simulations.run import install_sigterm_handler
+from simulations.processes import (
+    LEFTOVER_GRACE_S,
+    become_subreaper,
+    descendants,
+    install_signal_handlers,
+    stop_processes,
+)
 from simulations.run_options import (
     APP_DIR,
     add_run_options,
@@ -49,7 +56,11 @@ from simulations.run_options import (
     resolve_clients,
     resume_overrides,
 )
-from simulations.run_output import StreamEnd, interrupted, report_results, stream_process
+from simulations.run_output import StreamEnd, interrupted, report_results
+
+# How long a deployed ServerApp may take, once its run is stopped, to notice it and
+# write its own summary (a few seconds here) before its process is stopped.
+SERVERAPP_STOP_GRACE_S = 30.0
 
 INSECURE_WARNING = """
 !!! WARNING: --insecure: the SuperLink and SuperNodes talk in PLAINTEXT and any
@@ -67,6 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help=f"where the CA's key lives (default: ${CA_DIR_ENV}, else "
         "$XDG_DATA_HOME/privfed/ca or ~/.local/share/privfed/ca)",
+    )
+    p.add_argument(
+        "--server-san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or IP address the server certificate also names "
+        "(repeatable; for certificates you will reuse on a real server, see README)",
     )
     p.add_argument("--state-root", type=Path, help="default: <results-dir>/nodes")
     p.add_argument("--insecure", action="store_true", help="plaintext, no auth (debug)")
@@ -119,6 +138,9 @@ def write_node_policy(state_dir: Path, cfg: RunConfig) -> str:
 
 def run_deployment(args: argparse.Namespace) -> int:
     """Start everything, run the app, stream it, tear down; return an exit code."""
+    if args.insecure and args.server_san:
+        raise ConfigError("--server-san names the TLS certificate; drop --insecure")
+    server_sans(args.server_san)  # a bad name fails before anything is written
     overrides = resume_overrides(args) if args.resume else build_overrides(args)
     results_dir = Path(overrides["results-dir"])
     certs = (args.certs_dir or results_dir / "certs").expanduser().resolve()
@@ -138,16 +160,22 @@ def run_deployment(args: argparse.Namespace) -> int:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     else:
         nginx_binary()  # so do a missing nginx, a partial folder, a loose CA key
-        ensure_tls_files(certs, ca_dir)
+        ensure_tls_files(certs, ca_dir, args.server_san)
         print(f"[privfed] certificates in {certs}; CA key in {ca_dir}", flush=True)
     become_subreaper()
-    install_sigterm_handler()
+    install_signal_handlers()
     # Flower homes and logs live outside the app folder, which `flwr run` packages.
     work = Path(tempfile.mkdtemp(prefix="privfed-deploy-"))
     launched_at, started = time.time(), time.monotonic()
     end: StreamEnd  # set on every path that reaches the report
     try:
-        spec = DeploymentSpec(work, certs, secure=not args.insecure, ca_dir=ca_dir)
+        spec = DeploymentSpec(
+            work,
+            certs,
+            secure=not args.insecure,
+            ca_dir=ca_dir,
+            server_sans=tuple(args.server_san),
+        )
         with LocalDeployment(spec) as dep:
             dep.start_superlink()
             mode = (
@@ -173,22 +201,20 @@ def run_deployment(args: argparse.Namespace) -> int:
             print(f"[privfed] {args.clients} SuperNodes serving and admitted", flush=True)
             run_config = work / "run-config.toml"
             run_config.write_text(tomli_w.dumps(overrides))
-            flwr_run = dep.run_app(run_config, APP_DIR)
-            try:
-                end = stream_process(
-                    flwr_run, started + args.timeout, _watchdog(dep, args.clients)
-                )
-            finally:
-                if flwr_run.poll() is None:
-                    flwr_run.terminate()
-                    flwr_run.wait(timeout=10)
-    except KeyboardInterrupt as exc:
+            end = follow_run(
+                dep.submit(run_config, APP_DIR),
+                started + args.timeout,
+                _watchdog(dep, args.clients),
+                serverapp_grace=SERVERAPP_STOP_GRACE_S,
+                serverapp_done=lambda: summary_written_since(results_dir, launched_at),
+            )
+    except KeyboardInterrupt as exc:  # before the run was submitted, or while stopping
         end = interrupted(exc)
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
         print(f"[privfed] deployment failed to start: {exc}", file=sys.stderr, flush=True)
         end = StreamEnd(Outcome.FAILED, f"the deployment failed to start: {exc}")
     finally:
-        stop_processes(descendants())
+        stop_processes(descendants(), grace=LEFTOVER_GRACE_S)
     print(f"[privfed] node ledgers: {state_root} (python -m client.show_ledger DIR)")
     seconds = time.monotonic() - started
     return report_results(end, results_dir, cfg.num_rounds, seconds, work, launched_at)

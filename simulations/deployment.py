@@ -3,12 +3,15 @@
 Secure by default: TLS with the project's own CA, SuperNode authentication with
 registered EC P-384 keys, nginx in front of the SuperLink so that whoever can
 reach the nodes' address gets only the Fleet API (see ``front_proxy``), and
-readiness through the gRPC health service. Every process binds 127.0.0.1 and is
-stopped by PID when the deployment closes.
+readiness through the gRPC health service. Every process binds a loopback
+address (127.0.0.1 unless ``DeploymentSpec`` names others: 127.0.0.2 and
+127.0.0.3 stand in for a server host and a device host) and is stopped by PID
+when the deployment closes.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -17,13 +20,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 import psutil
 import tomli_w
 
-from simulations.certificates import NodeKey, TlsFiles, ensure_node_key, ensure_tls_files
+from simulations.certificates import (
+    LOOPBACK_SANS,
+    NodeKey,
+    TlsFiles,
+    ensure_node_key,
+    ensure_tls_files,
+)
 from simulations.flower_env import CONNECTION_NAME, flower_environment, stage_app
+from simulations.flwr_run import SubmittedRun
 from simulations.front_proxy import ProxyPorts, launch_front_proxy, wait_front_proxy
 from simulations.health import wait_serving
 from simulations.processes import (
@@ -60,21 +70,49 @@ def node_config_text(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
+def _loopback(host: str, what: str) -> str:
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return host
+    except ValueError:
+        pass
+    raise ValueError(
+        f"{what} must be a loopback IP address (127.0.0.0/8, ::1), got {host!r}"
+    )
+
+
 @dataclass(frozen=True)
 class DeploymentSpec:
-    """Where a deployment keeps its files, and whether it is secure.
+    """Where a deployment keeps its files, whether it is secure, and its addresses.
 
     ``ca_dir`` is where the CA's key lives (default: ``default_ca_dir()``).
+    ``server_host`` is where the SuperLink and nginx listen, the address nodes
+    are given; ``node_host`` is where each SuperNode serves its own runtime API
+    and health service. Both are loopback addresses: on Linux every 127.x.y.z
+    is, so two of them stand in for two hosts. ``server_sans`` are the names the
+    server certificate must carry beyond the loopback ones; a secure deployment's
+    ``server_host`` must be one of them (or a loopback name).
     """
 
     work_dir: Path
     certs_dir: Path
     secure: bool = True
     ca_dir: Path | None = None
+    server_host: str = "127.0.0.1"
+    node_host: str = "127.0.0.1"
+    server_sans: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.work_dir.is_absolute() or not self.certs_dir.is_absolute():
             raise ValueError("deployment folders must be absolute paths")
+        _loopback(self.server_host, "server_host")
+        _loopback(self.node_host, "node_host")
+        named = {*LOOPBACK_SANS, *self.server_sans}
+        if self.secure and self.server_host not in named:
+            raise ValueError(
+                f"server_host {self.server_host}: the server certificate must name the "
+                f"address nodes use; add it to server_sans ({list(self.server_sans)})"
+            )
 
 
 @dataclass
@@ -117,12 +155,16 @@ class LocalDeployment:
         Without a client certificate it serves only the Fleet API. When insecure
         it is the SuperLink's own port (every API, for anyone).
         """
-        return f"127.0.0.1:{self.ports.public if self.ports else self.port}"
+        return self._server(self.ports.public if self.ports else self.port)
 
     @property
     def control_address(self) -> str:
         """Where this deployment's ``flwr`` CLI connects: the operator gateway."""
-        return f"127.0.0.1:{self.ports.operator if self.ports else self.port}"
+        return self._server(self.ports.operator if self.ports else self.port)
+
+    def _server(self, port: int) -> str:
+        host = self.spec.server_host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _log(self, name: str) -> Path:
         logs = self.spec.work_dir / "logs"
@@ -131,17 +173,20 @@ class LocalDeployment:
 
     def start_superlink(self) -> None:
         """Start the SuperLink and wait until its health service is SERVING."""
-        self.port = free_port()
-        health = f"127.0.0.1:{free_port()}"
+        host = self.spec.server_host
+        self.port = free_port(host)
+        health = self._server(free_port(host))
         argv = [
             str(BIN / "flower-superlink"),
-            "--host", "127.0.0.1", "--port", str(self.port),
+            "--host", host, "--port", str(self.port),
             "--isolation", "subprocess",
             "--disable-runtime-dependency-installation",
             "--health-server-address", health,
         ]  # fmt: skip
         if self.spec.secure:
-            self.tls = ensure_tls_files(self.spec.certs_dir, self.spec.ca_dir)
+            self.tls = ensure_tls_files(
+                self.spec.certs_dir, self.spec.ca_dir, self.spec.server_sans
+            )
             argv += [
                 "--ssl-ca-certfile", str(self.tls.ca_cert),
                 "--ssl-certfile", str(self.tls.server_cert),
@@ -157,7 +202,7 @@ class LocalDeployment:
         wait_serving(health, self.superlink, STARTUP_TIMEOUT)
         if self.spec.secure:
             assert self.tls is not None
-            ports = ProxyPorts.free(self.port)
+            ports = ProxyPorts.free(self.port, host)
             proxy_dir = self.spec.work_dir / "front-proxy"
             proxy_dir.mkdir(exist_ok=True)
             self.proxy = launch_front_proxy(proxy_dir, ports, self.tls, self.env)
@@ -222,11 +267,13 @@ class LocalDeployment:
         to the node's environment (benchmarks put a probe first on its ``PATH``).
         """
         insecure = (not self.spec.secure) if insecure is None else insecure
-        health = f"127.0.0.1:{free_port()}"
+        node_host = self.spec.node_host
+        health = f"{node_host}:{free_port(node_host)}"
         argv = [
             str(BIN / "flower-supernode"),
             "--superlink", self.address,
-            "--port", str(free_port()),  # its own runtime API (default 9094 collides)
+            # its own runtime API (default 127.0.0.1:9094 collides)
+            "--host", node_host, "--port", str(free_port(node_host)),
             "--health-server-address", health,
             "--node-config", node_config_text(node_config),
         ]  # fmt: skip
@@ -317,19 +364,17 @@ class LocalDeployment:
         """SuperNodes that were started and have exited since."""
         return [h for h in self.nodes.values() if not h.process.running()]
 
+    def _run_argv(self, run_config_file: Path, app_dir: Path) -> list[str]:
+        staged = stage_app(app_dir, Path(tempfile.mkdtemp(dir=self.spec.work_dir)))
+        return [
+            str(BIN / "flwr"), "run", str(staged), CONNECTION_NAME, "--stream",
+            "--run-config", str(run_config_file),
+        ]  # fmt: skip
+
     def run_app(self, run_config_file: Path, app_dir: Path) -> subprocess.Popen[str]:
         """Submit the app with ``flwr run --stream``; the caller reads its output."""
-        staged = stage_app(app_dir, Path(tempfile.mkdtemp(dir=self.spec.work_dir)))
         return subprocess.Popen(
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(staged),
-                CONNECTION_NAME,
-                "--stream",
-                "--run-config",
-                str(run_config_file),
-            ],  # fmt: skip
+            self._run_argv(run_config_file, app_dir),
             env=self.env,
             cwd=self.spec.work_dir,
             stdout=subprocess.PIPE,
@@ -337,6 +382,14 @@ class LocalDeployment:
             text=True,
             bufsize=1,
         )
+
+    def submit(
+        self, run_config_file: Path, app_dir: Path, out: TextIO | None = None
+    ) -> SubmittedRun:
+        """Submit the app as a :class:`SubmittedRun`: output copied to ``out``, the
+        run stoppable with ``flwr stop`` through the operator gateway."""
+        argv = self._run_argv(run_config_file, app_dir)
+        return SubmittedRun(argv, self.env, self.spec.work_dir, CONNECTION_NAME, out)
 
     def close(self) -> None:
         """Stop every process started (SuperNodes first, the SuperLink last), by PID.

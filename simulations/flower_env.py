@@ -18,6 +18,10 @@ import tomli_w
 from simulations.processes import ManagedProcess, free_port, wait_until
 
 CONNECTION_NAME = "privfed-local"
+# How often the simulation SuperLink's SuperExec asks for a new run to start
+# (Flower's default 1 s, i.e. 0.5 s of waiting per run on average).
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_S = "0.2"
 APP_FILES = ("pyproject.toml", "README.md", "LICENSE")
 APP_PACKAGES = ("common", "client", "server")  # what the ServerApp/ClientApp import
 
@@ -39,17 +43,22 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
     return staged
 
 
-def flower_environment(flwr_home: Path) -> dict[str, str]:
+def flower_environment(flwr_home: Path, ray_address: str | None = None) -> dict[str, str]:
     """Environment for every Flower process a script starts.
 
-    Ray binds only 127.0.0.1 unless the caller already set
-    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` (real multi-machine clusters unset it).
+    A simulation attaches to the Ray cluster at ``ray_address`` (``HOST:PORT`` of
+    its head): Flower's backend calls ``ray.init()`` without an address, and Ray
+    reads ``RAY_ADDRESS``. Without one it gets ``RAY_ADDRESS=local``, a private
+    Ray instance, even when ``ray start`` left a cluster on this machine that
+    ``ray.init()`` would otherwise join. Ray binds only 127.0.0.1 unless the
+    caller already set ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` (see README).
     """
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    env["RAY_ADDRESS"] = ray_address or "local"
     # Flower starts helpers (flower-superexec, flwr-simulation) by name from PATH.
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
@@ -102,6 +111,7 @@ def simulation_superlink(
         str(port),
         "--disable-runtime-dependency-installation",
     ]
+    env = {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_S, **env}
     proc = ManagedProcess(
         "flower-superlink", argv, env, work_dir / "superlink.log", work_dir
     )

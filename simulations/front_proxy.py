@@ -14,11 +14,13 @@ two addresses in front of it:
 * the **operator gateway**: the ``flwr`` CLI cannot present a client certificate,
   so it talks to this address, which forwards ``/v1/control/`` to the public
   address presenting ``operator.pem``. In a real deployment the gateway runs on
-  the operator's machine; here both sit in one nginx process on 127.0.0.1.
+  the operator's machine; here both sit in one nginx process on a loopback
+  address.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import socket
 from dataclasses import dataclass
@@ -58,21 +60,30 @@ def nginx_binary() -> str:
 
 @dataclass(frozen=True)
 class ProxyPorts:
-    """The SuperLink's own port and the two addresses nginx serves, on 127.0.0.1."""
+    """The SuperLink's own port and the two ports nginx serves, all on ``host``
+    (the server's address: a loopback one here, 127.0.0.1 unless a test stands in
+    for a separate server host with another)."""
 
     superlink: int
     public: int
     operator: int
+    host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         ports = (self.superlink, self.public, self.operator)
         if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
             raise ProxyError(f"proxy ports must be three distinct TCP ports: {ports}")
+        if not ipaddress.ip_address(self.host).is_loopback:
+            raise ProxyError(f"the front proxy binds loopback only, got {self.host}")
 
     @classmethod
-    def free(cls, superlink: int) -> ProxyPorts:
-        """Two free ports beside the SuperLink's."""
-        return cls(superlink, free_port(), free_port())
+    def free(cls, superlink: int, host: str = "127.0.0.1") -> ProxyPorts:
+        """Two free ports on ``host`` beside the SuperLink's."""
+        return cls(superlink, free_port(host), free_port(host), host)
+
+    def address(self, port: int) -> str:
+        """``host:port`` as nginx writes it (IPv6 in brackets)."""
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
 
 
 def certificate_serial(path: Path) -> str:
@@ -122,13 +133,13 @@ http {{
     ssl_certificate {tls.server_cert};
     ssl_certificate_key {tls.server_key};
 
-    upstream superlink {{ server 127.0.0.1:{ports.superlink}; keepalive 16; }}
-    upstream public {{ server 127.0.0.1:{ports.public}; keepalive 16; }}
+    upstream superlink {{ server {ports.address(ports.superlink)}; keepalive 16; }}
+    upstream public {{ server {ports.address(ports.public)}; keepalive 16; }}
 
     # Public address: the Fleet API for nodes; anything else needs the
     # operator's client certificate (signed by the CA, for client auth, this one).
     server {{
-        listen 127.0.0.1:{ports.public} ssl;
+        listen {ports.address(ports.public)} ssl;
         ssl_client_certificate {tls.ca_cert};
         ssl_verify_client optional;
         ssl_verify_depth 1;
@@ -149,7 +160,7 @@ http {{
     # Operator gateway: the flwr CLI's Control API calls, sent on with the
     # operator's certificate.
     server {{
-        listen 127.0.0.1:{ports.operator} ssl;
+        listen {ports.address(ports.operator)} ssl;
         location ^~ {CONTROL_ROUTE_PREFIX} {{
             proxy_pass https://public;
             proxy_ssl_certificate {tls.operator_cert};
@@ -163,9 +174,9 @@ http {{
 """
 
 
-def _accepts(port: int) -> bool:
+def _accepts(host: str, port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
+        with socket.create_connection((host, port), timeout=1):
             return True
     except OSError:
         return False
@@ -195,7 +206,9 @@ def wait_front_proxy(proc: ManagedProcess, folder: Path, ports: ProxyPorts) -> N
     carrying nginx's error log."""
     try:
         wait_until(
-            lambda: _accepts(ports.public) and _accepts(ports.operator),
+            lambda: (
+                _accepts(ports.host, ports.public) and _accepts(ports.host, ports.operator)
+            ),
             STARTUP_TIMEOUT,
             "the front proxy to listen",
             proc,

@@ -21,6 +21,10 @@ from typing import IO
 import psutil
 
 _PR_SET_CHILD_SUBREAPER = 36
+# Grace for what is left at the end (orphans re-parented to the launcher): Ray's
+# dashboard and runtime-env agents whose driver was killed ignore SIGTERM for
+# more than 10 s, and need nothing that a SIGKILL takes from them.
+LEFTOVER_GRACE_S = 3.0
 
 
 def become_subreaper() -> bool:
@@ -29,6 +33,17 @@ def become_subreaper() -> bool:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP interrupt like Ctrl-C (a KeyboardInterrupt naming the
+    signal), so that the launcher stops its run and its processes on all three."""
+
+    def _raise(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -55,6 +70,31 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def wait_gone(procs: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited; return those still running after
+    ``timeout`` s. Our own children are reaped; a zombie whose parent has not reaped
+    it yet (e.g. a Ray worker whose raylet was stopped with it) counts as gone."""
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while True:
+        running = []
+        for proc in alive:
+            try:
+                proc.wait(timeout=0)  # reaps it if it is our child
+            except psutil.TimeoutExpired:
+                try:
+                    if proc.status() != psutil.STATUS_ZOMBIE:
+                        running.append(proc)
+                except psutil.NoSuchProcess:
+                    pass
+            except psutil.NoSuchProcess:
+                pass
+        alive = running
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
 def stop_processes(procs: Sequence[psutil.Process], grace: float = 10.0) -> list[int]:
     """SIGTERM each process, wait ``grace`` s, SIGKILL survivors; return killed PIDs."""
     alive = []
@@ -64,13 +104,13 @@ def stop_processes(procs: Sequence[psutil.Process], grace: float = 10.0) -> list
             alive.append(proc)
         except psutil.NoSuchProcess:
             pass
-    _, survivors = psutil.wait_procs(alive, timeout=grace)
+    survivors = wait_gone(alive, grace)
     for proc in survivors:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(survivors, timeout=5)
+    wait_gone(survivors, 5.0)
     return [p.pid for p in survivors]
 
 
@@ -97,6 +137,9 @@ class ManagedProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            # Its own process group: a terminal's Ctrl-C reaches only the launcher,
+            # which then stops the run in order instead of every process at once.
+            process_group=0,
         )
 
     @property

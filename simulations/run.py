@@ -1,22 +1,25 @@
 """Run one private federation on Flower's simulation engine, on this machine.
 
-Starts a simulation SuperLink on 127.0.0.1 (isolated FLWR_HOME, Ray on
-loopback), submits this app with ``flwr run``, streams progress, and stops every
-process it started, also on Ctrl-C and on failure. Prints the results folder.
+Starts a simulation SuperLink on 127.0.0.1 (isolated FLWR_HOME; a private Ray
+instance on loopback, or the Ray cluster of ``--ray-address``), submits this app
+with ``flwr run``, streams progress, and stops every process it started by PID.
+A run that must end early (Ctrl-C, SIGTERM, SIGHUP, ``--timeout``) is stopped with
+``flwr stop`` first. Prints the results folder.
 
     python -m simulations.run --clients 10 --rounds 5 --target-epsilon 8
     python -m simulations.run --resume results/RUN [--rounds 8]
+    python -m simulations.run --ray-address 10.0.0.5:6379 --clients 100
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TextIO
 
 import tomli_w
 
@@ -29,37 +32,122 @@ from simulations.flower_env import (
     stage_app,
     write_connection,
 )
-from simulations.processes import become_subreaper, descendants, stop_processes
+from simulations.flwr_run import FLWR, Interrupt, SubmittedRun, follow_run
+from simulations.processes import (
+    LEFTOVER_GRACE_S,
+    become_subreaper,
+    descendants,
+    install_signal_handlers,
+    stop_processes,
+)
 from simulations.run_options import (
     APP_DIR,
     add_run_options,
     build_overrides,
     positive_int,
     pyproject_defaults,
+    ray_address,
     resolve_clients,
+    resolve_ray_address,
     resume_overrides,
 )
-from simulations.run_output import StreamEnd, interrupted, report_results, stream_process
+from simulations.run_output import StreamEnd, interrupted, report_results
+
+# A simulation's ServerApp runs in a thread of flwr-simulation, which Flower ends
+# about 15 s after `flwr stop` (its log upload is refused, it waits, then exits)
+# while the ServerApp goes on with rounds. It cannot write a summary once stopped,
+# so it is stopped at once, with its private Ray instance; the launcher summarises.
+SIMULATION_KILL_S = 1.0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; each maps to a run-config key (see README)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_run_options(p, "simulated SuperNodes")
+def add_simulation_options(p: argparse.ArgumentParser) -> None:
+    """Options of the simulation engine (also the sweep's)."""
     p.add_argument(
         "--client-cpus",
         type=positive_int,
         default=1,
         help="CPUs Ray reserves per ClientApp",
     )
+    p.add_argument(
+        "--ray-address",
+        type=ray_address,
+        metavar="HOST:PORT",
+        help="attach to this running Ray cluster (its head's address, as `ray start "
+        "--head` prints it) instead of starting a private Ray instance; default: "
+        "$RAY_ADDRESS if set",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; each maps to a run-config key (see README)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_options(p, "simulated SuperNodes")
+    add_simulation_options(p)
     return resolve_clients(p.parse_args(argv))
 
 
-def install_sigterm_handler() -> None:
-    def _raise(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+def describe_ray(address: str | None) -> str:
+    """How the simulation gets its Ray cluster, for the log."""
+    if address is None:
+        return "a private Ray instance on 127.0.0.1, started for this run"
+    return f"the running Ray cluster at {address}"
 
-    signal.signal(signal.SIGTERM, _raise)
+
+def submit_simulation(
+    app: Path,
+    work: Path,
+    env: dict[str, str],
+    overrides: dict[str, Any],
+    clients: int,
+    client_cpus: int,
+    out: TextIO | None = None,
+) -> SubmittedRun:
+    """``flwr run`` the staged app on the SuperLink of ``env``'s Flower home."""
+    run_config = Path(tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=work)[1])
+    run_config.write_text(tomli_w.dumps(overrides))
+    argv = [
+        str(FLWR), "run", str(app), CONNECTION_NAME, "--stream",
+        "--run-config", str(run_config),
+        "--federation-config",
+        f"num-supernodes={clients} client-resources-num-cpus={client_cpus}",
+    ]  # fmt: skip
+    return SubmittedRun(argv, env, work, CONNECTION_NAME, out)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """How one run on a SuperLink went: its exit code, and when it was launched."""
+
+    exit_code: int
+    launched_at: float  # Unix time of the submission
+
+
+def run_on_superlink(
+    app: Path,
+    work: Path,
+    env: dict[str, str],
+    overrides: dict[str, Any],
+    args: argparse.Namespace,
+    out: TextIO | None = None,
+    interrupt: Interrupt | None = None,
+    launched: tuple[float, float] | None = None,
+) -> RunReport:
+    """One run on a running simulation SuperLink: submit, follow, stop it if it
+    must end early (``flwr stop``, then its process), and report its results.
+
+    ``launched`` is when the launch began (Unix and monotonic time; default: now),
+    from which ``--timeout`` and the launch-to-round-1 time count.
+    """
+    results_dir = Path(overrides["results-dir"])
+    rounds = RunConfig.from_run_config({**pyproject_defaults(), **overrides}).num_rounds
+    launched_at, started = launched or (time.time(), time.monotonic())
+    run = submit_simulation(app, work, env, overrides, args.clients, args.client_cpus, out)
+    end = follow_run(
+        run, started + args.timeout, interrupt=interrupt, kill_grace=SIMULATION_KILL_S
+    )
+    seconds = time.monotonic() - started
+    code = report_results(end, results_dir, rounds, seconds, work, launched_at, out)
+    return RunReport(code, launched_at)
 
 
 def run_federation(args: argparse.Namespace) -> int:
@@ -67,59 +155,35 @@ def run_federation(args: argparse.Namespace) -> int:
     overrides = resume_overrides(args) if args.resume else build_overrides(args)
     results_dir = Path(overrides["results-dir"])
     rounds = RunConfig.from_run_config({**pyproject_defaults(), **overrides}).num_rounds
+    ray = resolve_ray_address(args.ray_address)
     become_subreaper()
-    install_sigterm_handler()
+    install_signal_handlers()
     work = Path(tempfile.mkdtemp(prefix="privfed-sim-"))
     flwr_home = work / "flwr-home"
     flwr_home.mkdir()
-    env = flower_environment(flwr_home)
-    overrides_file = work / "run-config.toml"
-    overrides_file.write_text(tomli_w.dumps(overrides))
+    env = flower_environment(flwr_home, ray)
     print(f"[privfed] Flower home and logs: {work}", flush=True)
+    print(f"[privfed] Ray: {describe_ray(ray)}", flush=True)
     launched_at = time.time()
     started = time.monotonic()
-    flwr_run: subprocess.Popen[str] | None = None
-    end: StreamEnd  # set on every path that reaches the report
+    end: StreamEnd | None = None  # set where the run did not get to report itself
     try:
         with simulation_superlink(env, work) as link:
             print(f"[privfed] SuperLink serving on {link.address}", flush=True)
             write_connection(flwr_home, link.address)
-            argv = [
-                str(Path(sys.executable).parent / "flwr"),
-                "run",
-                str(stage_app(APP_DIR, work)),
-                CONNECTION_NAME,
-                "--stream",
-                "--run-config",
-                str(overrides_file),
-                "--federation-config",
-                f"num-supernodes={args.clients} "
-                f"client-resources-num-cpus={args.client_cpus}",
-            ]
-            flwr_run = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=work,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-            )
-            end = stream_process(flwr_run, started + args.timeout)
-    except KeyboardInterrupt as exc:
+            app = stage_app(APP_DIR, work)
+            launched = (launched_at, started)  # the SuperLink's start counts
+            return run_on_superlink(
+                app, work, env, overrides, args, launched=launched
+            ).exit_code
+    except KeyboardInterrupt as exc:  # before the run was submitted, or while stopping
         end = interrupted(exc)
     except (RuntimeError, TimeoutError) as exc:  # e.g. the SuperLink did not start
         print(f"[privfed] simulation failed to start: {exc}", file=sys.stderr, flush=True)
         end = StreamEnd(Outcome.FAILED, f"the simulation failed to start: {exc}")
     finally:
-        if flwr_run is not None and flwr_run.poll() is None:
-            flwr_run.terminate()
-            try:
-                flwr_run.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                flwr_run.kill()
         # Anything left (e.g. daemons Ray re-parented to us) is stopped by PID.
-        stop_processes(descendants())
+        stop_processes(descendants(), grace=LEFTOVER_GRACE_S)
     seconds = time.monotonic() - started
     return report_results(end, results_dir, rounds, seconds, work, launched_at)
 

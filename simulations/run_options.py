@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,6 +76,43 @@ def positive_seconds(text: str) -> float:
             f"must be a finite number of seconds > 0, got {text!r}"
         )
     return value
+
+
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def ray_address(text: str) -> str:
+    """argparse type: a running Ray cluster's head, ``HOST:PORT`` (what ``ray start
+    --head`` prints as its address, e.g. ``10.0.0.5:6379``)."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or "/" in host or not port.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"must be HOST:PORT of a Ray head node (e.g. 10.0.0.5:6379), got {text!r}"
+        )
+    if not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, got {text!r}")
+    return text.strip()
+
+
+def resolve_ray_address(option: str | None) -> str | None:
+    """The Ray cluster a simulation attaches to: ``--ray-address``, else
+    ``$RAY_ADDRESS`` (Ray's own variable), else None: a private Ray instance.
+
+    ``RAY_ADDRESS=local`` also means a private instance. Anything else in
+    ``$RAY_ADDRESS`` must be ``HOST:PORT`` (a :class:`ConfigError` otherwise).
+    """
+    if option is not None:
+        return option
+    inherited = os.environ.get(RAY_ADDRESS_ENV, "").strip()
+    if inherited in ("", "local"):
+        return None
+    try:
+        return ray_address(inherited)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(
+            f"${RAY_ADDRESS_ENV}={inherited!r} {exc}; unset it, or pass --ray-address"
+        ) from None
 
 
 def add_run_options(

@@ -1,9 +1,12 @@
 """Run a grid of federations (target ε × partitioner × seed) and tabulate them.
 
-Each grid point is one ``simulations.run`` federation in its own subprocess (its
-own SuperLink, cleaned up by that script). A non-private run per partitioner and
-seed gives the reference line. Writes ``sweep.csv``, ``sweep.md`` and
-``accuracy_vs_epsilon.png`` into the sweep folder.
+Every grid point is checked first, then all run on one simulation SuperLink that
+the sweep starts once (on 127.0.0.1, with its own FLWR_HOME) and stops by PID at
+the end, also on Ctrl-C, SIGTERM or a failure: each point is one ``flwr run``
+with its own results folder and ``summary.json`` (written by the launcher's code
+if the ServerApp could not), and its log in ``<point>.log``. A non-private run per
+partitioner and seed gives the reference line. Writes ``sweep.csv``, ``sweep.md``
+and ``accuracy_vs_epsilon.png`` into the sweep folder.
 
     python -m simulations.sweep --epsilons 1 3 8 --partitioners iid dirichlet \\
         --seeds 0 1 --clients 10 --rounds 5 --jobs 1
@@ -17,13 +20,16 @@ import argparse
 import csv
 import itertools
 import json
-import subprocess
+import statistics
 import sys
+import tempfile
+import time
 import tomllib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -37,11 +43,32 @@ from common.config import (  # noqa: E402
     RunConfig,
 )
 from server.run_outcome import Outcome  # noqa: E402
+from simulations.flower_env import (  # noqa: E402
+    flower_environment,
+    simulation_superlink,
+    stage_app,
+    write_connection,
+)
+from simulations.flwr_run import Interrupt  # noqa: E402
 from simulations.presets import PRESETS  # noqa: E402
+from simulations.processes import (  # noqa: E402
+    LEFTOVER_GRACE_S,
+    become_subreaper,
+    descendants,
+    install_signal_handlers,
+    stop_processes,
+)
+from simulations.run import add_simulation_options, describe_ray, run_on_superlink  # noqa: E402
 from simulations.run import parse_args as run_options  # noqa: E402
-from simulations.run_options import build_overrides  # noqa: E402
+from simulations.run_options import (  # noqa: E402
+    APP_DIR,
+    build_overrides,
+    positive_seconds,
+    resolve_ray_address,
+)
+from simulations.run_output import launch_to_round_1  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+NOT_STARTED = "not started (the sweep was interrupted)"
 
 
 @dataclass(frozen=True)
@@ -74,6 +101,7 @@ class PointResult:
     delta: float | None
     wall_seconds: float | None
     privacy_unit: str | None = None  # record, client, or None (non-private)
+    launch_to_round_1_seconds: float | None = None  # submission to round 1
 
 
 def grid(args: argparse.Namespace) -> list[GridPoint]:
@@ -97,6 +125,7 @@ def point_options(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> 
     argv = [
         "--partitioner", point.partitioner,
         "--seed", str(point.seed), "--results-dir", str(out_dir / point.name),
+        "--client-cpus", str(args.client_cpus), "--timeout", str(args.timeout),
     ]  # fmt: skip
     for option in ("clients", "preset", "rounds", "dataset"):  # unset: preset's/default
         if getattr(args, option) is not None:
@@ -123,29 +152,61 @@ def client_sampling_rate(args: argparse.Namespace) -> float:
     return float(rate)
 
 
-def check_points(points: list[GridPoint], args: argparse.Namespace, out_dir: Path) -> None:
-    """Validate every point's options and run keys before any federation starts."""
+def check_points(
+    points: list[GridPoint], args: argparse.Namespace, out_dir: Path
+) -> list[tuple[argparse.Namespace, dict[str, Any]]]:
+    """Validate every point's options and run keys before any federation starts;
+    return each point's options and run-config overrides."""
+    checked = []
     for point in points:
         try:
-            build_overrides(run_options(point_options(point, args, out_dir)))
+            options = run_options(point_options(point, args, out_dir))
+            checked.append((options, build_overrides(options)))
         except ConfigError as exc:
             raise ConfigError(f"grid point {point.name}: {exc}") from None
+    return checked
 
 
-def run_point(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> PointResult:
-    """Run one federation through ``simulations.run`` and read its summary."""
-    results = out_dir / point.name
-    argv = [sys.executable, "-m", "simulations.run", *point_options(point, args, out_dir)]
-    log_path = out_dir / f"{point.name}.log"
+@dataclass(frozen=True)
+class SweepLink:
+    """The sweep's SuperLink: its environment, working folder and staged app."""
+
+    env: dict[str, str]
+    work: Path
+    app: Path
+
+
+def run_point(
+    point: GridPoint,
+    options: argparse.Namespace,
+    overrides: dict[str, Any],
+    link: SweepLink,
+    out_dir: Path,
+    interrupt: Interrupt,
+) -> PointResult:
+    """Run one federation on the sweep's SuperLink and read its summary."""
+    if interrupt.how is not None:
+        return _result(point, NOT_STARTED, {})
+    results = Path(overrides["results-dir"])
     print(f"[sweep] start {point.name}", flush=True)
-    with open(log_path, "w", encoding="utf-8") as log:
-        code = subprocess.call(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    with open(out_dir / f"{point.name}.log", "w", encoding="utf-8") as log:
+        report = run_on_superlink(
+            link.app, link.work, link.env, overrides, options, log, interrupt
+        )
     summary_path = results / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     status = summary.get("status", Outcome.FAILED.value)
-    if code != 0:
-        status = f"{status} (exit {code})"
-    result = PointResult(
+    if report.exit_code != 0:
+        status = f"{status} (exit {report.exit_code})"
+    result = _result(point, status, summary, launch_to_round_1(results, report.launched_at))
+    print(f"[sweep] done  {point.name}: {status}, accuracy {result.accuracy}", flush=True)
+    return result
+
+
+def _result(
+    point: GridPoint, status: str, summary: dict[str, Any], launch: float | None = None
+) -> PointResult:
+    return PointResult(
         name=point.name,
         target_epsilon=point.target_epsilon,
         partitioner=point.partitioner,
@@ -157,9 +218,86 @@ def run_point(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> Poin
         delta=summary.get("delta"),
         wall_seconds=summary.get("wall_seconds"),
         privacy_unit=summary.get("privacy_unit"),
+        launch_to_round_1_seconds=None if launch is None else round(launch, 3),
     )
-    print(f"[sweep] done  {point.name}: {status}, accuracy {result.accuracy}", flush=True)
-    return result
+
+
+def run_grid(
+    points: list[GridPoint],
+    checked: list[tuple[argparse.Namespace, dict[str, Any]]],
+    args: argparse.Namespace,
+    out_dir: Path,
+) -> tuple[list[PointResult], str | None]:
+    """Start the sweep's SuperLink, run every point on it (``--jobs`` at a time),
+    stop it by PID; return the rows and the interrupt that stopped it, if any."""
+    ray = resolve_ray_address(args.ray_address)
+    become_subreaper()
+    install_signal_handlers()
+    work = Path(tempfile.mkdtemp(prefix="privfed-sweep-"))
+    flwr_home = work / "flwr-home"
+    flwr_home.mkdir()
+    env = flower_environment(flwr_home, ray)
+    print(f"[sweep] Flower home and logs: {work}; Ray: {describe_ray(ray)}", flush=True)
+    interrupt = Interrupt()
+    futures: list[Future[PointResult]] = []
+    started = time.time()
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    try:
+        with simulation_superlink(env, work) as superlink:
+            write_connection(flwr_home, superlink.address)
+            link = SweepLink(env, work, stage_app(APP_DIR, work))
+            setup = time.time() - started
+            print(f"[sweep] SuperLink on {superlink.address} ({setup:.1f} s)", flush=True)
+            futures = [
+                pool.submit(run_point, pt, opts, over, link, out_dir, interrupt)
+                for pt, (opts, over) in zip(points, checked, strict=True)
+            ]
+            try:
+                _wait_all(futures)
+            except KeyboardInterrupt as exc:
+                interrupt.set(exc.args[0] if exc.args else "SIGINT (Ctrl-C)")
+                print(f"[sweep] interrupted ({interrupt.how}); stopping", flush=True)
+                _wait_all(futures)  # each stops its run; a second interrupt ends this
+            _print_amortised(setup, [f.result() for f in futures])
+    except KeyboardInterrupt as exc:
+        interrupt.set(exc.args[0] if exc.args else "SIGINT (Ctrl-C)")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_processes(descendants(), grace=LEFTOVER_GRACE_S)
+    rows = []
+    for i, point in enumerate(points):
+        future = futures[i] if i < len(futures) else None
+        if future is not None and future.done() and not future.cancelled():
+            if future.exception() is None:
+                rows.append(future.result())
+                continue
+        status = NOT_STARTED if interrupt.how else Outcome.FAILED.value
+        rows.append(_result(point, status, {}))
+    return rows, interrupt.how
+
+
+def _wait_all(futures: list[Future[PointResult]]) -> None:
+    """Wait for every point; poll so that a signal reaches this (the main) thread."""
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+        for future in done:
+            future.result()  # a bug in a point's thread ends the sweep
+
+
+def _print_amortised(setup: float, rows: list[PointResult]) -> None:
+    """Launch to round 1 per run, with the SuperLink's start shared among the runs."""
+    launches = [r.launch_to_round_1_seconds for r in rows]
+    seen = [x for x in launches if x is not None]
+    if not seen:
+        return
+    amortised = (setup + sum(seen)) / len(seen)
+    print(
+        f"[sweep] launch to round 1: {amortised:.1f} s per run amortised over "
+        f"{len(seen)} runs (SuperLink start {setup:.1f} s once; per run median "
+        f"{statistics.median(seen):.1f} s: {', '.join(f'{x:.1f}' for x in seen)})",
+        flush=True,
+    )
 
 
 def write_table(rows: list[PointResult], out_dir: Path) -> None:
@@ -253,8 +391,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default: the preset's, else digits",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_simulation_options(p)
     p.add_argument(
-        "--jobs", type=int, default=1, help="federations at once (each uses ~2 cores)"
+        "--timeout",
+        type=positive_seconds,
+        default=3600.0,
+        help="seconds for each point's run (finite, > 0)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="federations at once on the one SuperLink (each uses ~2 cores)",
     )
     p.add_argument("--no-reference", action="store_true", help="skip the non-private runs")
     p.add_argument("--out", type=Path, help="default: results/sweep-<UTC time>")
@@ -272,13 +420,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the grid; exit 2 if a point's options are bad, 1 if any point failed."""
+    """Run the grid; exit 2 if a point's options are bad, 130 if interrupted, 1 if
+    any point failed."""
     args = parse_args(argv)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out_dir = (args.out or Path("results", f"sweep-{stamp}")).resolve()
     points = grid(args)
     try:
-        check_points(points, args, out_dir)
+        checked = check_points(points, args, out_dir)
+        resolve_ray_address(args.ray_address)
     except ConfigError as exc:
         print(f"[sweep] configuration error: {exc}", file=sys.stderr)
         return 2
@@ -286,13 +436,20 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"[sweep] {len(points)} federations, {args.jobs} at a time -> {out_dir}", flush=True
     )
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(lambda pt: run_point(pt, args, out_dir), points))
+    try:
+        rows, interrupted_by = run_grid(points, checked, args, out_dir)
+    except (RuntimeError, TimeoutError) as exc:  # e.g. the SuperLink did not start
+        print(f"[sweep] the sweep's SuperLink failed: {exc}", file=sys.stderr)
+        return 1
     write_table(rows, out_dir)
-    plot(rows, out_dir)
+    if any(r.accuracy is not None for r in rows):
+        plot(rows, out_dir)
+        print(f"[sweep] plot: {out_dir / 'accuracy_vs_epsilon.png'}", flush=True)
     print((out_dir / "sweep.md").read_text(), flush=True)
     print(f"[sweep] table: {out_dir / 'sweep.csv'}", flush=True)
-    print(f"[sweep] plot: {out_dir / 'accuracy_vs_epsilon.png'}", flush=True)
+    if interrupted_by is not None:
+        print(f"[sweep] interrupted by {interrupted_by}", file=sys.stderr, flush=True)
+        return Outcome.INTERRUPTED.exit_code
     finished = {o.value for o in Outcome if o.finished}
     return 0 if all(r.status in finished for r in rows) else 1
 

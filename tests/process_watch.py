@@ -54,7 +54,11 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start_script(module: str, args: list[str]) -> subprocess.Popen[str]:
+def start_script(
+    module: str, args: list[str], own_group: bool = False
+) -> subprocess.Popen[str]:
+    """Start ``python -m module args``; ``own_group``: as a terminal's foreground
+    job, the leader of its own process group (see :func:`signal_after`)."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
@@ -64,6 +68,7 @@ def start_script(module: str, args: list[str]) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=_default_sigint,
+        process_group=0 if own_group else None,
     )
 
 
@@ -121,17 +126,30 @@ def assert_loopback_only(watch: Watch) -> None:
 
 
 def signal_after(
-    module: str, args: list[str], mark: str, sig: signal.Signals, timeout: float = 300
+    module: str,
+    args: list[str],
+    mark: str,
+    sig: signal.Signals,
+    timeout: float = 300,
+    to_group: bool = False,
 ) -> tuple[int, str, Watch]:
-    """Run a script, send it ``sig`` once it prints a line containing ``mark``."""
-    proc = start_script(module, args)
+    """Run a script, send it ``sig`` once it prints a line containing ``mark``.
+
+    ``to_group``: send it to the script's whole process group, as a terminal
+    sends Ctrl-C to its foreground job (every process that stayed in the group
+    gets it, not just the script).
+    """
+    proc = start_script(module, args, own_group=to_group)
     lines: list[str] = []
     with watching(proc) as watch:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
             if mark in line:
-                proc.send_signal(sig)
+                if to_group:
+                    os.killpg(proc.pid, sig)
+                else:
+                    proc.send_signal(sig)
                 break
         rest, _ = proc.communicate(timeout=timeout)
         lines.append(rest)

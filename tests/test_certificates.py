@@ -15,10 +15,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from simulations.certificates import (
     CA_DIR_ENV,
     CertificateError,
+    certificate_sans,
     default_ca_dir,
     ensure_node_key,
     ensure_tls_files,
+    server_san,
 )
+from simulations.certificates import main as certificates_main
 
 
 def test_server_certificate_is_signed_by_the_ca_for_loopback(tmp_path: Path) -> None:
@@ -124,3 +127,49 @@ def test_node_keys_are_p384_openssh(tmp_path: Path) -> None:
     pair.public_key.unlink()
     with pytest.raises(CertificateError, match="one half"):
         ensure_node_key(tmp_path, "node-3")
+
+
+def test_server_certificate_names_the_extra_host_names_and_addresses(
+    tmp_path: Path,
+) -> None:
+    """--server-san names go into the server certificate beside the loopback ones
+    (IPs as IP SANs, host names as DNS SANs, lower-cased, no repeats); a reused
+    folder whose certificate lacks one is refused, naming it; nothing else counts
+    as a name."""
+    extra = ["SuperLink.Example.org", "203.0.113.7", "2001:db8::7", "127.0.0.1"]
+    tls = ensure_tls_files(tmp_path / "certs", tmp_path / "ca", extra)
+    names = certificate_sans(tls.server_cert)
+    cert = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", "superlink.example.org"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == [
+        "127.0.0.1", "::1", "203.0.113.7", "2001:db8::7",
+    ]  # fmt: skip
+    assert len(names) == 6  # 127.0.0.1 once
+    assert ensure_tls_files(tmp_path / "certs", tmp_path / "ca", extra[:2]) == tls
+    with pytest.raises(CertificateError, match="does not name other.example.org"):
+        ensure_tls_files(tmp_path / "certs", tmp_path / "ca", ["other.example.org"])
+    for bad in ("https://host", "host:443", "*.example.org", "-bad.example", "10.0.0", ""):
+        with pytest.raises(CertificateError, match="server SAN"):
+            server_san(bad)
+    assert not (tmp_path / "c2").exists()
+    with pytest.raises(CertificateError):
+        ensure_tls_files(tmp_path / "c2", tmp_path / "ca", ["bad name"])
+    assert not (tmp_path / "c2").exists()  # a bad name fails before anything is made
+
+
+def test_certificates_command_makes_a_folder_and_node_keys(tmp_path: Path) -> None:
+    """`python -m simulations.certificates` (the README's server step) makes the
+    folder with the SANs asked for and a node key pair; a bad SAN exits 2."""
+    certs, key = tmp_path / "certs", tmp_path / "keys" / "node-7"
+    argv = ["--certs-dir", str(certs), "--ca-dir", str(tmp_path / "ca"),
+            "--server-san", "host.example.org", "--node-key", str(key)]  # fmt: skip
+    assert certificates_main(argv) == 0
+    assert x509.DNSName("host.example.org") in certificate_sans(certs / "server.pem")
+    assert key.is_file() and key.with_name("node-7.pub").read_text().startswith(
+        "ecdsa-sha2-nistp384 "
+    )
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert (
+        certificates_main(["--certs-dir", str(tmp_path / "x"), "--server-san", "a b"]) == 2
+    )

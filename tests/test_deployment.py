@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tomli_w
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -24,7 +27,12 @@ from client.privacy_policy import POLICY_FILE, PrivacyPolicy
 from client.show_ledger import main as show_ledger
 from common.config import RunConfig
 from common.privacy_ledger import PrivacyLedger, epsilon_of_history
-from simulations.certificates import CA_DIR_ENV, ensure_node_key, ensure_tls_files
+from simulations.certificates import (
+    CA_DIR_ENV,
+    certificate_sans,
+    ensure_node_key,
+    ensure_tls_files,
+)
 from simulations.deploy import write_node_policy
 from simulations.deployment import (
     ADMITTED_MARK,
@@ -108,8 +116,10 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
 def test_sigterm_stops_the_deployment_and_the_summary_says_interrupted(
     tmp_path: Path,
 ) -> None:
-    """SIGTERM after round 1: exit 130, no SuperLink or SuperNode left, and
-    summary.json says interrupted with the rounds done, accuracy and max ε."""
+    """SIGTERM after round 1: the run is stopped with `flwr stop` before any node
+    is, the ServerApp records its own end (not a node failure), exit 130, no
+    SuperLink or SuperNode left, and summary.json says interrupted with the
+    rounds done, accuracy and max ε with its accountant, δ and unit."""
     results = tmp_path / "run"
     code, out, watch = signal_after(
         "simulations.deploy",
@@ -120,13 +130,23 @@ def test_sigterm_stops_the_deployment_and_the_summary_says_interrupted(
     )  # fmt: skip
     assert code == 130, out[-3000:]
     assert_all_gone(watch)
+    assert re.search(r"\[privfed\] run \d+ stopped \(flwr stop\)", out), out[-3000:]
     rounds = _rounds(results)
     summary = json.loads((results / "summary.json").read_text())
     assert summary["status"] == "interrupted", summary
-    assert "SIGTERM" in summary["stop_reason"]
+    assert summary["stop_reason"] == "the launcher was interrupted by SIGTERM"
     assert summary["rounds_completed"] == len(rounds) >= 1
     assert summary["final_central"] == rounds[-1]["central"]
     assert summary["max_epsilon"] == rounds[-1]["max_epsilon"] > 0
+    assert summary["privacy_unit"] == "record" and summary["accountant"] == "opacus-rdp"
+    # The ServerApp wrote its summary after the stop, before the nodes went away.
+    assert summary["serverapp_stop_reason"], summary
+    assert "Node Unavailable" not in summary["serverapp_stop_reason"]
+    assert "RoundFailed" not in summary["serverapp_stop_reason"]
+    work = Path(out.split("logs in ", 1)[1].split()[0].rstrip(";"))
+    link_log = (work / "logs" / "superlink.log").read_text()
+    assert "ControlServicer.StopRun" in link_log
+    assert link_log.index("ControlServicer.StopRun") < link_log.index("DeactivateNode")
 
 
 @pytest.fixture
@@ -181,6 +201,79 @@ def test_unregistered_and_plaintext_supernodes_are_refused(
     nodes = deployment.registered_nodes()
     assert len(nodes) == 1 and nodes[0]["status"] == "online"
     assert ADMITTED_MARK + f" {nodes[0]['node-id']}" in member.process.log_text()
+
+
+def _listening_ips(pid: int) -> set[str]:
+    """The addresses ``pid`` and its descendants listen on."""
+    ips = set()
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        for conn in proc.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                ip = ipaddress.ip_address(conn.laddr.ip)
+                ips.add(str(getattr(ip, "ipv4_mapped", None) or ip))
+    return ips
+
+
+def test_superlink_and_supernodes_on_separate_host_addresses(tmp_path: Path) -> None:
+    """The server host (SuperLink and nginx) on 127.0.0.2 and a device host (two
+    SuperNodes) on 127.0.0.3, each node with its own FLWR_HOME and state folder:
+    the server certificate names 127.0.0.2, the nodes verify it, join by their
+    registered keys, and a one-round run completes."""
+    become_subreaper()
+    before = {p.pid for p in descendants()}
+    spec = DeploymentSpec(
+        tmp_path / "work", tmp_path / "certs", server_host="127.0.0.2",
+        node_host="127.0.0.3", server_sans=("127.0.0.2",),
+    )  # fmt: skip
+    results = tmp_path / "results"
+    overrides = {"num-rounds": 1, "fraction-evaluate": 0.0, "min-available-nodes": 2,
+                 "results-dir": str(results)}  # fmt: skip
+    run_config = tmp_path / "run.toml"
+    run_config.write_text(tomli_w.dumps(overrides))
+    cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
+    states = [tmp_path / "device" / f"node-{i}" for i in range(2)]
+    for state in states:
+        write_node_policy(state, cfg)
+    dep = LocalDeployment(spec)
+    try:
+        dep.start_superlink()
+        assert dep.tls is not None and dep.superlink is not None and dep.proxy is not None
+        assert dep.address.startswith("127.0.0.2:")
+        assert dep.control_address.startswith("127.0.0.2:")
+        sans = certificate_sans(dep.tls.server_cert)
+        assert x509.IPAddress(ipaddress.ip_address("127.0.0.2")) in sans
+        for i, state in enumerate(states):
+            config = {"partition-id": i, "num-partitions": 2, "state-dir": str(state)}
+            dep.start_supernode(i, config, dep.node_key(i))
+        assert _listening_ips(dep.superlink.pid) == {"127.0.0.2"}
+        assert _listening_ips(dep.proxy.pid) == {"127.0.0.2"}
+        for handle in dep.nodes.values():
+            assert _listening_ips(handle.process.pid) == {"127.0.0.3"}
+            assert f"--superlink {dep.address}" in " ".join(handle.process.popen.args)
+        flwr_run = dep.run_app(run_config, APP_DIR)
+        try:
+            out, _ = flwr_run.communicate(timeout=600)
+        finally:
+            if flwr_run.poll() is None:
+                flwr_run.kill()
+        assert flwr_run.returncode == 0, out[-3000:]
+        summary = json.loads((results / "summary.json").read_text())
+        assert summary["status"] == "completed", summary
+        assert _rounds(results)[0]["clients_trained"] == 2
+        homes = {dep.env["FLWR_HOME"]}
+        for i, state in enumerate(states):
+            home = spec.work_dir / f"supernode-{i}-home"
+            assert list((home / "apps").iterdir()), "the node installed the app in its home"
+            homes.add(str(home))
+            assert (state / LEDGER_FILE).is_file()
+        assert len(homes) == 3
+    finally:
+        dep.close()
+        left = [p for p in descendants() if p.pid not in before]
+        alive = [p.name() for p in left if p.status() != psutil.STATUS_ZOMBIE]
+        stop_processes(left)
+        assert not alive, f"processes left: {alive}"
 
 
 def _post_status(address: str, path: str, ca: Path, cert: tuple[Path, Path] | None) -> int:

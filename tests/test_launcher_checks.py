@@ -28,7 +28,8 @@ def no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run, "become_subreaper", tripwire)
     monkeypatch.setattr(deploy, "LocalDeployment", tripwire)
     monkeypatch.setattr(deploy, "become_subreaper", tripwire)
-    monkeypatch.setattr(sweep.subprocess, "call", tripwire)
+    monkeypatch.setattr(sweep, "simulation_superlink", tripwire)
+    monkeypatch.setattr(sweep, "become_subreaper", tripwire)
 
 
 def _exit_code(main: Any, argv: list[str]) -> int:
@@ -83,6 +84,9 @@ BAD_RUNS: list[tuple[list[str], str]] = [
     (["--timeout", "inf"], "--timeout"),
     (["--timeout", "0"], "--timeout"),
     (["--clients", "0"], "--clients"),
+    (["--ray-address", "ray://head:10001"], "--ray-address"),  # Ray Client: not this
+    (["--ray-address", "head"], "--ray-address"),
+    (["--ray-address", "head:0"], "--ray-address"),
 ]
 
 
@@ -112,6 +116,10 @@ def test_simulation_refuses_before_starting(
         (["--partitioner", "pathological"], "'classes-per-client'"),
         (["--timeout", "-1"], "--timeout"),
         (["--nodes", "0"], "--nodes"),
+        (["--server-san", "https://host.example.org"], "server SAN"),
+        (["--server-san", "*.example.org"], "no wildcards"),
+        (["--server-san", "10.0.0"], "server SAN '10.0.0'"),
+        (["--insecure", "--server-san", "host.example.org"], "drop --insecure"),
     ],
     ids=lambda v: str(v),
 )
@@ -154,6 +162,33 @@ def test_sweep_refuses_before_any_point_starts(
     err = capsys.readouterr().err
     assert named in err, err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_an_inherited_ray_address_is_checked_before_starting(
+    tmp_path: Path,
+    no_processes: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """$RAY_ADDRESS (Ray's own variable) is the default of --ray-address: a bad one
+    exits 2 naming it; `local` and an explicit option pass the checks."""
+    argv = ["--clients", "3", "--rounds", "2", "--results-dir", str(tmp_path / "r")]
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert _exit_code(run.main, argv) == 2
+    assert "$RAY_ADDRESS='auto'" in capsys.readouterr().err
+    with pytest.raises(Started):
+        run.main([*argv, "--ray-address", "127.0.0.1:6379"])
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    with pytest.raises(Started):
+        run.main(argv)
+
+
+def test_a_valid_sweep_gets_past_the_checks(tmp_path: Path, no_processes: None) -> None:
+    """The sweep's tripwire (its one SuperLink) fires for good options."""
+    argv = ["--epsilons", "8", "--partitioners", "iid", "--clients", "2", "--rounds",
+            "1", "--no-reference", "--out", str(tmp_path / "sweep")]  # fmt: skip
+    with pytest.raises(Started):
+        sweep.main(argv)
 
 
 def test_set_results_dir_is_honoured(tmp_path: Path) -> None:

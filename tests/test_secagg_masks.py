@@ -51,3 +51,36 @@ def test_pack_refuses_what_does_not_fit() -> None:
         pack(np.array([16], dtype=np.uint64), 4)
     with pytest.raises(ValueError, match="bytes"):
         unpack(np.zeros(3, dtype=np.uint8), 16, 2)
+
+
+def test_secret_sharing_rebuilds_from_any_threshold_and_not_below() -> None:
+    """Any t of k shares rebuild the secret; t − 1 do not; each 16-byte chunk is
+    pycryptodome's own Shamir share."""
+    import itertools
+    import os
+
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    from common.secagg_keys import combine, split
+
+    secret = os.urandom(32)
+    shares = split(secret, 3, 5)
+    for subset in itertools.combinations(shares, 3):
+        assert combine(list(subset)) == secret
+    assert combine(shares[:2]) != secret
+    chunk = Shamir.combine(
+        [(int.from_bytes(s[:4], "little"), s[4:20]) for s in shares[1:4]], ssss=False
+    )
+    assert chunk == secret[:16]
+    with pytest.raises(ValueError, match="repeated"):
+        combine([shares[0], shares[0], shares[1]])
+
+
+def test_key_agreement_is_symmetric_and_separates_purposes() -> None:
+    from common.secagg_keys import ENCRYPTION, MASKING, agree, new_secret, public_key
+
+    a, b = new_secret(), new_secret()
+    assert agree(a, public_key(b), MASKING) == agree(b, public_key(a), MASKING)
+    assert agree(a, public_key(b), MASKING) != agree(a, public_key(b), ENCRYPTION)
+    with pytest.raises(ValueError, match="X25519"):
+        agree(a, b"short", MASKING)

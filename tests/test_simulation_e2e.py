@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from common.privacy_ledger import epsilon_of_history
+from server.run_outcome import Outcome
 from tests.process_watch import (
     assert_all_gone,
     assert_loopback_only,
@@ -20,7 +21,6 @@ from tests.process_watch import (
 from tests.test_docs import readme_python_snippet
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _rounds(results: Path) -> list[dict]:
@@ -38,6 +38,9 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     assert code == 0, out[-4000:]
     assert f"[privfed] results: {results}" in out
     assert "[privfed] round 2/2" in out
+    # Each ServerApp line once (Opacus's root handler used to print Flower's twice).
+    assert out.count("[privfed] round 1/2 |") == 1, out[-4000:]
+    assert out.count("3 nodes connected; starting 2 rounds") == 1
     for name in ("config.json", "rounds.jsonl", "summary.json", "model.pt"):
         assert (results / name).is_file(), name
     for name in ("accuracy.png", "epsilon.png"):
@@ -179,30 +182,64 @@ def test_missing_dataset_files_fail_before_starting(tmp_path: Path) -> None:
     assert not watch.pids
 
 
-def test_sigterm_stops_every_process_and_the_summary_says_interrupted(
-    tmp_path: Path,
-) -> None:
-    """SIGTERM mid-run exits 130, leaves no SuperLink, simulation or Ray process, and
-    the launcher writes summary.json: interrupted, with what was done."""
+def _work_dir(out: str) -> Path:
+    """The launcher's Flower home and logs folder, as it prints it."""
+    line = next(x for x in out.splitlines() if "[privfed] Flower home and logs:" in x)
+    return Path(line.split("logs:", 1)[1].strip())
+
+
+def test_ctrl_c_stops_the_run_with_flwr_stop_and_every_process(tmp_path: Path) -> None:
+    """Ctrl-C as a terminal sends it (SIGINT to the whole foreground process group)
+    mid-run: the launcher alone gets it, stops the run with `flwr stop` while the
+    SuperLink still runs, exits 130 and leaves no process; summary.json says
+    interrupted, with the rounds done, the last accuracy and max ε with its
+    accountant, δ and unit."""
     results = tmp_path / "r"
     code, out, watch = signal_after(
         "simulations.run",
         ["--clients", "2", "--rounds", "50", "--results-dir", str(results)],
         "[privfed] round 1/50",
-        signal.SIGTERM,
+        signal.SIGINT,
+        to_group=True,
     )
     assert code == 130, out[-3000:]
     assert any("raylet" in n or "ray::" in n for n in watch.names), watch.names
     assert_all_gone(watch)
+    run_id = re.search(r"Successfully started run (\d+)", out).group(1)  # type: ignore[union-attr]
+    assert f"[privfed] run {run_id} stopped (flwr stop)" in out, out[-3000:]
+    superlink_log = (_work_dir(out) / "superlink.log").read_text()
+    assert "ControlServicer.StopRun" in superlink_log
     rounds = _rounds(results)  # what was recorded before the signal is intact
     summary = json.loads((results / "summary.json").read_text())
     assert summary["status"] == "interrupted", summary
-    assert "SIGTERM" in summary["stop_reason"]
+    assert summary["stop_reason"] == "the launcher was interrupted by SIGINT (Ctrl-C)"
     assert summary["rounds_completed"] == len(rounds) >= 1
     assert summary["rounds_planned"] == 50
     assert summary["final_central"] == rounds[-1]["central"]
     assert summary["max_epsilon"] == rounds[-1]["max_epsilon"] > 0
-    assert "run INTERRUPTED" in out
+    assert (summary["accountant"], summary["delta"]) == ("opacus-rdp", 1e-5)
+    assert summary["privacy_unit"] == "record" and "per record" in summary["epsilon_text"]
+    assert "run INTERRUPTED" in out and "round(s) completed (last accuracy" in out
+    assert out.count("[privfed] round 1/50 |") == 1
+
+
+def test_timeout_stops_the_run_and_the_summary_says_timed_out(tmp_path: Path) -> None:
+    """--timeout passing: the run is stopped with `flwr stop`, exit 124, nothing
+    left running, and summary.json says timed-out (one name: Outcome.TIMED_OUT)."""
+    results = tmp_path / "r"
+    code, out, watch = run_watched(
+        ["--clients", "2", "--rounds", "50", "--timeout", "1",
+         "--results-dir", str(results)]
+    )  # fmt: skip
+    assert code == Outcome.TIMED_OUT.exit_code == 124, out[-3000:]
+    assert "[privfed] time limit reached; stopping the run" in out
+    assert re.search(r"\[privfed\] run \d+ stopped \(flwr stop\)", out), out[-3000:]
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["status"] == Outcome.TIMED_OUT.value == "timed-out"
+    assert summary["stop_reason"] == "the launcher's --timeout passed"
+    assert summary["rounds_planned"] == 50 and summary["written_by"] == "launcher"
+    assert "run TIMED-OUT" in out
+    assert_all_gone(watch)
 
 
 def test_serverapp_failure_leaves_a_failed_summary_and_exit_1(tmp_path: Path) -> None:
@@ -225,16 +262,55 @@ def test_serverapp_failure_leaves_a_failed_summary_and_exit_1(tmp_path: Path) ->
     assert_all_gone(watch)
 
 
-def test_sweep_smoke(tmp_path: Path) -> None:
-    """A one-point sweep writes its table and plot (keeps the sweep script from rotting)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "simulations.sweep", "--epsilons", "8",
-         "--partitioners", "iid", "--clients", "2", "--rounds", "1", "--no-reference",
-         "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+def test_sweep_runs_every_point_on_one_superlink(tmp_path: Path) -> None:
+    """A two-point sweep: one SuperLink for both runs, each with its own results
+    folder and summary, a table and plot, the launch time per run, and nothing left
+    running after (the SuperLink is stopped by PID)."""
+    code, out, watch = run_watched(
+        ["--epsilons", "4", "8", "--partitioners", "iid", "--clients", "2",
+         "--rounds", "1", "--no-reference", "--out", str(tmp_path)],
+        module="simulations.sweep",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table = (tmp_path / "sweep.csv").read_text().splitlines()
-    assert len(table) == 2 and ",completed," in table[1]
+    assert code == 0, out[-4000:]
+    superlinks = [n for n in watch.names if n.endswith("flower-superlink")]
+    assert len(superlinks) == 1, watch.names
+    table = list(csv.DictReader((tmp_path / "sweep.csv").read_text().splitlines()))
+    assert [r["name"] for r in table] == ["eps4-iid-seed0", "eps8-iid-seed0"]
+    for row in table:
+        summary = json.loads((tmp_path / row["name"] / "summary.json").read_text())
+        assert summary["status"] == row["status"] == "completed"
+        assert (
+            float(row["max_epsilon"])
+            == summary["max_epsilon"]
+            <= float(row["target_epsilon"])
+        )
+        assert 0 < float(row["launch_to_round_1_seconds"]) < 120
+        assert "[privfed] results:" in (tmp_path / f"{row['name']}.log").read_text()
     assert "| 8 | iid | 0 |" in (tmp_path / "sweep.md").read_text()
     assert (tmp_path / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
+    assert "s per run amortised over 2 runs" in out
+    assert_loopback_only(watch)
+    assert_all_gone(watch)
+
+
+def test_interrupted_sweep_stops_its_run_and_its_superlink(tmp_path: Path) -> None:
+    """SIGTERM while the first point runs: that run is stopped (flwr stop) and
+    summarised as interrupted, the second never starts, exit 130, nothing left."""
+    code, out, watch = signal_after(
+        "simulations.sweep",
+        ["--epsilons", "4", "8", "--partitioners", "iid", "--clients", "2",
+         "--rounds", "50", "--no-reference", "--out", str(tmp_path)],
+        "[sweep] start eps4-iid-seed0",
+        signal.SIGTERM,
+    )  # fmt: skip
+    assert code == 130, out[-3000:]
+    assert_all_gone(watch)
+    table = list(csv.DictReader((tmp_path / "sweep.csv").read_text().splitlines()))
+    assert table[0]["status"] == "interrupted (exit 130)"
+    assert table[1]["status"] == "not started (the sweep was interrupted)"
+    summary = json.loads((tmp_path / "eps4-iid-seed0" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["stop_reason"]
+    assert not (tmp_path / "eps8-iid-seed0").exists()
+    log = (tmp_path / "eps4-iid-seed0.log").read_text()
+    assert re.search(r"\[privfed\] run \d+ stopped \(flwr stop\)", log), log[-3000:]
+    assert "[sweep] interrupted by SIGTERM" in out
