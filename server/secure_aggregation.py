@@ -99,6 +99,7 @@ class SecAggResult:
     bytes_up: dict[int, int] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
     exchange_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # each exchange
 
     @property
     def contributors(self) -> tuple[int, ...]:
@@ -144,7 +145,9 @@ class SecAggRound:
             )
         started = self.clock()
         replies = exchange(self.grid, messages, timeout)
-        self.result.exchange_seconds += self.clock() - started
+        elapsed = self.clock() - started
+        self.result.exchange_seconds += elapsed
+        self.result.stage_seconds[stage.value] = round(elapsed, 4)
         answered: dict[int, Message] = {}
         for reply in replies:
             node = int(reply.metadata.src_node_id)

@@ -267,6 +267,7 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
             "bytes_up_per_client_median": statistics.median(up) if up else None,
             "bytes_down_per_client_median": statistics.median(down) if down else None,
             "exchange_seconds": round(result.exchange_seconds, 4),
+            "stage_seconds": dict(result.stage_seconds),
         }
 
     def _ledger_facts(self) -> dict[str, Any]:
