@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy import special
 
 from common.opacus_rdp import get_privacy_spent
 
@@ -94,6 +93,8 @@ def skellam_rdp(order: int, variance: float, l1: float, l2: float) -> float:
 
 
 def _log_binomial(n: int, k: np.ndarray) -> np.ndarray:
+    from scipy import special
+
     return special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)
 
 
@@ -105,6 +106,8 @@ def subsampled_rdp(order: int, rate: float, curve: np.ndarray) -> float:
     upper bound, any mechanism, integer α), or the unsampled ε(α) when that is
     smaller (or q = 1).
     """
+    from scipy import special  # here: the ledger module is on every ServerApp's path
+
     a = int(order)
     unsampled = float(curve[a])
     if rate >= 1:

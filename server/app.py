@@ -18,7 +18,6 @@ from flwr.supercore import log
 from common.canaries import inserts_canary_records
 from common.config import RunConfig, noise_statement
 from common.models import build_model, model_dimension
-from server.canary_clients import canary_audit_line
 from server.central_evaluation import CentralEvaluator
 from server.checkpoint import Checkpoint, Checkpointer, load_for_resume, resumed_rounds
 from server.client_level_strategy import ClientLevelFedAvg
@@ -27,9 +26,6 @@ from server.federation_ledger import DistributedLedger, FederationLedger
 from server.federation_loop import LoopResult, epsilon_text, run_rounds
 from server.ledger_witness import LedgerWitness
 from server.messaging import run_bytes
-from server.model_export import export_model
-from server.plots import plot_rounds
-from server.privacy_audit import check_canaries, run_sample_level_audit
 from server.results import ResultsWriter, resolve_results_dir
 from server.robust_aggregation import make_rule
 from server.run_outcome import failure_summary, loop_outcome, summarise_start_failure
@@ -203,6 +199,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         evaluator = CentralEvaluator(cfg)
         if inserts_canary_records(cfg):
+            from server.privacy_audit import check_canaries
+
             check_canaries(cfg)  # a bad audit-canaries fails before round 1
         model = build_model(
             cfg.dataset, evaluator.num_classes, seed=cfg.seed, features=cfg.features
@@ -222,6 +220,10 @@ def main(grid: Grid, context: Context) -> None:
         summary["message_bytes"] = run_bytes(writer.rounds)
         if writer.rounds:
             summary["final_central"] = writer.rounds[-1]["central"]
+            # imported here: matplotlib and the exporter cost every run's start-up
+            from server.model_export import export_model
+            from server.plots import plot_rounds
+
             plot_rounds(writer.rounds, out_dir, f"{cfg.dataset}, {cfg.partitioner}")
             export_model(
                 result.arrays,
@@ -238,12 +240,16 @@ def main(grid: Grid, context: Context) -> None:
                 },
             )
         if writer.rounds and inserts_canary_records(cfg):
+            from server.privacy_audit import run_sample_level_audit
+
             summary["audit"], audit_line = run_sample_level_audit(
                 cfg, result.arrays.to_torch_state_dict(), summary["max_epsilon"], out_dir
             )
         if writer.rounds and isinstance(strategy, ClientLevelFedAvg):  # canary clients
             client_audit = strategy.audit_block(result.arrays)
             if client_audit is not None:
+                from server.canary_clients import canary_audit_line
+
                 summary["audit"], audit_line = client_audit, canary_audit_line(client_audit)
         writer.write_summary(summary)
     except BaseException as exc:

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import (
@@ -35,7 +35,6 @@ from common.client_level_plan import (
 from common.config import RunConfig
 from common.dp_randomness import reproducible_seed, round_generator
 from common.reply import CLIP_NORM_KEY, Status
-from server.canary_clients import CanaryClients
 from server.client_level_dp import (
     ClientLevelAggregator,
     RoundAggregate,
@@ -46,6 +45,9 @@ from server.client_outcomes import ClientOutcome, outcome_from_reply
 from server.federation_ledger import FederationLedger
 from server.strategy import WEIGHT_KEY, PrivateFedAvg
 from server.update_validation import UpdateValidator
+
+if TYPE_CHECKING:
+    from server.canary_clients import CanaryClients
 
 SERVER_PARTITION = -2  # the server's "partition" in reproducible-noise seeds
 
@@ -166,6 +168,8 @@ class ClientLevelFedAvg(PrivateFedAvg):
         if self.current_arrays is None:
             self.current_arrays = arrays  # FedAvgM's reference for its server step
         if self.cfg.audit == "one-run" and self.canaries is None:  # at the initial model
+            from server.canary_clients import CanaryClients  # scipy: audits only
+
             self.canaries = CanaryClients(
                 self.cfg.audit_canaries, self.cfg.seed, self.cfg.client_sampling_rate,
                 arrays.to_numpy_ndarrays(),
