@@ -240,6 +240,12 @@ def run_grid(
     print(f"[sweep] Flower home and logs: {work}; Ray: {describe_ray(ray)}", flush=True)
     interrupt = Interrupt()
     futures: list[Future[PointResult]] = []
+    finished: dict[str, PointResult] = {}  # by point name, as each point returns
+
+    def run_and_keep(point: GridPoint, *rest: Any) -> PointResult:
+        finished[point.name] = result = run_point(point, *rest)
+        return result
+
     started = time.time()
     pool = ThreadPoolExecutor(max_workers=args.jobs)
     try:
@@ -248,31 +254,29 @@ def run_grid(
             link = SweepLink(env, work, stage_app(APP_DIR, work))
             setup = time.time() - started
             print(f"[sweep] SuperLink on {superlink.address} ({setup:.1f} s)", flush=True)
-            futures = [
-                pool.submit(run_point, pt, opts, over, link, out_dir, interrupt)
-                for pt, (opts, over) in zip(points, checked, strict=True)
-            ]
             try:
+                for pt, (opts, over) in zip(points, checked, strict=True):
+                    futures.append(
+                        pool.submit(run_and_keep, pt, opts, over, link, out_dir, interrupt)
+                    )
                 _wait_all(futures)
             except KeyboardInterrupt as exc:
+                # The signal may land inside a submission, losing that future: wait
+                # on the pool, not the futures. Queued points are cancelled; the one
+                # running stops its run (flwr stop). A second interrupt ends this.
                 interrupt.set(exc.args[0] if exc.args else "SIGINT (Ctrl-C)")
                 print(f"[sweep] interrupted ({interrupt.how}); stopping", flush=True)
-                _wait_all(futures)  # each stops its run; a second interrupt ends this
-            _print_amortised(setup, [f.result() for f in futures])
+                pool.shutdown(wait=True, cancel_futures=True)
+            _print_amortised(
+                setup, [finished[p.name] for p in points if p.name in finished]
+            )
     except KeyboardInterrupt as exc:
         interrupt.set(exc.args[0] if exc.args else "SIGINT (Ctrl-C)")
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         stop_processes(descendants(), grace=LEFTOVER_GRACE_S)
-    rows = []
-    for i, point in enumerate(points):
-        future = futures[i] if i < len(futures) else None
-        if future is not None and future.done() and not future.cancelled():
-            if future.exception() is None:
-                rows.append(future.result())
-                continue
-        status = NOT_STARTED if interrupt.how else Outcome.FAILED.value
-        rows.append(_result(point, status, {}))
+    status = NOT_STARTED if interrupt.how else Outcome.FAILED.value
+    rows = [finished.get(p.name) or _result(p, status, {}) for p in points]
     return rows, interrupt.how
 
 
