@@ -149,7 +149,9 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
             server_round, plan.release(layout.min_contributors, cfg.client_sampling_rate)
         )
         if over is not None:  # nothing sent, nothing released
-            self.stop_reason = f"{over}; stopped after round {server_round - 1}"
+            self.stop_reason = (
+                f"{over}; round {server_round} sent nothing and the run stopped"
+            )
             facts["failure"] = over
             return TrainStep(None, MetricRecord({}), 0, 0.0)
         seed = secrets.token_bytes(32)
