@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -40,15 +41,46 @@ RUN_ID_WAIT_S = 3.0  # for the run ID line after an early interrupt
 
 class Interrupt:
     """An interrupt that one thread (the sweep's main thread) passes to the threads
-    that follow runs: ``how`` names the signal once it came."""
+    that follow runs: ``how`` names the signal once it came.
+
+    It also counts the runs under way (:meth:`unless_set`), so that the main
+    thread can wait for them to report (:meth:`wait_for_runs`) without relying on
+    an executor's bookkeeping, which a signal landing inside a submission can leave
+    without the thread it just started.
+    """
 
     def __init__(self) -> None:
         self.how: str | None = None
+        self._changed = threading.Condition()
+        self._running = 0
 
     def set(self, how: str) -> None:
         """Record the interrupt (the first one counts)."""
-        if self.how is None:
-            self.how = how
+        with self._changed:
+            if self.how is None:
+                self.how = how
+
+    @contextmanager
+    def unless_set(self) -> Iterator[bool]:
+        """Yield whether to go on (no interrupt yet); a run that goes on is counted
+        until the block ends, and the check and the count are one step."""
+        with self._changed:
+            go = self.how is None
+            self._running += go
+        try:
+            yield go
+        finally:
+            if go:
+                with self._changed:
+                    self._running -= 1
+                    self._changed.notify_all()
+
+    def wait_for_runs(self) -> None:
+        """Block until no run counted by :meth:`unless_set` is under way (polling,
+        so a second signal still reaches the main thread)."""
+        with self._changed:
+            while self._running:
+                self._changed.wait(timeout=0.5)
 
 
 def serverapp_processes() -> list[psutil.Process]:

@@ -185,8 +185,6 @@ def run_point(
     interrupt: Interrupt,
 ) -> PointResult:
     """Run one federation on the sweep's SuperLink and read its summary."""
-    if interrupt.how is not None:
-        return _result(point, NOT_STARTED, {})
     results = Path(overrides["results-dir"])
     print(f"[sweep] start {point.name}", flush=True)
     with open(out_dir / f"{point.name}.log", "w", encoding="utf-8") as log:
@@ -243,7 +241,14 @@ def run_grid(
     finished: dict[str, PointResult] = {}  # by point name, as each point returns
 
     def run_and_keep(point: GridPoint, *rest: Any) -> PointResult:
-        finished[point.name] = result = run_point(point, *rest)
+        """Run a point unless interrupted; its row is kept before it counts as done."""
+        with interrupt.unless_set() as go:
+            try:
+                result = run_point(point, *rest) if go else _result(point, NOT_STARTED, {})
+            except Exception as exc:  # a bug: keep the row, then end the sweep
+                finished[point.name] = _result(point, f"failed ({exc!r})", {})
+                raise
+            finished[point.name] = result
         return result
 
     started = time.time()
@@ -261,12 +266,13 @@ def run_grid(
                     )
                 _wait_all(futures)
             except KeyboardInterrupt as exc:
-                # The signal may land inside a submission, losing that future: wait
-                # on the pool, not the futures. Queued points are cancelled; the one
-                # running stops its run (flwr stop). A second interrupt ends this.
+                # The signal may land inside a submission, losing that future or
+                # the pool's record of the thread it started: wait on the points
+                # themselves. Queued points return "not started"; one running stops
+                # its run (flwr stop). A second interrupt ends this.
                 interrupt.set(exc.args[0] if exc.args else "SIGINT (Ctrl-C)")
                 print(f"[sweep] interrupted ({interrupt.how}); stopping", flush=True)
-                pool.shutdown(wait=True, cancel_futures=True)
+                interrupt.wait_for_runs()
             _print_amortised(
                 setup, [finished[p.name] for p in points if p.name in finished]
             )

@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from server.results import ResultsWriter, write_summary
 from server.run_outcome import Outcome, close_run, summary_written_since
 from simulations.deployment import DeploymentSpec
 from simulations.flower_env import flower_environment
+from simulations.flwr_run import Interrupt
 from simulations.run_options import ray_address, resolve_ray_address
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,3 +134,32 @@ def test_deployment_addresses_are_loopback_and_named_by_the_certificate(
     with pytest.raises(ValueError, match="add it to server_sans"):
         DeploymentSpec(work, certs, server_host="127.0.0.2")
     assert DeploymentSpec(work, certs, secure=False, server_host="127.0.0.2")
+
+
+def test_an_interrupt_waits_for_the_run_under_way_and_starts_no_other() -> None:
+    """The sweep's main thread, once interrupted, waits for the point that runs (not
+    for an executor's record of it) and the next point does not start."""
+    interrupt, began, release = Interrupt(), threading.Event(), threading.Event()
+    reported: list[str] = []
+
+    def point() -> None:
+        with interrupt.unless_set() as go:
+            assert go
+            began.set()
+            release.wait(timeout=10)
+            time.sleep(0.3)  # still stopping its run after the release
+            reported.append("interrupted")
+
+    thread = threading.Thread(target=point)
+    thread.start()
+    assert began.wait(timeout=10)
+    interrupt.set("SIGTERM")
+    interrupt.set("SIGINT (Ctrl-C)")  # the first one counts
+    release.set()
+    interrupt.wait_for_runs()
+    assert reported == ["interrupted"]  # the row exists once the wait returns
+    assert interrupt.how == "SIGTERM"
+    with interrupt.unless_set() as go:
+        assert not go
+    interrupt.wait_for_runs()  # a point that did not go on is not counted
+    thread.join(timeout=10)
