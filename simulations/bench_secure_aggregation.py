@@ -4,6 +4,7 @@ and a deployment that loses a SuperNode mid-round.
     python -m simulations.bench_secure_aggregation epsilon
     python -m simulations.bench_secure_aggregation bytes
     python -m simulations.bench_secure_aggregation round-time --clients 100 --repeats 2
+    python -m simulations.bench_secure_aggregation round-time --preset fmnist-client-eps3
     python -m simulations.bench_secure_aggregation accuracy --preset fmnist-client-eps3
     python -m simulations.bench_secure_aggregation dropout --nodes 5
 
@@ -11,8 +12,8 @@ and a deployment that loses a SuperNode mid-round.
 in process, plain client-level vs secure aggregation, bytes each client sends
 (Flower's serialised message objects); ``round-time`` and ``accuracy`` run real
 simulations side by side (``simulations.run``) and compare rounds.jsonl/summary.json;
-``dropout`` starts a TLS deployment, kills one SuperNode by PID once round 1 is
-recorded, and checks that every round still completes.
+``dropout`` starts a TLS deployment, kills one SuperNode by PID during a stage of
+round 2 (``--stage``), and checks that every round still completes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,7 +68,14 @@ def epsilon_table(
 
 
 # -- bytes ------------------------------------------------------------------------------
-def bytes_table(clients: int) -> None:
+MODELS = {  # name: (dataset, features)
+    "digits": ("digits", "pixels"),
+    "fmnist-cnn": ("fashion-mnist", "pixels"),
+    "fmnist-scattering": ("fashion-mnist", "scattering"),
+}
+
+
+def bytes_table(clients: int, models: list[str]) -> None:
     """One in-process round of each kind per model: bytes each client sends and gets."""
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -84,8 +94,7 @@ def bytes_table(clients: int) -> None:
     print("| model | parameters | float32 update | plain client-level, up | secure "
           "aggregation, up (all stages) | ratio | secure aggregation, down |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
-    for dataset, features in (("digits", "pixels"), ("fashion-mnist", "pixels"),
-                              ("fashion-mnist", "scattering")):  # fmt: skip
+    for dataset, features in (MODELS[m] for m in models):
         common = dict(
             dataset=dataset, features=features, privacy_mode="client",
             client_sampling_rate=1.0, noise_multiplier=1.0, target_epsilon=0.0,
@@ -132,26 +141,49 @@ def _run(args: list[str], out: Path) -> dict[str, Any]:
     return {"rounds": rounds, "summary": json.loads((out / "summary.json").read_text())}
 
 
-def round_time(clients: int, rounds: int, repeats: int) -> None:
-    """Plain client-level vs secure aggregation, every client in every round,
-    interleaved; median round seconds after the first round (warm-up)."""
+def round_time(clients: int, rounds: int, repeats: int, preset: str | None) -> None:
+    """Plain (central) client-level vs secure aggregation, interleaved; median round
+    seconds after the first round (warm-up), and the median of each stage.
+
+    Without ``preset``: digits, ``clients`` clients, every client in every round.
+    With one: the preset's federation and cohort (e.g. fmnist-client-eps3, about
+    100 of 10,000 clients per round), secure aggregation as in ``accuracy``."""
     work = Path(tempfile.mkdtemp(prefix="privfed-bench-secagg-time-"))
-    base = ["--clients", str(clients), "--rounds", str(rounds),
-            "--privacy-mode", "client", "--set", "client-sampling-rate=1.0",
-            "--target-epsilon", "8"]  # fmt: skip
+    if preset is None:
+        base = ["--clients", str(clients), "--privacy-mode", "client",
+                "--set", "client-sampling-rate=1.0", "--target-epsilon", "8"]  # fmt: skip
+        secure_extra = ["--set", "secure-aggregation=true"]
+    else:
+        base = ["--preset", preset]
+        secure_extra = ["--set", "secure-aggregation=true",
+                        "--set", "secagg-min-contributors=0.95"]  # fmt: skip
+    base += ["--rounds", str(rounds)]
     seconds: dict[str, list[float]] = {"plain": [], "secure aggregation": []}
+    stages: dict[str, list[float]] = {}
+    cohorts: list[int] = []
     for i in range(repeats):
-        for name, extra in (("plain", []), ("secure aggregation",
-                            ["--set", "secure-aggregation=true"])):  # fmt: skip
+        for name, extra in (("plain", []), ("secure aggregation", secure_extra)):
             run = _run([*base, *extra], work / f"{name.replace(' ', '-')}-{i}")
-            seconds[name] += [r["seconds"] for r in run["rounds"][1:]]
+            for record in run["rounds"][1:]:
+                seconds[name].append(record["seconds"])
+                sa = (record.get("client_level") or {}).get("secure_aggregation")
+                if sa:
+                    cohorts.append(sa["cohort"])
+                    for stage, value in sa["stage_seconds"].items():
+                        stages.setdefault(stage, []).append(value)
+                    server = record["timing_seconds"]["aggregation"]
+                    stages.setdefault("server unmask and sum", []).append(server)
     plain = statistics.median(seconds["plain"])
     secure = statistics.median(seconds["secure aggregation"])
+    what = preset or "digits"
     print(
-        f"| {clients} clients per round, digits | plain {plain:.2f} s | secure "
-        f"aggregation {secure:.2f} s | {secure / plain:.2f}× | rounds 2–{rounds} of "
-        f"{repeats} runs each |"
+        f"| {what}, cohort median {statistics.median(cohorts):.0f} | plain {plain:.2f} s "
+        f"| secure aggregation {secure:.2f} s | {secure / plain:.2f}× | rounds 2–{rounds} "
+        f"of {repeats} runs each |"
     )
+    print("stages (median s): " + ", ".join(
+        f"{k} {statistics.median(v):.2f}" for k, v in stages.items()
+    ))  # fmt: skip
 
 
 def accuracy(preset: str, minimum: float) -> None:
@@ -185,8 +217,46 @@ def accuracy(preset: str, minimum: float) -> None:
 
 
 # -- a deployment that loses a node -------------------------------------------------
-def dropout(nodes: int, rounds: int) -> int:
-    """TLS deployment of ``nodes`` SuperNodes; one is killed once round 1 is recorded."""
+# The stages of a round in the order a node gets their messages (one process each).
+STAGE_ORDER = ("setup", "share_keys", "masked_update", "unmask")
+
+
+def _clientapps(node: psutil.Process) -> set[int]:
+    """PIDs of the ``flwr-clientapp`` processes a SuperNode runs now."""
+    found = set()
+    try:
+        children = node.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return found
+    for child in children:
+        try:
+            if any(Path(a).name == "flwr-clientapp" for a in child.cmdline()[:2]):
+                found.add(child.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _kill_at_stage(deployment: Any, victim: int, stage: str, flwr_run: Any) -> None:
+    """Kill SuperNode ``victim`` once its ClientApp for ``stage`` of the next round
+    has started (round 1 recorded, so the next processes are round 2's, in order)."""
+    node = psutil.Process(deployment.nodes[victim].process.pid)
+    seen = _clientapps(node)  # round 1's last, if still exiting
+    started: list[int] = []
+    while len(started) <= STAGE_ORDER.index(stage):
+        if flwr_run.poll() is not None:
+            raise SystemExit(f"[bench] the run ended before stage {stage} of round 2")
+        now = _clientapps(node)
+        started += sorted(now - seen - set(started))
+        seen |= now
+        time.sleep(0.05)
+    deployment.kill_supernode(victim)
+
+
+def dropout(nodes: int, rounds: int, stage: str) -> int:
+    """TLS deployment of ``nodes`` SuperNodes; one is killed in round 2, once its
+    ClientApp for ``stage`` has started (``masked_update``: after it shared its keys,
+    before its upload, the case SecAgg+ recovers by revealing its key's shares)."""
     import tomli_w
 
     from common.config import RunConfig
@@ -230,9 +300,9 @@ def dropout(nodes: int, rounds: int) -> int:
                 raise SystemExit("[bench] the run ended before round 1")
             time.sleep(0.5)
         victim = nodes - 1
-        deployment.kill_supernode(victim)
+        _kill_at_stage(deployment, victim, stage, flwr_run)
         killed_at = time.time()
-        print(f"[bench] killed SuperNode {victim} after round 1", flush=True)
+        print(f"[bench] killed SuperNode {victim} in round 2, stage {stage}", flush=True)
         flwr_run.communicate(timeout=3600)
     finally:
         deployment.close()
@@ -271,27 +341,35 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--minimum", type=int, default=90)
     b = sub.add_parser("bytes", help="bytes per client per round, in process")
     b.add_argument("--clients", type=int, default=10)
+    b.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     t = sub.add_parser("round-time", help="round time, plain vs secure aggregation")
     t.add_argument("--clients", type=int, default=100)
     t.add_argument("--rounds", type=int, default=4)
     t.add_argument("--repeats", type=int, default=2)
+    t.add_argument("--preset", default=None, help="a preset's federation (default digits)")
     a = sub.add_parser("accuracy", help="a client-level preset, central vs distributed")
     a.add_argument("--preset", default="fmnist-client-eps3")
     a.add_argument("--min-contributors", type=float, default=0.95)
     d = sub.add_parser("dropout", help="a deployment that loses a SuperNode mid-run")
     d.add_argument("--nodes", type=int, default=5)
     d.add_argument("--rounds", type=int, default=3)
+    d.add_argument(
+        "--stage",
+        choices=STAGE_ORDER,
+        default="masked_update",
+        help="the stage of round 2 during which a SuperNode is killed",
+    )
     args = p.parse_args(argv)
     if args.what == "epsilon":
         epsilon_table(args.rounds, args.rate, args.target, args.cohort, args.minimum)
     elif args.what == "bytes":
-        bytes_table(args.clients)
+        bytes_table(args.clients, args.models)
     elif args.what == "round-time":
-        round_time(args.clients, args.rounds, args.repeats)
+        round_time(args.clients, args.rounds, args.repeats, args.preset)
     elif args.what == "accuracy":
         accuracy(args.preset, args.min_contributors)
     else:
-        return dropout(args.nodes, args.rounds)
+        return dropout(args.nodes, args.rounds, args.stage)
     return 0
 
 

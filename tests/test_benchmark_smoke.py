@@ -53,6 +53,21 @@ def test_update_compression_benchmark_smoke() -> None:
     assert rows["int2"] < rows["int4"] < 0.25 < rows["int8"] < rows["float16"] < 1
 
 
+def test_secure_aggregation_benchmark_smoke() -> None:
+    """What a dropout costs grows as uploads fall and as rounds add up against the
+    server; one in-process round of bytes stays under 1.5x the float32 update."""
+    out = _run("simulations.bench_secure_aggregation", "epsilon", "--rounds", "20")
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()]
+    by_uploads = [float(r[2]) for r in cells if len(r) == 3 and r[0].isdigit()]
+    against = [float(r[1]) for r in cells if len(r) == 2 and r[0].isdigit()]
+    assert len(by_uploads) >= 2 and by_uploads == sorted(by_uploads, reverse=True)
+    assert len(against) >= 2 and against == sorted(against)
+    out = _run("simulations.bench_secure_aggregation", "bytes", "--clients", "3",
+               "--models", "digits")  # fmt: skip
+    row = next(line for line in out.splitlines() if line.startswith("| digits"))
+    assert float(row.split("|")[6].strip().rstrip("×")) <= 1.5, row
+
+
 @pytest.mark.e2e
 def test_deployment_benchmark_smoke() -> None:
     """The deployment benchmark measures RSS, bytes and each message's phases (from
