@@ -332,10 +332,8 @@ def ensure_node_key(folder: Path, name: str) -> NodeKey:
     return NodeKey(private, public)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Make (or check) a deployment's certificate folder and SuperNode keys."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--certs-dir", type=Path, help="the deployment's certificate folder")
+def add_certificate_options(p: argparse.ArgumentParser) -> None:
+    """``--ca-dir`` and ``--server-san``, worded once for every script."""
     p.add_argument(
         "--ca-dir",
         type=Path,
@@ -348,8 +346,16 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME",
         help="a host name or IP address the devices use to reach the SuperLink "
-        "(repeatable); localhost, 127.0.0.1 and ::1 are always named",
+        "(repeatable); localhost, 127.0.0.1 and ::1 are always named (for "
+        "certificates you will reuse on a real server, see README)",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Make (or check) a deployment's certificate folder and SuperNode keys."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--certs-dir", type=Path, help="the deployment's certificate folder")
+    add_certificate_options(p)
     p.add_argument(
         "--node-key",
         action="append",

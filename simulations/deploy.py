@@ -32,8 +32,8 @@ from common.atomic_files import atomic_write_bytes
 from common.config import ConfigError, RunConfig
 from server.run_outcome import Outcome, summary_written_since
 from simulations.certificates import (
-    CA_DIR_ENV,
     CertificateError,
+    add_certificate_options,
     default_ca_dir,
     ensure_tls_files,
     server_sans,
@@ -73,20 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_options(p, "SuperNodes to start", ("--nodes",))
     p.add_argument("--certs-dir", type=Path, help="default: <results-dir>/certs")
-    p.add_argument(
-        "--ca-dir",
-        type=Path,
-        help=f"where the CA's key lives (default: ${CA_DIR_ENV}, else "
-        "$XDG_DATA_HOME/privfed/ca or ~/.local/share/privfed/ca)",
-    )
-    p.add_argument(
-        "--server-san",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a host name or IP address the server certificate also names "
-        "(repeatable; for certificates you will reuse on a real server, see README)",
-    )
+    add_certificate_options(p)
     p.add_argument("--state-root", type=Path, help="default: <results-dir>/nodes")
     p.add_argument("--insecure", action="store_true", help="plaintext, no auth (debug)")
     return resolve_clients(p.parse_args(argv))
