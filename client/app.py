@@ -1,8 +1,8 @@
 """The ClientApp: local DP-SGD under the node's privacy policy, with a cumulative ledger.
 
-What a reply may carry is declared in :mod:`common.reply`; this module only chooses
+What a reply may carry is declared in :mod:`common.wire.reply`; this module only chooses
 the constructor. Nothing here seeds DP randomness from the run config or a message
-(see :mod:`common.dp_randomness`).
+(see :mod:`common.privacy.randomness`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import secagg_client
-from client.dp_training import train_non_private, train_private
-from client.ledger_store import (
+from client.data.local_data import ClientShard, load_client_shard
+from client.node_settings import NodeSettings
+from client.privacy.ledger_store import (
     ledger_lock,
     load_ledger,
     public_reason,
@@ -27,25 +27,25 @@ from client.ledger_store import (
     store_ledger,
     witnessed_in,
 )
-from client.local_data import ClientShard, load_client_shard
-from client.node_settings import NodeSettings
-from client.privacy_policy import (
+from client.privacy.policy import (
     MIN_TEST_RECORDS,
     PolicyError,
     PrivacyPolicy,
     load_policy,
 )
+from client.secure_aggregation import stages as secagg_stages
+from client.training.dp_training import train_non_private, train_private
 from common.config import RunConfig
-from common.data_checks import DatasetError
-from common.dp_randomness import integer_generator, reproducible_seed, round_generator
-from common.metrics import evaluate_model
-from common.models import build_model, model_dimension
-from common.privacy_ledger import LedgerError, PrivacyLedger
-from common.reply import ARRAYS_KEY, CLIP_NORM_KEY, EvaluateReport, TrainReport
-from common.round_privacy import decide_round
-from common.secagg_protocol import SECAGG_KEY, ProtocolError, Stage
-from common.update_clipping import ClippedUpdate, clip_update
-from common.update_codec import UpdateCodec, encode_change
+from common.data.checks import DatasetError
+from common.ledger.privacy_ledger import LedgerError, PrivacyLedger
+from common.privacy.randomness import integer_generator, reproducible_seed, round_generator
+from common.privacy.round_decision import decide_round
+from common.privacy.update_clipping import ClippedUpdate, clip_update
+from common.secure_aggregation.protocol import SECAGG_KEY, ProtocolError, Stage
+from common.tasks.metrics import evaluate_model
+from common.tasks.models import build_model, model_dimension
+from common.wire.reply import ARRAYS_KEY, CLIP_NORM_KEY, EvaluateReport, TrainReport
+from common.wire.update_codec import UpdateCodec, encode_change
 
 log = logging.getLogger("privfed.client")
 app = ClientApp()
@@ -322,7 +322,7 @@ def _train_client_level(
 train = app.train()(_sanitised(_train, lambda pid, why: _node_error(pid, why)))
 
 
-# -- secure aggregation with distributed DP (client/secagg_client.py) ----------------
+# -- secure aggregation with distributed DP (client/secure_aggregation/stages.py) --
 def _secagg_refusal(cfg: RunConfig, policy: PrivacyPolicy) -> str | None:
     refusal = policy.refusal_for_run(cfg)
     if refusal is None and not (cfg.is_client_level and cfg.secure_aggregation):
@@ -352,24 +352,24 @@ def _secagg_stage(stage: Stage) -> Handler:
         except PolicyError as exc:
             refusal = str(exc)
         if refusal is not None:
-            secagg_client.forget(context)
+            secagg_stages.forget(context)
             log.warning("node %d refuses %s: %s", context.node_id, stage.value, refusal)
             return _send(msg, TrainReport.policy_refused(pid, refusal))
         try:
-            record = secagg_client.stage_record(msg.content)
+            record = secagg_stages.stage_record(msg.content)
             if stage is Stage.MASKED_UPDATE:
                 return _masked_update(msg, context, cfg, policy, record)
             if stage is Stage.SETUP:
-                out = secagg_client.setup(
+                out = secagg_stages.setup(
                     context, int(context.node_id), record, model_dimension(cfg),
                     policy.min_noise_multiplier,
                 )  # fmt: skip
             elif stage is Stage.SHARE_KEYS:
-                out = secagg_client.share_keys(context, record)
+                out = secagg_stages.share_keys(context, record)
             else:
-                out = secagg_client.unmask(context, record)
+                out = secagg_stages.unmask(context, record)
         except ProtocolError as exc:
-            secagg_client.forget(context)
+            secagg_stages.forget(context)
             log.warning("node %d refuses %s: %s", context.node_id, stage.value, exc)
             return _send(msg, TrainReport.policy_refused(pid, f"secure aggregation: {exc}"))
         return Message(RecordDict({SECAGG_KEY: out}), reply_to=msg)
@@ -385,9 +385,9 @@ def _masked_update(
     try:
         cfg, node, shard = _setup(context)
     except DatasetError as exc:
-        secagg_client.forget(context)
+        secagg_stages.forget(context)
         return _data_refusal(msg, context, exc, TrainReport.data_error)
-    held = secagg_client.receive_shares(context, record)
+    held = secagg_stages.receive_shares(context, record)
     if msg.content["config"].get(CLIP_NORM_KEY) != held.setup.plan.clip_norm:
         raise ProtocolError(
             "the round's clip norm differs from the one its plan was made for"
@@ -397,13 +397,13 @@ def _masked_update(
             witnessed = witnessed_in(msg.content["config"])
             ledger = load_ledger(context, node, cfg.accountant, policy.delta, witnessed)
         except LedgerError as exc:  # fail closed: never "nothing spent"
-            secagg_client.forget(context)
+            secagg_stages.forget(context)
             log.error("partition %d refuses to train: %s", shard.partition_id, exc)
             return _send(
                 msg, TrainReport.ledger_error(shard.partition_id, public_reason(exc))
             )
         _, clipped, ledger = _clipped_change(msg, context, cfg, node, shard, ledger)
-    upload = secagg_client.masked_upload(context, held, clipped.arrays)
+    upload = secagg_stages.masked_upload(context, held, clipped.arrays)
     seconds = time.perf_counter() - started if policy.release_timing else None
     shown = ledger if policy.release_ledger else None
     report = TrainReport.masked_update(shard.partition_id, shown, seconds)

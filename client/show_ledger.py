@@ -13,9 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from client.ledger_store import ledger_path, read_ledger_file
-from client.privacy_policy import POLICY_FILE, PolicyError, PrivacyPolicy
-from common.privacy_ledger import LedgerError
+from client.privacy.ledger_store import ledger_path, read_ledger_file
+from client.privacy.policy import POLICY_FILE, PolicyError, PrivacyPolicy
+from common.ledger.privacy_ledger import LedgerError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,10 +19,16 @@ ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_MODES = ("sample", "client", "none")  # record-level, client-level, off
 CLIPPING_MODES = ("fixed", "adaptive")  # client-level update clipping
 GRAD_SAMPLE_MODES = ("direct", "hooks", "ew", "functorch")
-FEATURE_MAPS = ("pixels", "scattering")  # see common/features.py
-EXPORT_COMPRESSIONS = ("none", "int8", "int8+prune")  # see server/model_compression.py
-UPDATE_COMPRESSIONS = ("none", "float16", "int8", "int4", "int2")  # common/update_codec.py
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")  # server/robust_aggregation.py
+FEATURE_MAPS = ("pixels", "scattering")  # see common/data/features.py
+EXPORT_COMPRESSIONS = ("none", "int8", "int8+prune")  # see server/export/compression.py
+UPDATE_COMPRESSIONS = (
+    "none",
+    "float16",
+    "int8",
+    "int4",
+    "int2",
+)  # wire/update_codec.py
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")  # server/strategies/robust.py
 AUDIT_MODES = ("off", "one-run")  # empirical privacy audit, simulation only
 
 
@@ -252,7 +258,7 @@ class RunConfig:
     def _check_privacy_keys(self) -> None:
         if self.privacy_mode == "none":
             return
-        # δ < 1/n and the adaptive noise split need n: common/client_level_plan.py
+        # δ < 1/n and the adaptive noise split need n: common/privacy/client_level_plan.py
         if self.privacy_mode == "sample" and self.batch_size < 2:
             # B = 1 makes Opacus' expected batch int(N·(1/N)) round to 0 for many N.
             raise ConfigError(

@@ -15,23 +15,28 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from common.canaries import inserts_canary_records
+from common.audit.canaries import inserts_canary_records
 from common.config import RunConfig, noise_statement
-from common.models import build_model, model_dimension
+from common.tasks.models import build_model, model_dimension
 from server.central_evaluation import CentralEvaluator
-from server.checkpoint import Checkpoint, Checkpointer, load_for_resume, resumed_rounds
-from server.client_level_strategy import ClientLevelFedAvg
-from server.client_outcomes import partition_key
-from server.federation_ledger import DistributedLedger, FederationLedger
+from server.checks.federation_ledger import DistributedLedger, FederationLedger
+from server.checks.ledger_witness import LedgerWitness
+from server.checks.update_validation import UpdateValidator
 from server.federation_loop import LoopResult, epsilon_text, run_rounds
-from server.ledger_witness import LedgerWitness
 from server.messaging import run_bytes
-from server.results import ResultsWriter, resolve_results_dir
-from server.robust_aggregation import make_rule
-from server.run_outcome import failure_summary, loop_outcome, summarise_start_failure
-from server.secure_aggregation_strategy import SecureAggregationFedAvg
-from server.strategy import PrivateFedAvg
-from server.update_validation import UpdateValidator
+from server.results.checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    load_for_resume,
+    resumed_rounds,
+)
+from server.results.client_outcomes import partition_key
+from server.results.outcome import failure_summary, loop_outcome, summarise_start_failure
+from server.results.run_folder import ResultsWriter, resolve_results_dir
+from server.secure_aggregation.strategy import SecureAggregationFedAvg
+from server.strategies.client_level import ClientLevelFedAvg
+from server.strategies.private_fedavg import PrivateFedAvg
+from server.strategies.robust import make_rule
 
 app = ServerApp()
 
@@ -199,7 +204,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         evaluator = CentralEvaluator(cfg)
         if inserts_canary_records(cfg):
-            from server.privacy_audit import check_canaries
+            from server.audit.privacy_audit import check_canaries
 
             check_canaries(cfg)  # a bad audit-canaries fails before round 1
         model = build_model(
@@ -221,8 +226,8 @@ def main(grid: Grid, context: Context) -> None:
         if writer.rounds:
             summary["final_central"] = writer.rounds[-1]["central"]
             # imported here: matplotlib and the exporter cost every run's start-up
-            from server.model_export import export_model
-            from server.plots import plot_rounds
+            from server.export.torchscript import export_model
+            from server.results.plots import plot_rounds
 
             plot_rounds(writer.rounds, out_dir, f"{cfg.dataset}, {cfg.partitioner}")
             export_model(
@@ -240,7 +245,7 @@ def main(grid: Grid, context: Context) -> None:
                 },
             )
         if writer.rounds and inserts_canary_records(cfg):
-            from server.privacy_audit import run_sample_level_audit
+            from server.audit.privacy_audit import run_sample_level_audit
 
             summary["audit"], audit_line = run_sample_level_audit(
                 cfg, result.arrays.to_torch_state_dict(), summary["max_epsilon"], out_dir
@@ -248,7 +253,7 @@ def main(grid: Grid, context: Context) -> None:
         if writer.rounds and isinstance(strategy, ClientLevelFedAvg):  # canary clients
             client_audit = strategy.audit_block(result.arrays)
             if client_audit is not None:
-                from server.canary_clients import canary_audit_line
+                from server.audit.canary_clients import canary_audit_line
 
                 summary["audit"], audit_line = client_audit, canary_audit_line(client_audit)
         writer.write_summary(summary)

@@ -6,10 +6,10 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.config import RunConfig
-from common.datasets import load_dataset
-from common.features import compute_features
-from common.metrics import evaluate_model
-from common.models import build_model
+from common.data.datasets import load_dataset
+from common.data.features import compute_features
+from common.tasks.metrics import evaluate_model
+from common.tasks.models import build_model
 
 
 class CentralEvaluator:

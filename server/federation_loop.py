@@ -15,12 +15,12 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.config import RunConfig
-from common.reply import Status
-from server.checkpoint import Checkpoint, Checkpointer, restore_strategy
-from server.client_outcomes import ClientOutcome
+from common.wire.reply import Status
 from server.messaging import CountingGrid, exchange, round_bytes
-from server.results import ResultsWriter
-from server.strategy import PrivateFedAvg
+from server.results.checkpoint import Checkpoint, Checkpointer, restore_strategy
+from server.results.client_outcomes import ClientOutcome
+from server.results.run_folder import ResultsWriter
+from server.strategies.private_fedavg import PrivateFedAvg
 
 CLIENT_LEVEL_FAILED_ROUNDS = 3  # see run_rounds
 
@@ -88,7 +88,7 @@ class LoopState:
     refusals: int = 0  # budget-exhausted replies
     policy_refusals: int = 0
     failures: int = 0
-    rejections: int = 0  # replies the server refused (server/update_validation.py)
+    rejections: int = 0  # replies the server refused (server/checks/update_validation.py)
 
     def record(self, outcomes: list[ClientOutcome]) -> None:
         """Remember each node's latest outcome (failures and rejected replies keep the

@@ -27,28 +27,21 @@ from pathlib import Path
 
 import tomli_w
 
-from client.privacy_policy import POLICY_FILE, PolicyError, PrivacyPolicy
+from client.privacy.policy import POLICY_FILE, PolicyError, PrivacyPolicy
 from common.atomic_files import atomic_write_bytes
 from common.config import ConfigError, RunConfig
-from server.run_outcome import Outcome, summary_written_since
-from simulations.certificates import (
+from server.results.outcome import Outcome, summary_written_since
+from simulations.deployment.certificates import (
     CertificateError,
     add_certificate_options,
     default_ca_dir,
     ensure_tls_files,
     server_sans,
 )
-from simulations.deployment import DeploymentSpec, LocalDeployment
-from simulations.flwr_run import follow_run
-from simulations.front_proxy import ProxyError, nginx_binary
-from simulations.processes import (
-    LEFTOVER_GRACE_S,
-    become_subreaper,
-    descendants,
-    install_signal_handlers,
-    stop_processes,
-)
-from simulations.run_options import (
+from simulations.deployment.front_proxy import ProxyError, nginx_binary
+from simulations.deployment.local import DeploymentSpec, LocalDeployment
+from simulations.launch.flwr_run import follow_run
+from simulations.launch.options import (
     APP_DIR,
     add_run_options,
     build_overrides,
@@ -56,7 +49,14 @@ from simulations.run_options import (
     resolve_clients,
     resume_overrides,
 )
-from simulations.run_output import StreamEnd, interrupted, report_results
+from simulations.launch.output import StreamEnd, interrupted, report_results
+from simulations.launch.processes import (
+    LEFTOVER_GRACE_S,
+    become_subreaper,
+    descendants,
+    install_signal_handlers,
+    stop_processes,
+)
 
 # How long a deployed ServerApp may take, once its run is stopped, to notice it and
 # write its own summary (a few seconds here) before its process is stopped.

@@ -24,23 +24,16 @@ from typing import Any, TextIO
 import tomli_w
 
 from common.config import ConfigError, RunConfig
-from server.run_outcome import Outcome
-from simulations.flower_env import (
+from server.results.outcome import Outcome
+from simulations.launch.flower_env import (
     CONNECTION_NAME,
     flower_environment,
     simulation_superlink,
     stage_app,
     write_connection,
 )
-from simulations.flwr_run import FLWR, Interrupt, SubmittedRun, follow_run
-from simulations.processes import (
-    LEFTOVER_GRACE_S,
-    become_subreaper,
-    descendants,
-    install_signal_handlers,
-    stop_processes,
-)
-from simulations.run_options import (
+from simulations.launch.flwr_run import FLWR, Interrupt, SubmittedRun, follow_run
+from simulations.launch.options import (
     APP_DIR,
     add_run_options,
     build_overrides,
@@ -51,7 +44,14 @@ from simulations.run_options import (
     resolve_ray_address,
     resume_overrides,
 )
-from simulations.run_output import StreamEnd, interrupted, report_results
+from simulations.launch.output import StreamEnd, interrupted, report_results
+from simulations.launch.processes import (
+    LEFTOVER_GRACE_S,
+    become_subreaper,
+    descendants,
+    install_signal_handlers,
+    stop_processes,
+)
 
 # A simulation's ServerApp runs in a thread of flwr-simulation, which Flower ends
 # about 15 s after `flwr stop` (its log upload is refused, it waits, then exits)

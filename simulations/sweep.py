@@ -42,31 +42,31 @@ from common.config import (  # noqa: E402
     ConfigError,
     RunConfig,
 )
-from server.run_outcome import Outcome  # noqa: E402
-from simulations.flower_env import (  # noqa: E402
+from server.results.outcome import Outcome  # noqa: E402
+from simulations.launch.flower_env import (  # noqa: E402
     flower_environment,
     simulation_superlink,
     stage_app,
     write_connection,
 )
-from simulations.flwr_run import Interrupt  # noqa: E402
-from simulations.presets import PRESETS  # noqa: E402
-from simulations.processes import (  # noqa: E402
+from simulations.launch.flwr_run import Interrupt  # noqa: E402
+from simulations.launch.options import (  # noqa: E402
+    APP_DIR,
+    build_overrides,
+    positive_seconds,
+    resolve_ray_address,
+)
+from simulations.launch.output import launch_to_round_1  # noqa: E402
+from simulations.launch.processes import (  # noqa: E402
     LEFTOVER_GRACE_S,
     become_subreaper,
     descendants,
     install_signal_handlers,
     stop_processes,
 )
+from simulations.presets import PRESETS  # noqa: E402
 from simulations.run import add_simulation_options, describe_ray, run_on_superlink  # noqa: E402
 from simulations.run import parse_args as run_options  # noqa: E402
-from simulations.run_options import (  # noqa: E402
-    APP_DIR,
-    build_overrides,
-    positive_seconds,
-    resolve_ray_address,
-)
-from simulations.run_output import launch_to_round_1  # noqa: E402
 
 NOT_STARTED = "not started (the sweep was interrupted)"
 

@@ -16,8 +16,8 @@ from flwr.app import (
 )
 
 from common.config import RunConfig
-from simulations.certificates import CA_DIR_ENV
-from simulations.in_process_federation import delivered
+from simulations.deployment.certificates import CA_DIR_ENV
+from simulations.launch.in_process_federation import delivered
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -1,0 +1,96 @@
+"""DP-compatible models: no BatchNorm, no integer buffers, no scalar parameters."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from common.config import RunConfig
+from common.data.datasets import NUM_CLASSES
+from common.data.features import SCATTERING_SHAPE
+
+
+class TanhCNN28(nn.Module):
+    """The 26,010-parameter tanh CNN for 28x28 inputs (Papernot et al. 2021)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, kernel_size=8, stride=2, padding=2),
+            nn.Tanh(),
+            nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, kernel_size=4, stride=2),
+            nn.Tanh(),
+            nn.MaxPool2d(2, 1),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 32),
+            nn.Tanh(),
+            nn.Linear(32, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch shaped ``(B, 1, 28, 28)``."""
+        return self.classifier(self.features(x))
+
+
+class DigitsMLP(nn.Module):
+    """A small tanh MLP for 8x8 digits (4,810 parameters)."""
+
+    def __init__(self, num_classes: int = 10, hidden: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch shaped ``(B, 1, 8, 8)``."""
+        return self.net(x)
+
+
+class FeatureLinear(nn.Module):
+    """A linear classifier on fixed features, e.g. ScatterNet (81x7x7 -> 39,700 params)."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int = 10) -> None:
+        super().__init__()
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(in_shape), num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of feature maps shaped ``(B, *in_shape)``."""
+        return self.classifier(x)
+
+
+def build_model(
+    dataset: str,
+    num_classes: int = 10,
+    seed: int | None = None,
+    features: str = "pixels",
+) -> nn.Module:
+    """The model for ``dataset`` and input ``features``, seeded when ``seed`` is given."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    if features == "scattering":
+        return FeatureLinear(SCATTERING_SHAPE, num_classes)
+    if dataset == "digits":
+        return DigitsMLP(num_classes)
+    if dataset in ("fashion-mnist", "mnist"):
+        return TanhCNN28(num_classes)
+    raise ValueError(f"run config key 'dataset': no model for {dataset!r}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_dimension(cfg: RunConfig) -> int:
+    """Trainable parameters of the run's model."""
+    return count_parameters(build_model(cfg.dataset, NUM_CLASSES, features=cfg.features))

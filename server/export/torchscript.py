@@ -1,0 +1,113 @@
+"""Export the global model for on-device inference: TorchScript plus metadata."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from common.atomic_files import atomic_write_bytes
+from common.config import RunConfig
+from common.data.datasets import IMAGE_SIDE, load_dataset, normalisation
+from common.data.features import ScatteringFront
+from common.tasks.models import build_model, count_parameters
+from server.export.compression import (
+    VARIANT_FILES,
+    compress,
+    describe,
+    quiet_quantisation_warnings,
+    script_variant,
+)
+
+CLASS_NAMES = {
+    "digits": [str(i) for i in range(10)],
+    "mnist": [str(i) for i in range(10)],
+    "fashion-mnist": [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ],
+}  # fmt: skip
+
+
+def _to_torchscript(model: torch.nn.Module, cfg: RunConfig) -> torch.jit.ScriptModule:
+    """Script the model; a feature map is traced in front, so it takes raw images."""
+    if cfg.features == "pixels":
+        return torch.jit.script(model)
+    side = IMAGE_SIDE[cfg.dataset]
+    full = torch.nn.Sequential(ScatteringFront(side), model).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.jit.trace(full, torch.zeros(2, 1, side, side), check_trace=False)
+
+
+def _save(scripted: torch.jit.ScriptModule, path: Path) -> None:
+    """Save TorchScript atomically (temp file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    scripted.save(str(tmp))
+    tmp.replace(path)
+
+
+def export_model(
+    arrays: ArrayRecord, cfg: RunConfig, out_dir: Path, extra: dict[str, Any]
+) -> tuple[Path, Path]:
+    """Write ``model.ts`` (TorchScript), the compressed variant, and ``model.json``.
+
+    Every file written is scored on the server's test set as saved, so the accuracy
+    in ``model.json`` is what ``client.predict`` gets from that file.
+    """
+    model = build_model(cfg.dataset, features=cfg.features)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    model.eval()
+    front = ScatteringFront(IMAGE_SIDE[cfg.dataset]) if cfg.features != "pixels" else None
+    ts_path = out_dir / VARIANT_FILES["float32"]
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export, but it is what
+        # runs on CPU-only edge installs without the model's Python code.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _save(_to_torchscript(model, cfg), ts_path)
+    written = {"float32": (ts_path, model)}
+    if cfg.export_compression != "none":
+        compressed = compress(model, cfg.export_compression)
+        path = out_dir / VARIANT_FILES[cfg.export_compression]
+        with quiet_quantisation_warnings():
+            _save(script_variant(compressed, front), path)
+        written[cfg.export_compression] = (path, compressed)
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+    test_set = (torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
+    threads = torch.get_num_threads()
+    # The run's thread count (the ServerApp sets it too): the traced kymatio front is
+    # thousands of small ops, which ran 10x slower with 2 threads on a busy 2-core host.
+    torch.set_num_threads(cfg.torch_threads)
+    try:
+        reports = {
+            name: describe(
+                name, path, eager, test_set, count_parameters(model), front is not None
+            )
+            for name, (path, eager) in written.items()
+        }
+    finally:
+        torch.set_num_threads(threads)
+    scale, mean, std = normalisation(cfg.dataset)
+    side = IMAGE_SIDE[cfg.dataset]
+    meta = {
+        "format": "privfed-torchscript/1",
+        "dataset": cfg.dataset,
+        "input_shape": [1, side, side],
+        "classes": CLASS_NAMES[cfg.dataset],
+        "normalisation": {"pixel_scale": scale, "mean": mean, "std": std},
+        "features": cfg.features,  # a feature map is part of every model file
+        "note": "raw pixels x -> (x / pixel_scale - mean) / std, shape (N, 1, H, W)",
+        "export_compression": cfg.export_compression,
+        "variants": {
+            name: report.as_json(None if name == "float32" else reports["float32"])
+            for name, report in reports.items()
+        },
+        **extra,
+    }
+    meta_path = out_dir / "model.json"
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    return ts_path, meta_path

@@ -1,0 +1,189 @@
+"""A ClientApp message imports only what it uses, and the light paths equal the heavy ones.
+
+Every message on a SuperNode runs in a fresh process, so an import is paid per
+message: Opacus' engine 1.6 CPU-s, ``torch._dynamo`` (any ``torch.optim`` object)
+1.1, scikit-learn's metrics 0.7, flwr-datasets (matplotlib) 2+. The subprocess
+tests fail when one of them comes back; the others check that what replaced them
+(Opacus' RDP file run on its own, torch's functional SGD) gives Opacus' and
+torch's results exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simulations.bench.clientapp_probe import HEAVY_MODULES
+
+REPO = Path(__file__).resolve().parents[2]
+# Heavy modules a train message in grad-sample mode "direct" does not use: the
+# probe's list (what bench_deployment reports), and in this mode none of Opacus.
+HEAVY = (*HEAVY_MODULES, "opacus", "torch._dynamo")
+TRAIN_TWICE = """
+import json, sys
+from flwr.app import ArrayRecord
+import client.app as client_app
+from common.config import RunConfig
+from common.tasks.models import build_model
+from common.wire.reply import TrainReport
+from tests.conftest import make_context, train_message
+
+cfg = RunConfig(num_rounds=3, results_dir=sys.argv[1])
+arrays = ArrayRecord(build_model("digits", seed=0).state_dict())
+round_ = int(sys.argv[2])
+reply = client_app.train(train_message(arrays, round_), make_context(cfg, 0, 4))
+status = TrainReport.from_content(reply.content).status.value
+print(json.dumps({"status": status, "modules": sorted(sys.modules)}))
+"""
+
+
+def _loaded(code: str, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _heavy(modules: list[str]) -> list[str]:
+    return sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY))
+
+
+def test_importing_the_client_app_loads_no_heavy_module() -> None:
+    """``import client.app`` (what Flower does per message) pulls in none of HEAVY."""
+    loaded = _loaded("import json, sys, client.app; print(json.dumps(sorted(sys.modules)))")
+    assert "torch" in loaded  # the check sees real imports
+    assert _heavy(loaded) == []
+
+
+def test_a_cached_train_message_loads_no_heavy_module(tmp_path: Path) -> None:
+    """A whole DP-SGD train message (direct mode, RDP, σ calibrated) in a fresh
+    process, once the partition's shard is cached, imports none of HEAVY."""
+    first = _loaded(TRAIN_TWICE, str(tmp_path), "1")
+    assert first["status"] == "trained"
+    assert "sklearn" in first["modules"]  # the first message reads the digits
+    second = _loaded(TRAIN_TWICE, str(tmp_path), "2")
+    assert second["status"] == "trained"
+    assert _heavy(second["modules"]) == []
+
+
+def test_rdp_analysis_is_opacus_own_file_run_on_its_own() -> None:
+    """The module run by file is the installed Opacus' analysis, not a copy, and
+    is not registered as (or under) the opacus package."""
+    import opacus.accountants.analysis.rdp as opacus_rdp
+
+    from common.privacy.accountants import opacus_rdp as ours
+
+    assert ours.analysis_file() == Path(opacus_rdp.__file__)
+    module = ours.load_analysis_file()
+    assert module is not opacus_rdp and not module.__name__.startswith("opacus")
+    assert Path(module.__file__) == Path(opacus_rdp.__file__)
+
+
+def test_rdp_orders_are_opacus_default_alphas() -> None:
+    """RDP_ORDERS, repeated to avoid the package init, equal Opacus' own."""
+    from opacus.accountants import RDPAccountant
+
+    from common.privacy.accountants.opacus_rdp import RDP_ORDERS
+
+    assert list(RDP_ORDERS) == list(RDPAccountant.DEFAULT_ALPHAS)
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(1.0, 1 / 19, 190)],
+        [(0.7, 0.01, 5000), (1.3, 0.25, 40)],
+        [(2.15, 2048 / 60000, 1170)],
+        [(5.0, 1.0, 3)],
+    ],
+)
+def test_epsilon_equals_opacus_rdp_accountant(history: list) -> None:
+    """ε from the file-run analysis equals Opacus' RDPAccountant to the last bit."""
+    from opacus.accountants import RDPAccountant
+
+    from common.ledger.privacy_ledger import epsilon_of_history
+    from common.privacy.accountants import opacus_rdp
+
+    module = opacus_rdp.load_analysis_file()
+    acc = RDPAccountant()
+    acc.history = list(history)
+    rdp = sum(
+        module.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=opacus_rdp.RDP_ORDERS)
+        for s, q, n in history
+    )
+    eps, _ = module.get_privacy_spent(orders=opacus_rdp.RDP_ORDERS, rdp=rdp, delta=1e-5)
+    assert eps == acc.get_epsilon(delta=1e-5)
+    assert epsilon_of_history(history, 1e-5, "rdp") == pytest.approx(eps, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("target", "delta", "rate", "steps", "tolerance"),
+    [
+        (8.0, 1e-5, 1 / 5, 25, 0.01),
+        (3.0, 1e-5, 1 / 12, 240, 0.006),
+        (0.5, 1e-6, 0.01, 10_000, 0.001),
+        (200.0, 1e-5, 0.5, 2, 0.01),  # σ = 20 at once: the integer start of the search
+    ],
+)
+def test_calibrated_sigma_equals_opacus_get_noise_multiplier(
+    target: float, delta: float, rate: float, steps: int, tolerance: float
+) -> None:
+    """The bisection run without the package init gives Opacus' σ exactly."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from common.privacy.accountants.opacus_rdp import rdp_noise_multiplier
+    from common.privacy.dp_sgd_plan import calibrate_noise_multiplier
+
+    theirs = get_noise_multiplier(
+        target_epsilon=target, target_delta=delta, sample_rate=rate, steps=steps,
+        accountant="rdp", epsilon_tolerance=tolerance,
+    )  # fmt: skip
+    assert rdp_noise_multiplier(target, delta, rate, steps, tolerance) == theirs
+    if tolerance == min(0.01, 0.002 * target):
+        assert calibrate_noise_multiplier(target, delta, rate, steps, "rdp") == theirs
+
+
+def test_a_budget_no_sigma_reaches_fails_as_opacus_does() -> None:
+    """A target no σ up to Opacus' MAX_SIGMA meets fails with Opacus' error."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from common.privacy.accountants.opacus_rdp import rdp_noise_multiplier
+
+    with pytest.raises(ValueError, match="too low") as theirs:
+        get_noise_multiplier(
+            target_epsilon=1e-9, target_delta=1e-12, sample_rate=1.0, steps=10**6
+        )
+    with pytest.raises(ValueError, match="too low") as ours:
+        rdp_noise_multiplier(1e-9, 1e-12, 1.0, 10**6)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_plain_sgd_updates_as_torch_sgd(momentum: float) -> None:
+    """PlainSGD leaves the same parameters as torch.optim.SGD after several steps,
+    including a parameter that has no gradient in some steps."""
+    from client.training.sgd import PlainSGD
+
+    torch.manual_seed(0)
+    first = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
+    models = [first, copy.deepcopy(first)]
+    ours = PlainSGD(models[0].parameters(), lr=0.3, momentum=momentum)
+    theirs = torch.optim.SGD(models[1].parameters(), lr=0.3, momentum=momentum)
+    for step in range(5):
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        for model, opt in ((models[0], ours), (models[1], theirs)):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if step == 2:  # the first layer sits this step out
+                model[0].weight.grad = None
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
