@@ -1,5 +1,6 @@
 # The two set-up commands: `make run` (main job) and `make test` (test suite).
-# Each creates/reuses .venv with the pinned versions in constraints.txt.
+# Each creates/reuses .venv with the pinned versions in constraints.txt, and `make test`
+# first installs the system packages its tests need (see `system-packages`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,14 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: run deploy test lint format clean
+# Debian packages the tests use: real Fashion-MNIST IDX files (offline) and nginx, which
+# fronts the SuperLink in secure deployments (simulations/deployment/front_proxy.py).
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+NGINX := $(firstword $(shell command -v nginx 2>/dev/null) $(wildcard /usr/sbin/nginx))
+SYSTEM_PACKAGES := $(if $(wildcard $(FASHION_MNIST_DIR)),,dataset-fashion-mnist) \
+	$(if $(NGINX),,nginx)
+
+.PHONY: run deploy test lint format clean system-packages
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +25,26 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# Installed with apt-get when we are root; otherwise one line says what to install.
+system-packages:
+ifneq ($(strip $(SYSTEM_PACKAGES)),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian packages: $(strip $(SYSTEM_PACKAGES))"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq $(strip $(SYSTEM_PACKAGES)) >/dev/null; \
+	else \
+		echo "make test needs the Debian packages: $(strip $(SYSTEM_PACKAGES))" \
+			"(run: sudo apt-get install $(strip $(SYSTEM_PACKAGES)))" >&2; exit 1; \
+	fi
+endif
+
 run: $(STAMP)
 	$(PY) -m simulations.run $(ARGS)
 
 deploy: $(STAMP)
 	$(PY) -m simulations.deploy $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -44,7 +44,8 @@ from common.privacy.update_clipping import ClippedUpdate, clip_update
 from common.secure_aggregation.protocol import SECAGG_KEY, ProtocolError, Stage
 from common.tasks.metrics import evaluate_model
 from common.tasks.models import build_model, model_dimension
-from common.wire.reply import ARRAYS_KEY, CLIP_NORM_KEY, EvaluateReport, TrainReport
+from common.wire.reply import EvaluateReport, TrainReport
+from common.wire.reply_fields import ARRAYS_KEY, CLIP_NORM_KEY
 from common.wire.update_codec import UpdateCodec, encode_change
 
 log = logging.getLogger("privfed.client")

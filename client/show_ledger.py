@@ -16,13 +16,16 @@ from pathlib import Path
 from client.privacy.ledger_store import ledger_path, read_ledger_file
 from client.privacy.policy import POLICY_FILE, PolicyError, PrivacyPolicy
 from common.ledger.privacy_ledger import LedgerError
+from common.privacy.accountants.registry import accountant_names
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print the ledger; exit 1 if it is missing or unreadable."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("state_dir", help="the node's state-dir")
-    parser.add_argument("--accountant", choices=["rdp", "prv"], help="default: as stored")
+    parser.add_argument(
+        "--accountant", choices=accountant_names(), help="default: as stored"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     path = ledger_path(args.state_dir)

@@ -13,10 +13,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-DATASETS = ("digits", "fashion-mnist", "mnist")
+from common.aggregation_rules import AGGREGATION_RULES, aggregation_names
+from common.errors import ConfigError
+from common.privacy.accountants.registry import accountant_names
+from common.privacy.modes import PrivacyMode, mode_of, privacy_mode_names
+from common.tasks.registry import get_task, task_names
+
+DATASETS = task_names()  # common/tasks/registry.py (lists names, imports no task)
 PARTITIONERS = ("iid", "dirichlet", "inner-dirichlet", "pathological")
-ACCOUNTANTS = ("rdp", "prv")
-PRIVACY_MODES = ("sample", "client", "none")  # record-level, client-level, off
+ACCOUNTANTS = accountant_names()  # common/privacy/accountants/registry.py
+PRIVACY_MODES = privacy_mode_names()  # common/privacy/modes.py
 CLIPPING_MODES = ("fixed", "adaptive")  # client-level update clipping
 GRAD_SAMPLE_MODES = ("direct", "hooks", "ew", "functorch")
 FEATURE_MAPS = ("pixels", "scattering")  # see common/data/features.py
@@ -28,29 +34,35 @@ UPDATE_COMPRESSIONS = (
     "int4",
     "int2",
 )  # wire/update_codec.py
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")  # server/strategies/robust.py
+AGGREGATIONS = aggregation_names()  # common/aggregation_rules.py
 AUDIT_MODES = ("off", "one-run")  # empirical privacy audit, simulation only
-
-
-class ConfigError(ValueError):
-    """A run-config key has a value outside what is allowed."""
 
 
 @dataclass(frozen=True)
 class _Rule:
     kind: type  # int, float, str or bool
     check: Callable[[Any], bool]
-    allowed: str
+    describe: str | Callable[[], str]  # what is allowed; a callable for a registry's
+
+    @property
+    def allowed(self) -> str:
+        """What the key accepts, as an error message states it."""
+        return self.describe if isinstance(self.describe, str) else self.describe()
 
 
-def _choice(options: tuple[str, ...]) -> _Rule:
-    return _Rule(str, lambda v: v in options, "one of " + ", ".join(map(repr, options)))
+def _choice(options: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> _Rule:
+    """One of ``options``; a callable (a registry's names) is asked at each check,
+    so a name registered later is accepted."""
+    names = options if callable(options) else lambda: options
+    return _Rule(
+        str, lambda v: v in names(), lambda: "one of " + ", ".join(map(repr, names()))
+    )
 
 
 # Rules keyed by run-config key (dashes); the dataclass field is the key with
 # underscores.
 RULES: dict[str, _Rule] = {
-    "dataset": _choice(DATASETS),
+    "dataset": _choice(task_names),
     "data-dir": _Rule(str, lambda v: True, "a directory path, or '' for the default"),
     "num-rounds": _Rule(int, lambda v: 1 <= v <= 100_000, "an integer in [1, 100000]"),
     "fraction-train": _Rule(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -71,7 +83,7 @@ RULES: dict[str, _Rule] = {
     "momentum": _Rule(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "server-learning-rate": _Rule(float, lambda v: 0 < v <= 100, "a number in (0, 100]"),
     "server-momentum": _Rule(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "privacy-mode": _choice(PRIVACY_MODES),
+    "privacy-mode": _choice(privacy_mode_names),
     "max-grad-norm": _Rule(float, lambda v: v > 0, "a number > 0"),
     "client-sampling-rate": _Rule(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "clipping": _choice(CLIPPING_MODES),
@@ -83,9 +95,11 @@ RULES: dict[str, _Rule] = {
     ),
     "noise-multiplier": _Rule(float, lambda v: v >= 0, "a number >= 0 (0 = unset)"),
     "target-epsilon": _Rule(float, lambda v: v >= 0, "a number >= 0 (0 = unset)"),
-    "epsilon-budget": _Rule(float, lambda v: v >= 0, "a number >= 0 (0 = see README)"),
+    "epsilon-budget": _Rule(
+        float, lambda v: v >= 0, "a number >= 0 (0 = see docs/run-keys.md)"
+    ),
     "delta": _Rule(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "accountant": _choice(ACCOUNTANTS),
+    "accountant": _choice(accountant_names),
     "grad-sample-mode": _choice(GRAD_SAMPLE_MODES),
     "reproducible-noise": _Rule(
         bool, lambda v: True, "true or false (true: noise replayable from the seed)"
@@ -97,7 +111,7 @@ RULES: dict[str, _Rule] = {
     "max-update-norm": _Rule(
         float, lambda v: v >= 0, "a number >= 0 (0 = no bound on the update norm)"
     ),
-    "aggregation": _choice(AGGREGATIONS),
+    "aggregation": _choice(aggregation_names),
     "trim-fraction": _Rule(float, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     "krum-byzantine": _Rule(int, lambda v: v >= 0, "an integer >= 0"),
     "resume": _Rule(
@@ -124,7 +138,7 @@ RULES: dict[str, _Rule] = {
         "a power of two from 2**8 to 2**32",
     ),
     "secagg-clipping-range": _Rule(
-        float, lambda v: v >= 0, "a number >= 0 (0 = 4·C/√D, see README)"
+        float, lambda v: v >= 0, "a number >= 0 (0 = 4·C/√D, docs/run-keys.md)"
     ),
     "secagg-timeout": _Rule(float, lambda v: v > 0, "a number of seconds > 0"),
 }
@@ -231,12 +245,14 @@ class RunConfig:
                 "federated evaluation needs a local test split; set "
                 "fraction-evaluate=0 or local-test-fraction > 0"
             )
-        if self.features == "scattering" and self.dataset == "digits":
+        task = get_task(self.dataset)
+        if self.features not in task.features:  # only 28x28 tasks take 'scattering'
+            takers = [n for n in task_names() if self.features in get_task(n).features]
             raise ConfigError(
-                "run config keys 'features' and 'dataset': 'scattering' needs 28x28 "
-                "images (fashion-mnist or mnist), got dataset 'digits'"
+                f"run config keys 'features' and 'dataset': {self.features!r} needs "
+                f"28x28 images ({' or '.join(takers)}), got dataset {self.dataset!r}"
             )
-        if self.is_client_level and self.aggregation != "fedavg":
+        if self.is_client_level and not AGGREGATION_RULES.get(self.aggregation).mean:
             # The client-level accountant assumes the noised mean of clipped updates.
             # Secure aggregation (a later issue) will refuse robust rules as well: the
             # server sees only the sum, so there is nothing to take a median of.
@@ -249,17 +265,17 @@ class RunConfig:
             )
         if self.secure_aggregation:
             self._check_secure_aggregation()
-        if self.classes_per_client > 10:  # every supported dataset has 10 classes
+        if self.classes_per_client > task.num_classes:
             raise ConfigError(
-                "run config key 'classes-per-client': must be <= 10 (the number "
-                f"of classes), got {self.classes_per_client}"
+                f"run config key 'classes-per-client': must be <= {task.num_classes} "
+                f"(the number of classes), got {self.classes_per_client}"
             )
 
     def _check_privacy_keys(self) -> None:
-        if self.privacy_mode == "none":
+        if self.privacy_unit is None:
             return
         # δ < 1/n and the adaptive noise split need n: common/privacy/client_level_plan.py
-        if self.privacy_mode == "sample" and self.batch_size < 2:
+        if self.is_private and self.batch_size < 2:
             # B = 1 makes Opacus' expected batch int(N·(1/N)) round to 0 for many N.
             raise ConfigError(
                 "run config key 'batch-size': must be >= 2 with privacy-mode='sample' "
@@ -301,19 +317,25 @@ class RunConfig:
                 )
 
     @property
+    def privacy(self) -> PrivacyMode:
+        """The run's privacy mode (``privacy-mode``, or a variant such as secure
+        aggregation): its unit, description and noise (common/privacy/modes.py)."""
+        return mode_of(self)
+
+    @property
     def is_private(self) -> bool:
         """True when clients train with sample-level DP-SGD."""
-        return self.privacy_mode == "sample"
+        return self.privacy_unit == "record"
 
     @property
     def is_client_level(self) -> bool:
-        """True when the server runs DP-FedAvg: clipped updates, noise per round."""
-        return self.privacy_mode == "client"
+        """True when the run is client-level DP-FedAvg (central or distributed noise)."""
+        return self.privacy_unit == "client"
 
     @property
     def privacy_unit(self) -> str | None:
         """What one ε protects: a record, a client, or nothing (non-private)."""
-        return {"sample": "record", "client": "client"}.get(self.privacy_mode)
+        return self.privacy.unit
 
     @property
     def effective_epsilon_budget(self) -> float:
@@ -346,22 +368,7 @@ class RunConfig:
 
 def noise_statement(cfg: RunConfig) -> str:
     """Where the DP noise comes from, as the results and the log state it."""
-    if cfg.is_client_level and cfg.secure_aggregation:
-        return (
-            "client-level, distributed: each client adds its share of Skellam noise "
-            "from fresh OS entropy before secure aggregation masks its update"
-        )
-    if cfg.is_client_level:
-        return "client-level: the server adds the noise to the sum of clipped updates " + (
-            "from a generator seeded from the run seed (reproducible; not private)"
-            if cfg.reproducible_noise
-            else "from fresh OS entropy each round"
-        )
-    if not cfg.is_private:
-        return "no DP noise (non-private run)"
-    if cfg.reproducible_noise:
-        return "noise reproducible from the seed: not private against the server"
-    return "fresh OS entropy per client and round: not reproducible, not replayable"
+    return cfg.privacy.noise_statement(cfg.reproducible_noise)
 
 
 def check_key(key: str, value: Any) -> Any:

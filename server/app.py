@@ -17,9 +17,8 @@ from flwr.supercore import log
 
 from common.audit.canaries import inserts_canary_records
 from common.config import RunConfig, noise_statement
-from common.tasks.models import build_model, model_dimension
+from common.tasks.models import build_model
 from server.central_evaluation import CentralEvaluator
-from server.checks.federation_ledger import DistributedLedger, FederationLedger
 from server.checks.ledger_witness import LedgerWitness
 from server.checks.update_validation import UpdateValidator
 from server.federation_loop import LoopResult, epsilon_text, run_rounds
@@ -33,10 +32,9 @@ from server.results.checkpoint import (
 from server.results.client_outcomes import partition_key
 from server.results.outcome import failure_summary, loop_outcome, summarise_start_failure
 from server.results.run_folder import ResultsWriter, resolve_results_dir
-from server.secure_aggregation.strategy import SecureAggregationFedAvg
 from server.strategies.client_level import ClientLevelFedAvg
 from server.strategies.private_fedavg import PrivateFedAvg
-from server.strategies.robust import make_rule
+from server.strategies.registry import strategy_factory
 
 app = ServerApp()
 
@@ -48,8 +46,9 @@ def make_strategy(
     *,
     witness: LedgerWitness | None = None,
 ) -> PrivateFedAvg:
-    """The strategy for ``cfg``: client-level DP keeps its ledger in ``out_dir``; node
-    ledgers are witnessed in ``witness`` if given."""
+    """The strategy of ``cfg``'s privacy mode (server/strategies/registry.py):
+    client-level DP keeps its ledger in ``out_dir``; node ledgers are witnessed in
+    ``witness`` if given."""
     shared: dict[str, Any] = {
         "ledger_witness": witness,
         "fraction_evaluate": cfg.fraction_evaluate,
@@ -62,36 +61,7 @@ def make_strategy(
         "server_momentum": cfg.server_momentum,
     }
     shared["validator"] = UpdateValidator(cfg)  # every trained reply, before aggregation
-    if cfg.is_client_level and out_dir is None:
-        raise ValueError("client-level DP needs the results folder for its ledger")
-    if cfg.secure_aggregation:
-        assert out_dir is not None
-        dim = model_dimension(cfg)
-        distributed = DistributedLedger(
-            out_dir, cfg.delta, cfg.effective_epsilon_budget, run_id
-        )
-        return SecureAggregationFedAvg(cfg, distributed, dim, **shared)
-    if cfg.is_client_level:
-        assert out_dir is not None
-        ledger = FederationLedger(
-            out_dir, cfg.accountant, cfg.delta, cfg.effective_epsilon_budget, run_id
-        )
-        return ClientLevelFedAvg(cfg, ledger, **shared)  # Poisson cohorts, not fraction
-    return PrivateFedAvg(
-        fraction_train=cfg.fraction_train, min_train_nodes=cfg.min_train_nodes,
-        rule=make_rule(cfg), **shared,
-    )  # fmt: skip
-
-
-_PRIVACY_MODELS = {
-    "sample": "sample-level (record-level) DP per client, cumulative over all rounds",
-    "client": "client-level DP-FedAvg (the server adds the noise), cumulative over all "
-    "rounds",
-    "none": "none (non-private reference)",
-    "secure-aggregation": "client-level distributed DP: each client adds its share of "
-    "Skellam noise and the server unmasks only the sum (secure aggregation), "
-    "cumulative over all rounds",
-}
+    return strategy_factory(cfg)(cfg, out_dir, run_id, shared)
 
 
 def summarise(
@@ -116,9 +86,7 @@ def summarise(
         "stop_reason": result.stop_reason,
         "rounds_completed": result.rounds_completed,
         "rounds_planned": cfg.num_rounds,
-        "privacy_model": _PRIVACY_MODELS[
-            "secure-aggregation" if cfg.secure_aggregation else cfg.privacy_mode
-        ],
+        "privacy_model": cfg.privacy.description,
         "privacy_unit": cfg.privacy_unit,
         "noise": noise_statement(cfg),
         "noise_reproducible": cfg.privacy_unit is not None and cfg.reproducible_noise,

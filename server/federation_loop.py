@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.config import RunConfig
-from common.wire.reply import Status
+from common.wire.reply_fields import Status
 from server.messaging import CountingGrid, exchange, round_bytes
 from server.results.checkpoint import Checkpoint, Checkpointer, restore_strategy
 from server.results.client_outcomes import ClientOutcome

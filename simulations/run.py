@@ -79,7 +79,7 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; each maps to a run-config key (see README)."""
+    """Command-line options; each maps to a run-config key (docs/run-keys.md)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_options(p, "simulated SuperNodes")
     add_simulation_options(p)

@@ -42,6 +42,7 @@ from common.config import (  # noqa: E402
     ConfigError,
     RunConfig,
 )
+from common.tasks.registry import task_names  # noqa: E402
 from server.results.outcome import Outcome  # noqa: E402
 from simulations.launch.flower_env import (  # noqa: E402
     flower_environment,
@@ -397,7 +398,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), help="recipe for every point")
     p.add_argument(
         "--dataset",
-        choices=["digits", "fashion-mnist", "mnist"],
+        choices=task_names(),
         help="default: the preset's, else digits",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

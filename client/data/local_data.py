@@ -34,15 +34,11 @@ from client.node_settings import NodeSettings
 from common.audit.canaries import canary_plan, inserts_canary_records
 from common.config import RunConfig
 from common.data.checks import DataFileError, reader_said
-from common.data.datasets import (
-    NUM_CLASSES,
-    load_raw_training,
-    normalise_images,
-    training_sources,
-)
+from common.data.datasets import load_raw_training, normalise_images, training_sources
 from common.data.features import compute_features
 from common.data.local_files import load_local_arrays, local_sources
 from common.data.partitioning import PartitionSpec, partition_indices, split_local
+from common.tasks.registry import built_in_modules, get_task
 
 log = logging.getLogger("privfed.client")
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
@@ -54,8 +50,11 @@ SHARD_CODE = (
     "common.data.checks",
     "common.data.datasets",
     "common.data.features",
+    "common.data.idx",
     "common.data.local_files",
     "common.data.partitioning",
+    "common.tasks.registry",
+    "common.tasks.task",
 )
 SHARD_LIBRARIES = ("numpy", "torch", "scikit-learn", "flwr-datasets", "datasets", "kymatio")
 
@@ -147,7 +146,7 @@ def _hashed(files: tuple[Path, ...], remember: bool) -> tuple[tuple[str, str], .
 @lru_cache(maxsize=1)
 def _code_fingerprint() -> str:
     digest = hashlib.sha256()
-    for name in SHARD_CODE:
+    for name in (*SHARD_CODE, *built_in_modules()):  # a task's constants and reader
         module = sys.modules.get(name) or __import__(name, fromlist=["_"])
         digest.update(name.encode() + b"\0" + Path(module.__file__).read_bytes())
     return digest.hexdigest()
@@ -199,10 +198,11 @@ def build_arrays(recipe: ShardRecipe) -> dict[str, np.ndarray]:
         return _split(x, y, np.arange(len(y)), recipe)
     assert recipe.partition is not None
     x_raw, y_all = load_raw_training(recipe.dataset, recipe.data_dir, recipe.seed)
-    indices = partition_indices(y_all, recipe.partition, NUM_CLASSES)[recipe.partition_id]
+    num_classes = get_task(recipe.dataset).num_classes
+    indices = partition_indices(y_all, recipe.partition, num_classes)[recipe.partition_id]
     canaries = None
     if recipe.canaries:
-        plan = canary_plan(recipe.seed, recipe.canaries, y_all, NUM_CLASSES)
+        plan = canary_plan(recipe.seed, recipe.canaries, y_all, num_classes)
         indices, inserted = plan.split_partition(indices)
         canaries = (inserted, plan.labels_of(inserted))
     return _split(x_raw, y_all, indices, recipe, canaries)
@@ -243,7 +243,7 @@ def _shard(recipe: ShardRecipe, cache_folder: str | None) -> ClientShard:
         y_train=torch.from_numpy(arrays["y_train"]),
         x_test=torch.from_numpy(arrays["x_test"]),
         y_test=torch.from_numpy(arrays["y_test"]),
-        num_classes=NUM_CLASSES,
+        num_classes=get_task(recipe.dataset).num_classes,
     )
 
 

@@ -16,7 +16,7 @@ ledger it stored. A ledger file older than that record (replaced by an older cop
 or missing while the record exists (deleted), is refused; within a run, the newer
 of the file and the run's copy in ``context.state`` wins, and copies that diverged
 are refused. A server that witnessed a later ledger catches what a wiped state
-folder hides from the node itself (see README, "Ledger integrity").
+folder hides from the node itself (docs/edge-clients.md, "Ledger integrity").
 """
 
 from __future__ import annotations

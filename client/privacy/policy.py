@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ACCOUNTANTS, RunConfig
+from common.config import RunConfig
 from common.ledger.privacy_ledger import PrivacyLedger
+from common.privacy.accountants.registry import accountant_names
 from common.privacy.round_decision import delta_allows_record_release
 
 POLICY_FILE = "privacy-policy.toml"
@@ -88,8 +89,9 @@ class PrivacyPolicy:
             self._fail(
                 "min-noise-multiplier", "a finite number >= 0", self.min_noise_multiplier
             )
-        if self.accountant not in ACCOUNTANTS:
-            self._fail("accountant", " or ".join(map(repr, ACCOUNTANTS)), self.accountant)
+        if self.accountant not in accountant_names():
+            allowed = " or ".join(map(repr, accountant_names()))
+            self._fail("accountant", allowed, self.accountant)
         if self.planning_records is not None and not 1 <= self.planning_records < 2**40:
             self._fail("planning-records", "an integer >= 1", self.planning_records)
 
@@ -152,7 +154,8 @@ class PrivacyPolicy:
         if not path.is_file():
             raise PolicyError(
                 f"no privacy policy ({name}): the device's owner writes it (required "
-                "keys 'epsilon-budget' and 'delta'; see README, 'Privacy policy')"
+                "keys 'epsilon-budget' and 'delta'; see docs/privacy-model.md, "
+                "'Privacy policy')"
             )
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))

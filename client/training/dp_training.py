@@ -13,6 +13,7 @@ from torch import nn
 from client.training.per_sample_grads import PerSampleClipper
 from client.training.sgd import PlainSGD
 from common.config import RunConfig
+from common.ledger.privacy_ledger import make_accountant
 from common.privacy.dp_sgd_plan import RoundPlan
 from common.privacy.randomness import gaussian_noise
 
@@ -148,7 +149,8 @@ def _train_opacus(
         # Opacus warns that secure_mode is off: it needs torchcsprng, which has no
         # torch 2.13 build; the generator is seeded from OS entropy instead.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=cfg.accountant)
+        engine = PrivacyEngine()
+        engine.accountant = make_accountant(cfg.accountant)  # the registry's, by name
         dp_model, optimizer, dp_loader = engine.make_private(
             module=model,
             optimizer=_optimizer(model, cfg),

@@ -1,8 +1,9 @@
 """An edge device's own labelled data: ``.npz``, ``.csv`` or an IDX directory.
 
-Images are raw pixels in the run dataset's native range (0..16 for digits,
-0..255 for the 28x28 sets), shaped ``(N, H, W)``, ``(N, 1, H, W)`` or ``(N, H*W)``;
-labels are integers ``0..9``. They are normalised exactly like the server's data.
+Images are raw pixels in the run dataset's native range (its task's pixel scale:
+0..16 for digits, 0..255 for the 28x28 sets), shaped ``(N, H, W)``, ``(N, 1, H, W)``
+or ``(N, H*W)``; labels are integers ``0..num_classes-1``. They are normalised
+exactly like the server's data.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from common.data.checks import DataFileError, reader_said
-from common.data.datasets import checked_raw, normalise_images, read_idx_pair
+from common.data.datasets import checked_raw, normalise_images
+from common.data.idx import IDX_FILES, read_idx_pair
 
 LABEL_COLUMN = "label"
 CSV_FIRST_RECORD_LINE = 2  # line 1 is the header
@@ -73,7 +75,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.delete(table, col, axis=1), table[:, col]
 
 
-_TRAIN_IDX = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+_TRAIN_IDX = (IDX_FILES["x_train"], IDX_FILES["y_train"])
 
 
 def local_sources(path_text: str) -> tuple[Path, ...]:

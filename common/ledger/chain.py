@@ -13,7 +13,7 @@ SHA-256 chain: ``head_k = SHA-256(head_{k-1} ‖ SHA-256(ledger content))``, whe
 
 The chain detects accidental rollback and deletion, and lets a server notice a
 node that reports less than it did before; it is not a signature: the device's
-owner, who holds the salt, can always rewrite their own files (see README).
+owner, who holds the salt, can always rewrite their own files (docs/edge-clients.md).
 The protocol keys both sides read are declared here.
 """
 
@@ -85,7 +85,7 @@ class LedgerFingerprint:
         return cls(data.get("head"), data.get("length"))  # type: ignore[arg-type]
 
     def to_reply(self) -> dict[str, str | int]:
-        """The reply fields that carry it (see :data:`common.wire.reply.TRAIN_FIELDS`)."""
+        """The reply fields that carry it (declared in :mod:`common.wire.reply_fields`)."""
         return {REPLY_HEAD_KEY: self.head, REPLY_LENGTH_KEY: self.length}
 
     @classmethod

@@ -11,19 +11,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from common.privacy.accountants.opacus_rdp import RDP_ORDERS, compute_rdp, get_privacy_spent
+from common.privacy.accountants.registry import ACCOUNTANTS, get_accountant
 
 # The opacus package is imported only for PRV (see common.privacy.accountants.opacus_rdp).
 if TYPE_CHECKING:
     from opacus.accountants.accountant import IAccountant
 
 LEDGER_FORMAT = "privfed-ledger/1"
-ACCOUNTANT_NAMES = {"rdp": "opacus-rdp", "prv": "opacus-prv"}
 MIN_SIGMA, MAX_SIGMA = 0.01, 1e6
 MAX_STEPS = 10**12  # per entry: far beyond any real history, small enough to account
 MAX_ENTRIES = 100_000
@@ -64,39 +60,8 @@ class LedgerEntry:
 
 
 def make_accountant(accountant: str) -> IAccountant:
-    """A fresh Opacus accountant by short name (``rdp`` or ``prv``)."""
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    if accountant == "rdp":
-        return RDPAccountant()
-    if accountant == "prv":
-        return PRVAccountant()
-    raise LedgerError(f"unknown accountant {accountant!r}; allowed: 'rdp', 'prv'")
-
-
-@lru_cache(maxsize=4096)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    """RDP of one step at every Opacus default order (cached per (σ, q))."""
-    vector = compute_rdp(sample_rate, noise_multiplier, 1, RDP_ORDERS)
-    vector.setflags(write=False)
-    return vector
-
-
-def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    # Opacus' compute_rdp is steps x (per-step RDP), summed over the history: the
-    # same arithmetic, with the per-order work done once per (σ, q).
-    rdp = sum(_rdp_per_step(sigma, rate) * steps for sigma, rate, steps in history)
-    epsilon, _ = get_privacy_spent(rdp, delta, RDP_ORDERS)
-    return float(epsilon)
-
-
-@lru_cache(maxsize=256)
-def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    from opacus.accountants import PRVAccountant
-
-    acc = PRVAccountant()
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    """A fresh Opacus accountant by short name (``rdp``, ``prv``: the registry's)."""
+    return get_accountant(accountant).make()
 
 
 def epsilon_of_history(
@@ -105,19 +70,15 @@ def epsilon_of_history(
     """Cumulative ε of an Opacus history; 0 for an empty one.
 
     Equal to Opacus' ``RDPAccountant``/``PRVAccountant.get_epsilon`` on the same
-    history, computed from cached per-step RDP vectors (RDP) or a cache of whole
-    histories (PRV), so reporting ε every round stays cheap.
+    history; each accountant module caches what it can (per-step RDP vectors, whole
+    PRV histories), so reporting ε every round stays cheap.
     """
     if not history:
         return 0.0
     if any(float(sigma) == 0 for sigma, _, _ in history):
         return math.inf  # a non-private release: no finite ε covers it
     key = tuple((float(s), float(q), int(n)) for s, q, n in history)
-    if accountant == "rdp":
-        return _rdp_epsilon(key, delta)
-    if accountant == "prv":
-        return _prv_epsilon(key, delta)
-    raise LedgerError(f"unknown accountant {accountant!r}; allowed: 'rdp', 'prv'")
+    return get_accountant(accountant).epsilon(key, delta)
 
 
 def _whole(value: Any) -> int:
@@ -152,8 +113,11 @@ class PrivacyLedger:
     runs: tuple[int, ...] = field(default=())  # Flower run id of each recorded round
 
     def __post_init__(self) -> None:
-        if self.accountant not in ACCOUNTANT_NAMES:
-            raise LedgerError(f"unknown accountant {self.accountant!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise LedgerError(
+                f"unknown accountant {self.accountant!r}; allowed: "
+                f"{', '.join(map(repr, ACCOUNTANTS))}"
+            )
         if not 0 < self.delta < 1:
             raise LedgerError(f"delta must be in (0, 1), got {self.delta}")
         if not self.runs and self.rounds:
@@ -175,7 +139,7 @@ class PrivacyLedger:
     @property
     def accountant_name(self) -> str:
         """The accountant's full name, printed beside every ε."""
-        return ACCOUNTANT_NAMES[self.accountant]
+        return get_accountant(self.accountant).NAME
 
     @property
     def total_steps(self) -> int:

@@ -11,14 +11,14 @@ import math
 from dataclasses import dataclass
 
 from common.config import ConfigError, RunConfig
-from common.privacy.dp_sgd_plan import calibrate_noise_multiplier
+from common.privacy.dp_sgd_plan import calibrate_gaussian_noise_multiplier
 
 
 def client_noise_multiplier(cfg: RunConfig) -> float:
     """z: the run's noise-multiplier, or calibrated once so num-rounds rounds end at ε."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    return calibrate_noise_multiplier(
+    return calibrate_gaussian_noise_multiplier(
         cfg.target_epsilon, cfg.delta, cfg.client_sampling_rate, cfg.num_rounds,
         cfg.accountant,
     )  # fmt: skip

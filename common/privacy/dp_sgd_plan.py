@@ -1,11 +1,17 @@
-"""Plan a client's DP-SGD round before it runs: sample rate, steps and σ."""
+"""Plan a client's DP-SGD round before it runs: sample rate, steps and σ.
+
+The σ calibration serves every subsampled Gaussian mechanism of a run: DP-SGD's σ
+here and DP-FedAvg's z (:mod:`common.privacy.client_level_plan`); the Skellam
+mechanism of secure aggregation calibrates its own
+(:func:`common.secure_aggregation.skellam_accounting.calibrate_skellam_noise_multiplier`).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from common.privacy.accountants.opacus_rdp import rdp_noise_multiplier
+from common.privacy.accountants.registry import get_accountant
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ class RoundPlan:
             )
 
 
-def plan_round(num_examples: int, batch_size: int, local_epochs: int) -> RoundPlan:
+def plan_dp_sgd_round(num_examples: int, batch_size: int, local_epochs: int) -> RoundPlan:
     """The round Opacus' ``make_private(poisson_sampling=True)`` would run."""
     if num_examples < 1:
         raise ValueError("a client needs at least one training example")
@@ -52,32 +58,21 @@ def plan_round(num_examples: int, batch_size: int, local_epochs: int) -> RoundPl
     )
 
 
-def calibrate_noise_multiplier(
+def calibrate_gaussian_noise_multiplier(
     target_epsilon: float,
     delta: float,
     sample_rate: float,
     total_steps: int,
     accountant: str,
 ) -> float:
-    """σ such that ``total_steps`` steps at rate q end at or just below the target ε.
+    """σ such that ``total_steps`` subsampled Gaussian steps at rate q end at or just
+    below the target ε, by the named accountant.
 
-    Opacus' ``get_noise_multiplier``; for RDP without the opacus package init
-    (see :mod:`common.privacy.accountants.opacus_rdp`).
+    Opacus' ``get_noise_multiplier`` with its tolerance capped at 0.2 % of the target;
+    for RDP without the opacus package init (see
+    :mod:`common.privacy.accountants.opacus_rdp`).
     """
     tolerance = min(0.01, 0.002 * target_epsilon)
-    if accountant == "rdp":
-        return float(
-            rdp_noise_multiplier(target_epsilon, delta, sample_rate, total_steps, tolerance)
-        )
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            accountant=accountant,
-            epsilon_tolerance=tolerance,
-        )
+    return get_accountant(accountant).noise_multiplier(
+        target_epsilon, delta, sample_rate, total_steps, tolerance
     )

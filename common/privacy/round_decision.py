@@ -11,7 +11,11 @@ from functools import lru_cache
 
 from common.config import RunConfig
 from common.ledger.privacy_ledger import BudgetCheck, PrivacyLedger
-from common.privacy.dp_sgd_plan import RoundPlan, calibrate_noise_multiplier, plan_round
+from common.privacy.dp_sgd_plan import (
+    RoundPlan,
+    calibrate_gaussian_noise_multiplier,
+    plan_dp_sgd_round,
+)
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,9 @@ class RoundDecision(BudgetCheck):
 def _calibrated_sigma(
     target_epsilon: float, delta: float, sample_rate: float, total_steps: int, acc: str
 ) -> float:
-    return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, total_steps, acc)
+    return calibrate_gaussian_noise_multiplier(
+        target_epsilon, delta, sample_rate, total_steps, acc
+    )
 
 
 def noise_multiplier_for(
@@ -61,7 +67,7 @@ def decide_round(
 
     The cap is the smaller of the run's budget and the node policy's.
     """
-    plan = plan_round(num_examples, cfg.batch_size, cfg.local_epochs)
+    plan = plan_dp_sgd_round(num_examples, cfg.batch_size, cfg.local_epochs)
     sigma = noise_multiplier_for(cfg, plan, ledger, run_id)
     budget = min(cfg.effective_epsilon_budget, policy_budget)
     check = ledger.check_round(sigma, plan.sample_rate, plan.steps, budget)

@@ -297,7 +297,7 @@ def conditional_rounding(
     )
 
 
-def plan_round(
+def plan_skellam_round(
     dim: int,
     clip_norm: float,
     noise_multiplier: float,

@@ -12,9 +12,9 @@ import math
 
 from common.config import ConfigError, RunConfig
 from common.privacy.client_level_plan import check_population
-from common.secure_aggregation.distributed_dp import QuantisationPlan, plan_round
+from common.secure_aggregation.distributed_dp import QuantisationPlan, plan_skellam_round
 from common.secure_aggregation.protocol import threshold_for
-from common.secure_aggregation.skellam_accounting import calibrate_noise_multiplier
+from common.secure_aggregation.skellam_accounting import calibrate_skellam_noise_multiplier
 
 MIN_COHORT = 2  # secure aggregation of one client would be its update
 
@@ -39,7 +39,7 @@ def plan_for_round(cfg: RunConfig, dim: int, z: float, cohort: int) -> Quantisat
     ``secagg-modulus-range`` when the sum cannot fit)."""
     _, _, minimum = round_sizes(cfg, cohort)
     try:
-        return plan_round(
+        return plan_skellam_round(
             dim, cfg.client_clip_norm, z, cohort, minimum,
             int(math.log2(cfg.secagg_modulus_range)), cfg.secagg_clipping_range,
         )  # fmt: skip
@@ -67,7 +67,7 @@ def secagg_noise_multiplier(cfg: RunConfig, population: int, dim: int) -> float:
     z = 1.0
     for _ in range(2):
         plan = plan_for_round(cfg, dim, z, cohort)
-        z = calibrate_noise_multiplier(
+        z = calibrate_skellam_noise_multiplier(
             cfg.target_epsilon, cfg.delta, cfg.client_sampling_rate, cfg.num_rounds,
             plan.l1_sensitivity, plan.l2_sensitivity,
         )  # fmt: skip

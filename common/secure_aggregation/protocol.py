@@ -33,7 +33,7 @@ from typing import Any
 from flwr.app import ConfigRecord
 
 from common.secure_aggregation.distributed_dp import QuantisationPlan
-from common.wire.reply import Coverage, ReplyField, Status
+from common.wire.reply_fields import Coverage, ReplyField, Status
 
 SECAGG_KEY = "secagg"  # ConfigRecord of every stage, both directions
 PACKED_ARRAY = "packed"  # the one array of the upload (common.wire.reply.MASKED_KEY)
@@ -62,7 +62,8 @@ def _released(key: str, meaning: str) -> ReplyField:
 
 
 # What each stage's reply carries in its ``secagg`` record (the masked update's report
-# and upload are common.wire.reply.TRAIN_FIELDS'); README's table is checked against it.
+# and upload are common.wire.reply_fields.TRAIN_FIELDS'); the docs' table is checked
+# against it.
 STAGE_FIELDS: dict[Stage, tuple[ReplyField, ...]] = {
     Stage.SETUP: (
         _released("pk-encryption", "a fresh public key (X25519) the neighbours "

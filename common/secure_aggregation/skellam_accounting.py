@@ -169,7 +169,7 @@ def composed_epsilon(
     return epsilon_from_rdp(np.asarray(total), delta)
 
 
-def calibrate_noise_multiplier(
+def calibrate_skellam_noise_multiplier(
     target_epsilon: float,
     delta: float,
     sampling_rate: float,

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from common.config import RunConfig
-from common.data.datasets import NUM_CLASSES
 from common.data.features import SCATTERING_SHAPE
+from common.tasks.registry import get_task
 
 
 class TanhCNN28(nn.Module):
@@ -68,22 +68,37 @@ class FeatureLinear(nn.Module):
         return self.classifier(x)
 
 
+def tanh_mlp(num_classes: int, features: str) -> nn.Module:
+    """Builder of the 8x8 digits task (pixels only)."""
+    return DigitsMLP(num_classes)
+
+
+def tanh_cnn_28(num_classes: int, features: str) -> nn.Module:
+    """Builder of the 28x28 tasks: the tanh CNN, or a linear head on ScatterNet."""
+    if features == "scattering":
+        return FeatureLinear(SCATTERING_SHAPE, num_classes)
+    return TanhCNN28(num_classes)
+
+
 def build_model(
     dataset: str,
-    num_classes: int = 10,
+    num_classes: int | None = None,
     seed: int | None = None,
     features: str = "pixels",
 ) -> nn.Module:
-    """The model for ``dataset`` and input ``features``, seeded when ``seed`` is given."""
+    """The model for ``dataset`` and input ``features``, seeded when ``seed`` is given.
+
+    ``num_classes`` defaults to the task's.
+    """
+    task = get_task(dataset)
+    if features not in task.features:
+        raise ValueError(
+            f"run config keys 'features' and 'dataset': dataset {dataset!r} takes "
+            f"features {', '.join(map(repr, task.features))}, got {features!r}"
+        )
     if seed is not None:
         torch.manual_seed(seed)
-    if features == "scattering":
-        return FeatureLinear(SCATTERING_SHAPE, num_classes)
-    if dataset == "digits":
-        return DigitsMLP(num_classes)
-    if dataset in ("fashion-mnist", "mnist"):
-        return TanhCNN28(num_classes)
-    raise ValueError(f"run config key 'dataset': no model for {dataset!r}")
+    return task.model(task.num_classes if num_classes is None else num_classes, features)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -93,4 +108,4 @@ def count_parameters(model: nn.Module) -> int:
 
 def model_dimension(cfg: RunConfig) -> int:
     """Trainable parameters of the run's model."""
-    return count_parameters(build_model(cfg.dataset, NUM_CLASSES, features=cfg.features))
+    return count_parameters(build_model(cfg.dataset, features=cfg.features))

@@ -82,6 +82,31 @@ class FederationLedger:
         self.facts = dict(facts)
         _write(self.path, self.to_dict())
 
+    def restore(self, at_checkpoint: dict[str, Any]) -> int:
+        """Continue from the file, which must extend the checkpoint's copy of the
+        ledger; returns how many rounds the file holds beyond it.
+
+        The file is written before the checkpoint, so it may hold one more round (the
+        round in flight when the server died): that release is kept. A file behind
+        the checkpoint was rolled back (:class:`ValueError`).
+        """
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            on_disk = PrivacyLedger.from_dict(data["ledger"])
+            saved = PrivacyLedger.from_dict(at_checkpoint)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"federation ledger {self.path} is unreadable: {exc}") from exc
+        pairs = list(zip(on_disk.rounds, on_disk.runs, strict=True))
+        kept = list(zip(saved.rounds, saved.runs, strict=True))
+        if pairs[: len(kept)] != kept:
+            raise ValueError(
+                f"{LEDGER_FILE} ({len(pairs)} rounds) does not extend the ledger in the "
+                f"checkpoint ({len(kept)} rounds): it was rolled back or replaced; "
+                "refusing to resume with less privacy spent than was released"
+            )
+        self.ledger = on_disk.with_accountant(self.ledger.accountant)
+        return len(pairs) - len(kept)
+
     def to_dict(self) -> dict[str, Any]:
         """The file's content: the ledger, its ε, and the mechanism's facts."""
         eps = self.epsilon()

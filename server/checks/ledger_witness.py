@@ -12,7 +12,7 @@ that ignores the witness) counts as failed and is not aggregated.
 Nodes are known by their Flower node id. It is stable for an authenticated
 SuperNode (the id belongs to its registered key) on a SuperLink that keeps its
 state (``--database``); a node that comes back under a new id is a new node to
-the witness (see README, "Ledger integrity").
+the witness (docs/edge-clients.md, "Ledger integrity").
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from flwr.supercore import log
 
 from common.atomic_files import atomic_write_bytes
 from common.ledger.chain import LedgerFingerprint, witness_config
-from common.wire.reply import Status
+from common.wire.reply_fields import Status
 from server.results.client_outcomes import ClientOutcome
 
 WITNESS_FILE = "ledger-witness.json"

@@ -17,7 +17,7 @@ round and against what the same node reported before in this run:
   steps are the ones its ``planning-records`` (the aggregation weight) give. A
   ``budget-exhausted`` reply's ledger is held to the same extension rule.
 
-A reply that fails becomes a :attr:`~common.wire.reply.Status.REJECTED` outcome whose
+A reply that fails becomes a :attr:`~common.wire.reply_fields.Status.REJECTED` outcome whose
 reason says which check failed; it is never aggregated and its ledger is not
 recorded. The ledger witness (:mod:`server.checks.ledger_witness`) checks something
 else: the node's hash-chain fingerprint against what this server saw across runs.
@@ -35,9 +35,9 @@ from flwr.supercore import log
 
 from common.config import RunConfig
 from common.ledger.privacy_ledger import PrivacyLedger
-from common.privacy.dp_sgd_plan import plan_round
+from common.privacy.dp_sgd_plan import plan_dp_sgd_round
 from common.privacy.update_clipping import UpdateError, update_norm
-from common.wire.reply import Status, arrays_key
+from common.wire.reply_fields import Status, arrays_key
 from common.wire.update_codec import CodecError, UpdateCodec, apply_change
 from server.results.client_outcomes import ClientOutcome
 
@@ -286,7 +286,7 @@ class UpdateValidator:
         cfg = self.cfg
         last = outcome.ledger.entries[-1]
         try:
-            plan = plan_round(outcome.weight, cfg.batch_size, cfg.local_epochs)
+            plan = plan_dp_sgd_round(outcome.weight, cfg.batch_size, cfg.local_epochs)
         except ValueError as exc:
             raise UpdateRejected(f"planning-records {outcome.weight}: {exc}") from None
         keys = f"batch-size {cfg.batch_size}, local-epochs {cfg.local_epochs}"

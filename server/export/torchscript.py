@@ -12,9 +12,10 @@ from flwr.app import ArrayRecord
 
 from common.atomic_files import atomic_write_bytes
 from common.config import RunConfig
-from common.data.datasets import IMAGE_SIDE, load_dataset, normalisation
+from common.data.datasets import load_dataset
 from common.data.features import ScatteringFront
 from common.tasks.models import build_model, count_parameters
+from common.tasks.registry import get_task
 from server.export.compression import (
     VARIANT_FILES,
     compress,
@@ -23,21 +24,12 @@ from server.export.compression import (
     script_variant,
 )
 
-CLASS_NAMES = {
-    "digits": [str(i) for i in range(10)],
-    "mnist": [str(i) for i in range(10)],
-    "fashion-mnist": [
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-    ],
-}  # fmt: skip
-
 
 def _to_torchscript(model: torch.nn.Module, cfg: RunConfig) -> torch.jit.ScriptModule:
     """Script the model; a feature map is traced in front, so it takes raw images."""
     if cfg.features == "pixels":
         return torch.jit.script(model)
-    side = IMAGE_SIDE[cfg.dataset]
+    side = get_task(cfg.dataset).image_side
     full = torch.nn.Sequential(ScatteringFront(side), model).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -62,7 +54,8 @@ def export_model(
     model = build_model(cfg.dataset, features=cfg.features)
     model.load_state_dict(arrays.to_torch_state_dict())
     model.eval()
-    front = ScatteringFront(IMAGE_SIDE[cfg.dataset]) if cfg.features != "pixels" else None
+    task = get_task(cfg.dataset)
+    front = ScatteringFront(task.image_side) if cfg.features != "pixels" else None
     ts_path = out_dir / VARIANT_FILES["float32"]
     with warnings.catch_warnings():
         # TorchScript is deprecated in favour of torch.export, but it is what
@@ -91,13 +84,12 @@ def export_model(
         }
     finally:
         torch.set_num_threads(threads)
-    scale, mean, std = normalisation(cfg.dataset)
-    side = IMAGE_SIDE[cfg.dataset]
+    scale, mean, std = task.normalisation()
     meta = {
         "format": "privfed-torchscript/1",
         "dataset": cfg.dataset,
-        "input_shape": [1, side, side],
-        "classes": CLASS_NAMES[cfg.dataset],
+        "input_shape": list(task.input_shape),
+        "classes": list(task.class_labels),
         "normalisation": {"pixel_scale": scale, "mean": mean, "std": std},
         "features": cfg.features,  # a feature map is part of every model file
         "note": "raw pixels x -> (x / pixel_scale - mean) / std, shape (N, 1, H, W)",

@@ -22,24 +22,20 @@ import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
-from flwr.serverapp.strategy import FedAvgM
 from flwr.supercore import log
 
 from common.atomic_files import atomic_write_bytes
 from common.config import ConfigError, RunConfig
-from common.ledger.privacy_ledger import LedgerError, PrivacyLedger
-from server.strategies.client_level import ClientLevelFedAvg
 from server.results.client_outcomes import partition_key
-from server.checks.federation_ledger import LEDGER_FILE
 from server.results.run_folder import ROUNDS_FILE
-from server.secure_aggregation.strategy import SecureAggregationFedAvg
+from server.strategies.private_fedavg import PrivateFedAvg
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "privfed-checkpoint/1"
@@ -217,44 +213,19 @@ def read_checkpoint(out_dir: Path) -> Checkpoint:
         ) from exc
 
 
-def _validator_state(strategy: FedAvgM) -> dict[str, Any]:
-    """Each node's last accepted ledger, so that a resumed run still refuses a node
-    whose ledger went back (update validation compares with it)."""
-    validator = getattr(strategy, "validator", None)
-    if validator is None:
-        return {}
-    return {
-        "validator": {str(node): led.to_dict() for node, led in validator.accepted.items()}
-    }
+def strategy_state(strategy: PrivateFedAvg) -> dict[str, Any]:
+    """The strategy's own state besides the model and momentum (JSON): its
+    :meth:`~server.strategies.private_fedavg.PrivateFedAvg.state_dict`."""
+    return strategy.state_dict()
 
 
-def strategy_state(strategy: FedAvgM) -> dict[str, Any]:
-    """The strategy's own state besides the model and momentum (JSON)."""
-    if not isinstance(strategy, ClientLevelFedAvg) or strategy.dp is None:
-        return _validator_state(strategy)
-    if isinstance(strategy, SecureAggregationFedAvg):
-        return {
-            **_validator_state(strategy),
-            "secure_aggregation": strategy.checkpoint_state(),
-        }
-    return {
-        **_validator_state(strategy),
-        "client_level": {
-            "clip_norm": strategy.dp.clip_norm,
-            "population": strategy.dp.settings.population,
-            "noise_multiplier": strategy.noise_multiplier,
-            "ledger": strategy.ledger.ledger.to_dict(),
-        },
-    }
-
-
-def restore_strategy(strategy: FedAvgM, ckpt: Checkpoint) -> None:
+def restore_strategy(strategy: PrivateFedAvg, ckpt: Checkpoint) -> None:
     """Give a strategy (after ``start_run``) the checkpoint's optimiser and own state.
 
     FedAvgM's reference weights are the checkpoint's model (that is what FedAvgM
-    holds after a round) and its momentum continues. Client-level DP keeps the
-    checkpoint's clip norm, needs the same population, and continues from
-    ``federation-ledger.json``, which must hold at least the checkpoint's rounds.
+    holds after a round) and its momentum continues; the strategy loads its own
+    state (client-level DP: the clip norm, the same population, and
+    ``federation-ledger.json``, which must hold at least the checkpoint's rounds).
     """
     strategy.current_arrays = ckpt.arrays
     strategy.momentum_vector = list(ckpt.momentum) if ckpt.momentum is not None else None
@@ -265,72 +236,10 @@ def restore_strategy(strategy: FedAvgM, ckpt: Checkpoint) -> None:
         arrays_digest(list(ckpt.model.values())),
         arrays_digest(list(ckpt.momentum)) if ckpt.momentum is not None else "none",
     )
-    validator = getattr(strategy, "validator", None)
-    if validator is not None:
-        validator.accepted.update(
-            {int(node): PrivacyLedger.from_dict(led)
-             for node, led in ckpt.strategy.get("validator", {}).items()}
-        )  # fmt: skip
-    if not isinstance(strategy, ClientLevelFedAvg):
-        return
-    if isinstance(strategy, SecureAggregationFedAvg):
-        distributed = ckpt.strategy.get("secure_aggregation")
-        if distributed is None:
-            raise CheckpointError(
-                f"{CHECKPOINT_FILE} holds no secure-aggregation state for such a run"
-            )
-        try:
-            strategy.restore_state(distributed)
-        except ValueError as exc:
-            raise CheckpointError(str(exc)) from exc
-        return
-    saved = ckpt.strategy.get("client_level")
-    if saved is None or strategy.dp is None:
-        raise CheckpointError(
-            f"{CHECKPOINT_FILE} holds no client-level state for a client-level run"
-        )
-    if strategy.dp.settings.population != int(saved["population"]):
-        raise CheckpointError(
-            f"client-level DP: {strategy.dp.settings.population} nodes connected, but "
-            f"the run was accounted for n = {saved['population']} ({CHECKPOINT_FILE}); "
-            "a resume needs the same population"
-        )
-    strategy.dp.clip_norm = float(saved["clip_norm"])
-    strategy.ledger.ledger = _federation_ledger(strategy, saved["ledger"])
-
-
-def _federation_ledger(strategy: ClientLevelFedAvg, saved: dict[str, Any]) -> PrivacyLedger:
-    """The ledger file's history, checked to extend the checkpoint's copy of it.
-
-    The file is written before the checkpoint, so it may hold one more round (the
-    round in flight when the server died): that release is kept, and the rerun
-    round is recorded again. A file behind the checkpoint was rolled back.
-    """
-    path = strategy.ledger.path
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        on_disk = PrivacyLedger.from_dict(data["ledger"])
-        at_checkpoint = PrivacyLedger.from_dict(saved)
-    except (OSError, ValueError, KeyError, TypeError, LedgerError) as exc:
-        raise CheckpointError(f"federation ledger {path} is unreadable: {exc}") from exc
-    pairs = list(zip(on_disk.rounds, on_disk.runs, strict=True))
-    kept = list(zip(at_checkpoint.rounds, at_checkpoint.runs, strict=True))
-    if pairs[: len(kept)] != kept:
-        raise CheckpointError(
-            f"{LEDGER_FILE} ({len(pairs)} rounds) does not extend the ledger in "
-            f"{CHECKPOINT_FILE} ({len(kept)} rounds): it was rolled back or replaced; "
-            "refusing to resume with less privacy spent than was released"
-        )
-    extra = len(pairs) - len(kept)
-    if extra:
-        log(
-            WARNING,
-            "[privfed] %s holds %d round(s) after the checkpoint (in flight when the "
-            "server stopped); they stay spent, and the rerun is recorded again",
-            LEDGER_FILE,
-            extra,
-        )
-    return on_disk.with_accountant(strategy.cfg.accountant)
+        strategy.load_state_dict(ckpt.strategy)
+    except ValueError as exc:  # the strategy's, its ledgers' (LedgerError included)
+        raise CheckpointError(f"{CHECKPOINT_FILE}: {exc}") from exc
 
 
 def updated_epsilons(
@@ -352,7 +261,7 @@ class Checkpointer:
         self,
         out_dir: Path,
         cfg: RunConfig,
-        strategy: FedAvgM,
+        strategy: PrivateFedAvg,
         run_id: int,
         started: float,
         previous: Checkpoint | None = None,

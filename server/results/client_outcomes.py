@@ -16,7 +16,8 @@ from flwr.app import Message
 
 from common.ledger.chain import LedgerFingerprint
 from common.ledger.privacy_ledger import PrivacyLedger
-from common.wire.reply import ReplyError, Status, TrainReport
+from common.wire.reply import TrainReport
+from common.wire.reply_fields import ReplyError, Status
 
 
 def partition_key(partition_id: int | None, node_id: int) -> str:

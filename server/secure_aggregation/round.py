@@ -44,7 +44,8 @@ from common.secure_aggregation.protocol import (
     Stage,
     UnmaskInstruction,
 )
-from common.wire.reply import MASKED_KEY, ReplyError, Status, TrainReport
+from common.wire.reply import TrainReport
+from common.wire.reply_fields import MASKED_KEY, ReplyError, Status
 from server.messaging import content_bytes, exchange
 from server.results.client_outcomes import ClientOutcome
 

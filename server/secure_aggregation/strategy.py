@@ -24,7 +24,7 @@ import json
 import secrets
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -43,7 +43,7 @@ from common.secure_aggregation.plan import (
     secagg_noise_multiplier,
 )
 from common.secure_aggregation.skellam_accounting import epsilon_from_rdp, round_rdp
-from common.wire.reply import CLIP_NORM_KEY, Status
+from common.wire.reply_fields import CLIP_NORM_KEY, Status
 from server.checks.federation_ledger import DistributedLedger
 from server.results.client_outcomes import ClientOutcome, outcome_from_reply
 from server.secure_aggregation.round import SecAggRound, round_layout
@@ -53,7 +53,7 @@ from server.strategies.client_level_dp import (
     RoundAggregate,
     poisson_cohort,
 )
-from server.strategies.private_fedavg import TrainStep
+from server.strategies.private_fedavg import StrategyStateError, TrainStep
 
 FAILED_ROUNDS_LIMIT = 3  # secure-aggregation rounds in a row that unmask nothing
 
@@ -64,6 +64,8 @@ class SecureAggregationError(RuntimeError):
 
 class SecureAggregationFedAvg(ClientLevelFedAvg):
     """DP-FedAvg whose noise the clients add and whose sum only secure aggregation opens."""
+
+    state_key = "secure_aggregation"  # its mechanism's state replaces the central one
 
     def __init__(
         self, cfg: RunConfig, ledger: DistributedLedger, dim: int, **kwargs: object
@@ -323,7 +325,7 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
         return block
 
     # -- checkpoint and resume --------------------------------------------------------
-    def checkpoint_state(self) -> dict[str, Any]:
+    def mechanism_state(self) -> dict[str, Any]:
         """What a resume needs besides the model: n, z, the ledger, each client's
         exposure to the server (JSON)."""
         state = {
@@ -334,11 +336,11 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
         }
         return json.loads(json.dumps(state))  # a snapshot, not the live lists
 
-    def restore_state(self, saved: dict[str, Any]) -> None:
+    def load_mechanism_state(self, saved: Mapping[str, Any]) -> None:
         """Continue from a checkpoint; the ledger file may hold one more round (the
         one in flight), which is kept and charged to every client's exposure."""
         if int(saved["population"]) != self._settings().population:
-            raise ValueError(
+            raise StrategyStateError(
                 f"secure aggregation: {self._settings().population} nodes connected, "
                 f"but the run was accounted for n = {saved['population']}"
             )

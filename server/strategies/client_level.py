@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +34,8 @@ from common.privacy.client_level_plan import (
     plan_client_level,
 )
 from common.privacy.randomness import reproducible_seed, round_generator
-from common.wire.reply import CLIP_NORM_KEY, Status
-from server.checks.federation_ledger import FederationLedger
+from common.wire.reply_fields import CLIP_NORM_KEY, Status
+from server.checks.federation_ledger import LEDGER_FILE, FederationLedger
 from server.checks.update_validation import UpdateValidator
 from server.results.client_outcomes import ClientOutcome, outcome_from_reply
 from server.strategies.client_level_dp import (
@@ -44,7 +44,7 @@ from server.strategies.client_level_dp import (
     poisson_cohort,
     sampling_rng,
 )
-from server.strategies.private_fedavg import WEIGHT_KEY, PrivateFedAvg
+from server.strategies.private_fedavg import WEIGHT_KEY, PrivateFedAvg, StrategyStateError
 
 if TYPE_CHECKING:
     from server.audit.canary_clients import CanaryClients
@@ -54,6 +54,8 @@ SERVER_PARTITION = -2  # the server's "partition" in reproducible-noise seeds
 
 class ClientLevelFedAvg(PrivateFedAvg):
     """Client-level DP-FedAvg with fixed or adaptive clipping and a federation ledger."""
+
+    state_key = "client_level"  # the mechanism's section of the checkpointed state
 
     def __init__(self, cfg: RunConfig, ledger: FederationLedger, **kwargs: object) -> None:
         super().__init__(**kwargs)
@@ -265,6 +267,58 @@ class ClientLevelFedAvg(PrivateFedAvg):
         )
         new_arrays, _ = FedAvgM.aggregate_train(self, server_round, [average])
         return new_arrays
+
+    # -- checkpoint and resume --------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """:class:`PrivateFedAvg`'s state plus the mechanism's (once ``start_run`` has
+        fixed it) under :attr:`state_key`."""
+        state = super().state_dict()
+        if self.dp is not None:
+            state[self.state_key] = self.mechanism_state()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output; the mechanism's state must be
+        there, and fit the population this run started with."""
+        super().load_state_dict(state)
+        saved = state.get(self.state_key)
+        if saved is None or self.dp is None:
+            raise StrategyStateError(
+                f"no {self.state_key.replace('_', '-')} state for this run's privacy "
+                f"mode (the saved state holds {sorted(state)})"
+            )
+        self.load_mechanism_state(saved)
+
+    def mechanism_state(self) -> dict[str, Any]:
+        """What a resume needs of the mechanism: C, n, z and the federation ledger."""
+        return {
+            "clip_norm": self._aggregator().clip_norm,
+            "population": self._settings().population,
+            "noise_multiplier": self.noise_multiplier,
+            "ledger": self.ledger.ledger.to_dict(),
+        }
+
+    def load_mechanism_state(self, saved: Mapping[str, Any]) -> None:
+        """Keep the checkpoint's clip norm, with the same n; continue the ledger
+        file, which must extend the checkpoint's copy (a round beyond it, in flight
+        when the server stopped, stays spent and its rerun is recorded again)."""
+        population = self._settings().population
+        if population != int(saved["population"]):
+            raise StrategyStateError(
+                f"client-level DP: {population} nodes connected, but the run was "
+                f"accounted for n = {saved['population']}; a resume needs the same "
+                "population"
+            )
+        self._aggregator().clip_norm = float(saved["clip_norm"])
+        extra = self.ledger.restore(saved["ledger"])
+        if extra:
+            log(
+                WARNING,
+                "[privfed] %s holds %d round(s) after the checkpoint (in flight when the "
+                "server stopped); they stay spent, and the rerun is recorded again",
+                LEDGER_FILE,
+                extra,
+            )
 
     # -- helpers --------------------------------------------------------------------
     def _aggregator(self) -> ClientLevelAggregator:

@@ -10,7 +10,7 @@ released ``num-examples``) weights by examples.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import WARNING
 from typing import Any
@@ -21,7 +21,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 from flwr.supercore import log
 
-from common.wire.reply import EVAL_METRICS, EvaluateReport, ReplyError, Status
+from common.ledger.privacy_ledger import PrivacyLedger
+from common.wire.reply import EvaluateReport
+from common.wire.reply_fields import EVAL_METRICS, ReplyError, Status
 from server.checks.ledger_witness import LedgerWitness
 from server.checks.update_validation import UpdateValidator
 from server.messaging import exchange
@@ -29,6 +31,10 @@ from server.results.client_outcomes import ClientOutcome, outcome_from_reply
 from server.strategies.robust import aggregate_with, require_finite
 
 WEIGHT_KEY = "aggregation-weight"  # set by the server, never sent by a client
+
+
+class StrategyStateError(ValueError):
+    """A checkpoint's strategy state does not fit the strategy resuming from it."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ class PrivateFedAvg(FedAvgM):
         self.last_outcomes: list[ClientOutcome] = []
         self.ledger_witness = ledger_witness
         self.validator = validator  # None: no update validation (benchmarks, tests)
-        self.rule = rule  # a robust rule (server/strategies/robust.py); None: the mean
+        self.rule = rule  # a robust rule (server/strategies/rules/); None: the mean
         if rule is not None:  # it reads the same weights and losses as the mean
             rule.weighted_by_key = WEIGHT_KEY
             rule.train_metrics_aggr_fn = self.train_metrics_aggr_fn
@@ -110,6 +116,28 @@ class PrivateFedAvg(FedAvgM):
     def summary_block(self) -> dict[str, Any] | None:
         """The strategy's own guarantee for ``summary.json`` (none here)."""
         return None
+
+    # -- checkpoint and resume (server/results/checkpoint.py) -----------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's own state besides the model and FedAvgM's momentum (JSON).
+
+        Here each node's last accepted ledger, so that a resumed run still refuses a
+        node whose ledger went back (update validation compares with it). A
+        subclass extends the dict with its mechanism's state.
+        """
+        if self.validator is None:
+            return {}
+        accepted = self.validator.accepted.items()
+        return {"validator": {str(node): led.to_dict() for node, led in accepted}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output (after ``start_run``); a state
+        that does not fit raises :class:`StrategyStateError` (a ValueError)."""
+        if self.validator is not None:
+            self.validator.accepted.update(
+                {int(node): PrivacyLedger.from_dict(led)
+                 for node, led in state.get("validator", {}).items()}
+            )  # fmt: skip
 
     def train_round(
         self, server_round: int, arrays: ArrayRecord, grid: Grid, timeout: float

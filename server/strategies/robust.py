@@ -1,12 +1,10 @@
-"""The aggregation rule (run key ``aggregation``): Flower's robust strategies do the
-arithmetic.
+"""Applying a robust aggregation rule (run key ``aggregation``) to the replies.
 
-``fedavg`` is :class:`server.strategies.private_fedavg.PrivateFedAvg`'s own weighted mean.
-``median`` (:class:`FedMedian`, coordinate-wise, unweighted), ``trimmed-mean``
-(:class:`FedTrimmedAvg`, ``trim-fraction`` cut from each tail per coordinate,
-unweighted) and ``krum`` (:class:`Krum`, the one update closest to its
-n − ``krum-byzantine`` − 2 nearest neighbours) replace the mean; the server step
-(``server-learning-rate``, ``server-momentum``) is then applied to their result.
+The rules themselves, one module each, are in :mod:`server.strategies.rules`
+(``median``: Flower's FedMedian; ``trimmed-mean``: FedTrimmedAvg; ``krum``: Krum);
+``fedavg`` is :class:`server.strategies.private_fedavg.PrivateFedAvg`'s own weighted
+mean. A robust rule replaces the mean; the server step (``server-learning-rate``,
+``server-momentum``) is then applied to its result.
 
 Which privacy modes allow which rule is decided in :class:`common.config.RunConfig`:
 with sample-level DP (or none) every rule is post-processing of the released
@@ -17,30 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
-
-from common.config import RunConfig
+from flwr.serverapp.strategy import FedAvg
 
 
 class AggregateNotFinite(RuntimeError):
     """The aggregate holds NaN or infinite values; the global model is not replaced."""
-
-
-def make_rule(cfg: RunConfig) -> FedAvg | None:
-    """Flower's strategy for ``cfg.aggregation``; ``None`` for ``fedavg`` (the mean).
-
-    The strategy that uses it sets the rule's weight key and metrics function to
-    its own (:class:`server.strategies.private_fedavg.PrivateFedAvg`).
-    """
-    if cfg.aggregation == "fedavg":
-        return None
-    if cfg.aggregation == "median":
-        return FedMedian()
-    if cfg.aggregation == "trimmed-mean":
-        return FedTrimmedAvg(beta=cfg.trim_fraction)
-    if cfg.aggregation == "krum":
-        return Krum(num_malicious_nodes=cfg.krum_byzantine)
-    raise ValueError(f"unknown aggregation {cfg.aggregation!r}")
 
 
 def aggregate_with(

@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 from opacus.accountants import RDPAccountant
 
-from common.ledger.privacy_ledger import PrivacyLedger, _rdp_per_step
+from common.ledger.privacy_ledger import PrivacyLedger
+from common.privacy.accountants.rdp import _rdp_per_step
 
 DELTA = 1e-5
 

@@ -53,6 +53,7 @@ from flwr.app import (
 
 from common.config import RunConfig
 from common.tasks.models import build_model
+from common.tasks.registry import task_names
 from server.messaging import content_bytes
 from simulations.bench.clientapp_probe import install_probe, read_messages
 from simulations.deploy import write_node_policy
@@ -221,6 +222,8 @@ def _run_config(args: argparse.Namespace, results: Path) -> dict[str, Any]:
     overrides: dict[str, Any] = dict(PRESETS[args.preset].run_config) if args.preset else {}
     if args.dataset:
         overrides["dataset"] = args.dataset
+    if args.data_dir:
+        overrides["data-dir"] = args.data_dir
     overrides.update(
         {
             "num-rounds": args.rounds,
@@ -375,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=2, help="SuperNodes to start")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--dataset", choices=["digits", "fashion-mnist"], help="default: digits")
+    p.add_argument("--dataset", choices=task_names(), help="default: digits")
+    p.add_argument("--data-dir", help="the dataset's files (run key data-dir)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="apply a preset's run keys")
     p.add_argument(
         "--num-partitions", type=int,

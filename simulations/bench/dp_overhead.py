@@ -20,9 +20,10 @@ import torch
 from client.training.dp_training import train_non_private, train_private
 from common.config import RunConfig
 from common.data.datasets import load_dataset
-from common.privacy.dp_sgd_plan import plan_round
+from common.privacy.dp_sgd_plan import plan_dp_sgd_round
 from common.privacy.randomness import round_generator
 from common.tasks.models import build_model
+from common.tasks.registry import task_names
 
 MODES = ("direct", "hooks", "ew", "functorch")
 
@@ -36,7 +37,7 @@ def _epoch_seconds(
         train_non_private(model, x, y, cfg, round_generator())
     else:
         run_cfg = RunConfig(**{**cfg.__dict__, "grad_sample_mode": mode})
-        plan = plan_round(len(x), cfg.batch_size, cfg.local_epochs)
+        plan = plan_dp_sgd_round(len(x), cfg.batch_size, cfg.local_epochs)
         train_private(model, x, y, run_cfg, plan, 1.0, round_generator())
     return time.perf_counter() - start
 
@@ -49,13 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument(
-        "--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"]
-    )
+    p.add_argument("--dataset", default="fashion-mnist", choices=task_names())
+    p.add_argument("--data-dir", default="", help="the dataset's files (run key data-dir)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    data = load_dataset(args.dataset, "", 0)
+    data = load_dataset(args.dataset, args.data_dir, 0)
     x = torch.from_numpy(data.x_train[: args.examples])
     y = torch.from_numpy(data.y_train[: args.examples])
     print(f"{args.dataset}, {len(x)} examples, {args.threads} threads, "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from common.tasks.registry import task_names
 from simulations.launch.processes import process_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=10000)
     p.add_argument("--per-round", type=int, default=100)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument(
-        "--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"]
-    )
+    p.add_argument("--dataset", default="fashion-mnist", choices=task_names())
+    p.add_argument("--data-dir", default="", help="the dataset's files (run key data-dir)")
     args = p.parse_args(argv)
     results = Path(tempfile.mkdtemp(prefix="privfed-scale-")) / "run"
     argv_run = [
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", f"fraction-train={args.per_round / args.clients}",
         "--set", f"min-train-nodes={args.per_round}",
         "--set", "fraction-evaluate=0.0",
+        *(["--data-dir", args.data_dir] if args.data_dir else []),
     ]  # fmt: skip
     start = time.monotonic()
     proc = subprocess.Popen(argv_run, cwd=REPO, stdout=subprocess.PIPE, text=True)

@@ -82,7 +82,7 @@ def bytes_table(clients: int, models: list[str]) -> None:
 
     import client.app as client_app
     from common.config import RunConfig
-    from common.secure_aggregation.distributed_dp import plan_round
+    from common.secure_aggregation.distributed_dp import plan_skellam_round
     from common.tasks.models import build_model, count_parameters
     from server.messaging import content_bytes
     from server.results.client_outcomes import outcome_from_reply
@@ -118,7 +118,7 @@ def bytes_table(clients: int, models: list[str]) -> None:
         cfg = RunConfig(**common, secure_aggregation=True, results_dir=tempfile.mkdtemp())  # type: ignore[arg-type]
         contexts = federation(cfg, range(clients), clients)
         layout = round_layout(list(contexts), cfg, random.Random(0))
-        plan = plan_round(dim, 1.0, 1.0, clients, layout.min_contributors, 16)
+        plan = plan_skellam_round(dim, 1.0, 1.0, clients, layout.min_contributors, 16)
         protocol = SecAggRound(
             InProcessGrid(contexts), 1, layout, plan, secrets.token_bytes(32), 60, 600,
             time.monotonic,

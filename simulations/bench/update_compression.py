@@ -74,7 +74,7 @@ def bytes_rows(models: list[str]) -> list[dict[str, Any]]:
     import numpy as np
 
     from common.config import UPDATE_COMPRESSIONS, RunConfig
-    from common.wire.reply import COMPRESSED_CHANGE_KEY
+    from common.wire.reply_fields import COMPRESSED_CHANGE_KEY
     from common.wire.update_codec import UpdateCodec
     from server.messaging import content_bytes
 

@@ -348,7 +348,7 @@ def add_certificate_options(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="a host name or IP address the devices use to reach the SuperLink "
         "(repeatable); localhost, 127.0.0.1 and ::1 are always named (for "
-        "certificates you will reuse on a real server, see README)",
+        "certificates you will reuse on a real server, see docs/deployment.md)",
     )
 
 

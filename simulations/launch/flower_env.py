@@ -51,7 +51,7 @@ def flower_environment(flwr_home: Path, ray_address: str | None = None) -> dict[
     reads ``RAY_ADDRESS``. Without one it gets ``RAY_ADDRESS=local``, a private
     Ray instance, even when ``ray start`` left a cluster on this machine that
     ``ray.init()`` would otherwise join. Ray binds only 127.0.0.1 unless the
-    caller already set ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` (see README).
+    caller already set ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` (docs/simulation.md).
     """
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)

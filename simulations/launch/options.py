@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ACCOUNTANTS, PRIVACY_MODES, ConfigError, RunConfig, check_key
-from common.data.datasets import DatasetError, resolve_idx_dir
+from common.data.datasets import DatasetError
 from common.privacy.client_level_plan import plan_client_level
 from common.secure_aggregation.plan import secagg_noise_multiplier
 from common.tasks.models import model_dimension
+from common.tasks.registry import get_task, task_names
 from server.results.checkpoint import (
     CheckpointError,
     check_resume_config,
@@ -118,7 +119,7 @@ def resolve_ray_address(option: str | None) -> str | None:
 def add_run_options(
     p: argparse.ArgumentParser, nodes_help: str, nodes_aliases: tuple[str, ...] = ()
 ) -> None:
-    """Options shared by the simulation and deployment scripts (see README)."""
+    """Options shared by the simulation and deployment scripts (docs/run-keys.md)."""
     p.add_argument(
         "--clients",
         *nodes_aliases,
@@ -131,7 +132,7 @@ def add_run_options(
         help="a tuned recipe applied before the other options: " + preset_help(),
     )
     p.add_argument("--rounds", type=int)
-    p.add_argument("--dataset", choices=["digits", "fashion-mnist", "mnist"])
+    p.add_argument("--dataset", choices=task_names())
     p.add_argument("--data-dir", help="directory with the IDX .gz files")
     p.add_argument("--partitioner", choices=["iid", "dirichlet", "pathological"])
     p.add_argument("--alpha", type=float, help="Dirichlet concentration")
@@ -164,7 +165,7 @@ def add_run_options(
         "--resume",
         metavar="RESULTS_DIR",
         help="continue that run from its checkpoint (only some keys may change, "
-        "e.g. --rounds; see README, 'Resuming a run')",
+        "e.g. --rounds; see docs/troubleshooting.md, 'Resuming a run')",
     )
 
 
@@ -243,11 +244,10 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
         secagg_noise_multiplier(cfg, args.clients, model_dimension(cfg))
     elif cfg.is_client_level:
         plan_client_level(cfg, args.clients)  # δ < 1/n, the adaptive noise split
-    if cfg.dataset != "digits":
-        try:
-            resolve_idx_dir(cfg.dataset, cfg.data_dir)
-        except DatasetError as exc:
-            raise ConfigError(str(exc)) from None
+    try:  # the dataset's files are there (digits: inside scikit-learn)
+        get_task(cfg.dataset).training_sources(cfg.data_dir)
+    except DatasetError as exc:
+        raise ConfigError(str(exc)) from None
     check_federation(cfg, args.clients)  # the keys that need the data
     return overrides
 

@@ -21,7 +21,7 @@ from common.data.partitioning import (
     split_local,
 )
 from common.ledger.privacy_ledger import PrivacyLedger
-from common.privacy.dp_sgd_plan import plan_round
+from common.privacy.dp_sgd_plan import plan_dp_sgd_round
 from common.privacy.round_decision import decide_round, delta_allows_record_release
 
 
@@ -86,7 +86,7 @@ def check_federation(cfg: RunConfig, num_partitions: int) -> None:
     plans = {}
     for pid, n in enumerate(sizes):
         try:
-            plans[pid] = plan_round(n, cfg.batch_size, cfg.local_epochs)
+            plans[pid] = plan_dp_sgd_round(n, cfg.batch_size, cfg.local_epochs)
         except ValueError as exc:
             raise ConfigError(f"partition {pid} (N = {n}): {exc}") from None
     pid = max(plans, key=lambda p: (plans[p].sample_rate, -sizes[p]))

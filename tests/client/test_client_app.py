@@ -15,7 +15,8 @@ from client.privacy.ledger_store import STATE_KEY
 from common.config import RunConfig
 from common.ledger.privacy_ledger import PrivacyLedger, epsilon_of_history
 from common.tasks.models import build_model
-from common.wire.reply import ARRAY_KEYS, EvaluateReport, Status, TrainReport
+from common.wire.reply import EvaluateReport, TrainReport
+from common.wire.reply_fields import ARRAY_KEYS, Status
 from tests.conftest import evaluate_message, make_context, train_message
 
 

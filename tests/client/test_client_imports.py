@@ -140,7 +140,7 @@ def test_calibrated_sigma_equals_opacus_get_noise_multiplier(
     from opacus.accountants.utils import get_noise_multiplier
 
     from common.privacy.accountants.opacus_rdp import rdp_noise_multiplier
-    from common.privacy.dp_sgd_plan import calibrate_noise_multiplier
+    from common.privacy.dp_sgd_plan import calibrate_gaussian_noise_multiplier
 
     theirs = get_noise_multiplier(
         target_epsilon=target, target_delta=delta, sample_rate=rate, steps=steps,
@@ -148,7 +148,9 @@ def test_calibrated_sigma_equals_opacus_get_noise_multiplier(
     )  # fmt: skip
     assert rdp_noise_multiplier(target, delta, rate, steps, tolerance) == theirs
     if tolerance == min(0.01, 0.002 * target):
-        assert calibrate_noise_multiplier(target, delta, rate, steps, "rdp") == theirs
+        assert (
+            calibrate_gaussian_noise_multiplier(target, delta, rate, steps, "rdp") == theirs
+        )
 
 
 def test_a_budget_no_sigma_reaches_fails_as_opacus_does() -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from client.training.dp_training import train_private
 from client.training.per_sample_grads import PerSampleClipper, UnsupportedModel
 from common.config import RunConfig
-from common.privacy.dp_sgd_plan import RoundPlan, plan_round
+from common.privacy.dp_sgd_plan import RoundPlan, plan_dp_sgd_round
 from common.privacy.randomness import round_generator
 from common.tasks.models import DigitsMLP, TanhCNN28
 
@@ -107,7 +107,7 @@ def _one_step_delta(sigma: float, seed: int) -> tuple[torch.Tensor, int]:
     x, y = torch.randn(400, 1, 28, 28), torch.randint(0, 10, (400,))
     cfg = RunConfig(dataset="fashion-mnist", batch_size=100, learning_rate=1.0,
                     max_grad_norm=0.5, grad_sample_mode="direct")  # fmt: skip
-    plan = plan_round(len(x), cfg.batch_size, 1)
+    plan = plan_dp_sgd_round(len(x), cfg.batch_size, 1)
     one_step = dataclasses.replace(plan, steps=1)
     outcome = train_private(model, x, y, cfg, one_step, sigma, round_generator(seed))
     assert outcome.history == ((sigma, plan.sample_rate, 1),)
@@ -133,7 +133,7 @@ def test_poisson_batches_have_the_planned_rate_and_step_count() -> None:
     model.register_forward_hook(lambda m, i, o: sizes.append(len(i[0])))
     x, y = torch.randn(1000, 1, 8, 8), torch.randint(0, 10, (1000,))
     cfg = RunConfig(batch_size=50, local_epochs=20, grad_sample_mode="direct")
-    plan = plan_round(len(x), cfg.batch_size, cfg.local_epochs)
+    plan = plan_dp_sgd_round(len(x), cfg.batch_size, cfg.local_epochs)
     outcome = train_private(model, x, y, cfg, plan, 1.0, round_generator())
     assert plan.steps == 400 and outcome.history == ((1.0, 0.05, 400),)
     assert len(sizes) == 400  # no empty batch expected at 50 per step

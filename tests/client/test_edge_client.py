@@ -22,11 +22,12 @@ from client.privacy.ledger_store import LEDGER_FILE, LOCK_FILE, RECORD_FILE
 from client.privacy.policy import POLICY_FILE
 from client.show_ledger import main as show_ledger
 from common.config import RunConfig
-from common.data.datasets import DatasetError, load_digits_arrays
+from common.data.datasets import DatasetError, load_arrays
 from common.data.local_files import load_local_arrays
 from common.ledger.privacy_ledger import PrivacyLedger
 from common.tasks.models import build_model
-from common.wire.reply import Status, TrainReport
+from common.wire.reply import TrainReport
+from common.wire.reply_fields import Status
 from server.export.torchscript import export_model
 from tests.conftest import train_message
 
@@ -120,7 +121,7 @@ def test_local_npz_csv_and_idx_give_the_same_arrays(tmp_path: Path) -> None:
         np.testing.assert_array_equal(y, y_npz)
         np.testing.assert_allclose(x, x_npz)
     # Normalised exactly like the server's copy of the same images.
-    server = load_digits_arrays(0)
+    server = load_arrays("digits", "", 0)
     scale_check = (images[0].astype(np.float32) / 16.0 - 0.3) / 0.4
     np.testing.assert_allclose(x_npz[0, 0], scale_check, rtol=1e-6)
     assert server.x_train.dtype == x_npz.dtype

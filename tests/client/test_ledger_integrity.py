@@ -25,7 +25,8 @@ from common.config import RunConfig
 from common.ledger.chain import WITNESS_HEAD_KEY, WITNESS_LENGTH_KEY, LedgerFingerprint
 from common.ledger.privacy_ledger import PrivacyLedger
 from common.tasks.models import build_model
-from common.wire.reply import Status, TrainReport
+from common.wire.reply import TrainReport
+from common.wire.reply_fields import Status
 from server.app import make_strategy
 from server.checks.ledger_witness import WITNESS_FILE, LedgerWitness, WitnessError
 from server.results.client_outcomes import ClientOutcome

@@ -28,11 +28,12 @@ import client.app as client_app
 from client.privacy.ledger_store import LEDGER_FILE
 from common.config import RunConfig
 from common.data.checks import DataFileError
-from common.data.datasets import load_digits_arrays, load_idx_arrays
+from common.data.datasets import load_arrays
 from common.data.local_files import load_local_arrays
 from common.ledger.privacy_ledger import PrivacyLedger
 from common.tasks.models import build_model
-from common.wire.reply import EvaluateReport, Status, TrainReport
+from common.wire.reply import EvaluateReport, TrainReport
+from common.wire.reply_fields import Status
 from server.app import make_strategy
 from server.central_evaluation import CentralEvaluator
 from server.federation_loop import run_rounds
@@ -252,12 +253,12 @@ def test_server_idx_dataset_is_checked_too(tmp_path: Path) -> None:
     with pytest.raises(
         DataFileError, match="t10k-labels-idx1-ubyte.gz: labels lie outside 0..9"
     ):
-        load_idx_arrays("mnist", str(folder))
+        load_arrays("mnist", str(folder), 0)
     _idx_dir(folder, x[:3], np.array([0, 1, 2, 3]), prefix="t10k")
     with pytest.raises(
         DataFileError, match="t10k-labels-idx1-ubyte.gz: images and labels differ"
     ):
-        load_idx_arrays("mnist", str(folder))  # fmt: skip
+        load_arrays("mnist", str(folder), 0)  # fmt: skip
 
 
 def test_embedded_digits_are_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,7 +269,7 @@ def test_embedded_digits_are_checked_too(monkeypatch: pytest.MonkeyPatch) -> Non
     x, y = _with_pixel(np.nan)
     monkeypatch.setattr(sklearn.datasets, "load_digits", lambda: Bunch(images=x, target=y))
     with pytest.raises(DataFileError, match=r"load_digits\(\): a pixel is NaN"):
-        load_digits_arrays(0)
+        load_arrays("digits", "", 0)
 
 
 # --- a node with bad data refuses, spends nothing, and the run goes on ------------------

@@ -9,14 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data.datasets import (
-    DEFAULT_FASHION_MNIST_DIR,
-    DatasetError,
-    load_digits_arrays,
-    load_idx_arrays,
-    read_idx,
-    resolve_idx_dir,
-)
+from common.data.datasets import DatasetError, load_arrays
+from common.data.idx import read_idx, resolve_idx_dir
+from common.tasks.fashion_mnist import DEFAULT_DIR as DEFAULT_FASHION_MNIST_DIR
 
 FILES = {
     "train-images-idx3-ubyte.gz": (3, (20, 28, 28)),
@@ -43,7 +38,11 @@ def _idx_dir(tmp_path: Path) -> Path:
 
 def test_digits_split_is_stratified_and_seeded() -> None:
     """1,797 digits, 80/20, every class in both splits, same split per seed."""
-    a, b, c = load_digits_arrays(0), load_digits_arrays(0), load_digits_arrays(1)
+    a, b, c = (
+        load_arrays("digits", "", 0),
+        load_arrays("digits", "", 0),
+        load_arrays("digits", "", 1),
+    )
     assert len(a.y_train) + len(a.y_test) == 1797
     assert len(a.y_test) == 360
     assert set(a.y_test.tolist()) == set(range(10))
@@ -81,7 +80,7 @@ def test_truncated_or_foreign_files_fail(tmp_path: Path) -> None:
 
 def test_idx_directory_loads_normalised_arrays(tmp_path: Path) -> None:
     """The four IDX files give (N, 1, 28, 28) float32 images and int64 labels."""
-    data = load_idx_arrays("mnist", str(_idx_dir(tmp_path)))
+    data = load_arrays("mnist", str(_idx_dir(tmp_path)), 0)
     assert data.x_train.shape == (20, 1, 28, 28) and data.x_train.dtype == np.float32
     assert data.x_test.shape == (6, 1, 28, 28) and data.y_test.dtype == np.int64
     raw = read_idx(tmp_path / "train-images-idx3-ubyte.gz")
@@ -94,7 +93,7 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
     _idx_dir(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DatasetError, match="'data-dir'.*t10k-labels-idx1-ubyte.gz"):
-        load_idx_arrays("fashion-mnist", str(tmp_path))
+        load_arrays("fashion-mnist", str(tmp_path), 0)
 
 
 def test_no_directory_says_how_to_get_the_files() -> None:
@@ -109,7 +108,7 @@ def test_no_directory_says_how_to_get_the_files() -> None:
 )
 def test_real_fashion_mnist_from_the_default_directory() -> None:
     """The real Fashion-MNIST IDX files load: 60,000 train and 10,000 test, 10 classes."""
-    data = load_idx_arrays("fashion-mnist", "")
+    data = load_arrays("fashion-mnist", "", 0)
     assert data.x_train.shape == (60000, 1, 28, 28)
     assert data.x_test.shape == (10000, 1, 28, 28)
     assert np.bincount(data.y_train).tolist() == [6000] * 10

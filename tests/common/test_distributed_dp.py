@@ -14,7 +14,7 @@ from common.secure_aggregation.distributed_dp import (
     QuantisationPlan,
     conditional_rounding,
     hadamard,
-    plan_round,
+    plan_skellam_round,
     rotate,
     rotation_signs,
     rounded_l2_bound,
@@ -109,13 +109,13 @@ def test_an_unclipped_update_is_clipped_again() -> None:
 def test_plan_fits_the_modulus_and_says_when_it_cannot() -> None:
     """The chosen scale keeps the wrap probability at its target; a modulus too small
     for the cohort is refused, naming the run key."""
-    plan = plan_round(26010, 1.0, 0.75, 100, 90, 16)
+    plan = plan_skellam_round(26010, 1.0, 0.75, 100, 90, 16)
     assert plan.wrap_probability(100) <= 1e-6
     assert plan.quantisation_inflation() < 1.001
     finer = QuantisationPlan(**{**plan.__dict__, "scale": plan.scale * 1.5})
     assert finer.wrap_probability(100) > 1e-6
     with pytest.raises(ValueError, match="secagg-modulus-range"):
-        plan_round(26010, 1.0, 0.75, 100, 90, 8)
+        plan_skellam_round(26010, 1.0, 0.75, 100, 90, 8)
 
 
 def test_release_never_counts_more_noise_than_the_uploads_carry() -> None:

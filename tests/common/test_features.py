@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord
 
 from common.config import ConfigError, RunConfig
-from common.data.datasets import DEFAULT_FASHION_MNIST_DIR
 from common.data.features import SCATTERING_SHAPE, ScatteringFront, compute_features
+from common.tasks.fashion_mnist import DEFAULT_DIR as DEFAULT_FASHION_MNIST_DIR
 from common.tasks.models import build_model, count_parameters
 from server.export.torchscript import export_model
 from simulations.launch.options import add_run_options, build_overrides, resolve_clients
@@ -148,7 +148,8 @@ def test_unknown_preset_is_refused_with_the_choices() -> None:
 def test_client_trains_the_linear_model_on_its_shard_features() -> None:
     """A scattering client round: the shard becomes features once, DP-SGD trains, ε > 0."""
     import client.app as client_app
-    from common.wire.reply import Status, TrainReport
+    from common.wire.reply import TrainReport
+    from common.wire.reply_fields import Status
     from tests.conftest import make_context, train_message
 
     cfg = RunConfig(

@@ -12,7 +12,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.ledger.privacy_ledger import LedgerError, PrivacyLedger, epsilon_of_history
-from common.privacy.dp_sgd_plan import calibrate_noise_multiplier, plan_round
+from common.privacy.dp_sgd_plan import (
+    calibrate_gaussian_noise_multiplier,
+    plan_dp_sgd_round,
+)
 
 Q = 1 / 19
 DELTA = 1e-5
@@ -132,7 +135,7 @@ def test_round_plan_matches_opacus(n: int, batch: int) -> None:
         noise_multiplier=1.0,
         max_grad_norm=1.0,
     )
-    plan = plan_round(n, batch, local_epochs=1)
+    plan = plan_dp_sgd_round(n, batch, local_epochs=1)
     assert plan.sampler_rate == dp_loader.sample_rate
     assert plan.steps == len(dp_loader)
     for xb, yb in dp_loader:  # one epoch, to see what the accountant records
@@ -146,9 +149,11 @@ def test_round_plan_matches_opacus(n: int, batch: int) -> None:
 @pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
 def test_calibrated_sigma_meets_target_within_one_percent(target: float) -> None:
     """The calibrated σ lands ε in [0.99 target, target] over all planned steps."""
-    plan = plan_round(600, 32, 1)
+    plan = plan_dp_sgd_round(600, 32, 1)
     steps = 10 * plan.steps
-    sigma = calibrate_noise_multiplier(target, DELTA, plan.sample_rate, steps, "rdp")
+    sigma = calibrate_gaussian_noise_multiplier(
+        target, DELTA, plan.sample_rate, steps, "rdp"
+    )
     eps = PrivacyLedger("rdp", DELTA).extended(1, sigma, plan.sample_rate, steps).epsilon()
     assert 0.99 * target <= eps <= target
 

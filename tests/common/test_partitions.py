@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.data.datasets import load_digits_arrays
+from common.data.datasets import load_arrays
 from common.data.partitioning import (
     PartitionError,
     PartitionSpec,
@@ -13,7 +13,7 @@ from common.data.partitioning import (
     split_local,
 )
 
-LABELS = load_digits_arrays(0).y_train
+LABELS = load_arrays("digits", "", 0).y_train
 SPECS = [
     PartitionSpec("iid", 10, seed=1),
     PartitionSpec("dirichlet", 10, seed=1, dirichlet_alpha=0.5),

@@ -24,7 +24,7 @@ from common.secure_aggregation.distributed_dp import rounded_l1_bound, rounded_l
 from common.secure_aggregation.skellam_accounting import (
     ORDERS,
     SkellamRound,
-    calibrate_noise_multiplier,
+    calibrate_skellam_noise_multiplier,
     composed_epsilon,
     skellam_rdp,
     subsampled_rdp,
@@ -137,7 +137,7 @@ def test_large_variance_approaches_the_gaussian(q: float, rounds: int) -> None:
 def test_calibration_reaches_the_target_from_above() -> None:
     l2 = 5000.0
     l1 = rounded_l1_bound(l2, 32768)
-    z = calibrate_noise_multiplier(3.0, DELTA, 0.01, 100, l1, l2)
+    z = calibrate_skellam_noise_multiplier(3.0, DELTA, 0.01, 100, l1, l2)
     at = composed_epsilon([SkellamRound((z * l2) ** 2, l1, l2, 0.01)] * 100, DELTA)
     assert 2.95 <= at <= 3.0
 

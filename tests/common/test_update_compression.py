@@ -26,7 +26,7 @@ import server.app as server_app
 from common.config import UPDATE_COMPRESSIONS, RunConfig
 from common.privacy.randomness import integer_generator
 from common.tasks.models import build_model
-from common.wire.reply import COMPRESSED_CHANGE_KEY, COMPRESSED_UPDATE_KEY, Status
+from common.wire.reply_fields import COMPRESSED_CHANGE_KEY, COMPRESSED_UPDATE_KEY, Status
 from common.wire.update_codec import (
     ENCODED_ARRAY,
     FLOAT16_ABSOLUTE,

@@ -25,7 +25,8 @@ from common.config import ConfigError, RunConfig
 from common.data.datasets import load_dataset
 from common.privacy.randomness import reproducible_seed
 from common.tasks.models import build_model
-from common.wire.reply import Status, TrainReport
+from common.wire.reply import TrainReport
+from common.wire.reply_fields import Status
 from server.audit.privacy_audit import (
     ONE_RUN_METHOD,
     OneRunBound,

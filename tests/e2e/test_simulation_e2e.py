@@ -18,7 +18,7 @@ from tests.helpers.process_watch import (
     run_watched,
     signal_after,
 )
-from tests.simulations.test_docs import readme_python_snippet
+from tests.simulations.test_docs import results_python_snippet
 
 pytestmark = pytest.mark.e2e
 
@@ -100,9 +100,9 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     assert summary["noise_reproducible"] is False and summary["privacy_unit"] == "record"
     assert "per record" in summary["epsilon_text"] and "opacus-rdp" in out
 
-    # The README's loading-and-recomputing example works on a real run folder.
-    snippet = readme_python_snippet().replace("results/RUN", str(results))
-    exec(compile(snippet, "README.md", "exec"), {})
+    # docs/results-format.md's loading-and-recomputing example works on a real run folder.
+    snippet = results_python_snippet().replace("results/RUN", str(results))
+    exec(compile(snippet, "docs/results-format.md", "exec"), {})
 
     assert_loopback_only(watch)
     assert_all_gone(watch)

@@ -330,10 +330,11 @@ def test_an_earlier_runs_summary_does_not_stand_for_a_resumed_one(tmp_path: Path
     assert close_run(tmp_path, None, "exit 0", 4, time.time() - 60)["status"] == "completed"
 
 
-def test_readme_lists_exactly_the_keys_a_resume_may_change() -> None:
-    """README's 'Resuming a run' names the keys of RESUMABLE_KEYS, no more, no less."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### Resuming a run", 1)[1].split("\n### ", 1)[0]
+def test_docs_list_exactly_the_keys_a_resume_may_change() -> None:
+    """docs/troubleshooting.md's 'Resuming a run' names the keys of RESUMABLE_KEYS, no
+    more, no less."""
+    text = (REPO / "docs" / "troubleshooting.md").read_text()
+    section = text.split("\n## Resuming a run\n", 1)[1].split("\n## ", 1)[0]
     listed = re.search(r"a change to any key except (.+?): δ", section, flags=re.S)
     assert listed is not None
     keys = set(re.findall(r"`([a-z-]+)`", listed.group(1)))

@@ -41,8 +41,8 @@ from tests.conftest import make_message
 DELTA = 1e-5
 N_CLIENTS = 50
 Q = 0.5
-# z for q ½ at δ 1e-5 (common.privacy.dp_sgd_plan.calibrate_noise_multiplier, constant here
-# because calibration takes ~15 s); the tests check the ledger's ε they give.
+# z for q ½ at δ 1e-5 (common.privacy.dp_sgd_plan.calibrate_gaussian_noise_multiplier,
+# constant here because calibration takes ~15 s); the tests check the ledger's ε they give.
 Z_EPS1_5_ROUNDS = 4.9609375
 Z_EPS8_5_ROUNDS = 1.0205078125
 Z_EPS2_10_ROUNDS = 3.720703125

@@ -38,7 +38,8 @@ from common.privacy.client_level_plan import (
 from common.privacy.randomness import round_generator
 from common.privacy.update_clipping import CLIP_MARGIN
 from common.tasks.models import build_model
-from common.wire.reply import CLIP_NORM_KEY, UPDATE_KEY, Status, TrainReport
+from common.wire.reply import TrainReport
+from common.wire.reply_fields import CLIP_NORM_KEY, UPDATE_KEY, Status
 from server.app import make_strategy, summarise
 from server.checks.federation_ledger import LEDGER_FILE, FederationLedger
 from server.federation_loop import epsilon_text, run_rounds

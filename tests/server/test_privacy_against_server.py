@@ -28,16 +28,11 @@ from client.privacy.policy import POLICY_FILE, PolicyError, PrivacyPolicy
 from common.config import ConfigError, RunConfig
 from common.ledger import chain as ledger_chain
 from common.ledger.privacy_ledger import PrivacyLedger
-from common.privacy.dp_sgd_plan import RoundPlan, plan_round
+from common.privacy.dp_sgd_plan import RoundPlan, plan_dp_sgd_round
 from common.privacy.randomness import reproducible_seed, round_generator
 from common.tasks.models import build_model
-from common.wire.reply import (
-    COMPRESSED_CHANGE_KEY,
-    EVAL_METRICS,
-    EvaluateReport,
-    Status,
-    TrainReport,
-)
+from common.wire.reply import EvaluateReport, TrainReport
+from common.wire.reply_fields import COMPRESSED_CHANGE_KEY, EVAL_METRICS, Status
 from server.results.client_outcomes import outcome_from_reply
 from server.strategies.private_fedavg import PrivateFedAvg
 from tests.client.test_edge_client import write_policy
@@ -81,7 +76,7 @@ def _replayed_noise(
         model = build_model("digits", seed=0)
         x = torch.zeros(n_records, 1, 8, 8)
         y = torch.zeros(n_records, dtype=torch.long)
-        plan = plan_round(n_records, cfg.batch_size, cfg.local_epochs)
+        plan = plan_dp_sgd_round(n_records, cfg.batch_size, cfg.local_epochs)
         dp_training.train_private(model, x, y, cfg, plan, sigma, round_generator(guess))
     n_params = len(list(model.parameters()))
     assert len(recorded) == plan.steps * n_params
@@ -119,7 +114,7 @@ def _replay_attack(
     ]
     residual = torch.cat([(m - n).flatten() for m, n in zip(moved, noise, strict=True)])
     noise_norm = float(torch.cat([n.flatten() for n in noise]).norm())
-    steps = plan_round(n_records, cfg.batch_size, cfg.local_epochs).steps
+    steps = plan_dp_sgd_round(n_records, cfg.batch_size, cfg.local_epochs).steps
     signal_bound = steps * n_records * cfg.max_grad_norm
     return float(residual.norm()) / noise_norm, signal_bound / noise_norm
 
@@ -378,7 +373,7 @@ def test_batch_size_one_is_refused_for_private_runs() -> None:
 
 def test_direct_mode_divides_like_opacus() -> None:
     """N = 27,000, B = 32: Opacus accounts q = 1/843 and divides by int(N/843) = 32."""
-    plan = plan_round(27_000, 32, 1)
+    plan = plan_dp_sgd_round(27_000, 32, 1)
     assert plan.sample_rate == 1 / 843 and plan.sampler_rate == 1 / 844
     assert plan.expected_batch_size == int(27_000 * (1 / 843)) == 32
 

@@ -28,7 +28,7 @@ import client.secure_aggregation.stages as secagg_client
 from common.config import RunConfig
 from common.secure_aggregation.distributed_dp import (
     QuantisationPlan,
-    plan_round,
+    plan_skellam_round,
     signed_integers,
 )
 from common.secure_aggregation.keys import combine
@@ -42,7 +42,8 @@ from common.secure_aggregation.protocol import (
 )
 from common.secure_aggregation.skellam_accounting import composed_epsilon
 from common.tasks.models import build_model, count_parameters
-from common.wire.reply import MASKED_KEY, Status, TrainReport
+from common.wire.reply import TrainReport
+from common.wire.reply_fields import MASKED_KEY, Status
 from server.app import make_strategy
 from server.results.client_outcomes import outcome_from_reply
 from server.secure_aggregation.round import SecAggRound, round_layout
@@ -108,7 +109,9 @@ class Protocol:
         self.grid = InProcessGrid(self.contexts, lost=unreachable)
         self.layout = round_layout(list(self.contexts), cfg, random.Random(0))
         self.dim = count_parameters(build_model(cfg.dataset))
-        self.plan = plan_round(self.dim, 1.0, 1.0, NODES, self.layout.min_contributors, 16)
+        self.plan = plan_skellam_round(
+            self.dim, 1.0, 1.0, NODES, self.layout.min_contributors, 16
+        )
         self.seed = secrets.token_bytes(32)
         self.arrays = ArrayRecord(build_model(cfg.dataset, seed=0).state_dict())
 
@@ -461,13 +464,13 @@ def test_resume_continues_the_ledger_and_charges_the_round_in_flight(
     first = make_strategy(cfg, out, 1)
     first.start_run(grid.get_node_ids())
     first.train_round(1, arrays, grid, 0.3)
-    saved = first.checkpoint_state()
+    saved = first.state_dict()
     first.train_round(2, arrays, grid, 0.3)  # ledgered, then the server "dies"
     epsilon_before = first.distributed.epsilon()
 
     resumed = make_strategy(cfg, out, 2)
     resumed.start_run(grid.get_node_ids())
-    resumed.restore_state(saved)
+    resumed.load_state_dict(saved)
     assert resumed.distributed.rounds_recorded == 2
     assert resumed.distributed.epsilon() == pytest.approx(epsilon_before)
     assert resumed.epsilon_against_server[FIRST] == pytest.approx(
@@ -477,4 +480,4 @@ def test_resume_continues_the_ledger_and_charges_the_round_in_flight(
     rolled_back = make_strategy(cfg, out, 3)
     rolled_back.start_run(grid.get_node_ids())
     with pytest.raises(ValueError, match="does not extend"):
-        rolled_back.restore_state(saved)
+        rolled_back.load_state_dict(saved)

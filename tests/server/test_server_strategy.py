@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, Error, Message
 import client.app as client_app
 from common.config import RunConfig
 from common.tasks.models import build_model
-from common.wire.reply import Status
+from common.wire.reply_fields import Status
 from server.app import make_strategy
 from server.federation_loop import LoopState, RoundFailed, check_round, exchange
 from server.results.client_outcomes import ClientOutcome

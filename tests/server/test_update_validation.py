@@ -23,7 +23,8 @@ import server.app as server_app
 from common.config import RunConfig
 from common.ledger.privacy_ledger import LedgerEntry, PrivacyLedger
 from common.tasks.models import build_model
-from common.wire.reply import Status, TrainReport
+from common.wire.reply import TrainReport
+from common.wire.reply_fields import Status
 from server.app import make_strategy
 from server.central_evaluation import CentralEvaluator
 from server.federation_loop import RoundFailed, run_rounds

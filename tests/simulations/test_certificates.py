@@ -159,8 +159,9 @@ def test_server_certificate_names_the_extra_host_names_and_addresses(
 
 
 def test_certificates_command_makes_a_folder_and_node_keys(tmp_path: Path) -> None:
-    """`python -m simulations.deployment.certificates` (the README's server step) makes the
-    folder with the SANs asked for and a node key pair; a bad SAN exits 2."""
+    """`python -m simulations.deployment.certificates` (docs/deployment.md's server
+    step) makes the folder with the SANs asked for and a node key pair; a bad SAN exits
+    2."""
     certs, key = tmp_path / "certs", tmp_path / "keys" / "node-7"
     argv = ["--certs-dir", str(certs), "--ca-dir", str(tmp_path / "ca"),
             "--server-san", "host.example.org", "--node-key", str(key)]  # fmt: skip

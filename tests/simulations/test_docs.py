@@ -1,4 +1,4 @@
-"""The README matches the code: run keys, defaults and the results-loading snippet."""
+"""The README and docs/ match the code: run keys, defaults, reply fields, links."""
 
 from __future__ import annotations
 
@@ -10,16 +10,42 @@ from common.config import RULES, RunConfig
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
+DOCS = REPO / "docs"
+
+
+def doc(name: str) -> str:
+    """The text of ``docs/<name>``."""
+    return (DOCS / name).read_text()
+
+
+def section(text: str, heading: str) -> str:
+    """The body under the heading line starting with `heading`, up to the next heading
+    of the same or a higher level (lines inside code fences are not headings)."""
+    level = len(heading) - len(heading.lstrip("#"))
+    lines, body, inside, fence = text.splitlines(), [], False, False
+    for line in lines:
+        if line.startswith("```"):
+            fence = not fence
+        match = None if fence else re.match(r"^(#+) ", line)
+        if inside and match and len(match.group(1)) <= level:
+            break
+        if inside:
+            body.append(line)
+        elif match and line.startswith(heading):
+            inside = True
+    assert inside, heading
+    return "\n".join(body)
 
 
 def _key_table() -> dict[str, str]:
-    section = README.split("## Run keys", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `([a-z-]+)` \| `([^`]*)` \|", section, flags=re.MULTILINE)
+    text = section(doc("run-keys.md"), "# Run keys")
+    rows = re.findall(r"^\| `([a-z-]+)` \| `([^`]*)` \|", text, flags=re.MULTILINE)
     return dict(rows)
 
 
-def test_readme_lists_every_run_key_with_its_default() -> None:
-    """Every key in RULES is documented with the default the code uses."""
+def test_docs_list_every_run_key_with_its_default() -> None:
+    """Every key in RULES is documented (docs/run-keys.md) with the default the code
+    uses."""
     table = _key_table()
     assert set(table) == set(RULES)
     defaults = RunConfig().to_run_config()
@@ -29,24 +55,25 @@ def test_readme_lists_every_run_key_with_its_default() -> None:
 
 def test_readme_has_exactly_two_setup_commands() -> None:
     """The set-up section gives `make run` and `make test` and nothing else."""
-    section = README.split("## Set-up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    commands = [line.split("#")[0].strip() for line in section.strip().splitlines()]
+    setup = README.split("## Set-up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in setup.strip().splitlines()]
     assert commands == ["make run", "make test"]
 
 
-def readme_python_snippet() -> str:
-    """The README's results-loading example."""
-    return README.split("```python", 1)[1].split("```", 1)[0]
+def results_python_snippet() -> str:
+    """The results-loading example of docs/results-format.md."""
+    return doc("results-format.md").split("```python", 1)[1].split("```", 1)[0]
 
 
-def test_readme_what_leaves_a_client_is_the_declared_contract() -> None:
-    """README's table lists exactly the declared reply fields, with what protects each."""
-    from common.wire.reply import EVALUATE_FIELDS, TRAIN_FIELDS
+def test_docs_what_leaves_a_client_is_the_declared_contract() -> None:
+    """docs/privacy-model.md's table lists exactly the declared reply fields, with what
+    protects each."""
+    from common.wire.reply_fields import EVALUATE_FIELDS, TRAIN_FIELDS
 
-    section = README.split("### What leaves a client", 1)[1].split("\n### ", 1)[0]
+    text = section(doc("privacy-model.md"), "## What leaves a client")
     rows = re.findall(
         r"^\| (train|evaluate) \| `([a-z0-9-]+)` \| ([^|]+?) \| ([^|]+?) \|",
-        section,
+        text,
         flags=re.MULTILINE,
     )
     documented = {(reply, key, cover, when) for reply, key, cover, when in rows}
@@ -64,14 +91,15 @@ def test_readme_what_leaves_a_client_is_the_declared_contract() -> None:
     assert documented == declared
 
 
-def test_readme_secure_aggregation_stage_fields_are_the_declared_ones() -> None:
-    """The stage table under "What leaves a client" is the protocol module's."""
+def test_docs_secure_aggregation_stage_fields_are_the_declared_ones() -> None:
+    """The stage table under "What leaves a client" (docs/privacy-model.md) is the
+    protocol module's."""
     from common.secure_aggregation.protocol import STAGE_FIELDS
 
-    section = README.split("### What leaves a client", 1)[1].split("\n### ", 1)[0]
+    text = section(doc("privacy-model.md"), "## What leaves a client")
     rows = re.findall(
         r"^\| (secagg_[a-z_]+) \| `([a-z0-9-]+)` \| ([^|]+?) \| ([^|]+?) \|",
-        section,
+        text,
         flags=re.MULTILINE,
     )
     declared = [
@@ -83,10 +111,47 @@ def test_readme_secure_aggregation_stage_fields_are_the_declared_ones() -> None:
     assert rows == declared
 
 
-def test_readme_lists_every_policy_key() -> None:
-    """The privacy-policy table documents exactly the keys the node reads."""
+def test_docs_list_every_policy_key() -> None:
+    """The privacy-policy table (docs/privacy-model.md) documents exactly the keys the node
+    reads."""
     from client.privacy.policy import POLICY_KEYS
 
-    section = README.split("### Privacy policy", 1)[1].split("\n### ", 1)[0]
-    keys = re.findall(r"^\| `([a-z-]+)` \|", section, flags=re.MULTILINE)
+    text = section(doc("privacy-model.md"), "## Privacy policy")
+    keys = re.findall(r"^\| `([a-z-]+)` \|", text, flags=re.MULTILINE)
     assert keys == list(POLICY_KEYS)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(text: str) -> set[str]:
+    fence, found = False, set()
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and (match := re.match(r"^#+ (.*)$", line)):
+            found.add(_anchor(match.group(1)))
+    return found
+
+
+def test_readme_is_short_and_every_relative_link_resolves() -> None:
+    """README.md stays a newcomer's page (at most 300 lines), and every relative link in
+    it and in docs/*.md names a file that exists (and a heading there, for `#anchor`)."""
+    assert len(README.splitlines()) <= 300
+    pages = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+    assert len(pages) > 1
+    broken = []
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                continue  # an absolute URL (https:, mailto:)
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.is_file():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and anchor not in _anchors(file.read_text()):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken

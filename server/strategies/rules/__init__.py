@@ -1,0 +1,1 @@
+"""One module per aggregation rule; ``registry.py`` binds them to the run-config names."""
