@@ -17,7 +17,7 @@ from common.ledger.privacy_ledger import PrivacyLedger, epsilon_of_history
 from common.tasks.models import build_model
 from common.wire.reply import EvaluateReport, TrainReport
 from common.wire.reply_fields import ARRAY_KEYS, Status
-from tests.conftest import evaluate_message, make_context, train_message
+from tests.helpers.messages import evaluate_message, make_context, train_message
 
 
 def _arrays(seed: int = 0) -> ArrayRecord:

@@ -32,7 +32,7 @@ import client.app as client_app
 from common.config import RunConfig
 from common.tasks.models import build_model
 from common.wire.reply import TrainReport
-from tests.conftest import make_context, train_message
+from tests.helpers.messages import make_context, train_message
 
 cfg = RunConfig(num_rounds=3, results_dir=sys.argv[1])
 arrays = ArrayRecord(build_model("digits", seed=0).state_dict())

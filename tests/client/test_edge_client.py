@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tomli_w
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
@@ -29,20 +28,11 @@ from common.tasks.models import build_model
 from common.wire.reply import TrainReport
 from common.wire.reply_fields import Status
 from server.export.torchscript import export_model
-from tests.conftest import train_message
+from tests.helpers.device import PREDICT_THEN_CHECK_IMPORTS, write_policy
+from tests.helpers.messages import train_message
 
 REPO = Path(__file__).resolve().parents[2]
 # Run the predict command, then assert that no training code was imported.
-PREDICT_THEN_CHECK_IMPORTS = """
-import runpy, sys
-sys.argv = ["predict", *sys.argv[1:]]
-try:
-    runpy.run_module("client.predict", run_name="__main__", alter_sys=True)
-except SystemExit as exc:
-    assert not exc.code, exc.code
-bad = [m for m in sys.modules if m.split(".")[0] in ("common", "server", "opacus", "flwr")]
-assert not bad, bad
-"""
 
 
 def _raw_digits(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
@@ -58,14 +48,6 @@ def _node_context(cfg: RunConfig, node_config: dict) -> Context:
         run_id=7, node_id=9, node_config=node_config, state=RecordDict(),
         run_config=cfg.to_run_config(),
     )  # fmt: skip
-
-
-def write_policy(state: Path, **keys: object) -> Path:
-    """The device owner's privacy-policy.toml (defaults: budget 50, δ 1e-5, ledger out)."""
-    policy = {"epsilon-budget": 50.0, "delta": 1e-5, "release-ledger": True, **keys}
-    state.mkdir(parents=True, exist_ok=True)
-    (state / POLICY_FILE).write_text(tomli_w.dumps(policy))
-    return state
 
 
 def _report(reply: object) -> TrainReport:

@@ -31,8 +31,8 @@ from server.app import make_strategy
 from server.checks.ledger_witness import WITNESS_FILE, LedgerWitness, WitnessError
 from server.results.client_outcomes import ClientOutcome
 from server.strategies.private_fedavg import PrivateFedAvg
-from tests.client.test_edge_client import write_policy
-from tests.conftest import make_message, train_message
+from tests.helpers.device import write_policy
+from tests.helpers.messages import make_message, train_message
 
 CFG = RunConfig(num_rounds=4, target_epsilon=8.0)
 NODES = {5: 0, 6: 1}  # Flower node id -> partition

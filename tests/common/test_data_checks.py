@@ -13,14 +13,14 @@ import json
 import math
 import re
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
@@ -38,8 +38,9 @@ from server.app import make_strategy
 from server.central_evaluation import CentralEvaluator
 from server.federation_loop import run_rounds
 from server.results.run_folder import ResultsWriter
-from tests.client.test_edge_client import write_policy
-from tests.conftest import evaluate_message, make_message, train_message
+from tests.helpers.device import write_policy
+from tests.helpers.in_process_grid import InProcessGrid
+from tests.helpers.messages import evaluate_message, train_message
 
 N = 37  # records in every bad file: no reply may reveal it
 BAD_AT = 23  # the record holding the bad value: stays in the node's log
@@ -321,36 +322,6 @@ def test_node_with_nan_pixels_replies_data_error_and_spends_nothing(
     assert evaluation.status is Status.DATA_ERROR and evaluation.reason == reason
 
 
-class _InProcessGrid:
-    """Hands each message to its node's ClientApp in this process (no transport)."""
-
-    def __init__(self, contexts: dict[int, Context]) -> None:
-        self.contexts = contexts
-        self.replies: dict[str, Message] = {}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            delivered = make_message(message.content, message.metadata.message_type, node)
-            handler = (
-                client_app.train
-                if message.metadata.message_type == MessageType.TRAIN
-                else client_app.evaluate
-            )
-            self.replies[delivered.metadata.message_id] = handler(
-                delivered, self.contexts[node]
-            )
-            ids.append(delivered.metadata.message_id)
-        return ids
-
-    def pull_messages(self, ids: Iterable[str]) -> list[Message]:
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
-
-
 def test_run_goes_on_without_the_node_with_bad_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -371,7 +342,7 @@ def test_run_goes_on_without_the_node_with_bad_data(
     }
     for key, value in {"_run_id": 7, "_node_id": 1, "_task_id": 1}.items():
         monkeypatch.setattr(TaskIdentity, key, value)  # as the ServerApp process has
-    grid: Any = _InProcessGrid({n: _context(cfg, node, n) for n, node in nodes.items()})
+    grid: Any = InProcessGrid({n: _context(cfg, node, n) for n, node in nodes.items()})
     initial = ArrayRecord(build_model("digits", seed=cfg.seed).state_dict())
     writer = ResultsWriter(tmp_path / "results", cfg)
     evaluator = CentralEvaluator(cfg)

@@ -150,7 +150,7 @@ def test_client_trains_the_linear_model_on_its_shard_features() -> None:
     import client.app as client_app
     from common.wire.reply import TrainReport
     from common.wire.reply_fields import Status
-    from tests.conftest import make_context, train_message
+    from tests.helpers.messages import make_context, train_message
 
     cfg = RunConfig(
         dataset="fashion-mnist", features="scattering", batch_size=128,

@@ -26,7 +26,7 @@ from server.export.compression import (
     script_variant,
 )
 from server.export.torchscript import export_model
-from tests.client.test_edge_client import PREDICT_THEN_CHECK_IMPORTS
+from tests.helpers.device import PREDICT_THEN_CHECK_IMPORTS
 
 REPO = Path(__file__).resolve().parents[2]
 # torch 2.13 flags TorchScript and quantised tensors as deprecated; that is known

@@ -35,13 +35,11 @@ from server.audit.privacy_audit import (
     check_canaries,
     run_sample_level_audit,
 )
-from tests.client.test_edge_client import write_policy
-from tests.conftest import make_context, train_message
-from tests.server.test_privacy_against_server import (
-    _device_context,
-    _digits_npz,
-    _replayed_noise,
-)
+from tests.helpers.device import device_context as _device_context
+from tests.helpers.device import digits_npz as _digits_npz
+from tests.helpers.device import write_policy
+from tests.helpers.messages import make_context, train_message
+from tests.helpers.server_attacks import replayed_noise as _replayed_noise
 
 CLIENTS = 2
 # Strong canaries: 500 mislabelled digits (a third of the pool), 10 local epochs a round.

@@ -12,13 +12,13 @@ import pytest
 
 from common.ledger.privacy_ledger import epsilon_of_history
 from server.results.outcome import Outcome
+from tests.helpers.docs import results_python_snippet
 from tests.helpers.process_watch import (
     assert_all_gone,
     assert_loopback_only,
     run_watched,
     signal_after,
 )
-from tests.simulations.test_docs import results_python_snippet
 
 pytestmark = pytest.mark.e2e
 

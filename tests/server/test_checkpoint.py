@@ -36,7 +36,7 @@ from server.results.outcome import close_run
 from server.results.run_folder import ResultsWriter, write_summary
 from simulations.launch.options import build_overrides, resume_overrides
 from simulations.run import parse_args
-from tests.conftest import make_context, train_message
+from tests.helpers.messages import make_context, train_message
 
 REPO = Path(__file__).resolve().parents[2]
 

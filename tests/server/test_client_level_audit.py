@@ -36,7 +36,7 @@ from server.audit.one_shot_estimate import epsilon_of_gaussians, one_shot_estima
 from server.audit.privacy_audit import one_run_lower_bound
 from server.strategies.client_level import SERVER_PARTITION, ClientLevelFedAvg
 from server.strategies.client_level_dp import ClientLevelAggregator
-from tests.conftest import make_message
+from tests.helpers.messages import make_message
 
 DELTA = 1e-5
 N_CLIENTS = 50

@@ -46,9 +46,9 @@ from server.federation_loop import epsilon_text, run_rounds
 from server.results.run_folder import ResultsWriter
 from server.strategies.client_level import ClientLevelFedAvg
 from server.strategies.client_level_dp import ClientLevelAggregator, poisson_cohort
-from tests.client.test_edge_client import write_policy
-from tests.common.test_data_checks import _InProcessGrid
-from tests.conftest import make_context, make_message, train_message
+from tests.helpers.device import write_policy
+from tests.helpers.in_process_grid import InProcessGrid
+from tests.helpers.messages import make_context, make_message, train_message
 
 DELTA = 1e-5
 OPACUS_ORDERS = [float(a) for a in RDPAccountant.DEFAULT_ALPHAS]
@@ -497,7 +497,7 @@ def test_adaptive_count_is_noised_and_the_accountant_sees_z(tmp_path: Path) -> N
 
 # == 7. budget and the ledger on disk ===============================================
 def _grid(cfg: RunConfig, n: int) -> Any:
-    return _InProcessGrid(
+    return InProcessGrid(
         {
             node: make_context(cfg, partition_id=node - 1, num_partitions=n, node_id=node)
             for node in range(1, n + 1)

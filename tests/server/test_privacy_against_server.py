@@ -13,11 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import opacus.optimizers.optimizer as opacus_optimizer
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 import client.app as client_app
 import client.training.dp_training as dp_training
@@ -35,8 +33,9 @@ from common.wire.reply import EvaluateReport, TrainReport
 from common.wire.reply_fields import COMPRESSED_CHANGE_KEY, EVAL_METRICS, Status
 from server.results.client_outcomes import outcome_from_reply
 from server.strategies.private_fedavg import PrivateFedAvg
-from tests.client.test_edge_client import write_policy
-from tests.conftest import evaluate_message, make_context, train_message
+from tests.helpers.device import device_context, digits_npz, write_policy
+from tests.helpers.messages import evaluate_message, make_context, train_message
+from tests.helpers.server_attacks import replayed_noise
 
 SIGMA = 40.0  # noise ≈ 8x the largest possible signal, so a replay shows plainly
 PARTITION, ROUND = 3, 2
@@ -47,41 +46,6 @@ def _weights(model_or_arrays: object) -> list[torch.Tensor]:
         state = model_or_arrays.to_torch_state_dict()
         return [state[k].detach().clone() for k in state]
     return [p.detach().clone() for p in model_or_arrays.parameters()]  # type: ignore[attr-defined]
-
-
-def _replayed_noise(
-    cfg: RunConfig,
-    n_records: int,
-    sigma: float,
-    guess: int,
-    monkeypatch: pytest.MonkeyPatch,
-) -> tuple[list[torch.Tensor], int]:
-    """The server's replay: run the public training code on dummy records of the same
-    count with the guessed seed, and sum the noise it draws per parameter."""
-    recorded: list[torch.Tensor] = []
-
-    def recording(fn):  # type: ignore[no-untyped-def]
-        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-            noise = fn(*args, **kwargs)
-            recorded.append(noise.detach().clone())
-            return noise
-
-        return wrapper
-
-    with monkeypatch.context() as patch:
-        patch.setattr(dp_training, "gaussian_noise", recording(dp_training.gaussian_noise))
-        patch.setattr(
-            opacus_optimizer, "_generate_noise", recording(opacus_optimizer._generate_noise)
-        )
-        model = build_model("digits", seed=0)
-        x = torch.zeros(n_records, 1, 8, 8)
-        y = torch.zeros(n_records, dtype=torch.long)
-        plan = plan_dp_sgd_round(n_records, cfg.batch_size, cfg.local_epochs)
-        dp_training.train_private(model, x, y, cfg, plan, sigma, round_generator(guess))
-    n_params = len(list(model.parameters()))
-    assert len(recorded) == plan.steps * n_params
-    sums = [sum(recorded[i::n_params]) for i in range(n_params)]
-    return sums, plan.expected_batch_size  # type: ignore[return-value]
 
 
 def _replay_attack(
@@ -105,7 +69,7 @@ def _replay_attack(
     n_records = len(load_client_shard(cfg, NodeSettings(PARTITION, 10)).x_train)
 
     guess = reproducible_seed(cfg.seed, PARTITION, ROUND)  # all the server can know
-    noise, expected_batch = _replayed_noise(cfg, n_records, SIGMA, guess, monkeypatch)
+    noise, expected_batch = replayed_noise(cfg, n_records, SIGMA, guess, monkeypatch)
     moved = [
         (before - after) * expected_batch / cfg.learning_rate
         for before, after in zip(
@@ -166,25 +130,9 @@ def test_noise_construction_has_the_requested_std() -> None:
 # --- the device owns its policy ---------------------------------------------------------
 
 
-def _digits_npz(path: Path, n: int, offset: int = 0) -> Path:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, x=bunch.images[offset : offset + n].astype(np.uint8),
-             y=bunch.target[offset : offset + n])  # fmt: skip
-    return path
-
-
-def _device_context(cfg: RunConfig, data: Path, state: Path, run_id: int = 7) -> Context:
-    node = {"data-path": str(data), "state-dir": str(state)}
-    return Context(run_id=run_id, node_id=9, node_config=node, state=RecordDict(),
-                   run_config=cfg.to_run_config())  # fmt: skip
-
-
 def _exhausted_device(tmp_path: Path) -> tuple[Path, Path]:
     """A device whose policy caps ε at 2 (δ 1e-5, σ ≥ 0.8) and whose ledger is spent."""
-    data = _digits_npz(tmp_path / "d.npz", 300)
+    data = digits_npz(tmp_path / "d.npz", 300)
     state = write_policy(
         tmp_path / "state", **{"epsilon-budget": 2.0, "min-noise-multiplier": 0.8}
     )
@@ -222,7 +170,7 @@ def test_an_exhausted_device_refuses_every_weaker_run(
     monkeypatch.setattr(client_app, "train_non_private", forbidden)
     cfg = RunConfig(**{"num_rounds": 3, "target_epsilon": 2.0, **overrides})
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
-    reply = client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+    reply = client_app.train(train_message(initial, 1), device_context(cfg, data, state))
     report = TrainReport.from_content(reply.content)
     assert report.status is Status.POLICY_REFUSED, report
     assert f"run config key {key}" in str(report.reason)
@@ -234,11 +182,11 @@ def test_an_exhausted_device_refuses_every_weaker_run(
 
 def test_a_calibrated_sigma_below_the_policy_minimum_is_refused(tmp_path: Path) -> None:
     """target-epsilon sets σ indirectly; the node checks the σ it would use."""
-    data = _digits_npz(tmp_path / "d.npz", 300)
+    data = digits_npz(tmp_path / "d.npz", 300)
     state = write_policy(tmp_path / "state", **{"min-noise-multiplier": 2.0})
     cfg = RunConfig(num_rounds=1, target_epsilon=8.0)  # one round at ε 8: σ ≈ 0.8
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
-    reply = client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+    reply = client_app.train(train_message(initial, 1), device_context(cfg, data, state))
     report = TrainReport.from_content(reply.content)
     assert report.status is Status.POLICY_REFUSED
     assert "run config key 'target-epsilon' gives σ = " in str(report.reason)
@@ -251,7 +199,7 @@ def test_the_policy_budget_refuses_even_when_the_run_budget_allows(tmp_path: Pat
     before = (state / LEDGER_FILE).read_bytes()
     cfg = RunConfig(num_rounds=3, target_epsilon=2.0)
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
-    reply = client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+    reply = client_app.train(train_message(initial, 1), device_context(cfg, data, state))
     report = TrainReport.from_content(reply.content)
     assert report.status is Status.BUDGET_EXHAUSTED
     assert (state / LEDGER_FILE).read_bytes() == before
@@ -263,7 +211,7 @@ def test_a_ledger_keeps_its_delta(tmp_path: Path) -> None:
     write_policy(state, **{"epsilon-budget": 2.0, "delta": 1e-3})
     cfg = RunConfig(num_rounds=3, target_epsilon=2.0, delta=1e-3)
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
-    reply = client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+    reply = client_app.train(train_message(initial, 1), device_context(cfg, data, state))
     report = TrainReport.from_content(reply.content)
     assert report.status is Status.POLICY_REFUSED
     assert "δ = 1e-05 and keeps it forever" in str(report.reason)
@@ -271,10 +219,10 @@ def test_a_ledger_keeps_its_delta(tmp_path: Path) -> None:
 
 def test_a_device_without_a_policy_refuses(tmp_path: Path) -> None:
     """No policy file: refuse, naming the file, rather than trust the run config."""
-    data = _digits_npz(tmp_path / "d.npz", 200)
+    data = digits_npz(tmp_path / "d.npz", 200)
     cfg = RunConfig(num_rounds=3)
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
-    ctx = _device_context(cfg, data, tmp_path / "state")
+    ctx = device_context(cfg, data, tmp_path / "state")
     report = TrainReport.from_content(
         client_app.train(train_message(initial, 1), ctx).content
     )
@@ -328,11 +276,11 @@ def test_delta_not_below_one_over_n_is_refused(caplog: pytest.LogCaptureFixture)
 
 
 def _device_reply(tmp_path: Path, n: int, release_ledger: bool) -> Message:
-    data = _digits_npz(tmp_path / f"d{n}.npz", n)
+    data = digits_npz(tmp_path / f"d{n}.npz", n)
     state = write_policy(tmp_path / f"state{n}", **{"release-ledger": release_ledger})
     cfg = RunConfig(num_rounds=3, batch_size=32, target_epsilon=3.0, epsilon_budget=3.0)
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
-    return client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+    return client_app.train(train_message(initial, 1), device_context(cfg, data, state))
 
 
 def test_neighbouring_devices_send_identical_reports(
@@ -387,11 +335,11 @@ def test_a_device_error_reply_names_no_record_count(tmp_path: Path) -> None:
     The loader's message says "shape (321, 8, 8)"; the reply names the file, the
     problem and the rule (28x28 images), and nothing that follows from the records.
     """
-    data = _digits_npz(tmp_path / "d.npz", 321)
+    data = digits_npz(tmp_path / "d.npz", 321)
     state = write_policy(tmp_path / "state")
     cfg = RunConfig(num_rounds=3, dataset="fashion-mnist", target_epsilon=3.0)
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
-    ctx = _device_context(cfg, data, state)
+    ctx = device_context(cfg, data, state)
     reply = client_app.train(train_message(initial, 1), ctx)
     assert not reply.has_error()  # Flower would have sent the exception's text
     report = TrainReport.from_content(reply.content)
@@ -419,7 +367,7 @@ def test_concurrent_rounds_cannot_overspend_the_ledger(tmp_path: Path) -> None:
         worker = threading.Thread(
             target=lambda: replies.append(
                 client_app.train(
-                    train_message(initial, 1), _device_context(cfg, data, state)
+                    train_message(initial, 1), device_context(cfg, data, state)
                 )
             )
         )
@@ -441,11 +389,11 @@ def test_a_device_plans_from_its_public_record_count(tmp_path: Path) -> None:
         1, 2, 4, 512, 512, 1024,
     ]  # fmt: skip
     assert PrivacyPolicy.for_simulation(RunConfig()).records_for_planning(321) == 321
-    data = _digits_npz(tmp_path / "d.npz", 300)
+    data = digits_npz(tmp_path / "d.npz", 300)
     state = write_policy(tmp_path / "state", **{"planning-records": 1000})
     cfg = RunConfig(num_rounds=3, target_epsilon=3.0, epsilon_budget=3.0)
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
-    reply = client_app.train(train_message(initial, 1), _device_context(cfg, data, state))
+    reply = client_app.train(train_message(initial, 1), device_context(cfg, data, state))
     ledger = TrainReport.from_content(reply.content).ledger
     assert ledger is not None and ledger.history()[0][1:] == (1 / 32, 32)  # ⌈1000/32⌉
 
@@ -457,7 +405,7 @@ def test_the_policy_fixes_the_accountant(tmp_path: Path) -> None:
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
     report = TrainReport.from_content(
         client_app.train(
-            train_message(initial, 1), _device_context(cfg, data, state)
+            train_message(initial, 1), device_context(cfg, data, state)
         ).content
     )
     assert report.status is Status.POLICY_REFUSED
@@ -466,13 +414,13 @@ def test_the_policy_fixes_the_accountant(tmp_path: Path) -> None:
 
 def test_a_device_refuses_to_evaluate_on_a_handful_of_records(tmp_path: Path) -> None:
     """An opted-in device still never reports metrics of fewer than 50 test records."""
-    data = _digits_npz(tmp_path / "d.npz", 300)
+    data = digits_npz(tmp_path / "d.npz", 300)
     state = write_policy(tmp_path / "state", **{"federated-evaluation": True})
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
     for fraction, expected in ((0.01, Status.POLICY_REFUSED), (0.2, Status.SCORED)):
         cfg = RunConfig(num_rounds=3, fraction_evaluate=1.0, local_test_fraction=fraction)
         reply = client_app.evaluate(
-            evaluate_message(initial, 1), _device_context(cfg, data, state)
+            evaluate_message(initial, 1), device_context(cfg, data, state)
         )
         assert EvaluateReport.from_content(reply.content).status is expected
 

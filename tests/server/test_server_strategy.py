@@ -17,7 +17,7 @@ from server.app import make_strategy
 from server.federation_loop import LoopState, RoundFailed, check_round, exchange
 from server.results.client_outcomes import ClientOutcome
 from server.strategies.private_fedavg import PrivateFedAvg
-from tests.conftest import make_context, train_message
+from tests.helpers.messages import make_context, train_message
 
 F32 = {"update_compression": "none"}  # float32 replies, averaged by hand below
 

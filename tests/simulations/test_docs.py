@@ -4,37 +4,9 @@ from __future__ import annotations
 
 import re
 import tomllib
-from pathlib import Path
 
 from common.config import RULES, RunConfig
-
-REPO = Path(__file__).resolve().parents[2]
-README = (REPO / "README.md").read_text()
-DOCS = REPO / "docs"
-
-
-def doc(name: str) -> str:
-    """The text of ``docs/<name>``."""
-    return (DOCS / name).read_text()
-
-
-def section(text: str, heading: str) -> str:
-    """The body under the heading line starting with `heading`, up to the next heading
-    of the same or a higher level (lines inside code fences are not headings)."""
-    level = len(heading) - len(heading.lstrip("#"))
-    lines, body, inside, fence = text.splitlines(), [], False, False
-    for line in lines:
-        if line.startswith("```"):
-            fence = not fence
-        match = None if fence else re.match(r"^(#+) ", line)
-        if inside and match and len(match.group(1)) <= level:
-            break
-        if inside:
-            body.append(line)
-        elif match and line.startswith(heading):
-            inside = True
-    assert inside, heading
-    return "\n".join(body)
+from tests.helpers.docs import DOCS, README, REPO, doc, section
 
 
 def _key_table() -> dict[str, str]:
@@ -58,11 +30,6 @@ def test_readme_has_exactly_two_setup_commands() -> None:
     setup = README.split("## Set-up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     commands = [line.split("#")[0].strip() for line in setup.strip().splitlines()]
     assert commands == ["make run", "make test"]
-
-
-def results_python_snippet() -> str:
-    """The results-loading example of docs/results-format.md."""
-    return doc("results-format.md").split("```python", 1)[1].split("```", 1)[0]
 
 
 def test_docs_what_leaves_a_client_is_the_declared_contract() -> None:
