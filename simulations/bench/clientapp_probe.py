@@ -47,6 +47,21 @@ HEAVY_MODULES = (
     "kymatio",
 )
 # (module, attribute, phase) wrapped once the app is imported; a missing one is reported.
+# Phases of one message, in the order they happen, with the label a report gives each.
+PHASES = (
+    ("interpreter", "interpreter start-up"),
+    ("flower_import", "Flower's flwr-clientapp imports"),
+    ("pull_task", "pull the task (message, context, FAB)"),
+    ("fab_install", "FAB install (Flower: unzip, verify hashes)"),
+    ("app_import", "import client.app (torch, Flower app API, privfed)"),
+    ("data", "data: load, check, partition (or read the cache)"),
+    ("features", "features (ScatterNet) of the shard"),
+    ("app_other", "rest of the app: policy, ledger, σ, ε, model, reply records"),
+    ("training", "training (DP-SGD)"),
+    ("reply", "send the reply"),
+)
+
+
 APP_PHASES = (
     ("client.app", "load_client_shard", "data"),
     ("client.data.local_data", "compute_features", "features"),

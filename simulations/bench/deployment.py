@@ -55,33 +55,22 @@ from common.config import RunConfig
 from common.tasks.models import build_model
 from common.tasks.registry import task_names
 from server.messaging import content_bytes
-from simulations.bench.clientapp_probe import install_probe, read_messages
+from simulations.bench.clientapp_probe import PHASES, install_probe, read_messages
 from simulations.deploy import write_node_policy
 from simulations.deployment.local import DeploymentSpec, LocalDeployment
 from simulations.launch.flower_env import flower_environment
 from simulations.launch.options import APP_DIR, pyproject_defaults
+from simulations.launch.preflight import partition_sizes
 from simulations.launch.processes import (
     become_subreaper,
     descendants,
     process_tree,
     stop_processes,
+    tree_rss,
 )
 from simulations.presets import PRESETS
 
 MIB = 1024 * 1024
-# Phases of one message, in the order they happen (see simulations.bench.clientapp_probe).
-PHASES = (
-    ("interpreter", "interpreter start-up"),
-    ("flower_import", "Flower's flwr-clientapp imports"),
-    ("pull_task", "pull the task (message, context, FAB)"),
-    ("fab_install", "FAB install (Flower: unzip, verify hashes)"),
-    ("app_import", "import client.app (torch, Flower app API, privfed)"),
-    ("data", "data: load, check, partition (or read the cache)"),
-    ("features", "features (ScatterNet) of the shard"),
-    ("app_other", "rest of the app: policy, ledger, σ, ε, model, reply records"),
-    ("training", "training (DP-SGD)"),
-    ("reply", "send the reply"),
-)
 
 
 def tree_cpu(pid: int) -> tuple[float, float]:
@@ -120,17 +109,6 @@ def link_side_cpu(dep: LocalDeployment) -> float:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             total += t.user + t.system + t.children_user + t.children_system
-    return total
-
-
-def tree_rss(pid: int) -> int:
-    """Summed resident memory of ``pid`` and its descendants, in bytes."""
-    total = 0
-    for proc in process_tree(pid):
-        try:
-            total += proc.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
     return total
 
 
@@ -250,9 +228,10 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             dep.start_superlink()
             path = flower_environment(work)["PATH"]
             extra_env = install_probe(work / "probe-bin", probe_dir, path)
+            sizes = partition_sizes(cfg, partitions)  # each node's planning-records
             for i in range(args.clients):
                 state_dir = work / "nodes" / f"node-{i}"
-                write_node_policy(state_dir, cfg)
+                write_node_policy(state_dir, cfg, sizes[i])
                 config = {
                     "partition-id": i, "num-partitions": partitions,
                     "state-dir": str(state_dir),

@@ -194,3 +194,14 @@ def wait_until(predicate: object, timeout: float, what: str, proc: ManagedProces
         f"timed out after {timeout:.0f} s waiting for {what}; {proc.name}'s log "
         f"({proc.log_path}) ends with:\n{proc.log_tail()}"
     )
+
+
+def tree_rss(pid: int) -> int:
+    """Summed resident memory of ``pid`` and its descendants, in bytes."""
+    total = 0
+    for proc in process_tree(pid):
+        try:
+            total += proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
