@@ -17,57 +17,55 @@ and ``accuracy_vs_epsilon.png`` into the sweep folder.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
-import statistics
 import sys
 import tempfile
 import time
 import tomllib
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from common.config import (  # noqa: E402
+from common.config import (
     PARTITIONERS,
     PRIVACY_MODES,
     ConfigError,
     RunConfig,
 )
-from common.tasks.registry import task_names  # noqa: E402
-from server.results.outcome import Outcome  # noqa: E402
-from simulations.launch.flower_env import (  # noqa: E402
+from common.tasks.registry import task_names
+from server.results.outcome import Outcome
+from simulations.launch.flower_env import (
     flower_environment,
     simulation_superlink,
     stage_app,
     write_connection,
 )
-from simulations.launch.flwr_run import Interrupt  # noqa: E402
-from simulations.launch.options import (  # noqa: E402
+from simulations.launch.flwr_run import Interrupt
+from simulations.launch.options import (
     APP_DIR,
     build_overrides,
     positive_seconds,
     resolve_ray_address,
 )
-from simulations.launch.output import launch_to_round_1  # noqa: E402
-from simulations.launch.processes import (  # noqa: E402
+from simulations.launch.output import launch_to_round_1
+from simulations.launch.processes import (
     LEFTOVER_GRACE_S,
     become_subreaper,
     descendants,
     install_signal_handlers,
     stop_processes,
 )
-from simulations.presets import PRESETS  # noqa: E402
-from simulations.run import add_simulation_options, describe_ray, run_on_superlink  # noqa: E402
-from simulations.run import parse_args as run_options  # noqa: E402
+from simulations.launch.sweep_report import (
+    plot,
+    print_amortised,
+    write_table,
+)
+from simulations.presets import PRESETS
+from simulations.run import add_simulation_options, describe_ray, run_on_superlink
+from simulations.run import parse_args as run_options
 
 NOT_STARTED = "not started (the sweep was interrupted)"
 
@@ -274,9 +272,7 @@ def run_grid(
                 interrupt.set(exc.args[0] if exc.args else "SIGINT (Ctrl-C)")
                 print(f"[sweep] interrupted ({interrupt.how}); stopping", flush=True)
                 interrupt.wait_for_runs()
-            _print_amortised(
-                setup, [finished[p.name] for p in points if p.name in finished]
-            )
+            print_amortised(setup, [finished[p.name] for p in points if p.name in finished])
     except KeyboardInterrupt as exc:
         interrupt.set(exc.args[0] if exc.args else "SIGINT (Ctrl-C)")
     finally:
@@ -294,86 +290,6 @@ def _wait_all(futures: list[Future[PointResult]]) -> None:
         done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
         for future in done:
             future.result()  # a bug in a point's thread ends the sweep
-
-
-def _print_amortised(setup: float, rows: list[PointResult]) -> None:
-    """Launch to round 1 per run, with the SuperLink's start shared among the runs."""
-    launches = [r.launch_to_round_1_seconds for r in rows]
-    seen = [x for x in launches if x is not None]
-    if not seen:
-        return
-    amortised = (setup + sum(seen)) / len(seen)
-    print(
-        f"[sweep] launch to round 1: {amortised:.1f} s per run amortised over "
-        f"{len(seen)} runs (SuperLink start {setup:.1f} s once; per run median "
-        f"{statistics.median(seen):.1f} s: {', '.join(f'{x:.1f}' for x in seen)})",
-        flush=True,
-    )
-
-
-def write_table(rows: list[PointResult], out_dir: Path) -> None:
-    """``sweep.csv`` and ``sweep.md``, one row per grid point."""
-    fields = list(asdict(rows[0]))
-    with open(out_dir / "sweep.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    lines = [
-        "| target ε | partitioner | seed | accuracy | max ε (accountant, δ) | status | s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        target = "non-private" if r.target_epsilon is None else f"{r.target_epsilon:g}"
-        acc = "—" if r.accuracy is None else f"{r.accuracy:.4f}"
-        eps = (
-            "—"
-            if r.max_epsilon is None
-            else f"{r.max_epsilon:.3f} ({r.accountant}, {r.delta:g})"
-        )
-        secs = "—" if r.wall_seconds is None else f"{r.wall_seconds:.0f}"
-        cells = [target, r.partitioner, str(r.seed), acc, eps, r.status, secs]
-        lines.append("| " + " | ".join(cells) + " |")
-    (out_dir / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def plot(rows: list[PointResult], out_dir: Path) -> Path:
-    """Accuracy against achieved max ε per partitioner, non-private as a line."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for part in sorted({r.partitioner for r in rows}):
-        pts = sorted(
-            (r.max_epsilon, r.accuracy)
-            for r in rows
-            if r.partitioner == part
-            and r.max_epsilon is not None
-            and r.accuracy is not None
-        )
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", linestyle="", label=part)
-        ref = [
-            r.accuracy for r in rows if r.partitioner == part and r.target_epsilon is None
-        ]
-        ref = [a for a in ref if a is not None]
-        if ref:
-            ax.axhline(
-                sum(ref) / len(ref), linestyle="--", alpha=0.6, label=f"{part} non-private"
-            )
-    accountants = {
-        f"{r.accountant}, δ={r.delta:g}" for r in rows if r.accountant not in (None, "none")
-    }
-    unit = "cumulative ε per client"
-    unit += " (client-level)" if "client" in {r.privacy_unit for r in rows} else ""
-    ax.set(
-        xlabel=f"{unit} ({'; '.join(sorted(accountants)) or 'n/a'})",
-        ylabel="central test accuracy",
-        ylim=(0, 1),
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "accuracy_vs_epsilon.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
