@@ -41,7 +41,7 @@ endif
 run: $(STAMP)
 	$(PY) -m simulations.run $(ARGS)
 
-deploy: $(STAMP)
+deploy: $(STAMP) system-packages
 	$(PY) -m simulations.deploy $(ARGS)
 
 test: $(STAMP) system-packages
