@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
@@ -33,7 +32,7 @@ from client.privacy.policy import (
     PrivacyPolicy,
     load_policy,
 )
-from client.secure_aggregation import stages as secagg_stages
+from client.secure_aggregation.handlers import ClientSteps, secagg_stage
 from client.training.dp_training import train_non_private, train_private
 from common.config import RunConfig
 from common.data.checks import DatasetError
@@ -41,9 +40,9 @@ from common.ledger.privacy_ledger import LedgerError, PrivacyLedger
 from common.privacy.randomness import integer_generator, reproducible_seed, round_generator
 from common.privacy.round_decision import decide_round
 from common.privacy.update_clipping import ClippedUpdate, clip_update
-from common.secure_aggregation.protocol import SECAGG_KEY, ProtocolError, Stage
+from common.secure_aggregation.protocol import Stage
 from common.tasks.metrics import evaluate_model
-from common.tasks.models import build_model, model_dimension
+from common.tasks.models import build_model
 from common.wire.reply import EvaluateReport, TrainReport
 from common.wire.reply_fields import ARRAYS_KEY, CLIP_NORM_KEY
 from common.wire.update_codec import UpdateCodec, encode_change
@@ -66,21 +65,31 @@ def _model_from(msg: Message, cfg: RunConfig, shard: ClientShard) -> torch.nn.Mo
     return model
 
 
+def _replay(cfg: RunConfig, partition_id: int, server_round: int) -> int | None:
+    """The public seed of every draw this round under ``reproducible-noise``, else
+    ``None`` (OS entropy; see :mod:`common.privacy.randomness`)."""
+    if not cfg.reproducible_noise:
+        return None
+    return reproducible_seed(cfg.seed, partition_id, server_round)
+
+
 def _send(
     msg: Message,
     report: TrainReport,
     model: torch.nn.Module | None = None,
     compression: str = "none",
+    replay: int | None = None,
 ) -> Message:
     """The reply; trained weights go as float32, or as their change from the global
-    model encoded by ``update-compression`` (after the DP noise: post-processing)."""
+    model encoded by ``update-compression`` (after the DP noise: post-processing),
+    rounded from OS entropy, or from ``replay`` under ``reproducible-noise``."""
     arrays = None
     if model is not None and compression != "none":
         sent = msg.content[ARRAYS_KEY]  # the server decodes against it, in its order
         state = model.state_dict()
         after = [state[key].detach().numpy() for key in sent.keys()]
         arrays = encode_change(
-            compression, after, sent.to_numpy_ndarrays(), integer_generator()
+            compression, after, sent.to_numpy_ndarrays(), integer_generator(replay)
         )
         report = report.with_compressed_update()
     elif model is not None:
@@ -185,7 +194,8 @@ def _train(msg: Message, context: Context) -> Message:
         store_ledger(context, released_ledger, node)
         report = TrainReport.trained_non_private(pid, len(shard.x_train), outcome.mean_loss)
         report = report.with_fingerprint(reported_fingerprint(context, node))
-        return _send(msg, report, model, cfg.update_compression)
+        replay = _replay(cfg, pid, server_round)
+        return _send(msg, report, model, cfg.update_compression, replay)
 
 
 def _train_private(
@@ -209,9 +219,18 @@ def _train_private(
         )
     except ValueError as exc:  # e.g. a batch size that gives an empty expected batch
         return _refuse(msg, shard, str(exc))
-    round_refusal = policy.refusal_for_round(decision.noise_multiplier, records, ledger)
+    round_refusal = policy.refusal_for_round(
+        decision.noise_multiplier, planned, ledger, records
+    )
     if round_refusal is not None:
         return _refuse(msg, shard, *round_refusal)
+    if records > planned:  # the owner's to fix; nothing the server sees depends on it
+        log.warning(
+            "partition %d holds %d training records, more than the %d it plans from "
+            "(planning-records): ε holds per record, but the δ < 1/N check is "
+            "against %d and batches are larger than planned; raise planning-records",
+            pid, records, planned, planned,
+        )  # fmt: skip
     shown = ledger if policy.release_ledger else None
     if not decision.allowed:
         log.warning(
@@ -222,9 +241,7 @@ def _train_private(
         return _send(msg, report.with_fingerprint(reported_fingerprint(context, node)))
 
     model = _model_from(msg, cfg, shard)
-    replay = (
-        reproducible_seed(cfg.seed, pid, server_round) if cfg.reproducible_noise else None
-    )
+    replay = _replay(cfg, pid, server_round)
     outcome = train_private(
         model, shard.x_train, shard.y_train, cfg, decision.plan,
         decision.noise_multiplier, round_generator(replay),
@@ -248,7 +265,7 @@ def _train_private(
     shown = ledger if policy.release_ledger else None
     report = TrainReport.trained(pid, planned, shown, seconds)
     report = report.with_fingerprint(reported_fingerprint(context, node))
-    return _send(msg, report, model, cfg.update_compression)
+    return _send(msg, report, model, cfg.update_compression, replay)
 
 
 def _clipped_change(
@@ -315,7 +332,9 @@ def _train_client_level(
         )
     else:  # encoded after clipping; the server clips the decoded change again
         codec = UpdateCodec(cfg.update_compression)
-        update = codec.encode(clipped.arrays, integer_generator())
+        server_round = int(msg.content["config"]["server-round"])
+        rounding = integer_generator(_replay(cfg, shard.partition_id, server_round))
+        update = codec.encode(clipped.arrays, rounding)
         report = report.with_compressed_update()
     return Message(report.to_content(update), reply_to=msg)
 
@@ -323,101 +342,14 @@ def _train_client_level(
 train = app.train()(_sanitised(_train, lambda pid, why: _node_error(pid, why)))
 
 
-# -- secure aggregation with distributed DP (client/secure_aggregation/stages.py) --
-def _secagg_refusal(cfg: RunConfig, policy: PrivacyPolicy) -> str | None:
-    refusal = policy.refusal_for_run(cfg)
-    if refusal is None and not (cfg.is_client_level and cfg.secure_aggregation):
-        refusal = (
-            "run config keys 'privacy-mode' and 'secure-aggregation': the secure-"
-            "aggregation stages serve privacy-mode 'client' with secure-aggregation = "
-            f"true, got {cfg.privacy_mode!r} and {cfg.secure_aggregation}"
-        )
-    return refusal
-
-
-def _secagg_stage(stage: Stage) -> Handler:
-    """One stage's handler: the node's policy first, then the protocol step.
-
-    A protocol violation wipes the round's secrets and is refused with its reason
-    (it says nothing about the data); the server counts the node as dropped.
-    """
-
-    def handle(msg: Message, context: Context) -> Message:
-        cfg = RunConfig.from_run_config(context.run_config)
-        node = NodeSettings.from_node_config(dict(context.node_config))
-        node = node.in_results(cfg.results_dir)
-        pid = _partition_id(context)
-        try:
-            policy = load_policy(cfg, node.state_dir)
-            refusal = _secagg_refusal(cfg, policy)
-        except PolicyError as exc:
-            refusal = str(exc)
-        if refusal is not None:
-            secagg_stages.forget(context)
-            log.warning("node %d refuses %s: %s", context.node_id, stage.value, refusal)
-            return _send(msg, TrainReport.policy_refused(pid, refusal))
-        try:
-            record = secagg_stages.stage_record(msg.content)
-            if stage is Stage.MASKED_UPDATE:
-                return _masked_update(msg, context, cfg, policy, record)
-            if stage is Stage.SETUP:
-                out = secagg_stages.setup(
-                    context, int(context.node_id), record, model_dimension(cfg),
-                    policy.min_noise_multiplier,
-                )  # fmt: skip
-            elif stage is Stage.SHARE_KEYS:
-                out = secagg_stages.share_keys(context, record)
-            else:
-                out = secagg_stages.unmask(context, record)
-        except ProtocolError as exc:
-            secagg_stages.forget(context)
-            log.warning("node %d refuses %s: %s", context.node_id, stage.value, exc)
-            return _send(msg, TrainReport.policy_refused(pid, f"secure aggregation: {exc}"))
-        return Message(RecordDict({SECAGG_KEY: out}), reply_to=msg)
-
-    return handle
-
-
-def _masked_update(
-    msg: Message, context: Context, cfg: RunConfig, policy: PrivacyPolicy, record: Any
-) -> Message:
-    """Stage 3: decrypt the neighbours' shares, train, clip, then noise and mask."""
-    started = time.perf_counter()
-    try:
-        cfg, node, shard = _setup(context)
-    except DatasetError as exc:
-        secagg_stages.forget(context)
-        return _data_refusal(msg, context, exc, TrainReport.data_error)
-    held = secagg_stages.receive_shares(context, record)
-    if msg.content["config"].get(CLIP_NORM_KEY) != held.setup.plan.clip_norm:
-        raise ProtocolError(
-            "the round's clip norm differs from the one its plan was made for"
-        )
-    with ledger_lock(node):
-        try:
-            witnessed = witnessed_in(msg.content["config"])
-            ledger = load_ledger(context, node, cfg.accountant, policy.delta, witnessed)
-        except LedgerError as exc:  # fail closed: never "nothing spent"
-            secagg_stages.forget(context)
-            log.error("partition %d refuses to train: %s", shard.partition_id, exc)
-            return _send(
-                msg, TrainReport.ledger_error(shard.partition_id, public_reason(exc))
-            )
-        _, clipped, ledger = _clipped_change(msg, context, cfg, node, shard, ledger)
-    upload = secagg_stages.masked_upload(context, held, clipped.arrays)
-    seconds = time.perf_counter() - started if policy.release_timing else None
-    shown = ledger if policy.release_ledger else None
-    report = TrainReport.masked_update(shard.partition_id, shown, seconds)
-    report = report.with_fingerprint(reported_fingerprint(context, node))
-    return Message(report.to_content(upload), reply_to=msg)
-
-
 def _node_error(pid: int, why: str) -> RecordDict:
     return TrainReport.node_error(pid, why).to_content()
 
 
+# -- secure aggregation with distributed DP (client/secure_aggregation/handlers.py) --
+_SECAGG_STEPS = ClientSteps.late_bound(globals())  # each looked up when it runs
 for _stage in Stage:
-    app.train(_stage.value)(_sanitised(_secagg_stage(_stage), _node_error))
+    app.train(_stage.value)(_sanitised(secagg_stage(_stage, _SECAGG_STEPS), _node_error))
 
 
 def _evaluate(msg: Message, context: Context) -> Message:

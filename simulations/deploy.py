@@ -40,6 +40,7 @@ from simulations.deployment.certificates import (
 )
 from simulations.deployment.front_proxy import ProxyError, nginx_binary
 from simulations.deployment.local import DeploymentSpec, LocalDeployment
+from simulations.deployment.node_identity import ensure_node_identity
 from simulations.launch.flwr_run import follow_run
 from simulations.launch.options import (
     APP_DIR,
@@ -50,6 +51,7 @@ from simulations.launch.options import (
     resume_overrides,
 )
 from simulations.launch.output import StreamEnd, interrupted, report_results
+from simulations.launch.preflight import partition_sizes
 from simulations.launch.processes import (
     LEFTOVER_GRACE_S,
     become_subreaper,
@@ -102,20 +104,33 @@ def _watchdog(dep: LocalDeployment, nodes: int) -> Callable[[], str | None]:
     return check
 
 
-def write_node_policy(state_dir: Path, cfg: RunConfig) -> str:
+def write_node_policy(
+    state_dir: Path, cfg: RunConfig, planning_records: int | None = None
+) -> str:
     """Give a new node the run's privacy settings as its device policy.
 
     This local deployment's owner holds every node's data, so each node releases
-    its ledger and timing like a simulated client. A node that already has a
-    policy keeps it: the file is the device owner's, never the server's.
+    its ledger and timing like a simulated client, and plans from its partition's
+    size (``planning_records``, public to that owner). A node that already has a
+    policy keeps it: the file is the device owner's, never the server's; a kept
+    policy that a record-level run would refuse for lack of ``planning-records``
+    stops the launch instead.
     """
     path = state_dir / POLICY_FILE
     if path.exists():
-        PrivacyPolicy.from_file(path)  # a bad policy fails before anything starts
+        kept = PrivacyPolicy.from_file(path)  # a bad policy fails before anything starts
+        if cfg.is_private and kept.planning_records is None:
+            raise PolicyError(
+                f"privacy policy ({path}) lacks the key 'planning-records', the public "
+                "record count a privacy-mode = 'sample' node plans from (see "
+                "docs/edge-clients.md, 'Planning records')"
+            )
         return "kept"
     policy = dataclasses.replace(
         PrivacyPolicy.for_simulation(cfg),
         allow_reproducible_noise=cfg.reproducible_noise,
+        planning_records=planning_records,
+        exact_records=False,
         source=str(path),
     )
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -134,8 +149,10 @@ def run_deployment(args: argparse.Namespace) -> int:
     state_root = (args.state_root or results_dir / "nodes").expanduser().resolve()
     ca_dir = (args.ca_dir or default_ca_dir()).expanduser().resolve()
     cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
+    sizes = partition_sizes(cfg, args.clients)  # each node's public planning count
     policies = [
-        write_node_policy(state_root / f"node-{i}", cfg) for i in range(args.clients)
+        write_node_policy(state_root / f"node-{i}", cfg, sizes[i])
+        for i in range(args.clients)
     ]
     print(
         f"[privfed] node privacy policies in {state_root}/node-*/{POLICY_FILE}: "
@@ -149,6 +166,15 @@ def run_deployment(args: argparse.Namespace) -> int:
         nginx_binary()  # so do a missing nginx, a partial folder, a loose CA key
         ensure_tls_files(certs, ca_dir, args.server_san)
         print(f"[privfed] certificates in {certs}; CA key in {ca_dir}", flush=True)
+    if cfg.secure_aggregation:  # each node's identity, certified by the CA
+        for i in range(args.clients):
+            ensure_node_identity(state_root / f"node-{i}", ca_dir, f"node-{i}")
+        print(
+            f"[privfed] node identities in {state_root}/node-*/identity/, certified by "
+            f"the CA in {ca_dir} (the server must not hold that CA's key for the "
+            "guarantee against an active server: docs/secure-aggregation.md)",
+            flush=True,
+        )
     become_subreaper()
     install_signal_handlers()
     # Flower homes and logs live outside the app folder, which `flwr run` packages.

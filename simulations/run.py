@@ -25,6 +25,7 @@ import tomli_w
 
 from common.config import ConfigError, RunConfig
 from server.results.outcome import Outcome
+from simulations.launch.dealer import trusted_dealer
 from simulations.launch.flower_env import (
     CONNECTION_NAME,
     flower_environment,
@@ -162,6 +163,7 @@ def run_federation(args: argparse.Namespace) -> int:
     flwr_home = work / "flwr-home"
     flwr_home.mkdir()
     env = flower_environment(flwr_home, ray)
+    trusted_dealer(env, work, args.clients)  # secure aggregation's node identities
     print(f"[privfed] Flower home and logs: {work}", flush=True)
     print(f"[privfed] Ray: {describe_ray(ray)}", flush=True)
     launched_at = time.time()

@@ -37,6 +37,7 @@ from common.config import (
 )
 from common.tasks.registry import task_names
 from server.results.outcome import Outcome
+from simulations.launch.dealer import trusted_dealer
 from simulations.launch.flower_env import (
     flower_environment,
     simulation_superlink,
@@ -234,6 +235,7 @@ def run_grid(
     flwr_home = work / "flwr-home"
     flwr_home.mkdir()
     env = flower_environment(flwr_home, ray)
+    trusted_dealer(env, work, max(opts.clients for opts, _ in checked))
     print(f"[sweep] Flower home and logs: {work}; Ray: {describe_ray(ray)}", flush=True)
     interrupt = Interrupt()
     futures: list[Future[PointResult]] = []

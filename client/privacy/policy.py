@@ -7,6 +7,12 @@ written by the device's owner; the server cannot change it. In a simulation (no
 A run that asks for anything weaker than the policy (non-private training, a larger
 δ, a larger ε budget, less noise, reproducible noise, local evaluation metrics) is
 refused with a reason, before anything trains.
+
+A device plans DP-SGD (q, steps, σ, the noise divisor and the δ < 1/N refusal) from
+its public ``planning-records``, never from its exact record count: every plan made
+from N changes with one record, so the server would detect any one record with
+certainty whatever ε the ledger says. A device without the key refuses record-level
+runs, naming it. A simulation plans from N: partition sizes are public there.
 """
 
 from __future__ import annotations
@@ -49,7 +55,11 @@ POLICY_KEYS: dict[str, tuple[type, str]] = {
     "release-timing": (bool, "send the round's compute seconds (default false)"),
     "allow-reproducible-noise": (bool, "accept reproducible-noise = true (default false)"),
     "accountant": (str, "'rdp' or 'prv': the accountant the budget is checked with"),
-    "planning-records": (int, "public record count q, steps and σ are planned with"),
+    "planning-records": (
+        int,
+        "public record count q, steps, σ and the δ check are planned from (required "
+        "for privacy-mode = 'sample' on a device)",
+    ),
 }
 # A device answers federated evaluation only on at least this many test records.
 MIN_TEST_RECORDS = 50
@@ -57,6 +67,14 @@ MIN_TEST_RECORDS = 50
 
 class PolicyError(ValueError):
     """The policy file is missing, unreadable, or has a bad key or value."""
+
+
+_MISSING_PLANNING_RECORDS = (
+    "run config key 'privacy-mode' 'sample' plans DP-SGD (q, steps, σ) from a record "
+    "count; this node's privacy policy ({source}) lacks the key 'planning-records', "
+    "the public count it plans from (a plan from the exact count would reveal one "
+    "record; see docs/edge-clients.md, 'Planning records')"
+)
 
 
 @dataclass(frozen=True)
@@ -169,19 +187,19 @@ class PrivacyPolicy:
         return {key: value for key, value in values.items() if value is not None}
 
     def records_for_planning(self, num_records: int) -> int:
-        """The record count q, steps, σ and the noise divisor are planned from.
+        """The record count q, steps, σ, the noise divisor and the δ check use.
 
-        Plans made from the real N would leak it: the update's noise scale and the
-        budget decisions follow ⌈N/B⌉. A device plans from its public
-        ``planning-records``, or else from N rounded up to a power of two (the only
-        thing about N its updates then reveal). A simulation plans from N itself:
-        its owner holds every shard.
+        Any plan made from the real N leaks it, bucketed or not: at a bucket's edge
+        one record flips q, the steps, σ and the update's noise scale. A device
+        plans from its public ``planning-records`` only (``refusal_for_run`` refuses
+        a private run without it); a simulation plans from N, which is public there
+        (one owner holds every shard).
         """
         if self.planning_records is not None:
             return self.planning_records
         if self.exact_records:
             return num_records
-        return 1 << max(num_records - 1, 0).bit_length()
+        raise PolicyError(_MISSING_PLANNING_RECORDS.format(source=self.source))
 
     # -- checks -------------------------------------------------------------------
     def refusal_for_run(self, cfg: RunConfig) -> str | None:
@@ -244,14 +262,22 @@ class PrivacyPolicy:
                 f"{cfg.noise_multiplier:g} is below this node's least σ",
                 f"min-noise-multiplier = {self.min_noise_multiplier:g}",
             )
+        if self.planning_records is None and not self.exact_records:
+            return _MISSING_PLANNING_RECORDS.format(source=self.source)
         return None
 
     def refusal_for_round(
-        self, noise_multiplier: float, num_records: int, ledger: PrivacyLedger
+        self,
+        noise_multiplier: float,
+        planning_records: int,
+        ledger: PrivacyLedger,
+        num_records: int,
     ) -> tuple[str, str] | None:
         """(reason sent, detail logged locally) to refuse this round, or ``None``.
 
-        The reason sent never names the record count; the local log does.
+        Every threshold is checked on public numbers: σ (planned from the public
+        count) and δ against 1/``planning_records``, never the node's exact N, so
+        that no refusal flips on one record. ``num_records`` only enters the log.
         """
         if noise_multiplier < self.min_noise_multiplier:
             reason = self._refuse(
@@ -267,15 +293,15 @@ class PrivacyPolicy:
                 f"forever; its policy ({self.source}) says delta = {self.delta:g}"
             )
             return reason, reason
-        if delta_allows_record_release(self.delta, num_records):
+        if delta_allows_record_release(self.delta, planning_records):
             detail = (
-                f"δ = {self.delta:g} is not below 1/N = 1/{num_records} for this node's "
-                f"N = {num_records} training records; a δ that large allows releasing "
-                "a whole record"
+                f"δ = {self.delta:g} is not below 1/N = 1/{planning_records} for the "
+                f"N = {planning_records} records this node plans from (it holds "
+                f"{num_records}); a δ that large allows releasing a whole record"
             )
             reason = (
-                f"δ = {self.delta:g} is not below 1/N for this node's training records "
-                "(N stays on the node; see its log)"
+                f"δ = {self.delta:g} is not below 1/N for the record count this node "
+                "plans from (the count stays on the node; see its log)"
             )
             return reason, detail
         return None

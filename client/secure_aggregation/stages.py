@@ -1,24 +1,25 @@
 """A client's side of secure aggregation with distributed DP, one stage per message.
 
 The stages are declared in :mod:`common.secure_aggregation.protocol`. Between stages the
-round's secrets live in ``context.state`` (the SuperNode's memory, or the
-simulation's node state), never on disk, and are wiped after the unmask stage.
-Keys, seeds and shares come from :mod:`common.secure_aggregation.keys` (X25519 and HKDF from
-``cryptography``, Flower's Fernet encryption, pycryptodome's Shamir sharing) and
-``os.urandom``; masks from AES-CTR (:mod:`common.secure_aggregation.masks`); the
-Skellam noise and the rounding from OS entropy.
+round's secrets live in ``context.state`` (:mod:`client.secure_aggregation.state`),
+never on disk, and are wiped after the unmask stage. Keys, seeds and shares come
+from :mod:`common.secure_aggregation.keys` (X25519 and HKDF from ``cryptography``,
+Flower's Fernet encryption, pycryptodome's Shamir sharing) and ``os.urandom``;
+masks from AES-CTR (:mod:`common.secure_aggregation.masks`); the Skellam noise and
+the rounding from OS entropy; signatures from the node's certified Ed25519 identity
+(:mod:`common.secure_aggregation.identity`).
 
-The client refuses (``ProtocolError``) anything a curious server could use to
-unmask it alone: a stage out of order or from another round, its own keys
-misquoted, too few neighbours to reach the threshold, a threshold of half the
-shares or fewer, an unmask request that lists a node as both uploaded and
-dropped, names itself dropped, counts fewer contributors than the round's
-minimum, or comes twice.
+The client refuses (``ProtocolError``) anything a server could use to unmask it
+alone or to shrink its noise: a stage out of order or from another round, its own
+keys misquoted, an advertisement or signature that does not check against its CA,
+a plan whose minimum m exceeds the certified participants it verified, too few
+neighbours or partners for the threshold, a threshold of half the shares or fewer,
+an uploader set other than the one it signed, fewer certified signatures on it than
+t neighbours and m in all, or a request that comes twice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,8 +30,30 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
+from client.secure_aggregation.state import (
+    STATE_KEY,
+    RoundSecrets,
+    forget,
+    load_secrets,
+    save,
+)
+from client.secure_aggregation.verification import (
+    uploaders_to_sign,
+    verified_signers,
+    verify_adverts,
+)
 from common.privacy.randomness import integer_generator
-from common.secure_aggregation.distributed_dp import rotation_signs
+from common.secure_aggregation.consistency import (
+    Advertisement,
+    ConsistencyInstruction,
+    KeysInstruction,
+    UnmaskInstruction,
+    advert_message,
+    plan_digest,
+    signature_record,
+)
+from common.secure_aggregation.distributed_dp import QuantisationPlan, rotation_signs
+from common.secure_aggregation.identity import TrustedIdentity
 from common.secure_aggregation.keys import (
     ENCRYPTION,
     MASKING,
@@ -45,121 +68,25 @@ from common.secure_aggregation.protocol import (
     PACKED_ARRAY,
     SECAGG_KEY,
     EncryptedShares,
-    KeysInstruction,
     ProtocolError,
     PublicKeys,
     RevealedShares,
     SetupInstruction,
     Stage,
-    UnmaskInstruction,
 )
 
-STATE_KEY = "secagg-state"  # context.state ConfigRecord of the round in progress
-
-
-@dataclass
-class RoundSecrets:
-    """What one client holds between the stages of one round."""
-
-    node_id: int
-    setup: SetupInstruction
-    stage: Stage
-    encryption_key: bytes  # X25519 private key, never shared
-    masking_key: bytes  # X25519 private key, Shamir-shared among the neighbours
-    public: PublicKeys
-    peers: dict[int, PublicKeys] = field(default_factory=dict)
-    mask_seed: bytes = b""
-    seed_shares: dict[int, bytes] = field(default_factory=dict)  # owner -> share I hold
-    key_shares: dict[int, bytes] = field(default_factory=dict)
-    partners: tuple[int, ...] = ()  # neighbours whose shares arrived: pairwise masks
-
-    # -- persistence in context.state -------------------------------------------------
-    def to_record(self) -> ConfigRecord:
-        """Everything as one ConfigRecord (lists, since records hold no dicts)."""
-        seeds, keys, peers = (
-            sorted(self.seed_shares),
-            sorted(self.key_shares),
-            sorted(self.peers),
-        )
-        values: dict[str, Any] = {
-            **{f"setup.{k}": v for k, v in self.setup.to_record().items()},
-            "node-id": self.node_id,
-            "stage": self.stage.value,
-            "encryption-key": self.encryption_key,
-            "masking-key": self.masking_key,
-            "pk-encryption": self.public.encryption,
-            "pk-masking": self.public.masking,
-            "peer-nodes": peers,
-            "peer-pk-encryption": [self.peers[n].encryption for n in peers],
-            "peer-pk-masking": [self.peers[n].masking for n in peers],
-            "mask-seed": self.mask_seed,
-            "seed-share-nodes": seeds,
-            "seed-shares": [self.seed_shares[n] for n in seeds],
-            "key-share-nodes": keys,
-            "key-shares": [self.key_shares[n] for n in keys],
-            "partners": list(self.partners),
-        }
-        return ConfigRecord(values)
-
-    @classmethod
-    def from_record(cls, record: ConfigRecord) -> RoundSecrets:
-        """The inverse of :meth:`to_record`."""
-        raw = dict(record)
-        setup = SetupInstruction.from_record(
-            ConfigRecord({k[6:]: v for k, v in raw.items() if k.startswith("setup.")})
-        )
-        peers = {
-            n: PublicKeys(e, m)
-            for n, e, m in zip(
-                raw["peer-nodes"], raw["peer-pk-encryption"], raw["peer-pk-masking"],
-                strict=True,
-            )
-        }  # fmt: skip
-        return cls(
-            node_id=int(raw["node-id"]),
-            setup=setup,
-            stage=Stage(raw["stage"]),
-            encryption_key=raw["encryption-key"],
-            masking_key=raw["masking-key"],
-            public=PublicKeys(raw["pk-encryption"], raw["pk-masking"]),
-            peers=peers,
-            mask_seed=raw["mask-seed"],
-            seed_shares=dict(zip(raw["seed-share-nodes"], raw["seed-shares"], strict=True)),
-            key_shares=dict(zip(raw["key-share-nodes"], raw["key-shares"], strict=True)),
-            partners=tuple(raw["partners"]),
-        )
-
-
-def _save(context: Context, secrets_: RoundSecrets) -> None:
-    context.state.config_records[STATE_KEY] = secrets_.to_record()
-
-
-def load_secrets(context: Context, expected: Stage, server_round: int) -> RoundSecrets:
-    """The round's secrets, if the last stage this node completed is ``expected``."""
-    record = context.state.config_records.get(STATE_KEY)
-    if record is None:
-        raise ProtocolError("no secure-aggregation round in progress on this node")
-    held = RoundSecrets.from_record(record)
-    if held.setup.server_round != server_round or held.stage is not expected:
-        raise ProtocolError(
-            f"out of order: this node completed {held.stage.value!r} of round "
-            f"{held.setup.server_round}, not {expected.value!r} of round {server_round}"
-        )
-    return held
-
-
-def forget(context: Context) -> None:
-    """Wipe the round's secrets (after unmasking, or when the round is abandoned)."""
-    context.state.config_records.pop(STATE_KEY, None)
+__all__ = ["STATE_KEY", "RoundSecrets", "forget", "load_secrets"]
 
 
 # -- stage 1 ---------------------------------------------------------------------------
 def setup(context: Context, node_id: int, record: ConfigRecord, dim: int,
-          least_noise: float) -> ConfigRecord:  # fmt: skip
-    """Check the round's plan and answer with two fresh public keys.
+          least_noise: float, trusted: TrustedIdentity) -> ConfigRecord:  # fmt: skip
+    """Check the round's plan and answer with two fresh public keys, signed.
 
     ``dim`` is the model's parameter count and ``least_noise`` the least noise
-    multiplier the node's policy accepts; a plan that disagrees is refused.
+    multiplier the node's policy accepts; a plan that disagrees is refused. The
+    signature binds the keys to this node's certified identity, the node id the
+    server gave it, the run, the round and the plan.
     """
     instruction = SetupInstruction.from_record(record)
     plan = instruction.plan
@@ -177,27 +104,49 @@ def setup(context: Context, node_id: int, record: ConfigRecord, dim: int,
     public = PublicKeys(public_key(encryption), public_key(masking))
     held = RoundSecrets(
         node_id=node_id,
+        run_id=int(context.run_id),
         setup=instruction,
         stage=Stage.SETUP,
         encryption_key=encryption,
         masking_key=masking,
         public=public,
     )
-    _save(context, held)
-    return public.to_record()
+    save(context, held)
+    message = advert_message(
+        held.run_id, instruction.server_round, node_id, public, plan_digest(instruction)
+    )
+    identity = trusted.identity
+    advert = Advertisement(node_id, public, identity.certificate, identity.sign(message))
+    return advert.to_reply()
 
 
 # -- stage 2 ---------------------------------------------------------------------------
-def share_keys(context: Context, record: ConfigRecord) -> ConfigRecord:
-    """Share the mask seed and the mask key among the neighbours, encrypted."""
+def share_keys(
+    context: Context, record: ConfigRecord, ca_certificate: bytes
+) -> ConfigRecord:
+    """Check every participant's advertisement, then share the mask seed and the mask
+    key among the neighbours, encrypted.
+
+    The plan's minimum of uploads m may not exceed the certified participants this
+    node verified: each upload carries V/m of the noise, and the noise multiplier
+    holds only once m certified uploads are in the sum.
+    """
     instruction = KeysInstruction.from_record(record)
     held = load_secrets(context, Stage.SETUP, instruction.server_round)
-    keys = instruction.keys
+    verify_adverts(held, instruction.adverts, ca_certificate)
+    minimum = held.setup.plan.min_contributors
+    if minimum > len(held.identities):
+        raise ProtocolError(
+            f"the plan's minimum of {minimum} uploads exceeds the "
+            f"{len(held.identities)} certified participants this node verified: its "
+            "share of the noise would be too small"
+        )
+    keys = {
+        n: instruction.adverts[n].keys
+        for n in held.setup.neighbours
+        if n in instruction.adverts
+    }
     t = held.setup.threshold
-    if not set(keys) <= set(held.setup.neighbours):
-        raise ProtocolError("public keys of nodes that are not this node's neighbours")
-    if keys.get(held.node_id) != held.public:
-        raise ProtocolError("the server misquotes this node's own public keys")
     if len(keys) < t:
         raise ProtocolError(
             f"{len(keys)} neighbours with keys, fewer than the threshold {t}"
@@ -222,7 +171,7 @@ def share_keys(context: Context, record: ConfigRecord) -> ConfigRecord:
         nodes.append(holder)
         ciphertexts.append(encrypt(channel, plaintext))
     held.stage = Stage.SHARE_KEYS
-    _save(context, held)
+    save(context, held)
     reply = EncryptedShares(instruction.server_round, tuple(nodes), tuple(ciphertexts))
     return reply.to_record(Stage.SHARE_KEYS)
 
@@ -249,10 +198,18 @@ def receive_shares(context: Context, record: ConfigRecord) -> RoundSecrets:
             raise ProtocolError(f"shares from node {sender} were addressed elsewhere")
         held.seed_shares[sender], held.key_shares[sender] = seed_share, key_share
     held.partners = tuple(sorted(forward.nodes))
-    if len(held.partners) + 1 < held.setup.threshold:
+    t, k = held.setup.threshold, len(held.peers)
+    if len(held.partners) + 1 < t:
         raise ProtocolError(
             f"shares from {len(held.partners)} neighbours: with this node, fewer than "
-            f"the threshold {held.setup.threshold}"
+            f"the threshold {t}"
+        )
+    if len(held.partners) < k - t + 1:
+        # Otherwise t holders in U could rebuild this node's seed while every partner,
+        # outside U, has its mask key rebuilt: this upload alone would be unmasked.
+        raise ProtocolError(
+            f"shares from {len(held.partners)} of {k - 1} neighbours: fewer than k - t "
+            f"+ 1 = {k - t + 1}, so the server could unmask this upload alone"
         )
     return held
 
@@ -274,36 +231,44 @@ def masked_upload(
         # the larger id adds, the smaller subtracts: the pair cancels in the sum
         total = (total + pairwise if held.node_id > partner else total - pairwise) % modulus
     held.stage = Stage.MASKED_UPDATE
-    _save(context, held)
+    save(context, held)
     return ArrayRecord({PACKED_ARRAY: Array(pack(total, bits))})
 
 
 # -- stage 4 ---------------------------------------------------------------------------
-def unmask(context: Context, record: ConfigRecord) -> ConfigRecord:
-    """Reveal shares: mask seeds of neighbours that uploaded, mask keys of those that
-    dropped after sharing. Answered once; the round's secrets are wiped after."""
-    instruction = UnmaskInstruction.from_record(record)
+def consistency(
+    context: Context, record: ConfigRecord, trusted: TrustedIdentity
+) -> ConfigRecord:
+    """Sign the uploader set U the server will sum (once per round): this node's
+    upload among certified participants, at least the round's minimum of them."""
+    instruction = ConsistencyInstruction.from_record(record)
     held = load_secrets(context, Stage.MASKED_UPDATE, instruction.server_round)
+    uploaded = tuple(sorted(instruction.uploaded))
+    signature = trusted.identity.sign(uploaders_to_sign(held, uploaded))
+    held.signed, held.stage = uploaded, Stage.CONSISTENCY
+    save(context, held)
+    return signature_record(signature)
+
+
+# -- stage 5 ---------------------------------------------------------------------------
+def unmask(
+    context: Context, record: ConfigRecord
+) -> tuple[ConfigRecord, int, QuantisationPlan]:
+    """Reveal shares for the uploader set this node signed, once it holds enough
+    certified signatures on it: mask seeds of the neighbours in U, mask keys of the
+    partners not in U. Answered once; the round's secrets are wiped first. Returns
+    the reply, the count of certified signers (the uploads this node verified) and
+    the round's plan."""
+    instruction = UnmaskInstruction.from_record(record)
+    held = load_secrets(context, Stage.CONSISTENCY, instruction.server_round)
     forget(context)  # whatever happens next, never a second answer for this round
-    if held.node_id not in instruction.uploaded:
-        raise ProtocolError("the server asks this node to unmask without its upload")
-    minimum = held.setup.plan.min_contributors
-    if instruction.contributors < minimum:
-        raise ProtocolError(
-            f"{instruction.contributors} uploads carry less noise than the round's "
-            f"minimum of {minimum}: this node does not help unmask them"
-        )
-    holders = set(held.seed_shares)
-    listed = set(instruction.uploaded) | set(instruction.dropped)
-    if not listed <= holders:
-        raise ProtocolError("the server asks for shares this node never held")
-    if not set(instruction.dropped) <= set(held.partners):
-        raise ProtocolError("a node listed as dropped never shared keys with this node")
+    signers = verified_signers(held, instruction)
+    uploaded = set(instruction.uploaded)
     revealed = RevealedShares(
-        {n: held.seed_shares[n] for n in instruction.uploaded},
-        {n: held.key_shares[n] for n in instruction.dropped},
+        {n: share for n, share in held.seed_shares.items() if n in uploaded},
+        {n: held.key_shares[n] for n in held.partners if n not in uploaded},
     )
-    return revealed.to_record()
+    return revealed.to_record(), len(signers), held.setup.plan
 
 
 def stage_record(content: Any) -> ConfigRecord:

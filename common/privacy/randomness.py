@@ -8,8 +8,10 @@ bits from :func:`secrets.randbits` (the OS CSPRNG), and nothing the run config o
 message carries enters it.
 
 ``reproducible-noise = true`` (simulation research only) seeds the generator from
-the seed, the partition and the round instead; a deployed node refuses it unless its
-policy allows it, and the results say "not private against the server".
+the seed, the partition and the round instead, and with it the stochastic rounding
+of a compressed update (:func:`integer_generator`), so that two runs are identical;
+a deployed node refuses it unless its policy allows it, and the results say "not
+private against the server".
 
 The generator itself is torch's Mersenne Twister, which is not a CSPRNG; its
 outputs are never released directly, only summed into noised gradients, and a
@@ -24,6 +26,8 @@ import secrets
 
 import numpy as np
 import torch
+
+_INTEGER_STREAM = 0x636F646563  # keeps a replayed rounding apart from torch's draws
 
 
 def reproducible_seed(seed: int, partition_id: int, server_round: int) -> int:
@@ -58,13 +62,16 @@ def gaussian_noise(
     return total / 2
 
 
-def integer_generator() -> np.random.Generator:
+def integer_generator(replay_seed: int | None = None) -> np.random.Generator:
     """Integer-valued DP randomness (Skellam noise, randomized rounding), and the
-    stochastic rounding of a compressed update (:mod:`common.wire.update_codec`; post-
-    processing, but nothing seeded leaves a device): a NumPy PCG64 generator seeded
-    with 128 bits of OS entropy, fresh for each use.
+    stochastic rounding of a compressed update (:mod:`common.wire.update_codec`): a
+    NumPy PCG64 generator seeded with 128 bits of OS entropy, fresh for each use.
 
-    Distributed DP has no reproducible mode: a client's noise share must never be
+    ``replay_seed`` (``reproducible-noise = true`` only) seeds it from a public seed
+    instead, on a stream of its own, so that a replayed run also rounds alike.
+    Distributed DP never passes one: a client's noise share must never be
     predictable, or the server could remove it from the sum.
     """
-    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+    if replay_seed is None:
+        return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+    return np.random.Generator(np.random.PCG64([replay_seed, _INTEGER_STREAM]))

@@ -1,25 +1,31 @@
-"""Secure aggregation with distributed DP: the messages both sides exchange.
+"""Secure aggregation with distributed DP: the stages and the messages both sides exchange.
 
 The stages follow SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020) as Flower's
-legacy ``SecAggPlusWorkflow`` / ``secaggplus_mod`` run them, carried here as
-Message-API ``train.<stage>`` messages:
+legacy ``SecAggPlusWorkflow`` / ``secaggplus_mod`` run them, with the
+ConsistencyCheck round of Bonawitz et al.'s malicious-server variant, carried here
+as Message-API ``train.<stage>`` messages:
 
 1. **setup** — the server sends each sampled client the round's public plan
    (:class:`~common.secure_aggregation.distributed_dp.QuantisationPlan`), the reconstruction
    threshold t and the client's neighbours; the client answers with two fresh
-   public keys (one to encrypt shares, one to agree pairwise masks);
-2. **share keys** — the server forwards the neighbours' public keys; the client
-   draws its private mask seed, Shamir-shares it and its mask key among its
-   neighbours (threshold t) and returns each share encrypted for its holder;
+   public keys, signed with its certified identity;
+2. **share keys** — the server forwards every participant's signed advertisement;
+   the client checks them all (certificates, signatures, one plan, m at most the
+   participants it verified), draws its private mask seed, Shamir-shares it and its
+   mask key among its neighbours (threshold t) and returns each share encrypted
+   for its holder;
 3. **masked update** — the server forwards the encrypted shares and the global
    model; the client trains, clips, adds its Skellam share, quantises and masks
    (its private mask and ± one pairwise mask per neighbour that shared keys);
-4. **unmask** — the server says which neighbours uploaded and which dropped
-   after sharing; the client returns its shares of the uploaders' mask seeds and
-   of the dropped clients' mask keys, never both for one node.
+4. **consistency** — the server sends each uploader the set U of uploads it will
+   sum; the client signs U;
+5. **unmask** — the server sends U with the signatures; the client checks them and
+   returns its shares of the mask seeds of its neighbours in U and of the mask keys
+   of those that shared keys but are not in U, never both for one node.
 
-This module declares the stages, the record keys and the instruction schemas
-once; the client's state machine is :mod:`client.secure_aggregation.stages`, the server's
+This module declares the stages, the record keys and the unsigned messages' schemas;
+the signed ones are :mod:`common.secure_aggregation.consistency`'s. The client's
+state machine is :mod:`client.secure_aggregation.stages`, the server's
 :mod:`server.secure_aggregation.round`.
 """
 
@@ -41,11 +47,12 @@ SEED_BYTES = 32
 
 
 class Stage(StrEnum):
-    """The four stages, in order; each is a ``train.<stage>`` message."""
+    """The five stages, in order; each is a ``train.<stage>`` message."""
 
     SETUP = "secagg_setup"
     SHARE_KEYS = "secagg_share_keys"
     MASKED_UPDATE = "secagg_masked_update"
+    CONSISTENCY = "secagg_consistency"
     UNMASK = "secagg_unmask"
 
     @property
@@ -70,11 +77,19 @@ STAGE_FIELDS: dict[Stage, tuple[ReplyField, ...]] = {
                   "encrypt this node's shares with; new each round"),
         _released("pk-masking", "a fresh public key the neighbours agree pairwise "
                   "masks with; new each round"),
+        _released("identity-certificate", "the CA's certificate of this node's Ed25519 "
+                  "identity key (the same every round: it links the node's rounds)"),
+        _released("advert-signature", "its signature of the two keys, the node id, "
+                  "the round and the round's plan"),
     ),
     Stage.SHARE_KEYS: (
         _released("nodes", "the neighbours the ciphertexts are for"),
         _released("ciphertexts", "this node's Shamir shares of its mask seed and mask "
                   "key, each encrypted for its holder (the server cannot read them)"),
+    ),
+    Stage.CONSISTENCY: (
+        _released("uploader-signature", "its signature of the set of uploads the "
+                  "server says it will sum"),
     ),
     Stage.UNMASK: (
         _released("seed-nodes", "the neighbours that uploaded, whose shares follow"),
@@ -83,6 +98,9 @@ STAGE_FIELDS: dict[Stage, tuple[ReplyField, ...]] = {
         _released("key-nodes", "the neighbours that dropped after sharing keys"),
         _released("key-shares", "the shares this node holds of those neighbours' mask "
                   "keys (they remove the pairwise masks others added for them)"),
+        _released("epsilon-against-server", "this node's own ε against the server so "
+                  "far: the unsampled releases of the uploads it verified (public "
+                  "numbers only)"),
     ),
 }  # fmt: skip
 
@@ -112,7 +130,7 @@ def check_threshold(threshold: int, num_shares: int) -> None:
         )
 
 
-def _ints(record: ConfigRecord, key: str) -> list[int]:
+def ints(record: ConfigRecord, key: str) -> list[int]:
     value = record.get(key)
     if not isinstance(value, list) or any(
         isinstance(v, bool) or not isinstance(v, int) for v in value
@@ -121,14 +139,14 @@ def _ints(record: ConfigRecord, key: str) -> list[int]:
     return list(value)
 
 
-def _bytes_list(record: ConfigRecord, key: str) -> list[bytes]:
+def bytes_list(record: ConfigRecord, key: str) -> list[bytes]:
     value = record.get(key)
     if not isinstance(value, list) or any(not isinstance(v, bytes) for v in value):
         raise ProtocolError(f"secure-aggregation field {key!r} must be a list of bytes")
     return list(value)
 
 
-def _scalar(record: ConfigRecord, key: str, kind: type) -> Any:
+def scalar(record: ConfigRecord, key: str, kind: type) -> Any:
     value = record.get(key)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -137,13 +155,13 @@ def _scalar(record: ConfigRecord, key: str, kind: type) -> Any:
     return value
 
 
-def _stage_of(record: ConfigRecord, expected: Stage) -> int:
+def stage_of(record: ConfigRecord, expected: Stage) -> int:
     """Check the record's stage; return its server round."""
     if record.get("stage") != expected.value:
         raise ProtocolError(
             f"expected a {expected.value!r} record, got {record.get('stage')!r}"
         )
-    return _scalar(record, "server-round", int)
+    return scalar(record, "server-round", int)
 
 
 @dataclass(frozen=True)
@@ -186,25 +204,25 @@ class SetupInstruction:
     @classmethod
     def from_record(cls, record: ConfigRecord) -> SetupInstruction:
         """Parse and check; anything off-schema raises :class:`ProtocolError`."""
-        server_round = _stage_of(record, Stage.SETUP)
+        server_round = stage_of(record, Stage.SETUP)
         try:
             plan = QuantisationPlan(
-                dim=_scalar(record, "dim", int),
-                clip_norm=_scalar(record, "clip-norm", float),
-                coordinate_clip=_scalar(record, "coordinate-clip", float),
-                scale=_scalar(record, "scale", float),
-                modulus_bits=_scalar(record, "modulus-bits", int),
-                noise_multiplier=_scalar(record, "noise-multiplier", float),
-                min_contributors=_scalar(record, "min-contributors", int),
+                dim=scalar(record, "dim", int),
+                clip_norm=scalar(record, "clip-norm", float),
+                coordinate_clip=scalar(record, "coordinate-clip", float),
+                scale=scalar(record, "scale", float),
+                modulus_bits=scalar(record, "modulus-bits", int),
+                noise_multiplier=scalar(record, "noise-multiplier", float),
+                min_contributors=scalar(record, "min-contributors", int),
             )
         except ValueError as exc:
             raise ProtocolError(f"the round's plan is invalid: {exc}") from None
         return cls(
             server_round,
-            tuple(_ints(record, "neighbours")),
-            _scalar(record, "threshold", int),
+            tuple(ints(record, "neighbours")),
+            scalar(record, "threshold", int),
             plan,
-            _scalar(record, "rotation-seed", bytes),
+            scalar(record, "rotation-seed", bytes),
         )
 
 
@@ -223,41 +241,8 @@ class PublicKeys:
     def from_record(cls, record: ConfigRecord) -> PublicKeys:
         """Parse; anything off-schema raises :class:`ProtocolError`."""
         return cls(
-            _scalar(record, "pk-encryption", bytes), _scalar(record, "pk-masking", bytes)
+            scalar(record, "pk-encryption", bytes), scalar(record, "pk-masking", bytes)
         )
-
-
-@dataclass(frozen=True)
-class KeysInstruction:
-    """Stage 2, server → client: the public keys of the neighbours that advertised."""
-
-    server_round: int
-    keys: dict[int, PublicKeys]
-
-    def to_record(self) -> ConfigRecord:
-        """The wire form."""
-        nodes = sorted(self.keys)
-        return ConfigRecord(
-            {
-                "stage": Stage.SHARE_KEYS.value,
-                "server-round": self.server_round,
-                "nodes": nodes,
-                "pk-encryption": [self.keys[n].encryption for n in nodes],
-                "pk-masking": [self.keys[n].masking for n in nodes],
-            }
-        )
-
-    @classmethod
-    def from_record(cls, record: ConfigRecord) -> KeysInstruction:
-        """Parse; anything off-schema raises :class:`ProtocolError`."""
-        server_round = _stage_of(record, Stage.SHARE_KEYS)
-        nodes = _ints(record, "nodes")
-        enc = _bytes_list(record, "pk-encryption")
-        masking = _bytes_list(record, "pk-masking")
-        if not len(nodes) == len(enc) == len(masking) or len(set(nodes)) != len(nodes):
-            raise ProtocolError("public keys: one pair per distinct node")
-        keys = {n: PublicKeys(e, m) for n, e, m in zip(nodes, enc, masking, strict=True)}
-        return cls(server_round, keys)
 
 
 @dataclass(frozen=True)
@@ -292,58 +277,11 @@ class EncryptedShares:
     @classmethod
     def from_record(cls, record: ConfigRecord, stage: Stage) -> EncryptedShares:
         """Parse; anything off-schema raises :class:`ProtocolError`."""
-        server_round = _stage_of(record, stage)
+        server_round = stage_of(record, stage)
         return cls(
             server_round,
-            tuple(_ints(record, "nodes")),
-            tuple(_bytes_list(record, "ciphertexts")),
-        )
-
-
-@dataclass(frozen=True)
-class UnmaskInstruction:
-    """Stage 4, server → client: which neighbours uploaded, which dropped after sharing,
-    and how many uploads the sum holds in all."""
-
-    server_round: int
-    uploaded: tuple[int, ...]
-    dropped: tuple[int, ...]
-    contributors: int
-
-    def __post_init__(self) -> None:
-        if set(self.uploaded) & set(self.dropped):
-            raise ProtocolError(
-                "a node is listed both as uploaded and as dropped: answering would "
-                "reveal both its mask seed and its mask key"
-            )
-        if len(set(self.uploaded)) != len(self.uploaded) or len(set(self.dropped)) != len(
-            self.dropped
-        ):
-            raise ProtocolError("a node is listed twice")
-        if self.contributors < len(self.uploaded):
-            raise ProtocolError("fewer contributors than listed uploads")
-
-    def to_record(self) -> ConfigRecord:
-        """The wire form."""
-        return ConfigRecord(
-            {
-                "stage": Stage.UNMASK.value,
-                "server-round": self.server_round,
-                "uploaded": list(self.uploaded),
-                "dropped": list(self.dropped),
-                "contributors": self.contributors,
-            }
-        )
-
-    @classmethod
-    def from_record(cls, record: ConfigRecord) -> UnmaskInstruction:
-        """Parse; anything off-schema raises :class:`ProtocolError`."""
-        server_round = _stage_of(record, Stage.UNMASK)
-        return cls(
-            server_round,
-            tuple(_ints(record, "uploaded")),
-            tuple(_ints(record, "dropped")),
-            _scalar(record, "contributors", int),
+            tuple(ints(record, "nodes")),
+            tuple(bytes_list(record, "ciphertexts")),
         )
 
 
@@ -374,8 +312,8 @@ class RevealedShares:
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RevealedShares:
         """Parse; anything off-schema raises :class:`ProtocolError`."""
-        seeds, seed_shares = _ints(record, "seed-nodes"), _bytes_list(record, "seed-shares")
-        keys, key_shares = _ints(record, "key-nodes"), _bytes_list(record, "key-shares")
+        seeds, seed_shares = ints(record, "seed-nodes"), bytes_list(record, "seed-shares")
+        keys, key_shares = ints(record, "key-nodes"), bytes_list(record, "key-shares")
         if len(seeds) != len(seed_shares) or len(keys) != len(key_shares):
             raise ProtocolError("revealed shares: one share per listed node")
         return cls(

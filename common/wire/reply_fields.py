@@ -203,7 +203,8 @@ TRAIN_FIELDS: tuple[ReplyField, ...] = (
         Coverage.POLICY,
         (Status.TRAINED, Status.BUDGET_EXHAUSTED),
         "the whole privacy ledger: accountant, δ, history [(σ, q, steps)], rounds, runs "
-        "(q and steps follow from ⌈N/B⌉, so they reveal the shard size to within B)",
+        "(q and steps follow from ⌈n/B⌉ for the planning count n: a device's public "
+        "planning-records, a simulated partition's size)",
         released_by="release-ledger",
     ),
     ReplyField(

@@ -20,7 +20,8 @@ change travels as one):
   float32, then each array's packed codes.
 
 The rounding's randomness comes from OS entropy (:func:`common.privacy.randomness.
-integer_generator`), never from the seed: nothing seeded leaves a device.
+integer_generator`), never from the seed, except under ``reproducible-noise = true``
+(which replays every draw of a client, and is not private against the server).
 """
 
 from __future__ import annotations

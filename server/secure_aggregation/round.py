@@ -1,199 +1,68 @@
-"""The server's side of secure aggregation: four exchanges, then only the sum.
+"""The server's side of secure aggregation: five exchanges, then only the sum.
 
-The stages and their schemas are :mod:`common.secure_aggregation.protocol`'s.
-Dropout follows SecAgg+: a client lost before sharing keys is simply left out; one
-lost after
-sharing but before uploading has its mask key rebuilt from its neighbours' shares,
-so the pairwise masks the others added for it can be removed; one lost after
-uploading has its mask seed rebuilt, so its upload stays in the sum. Every rebuilt
-secret needs t shares, and no holder ever reveals both secrets of one node.
+The stages and their schemas are :mod:`common.secure_aggregation.protocol`'s and
+:mod:`common.secure_aggregation.consistency`'s. Dropout follows SecAgg+: a client
+lost before sharing keys is simply left out; one lost after sharing but before
+uploading has its mask key rebuilt from its neighbours' shares, so the pairwise
+masks the others added for it can be removed; one lost after uploading has its
+mask seed rebuilt, so its upload stays in the sum. Every rebuilt secret needs t
+shares, and no holder ever reveals both secrets of one node.
 
-What this process ever holds of a client: its public keys, ciphertexts it cannot
-read, its masked upload, and — after unmasking — mask seeds of uploaders and mask
-keys of clients whose upload it does not have. It removes the masks from the sum
-of the uploads, never from one upload. A round whose uploads are fewer than the
-round's minimum, or one whose secrets cannot all be rebuilt, fails without
-unmasking anything.
+Between upload and unmask, the consistency stage (Bonawitz et al. 2017, §4) has
+every uploader sign the uploader set U; unmask carries U and the signatures, and
+each holder reveals shares only for the U it signed, once it verified enough
+certified signatures on it (:mod:`client.secure_aggregation.verification`).
+
+What this process ever holds of a client: its public keys and identity
+certificate, ciphertexts it cannot read, its masked upload, its signatures, and —
+after unmasking — mask seeds of uploaders and mask keys of clients whose upload it
+does not have. It removes the masks from the sum of the uploads, never from one
+upload. A round whose uploads or signatures are fewer than the round's minimum, or
+one whose secrets cannot all be rebuilt, fails without unmasking anything.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Message, RecordDict
-from flwr.serverapp import Grid
 
-from common.config import RunConfig
-from common.secure_aggregation.distributed_dp import QuantisationPlan
+from common.secure_aggregation.consistency import (
+    Advertisement,
+    ConsistencyInstruction,
+    KeysInstruction,
+    UnmaskInstruction,
+    signature_from_record,
+)
 from common.secure_aggregation.keys import MASKING, agree, combine
 from common.secure_aggregation.masks import mask, mask_nonce, unpack
-from common.secure_aggregation.plan import round_sizes
 from common.secure_aggregation.protocol import (
     PACKED_ARRAY,
     SECAGG_KEY,
     EncryptedShares,
-    KeysInstruction,
     ProtocolError,
-    PublicKeys,
     RevealedShares,
     SetupInstruction,
     Stage,
-    UnmaskInstruction,
 )
 from common.wire.reply import TrainReport
 from common.wire.reply_fields import MASKED_KEY, ReplyError, Status
-from server.messaging import content_bytes, exchange
 from server.results.client_outcomes import ClientOutcome
+from server.secure_aggregation.exchanges import RoundExchanges
+from server.secure_aggregation.layout import Layout, SecAggResult, round_layout
+from server.secure_aggregation.signed import SignedView
+
+__all__ = ["Layout", "SecAggResult", "SecAggRound", "round_layout"]
+# what the identity layer adds to a stage's instruction (bytes per advert, per node)
+IDENTITY_FIELDS = ("identity-certificate", "advert-signature")
+CLIENT_EPSILON = "epsilon-against-server"  # a client's own, in its unmask reply
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Who shares secrets with whom this round, t, and the least number of uploads."""
-
-    neighbours: dict[int, tuple[int, ...]]  # node -> its neighbourhood, itself included
-    threshold: int
-    min_contributors: int
-
-    @property
-    def cohort(self) -> tuple[int, ...]:
-        """Every node of the round."""
-        return tuple(self.neighbours)
-
-
-def round_layout(cohort: Sequence[int], cfg: RunConfig, rng: random.Random) -> Layout:
-    """SecAgg+'s graph: the cohort in a random ring, each node with the ⌊k/2⌋ nodes on
-    either side (every node, if the cohort is not larger); t and the minimum of
-    uploads as :func:`common.secure_aggregation.plan.round_sizes` gives them."""
-    nodes = list(cohort)
-    if len(set(nodes)) != len(nodes):
-        raise ValueError("a node is in the cohort twice")
-    shares, threshold, minimum = round_sizes(cfg, len(nodes))
-    rng.shuffle(nodes)
-    size, half = len(nodes), shares // 2
-    if shares == size:
-        neighbours = {n: tuple(nodes) for n in nodes}
-    else:
-        neighbours = {
-            n: tuple(nodes[(i + off) % size] for off in range(-half, half + 1))
-            for i, n in enumerate(nodes)
-        }
-    return Layout(neighbours, threshold, minimum)
-
-
-@dataclass
-class SecAggResult:
-    """What one round of the protocol produced."""
-
-    total: np.ndarray | None  # the unmasked sum mod 2^b; None when the round failed
-    failure: str | None
-    uploads: dict[int, Message]  # the masked-update replies whose uploads are summed
-    answers: list[Message]  # every other reply carrying a report (refusals, errors)
-    errors: list[Message]  # replies that failed in Flower (no content)
-    # uploads kept out of the sum: off-size (the reason), or refused by ``admit``
-    rejected: dict[int, str] = field(default_factory=dict)
-    excluded: list[ClientOutcome] = field(default_factory=list)
-    admitted: dict[int, ClientOutcome] = field(default_factory=dict)  # uploads summed
-    dropped: dict[str, list[int]] = field(default_factory=dict)  # stage -> nodes lost
-    bytes_up: dict[int, int] = field(default_factory=dict)
-    bytes_down: dict[int, int] = field(default_factory=dict)
-    exchange_seconds: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=dict)  # each exchange
-
-    @property
-    def contributors(self) -> tuple[int, ...]:
-        """Nodes whose uploads the sum holds (U3)."""
-        return tuple(sorted(self.uploads))
-
-
-class SecAggRound:
+class SecAggRound(RoundExchanges):
     """Runs one round of the protocol through ``grid``."""
 
-    def __init__(
-        self,
-        grid: Grid,
-        server_round: int,
-        layout: Layout,
-        plan: QuantisationPlan,
-        rotation_seed: bytes,
-        stage_timeout: float,
-        train_timeout: float,
-        clock: Callable[[], float],
-    ) -> None:
-        self.grid = grid
-        self.round = server_round
-        self.layout = layout
-        self.plan = plan
-        self.rotation_seed = rotation_seed
-        self.stage_timeout = stage_timeout
-        self.train_timeout = train_timeout
-        self.clock = clock
-        self.result = SecAggResult(None, None, {}, [], [])
-
-    # -- plumbing -----------------------------------------------------------------------
-    def _exchange(
-        self, stage: Stage, contents: dict[int, RecordDict], timeout: float
-    ) -> dict[int, Message]:
-        messages = [
-            Message(content, dst_node_id=node, message_type=stage.message_type)
-            for node, content in contents.items()
-        ]
-        for node, content in contents.items():
-            self.result.bytes_down[node] = self.result.bytes_down.get(node, 0) + (
-                content_bytes(content)
-            )
-        started = self.clock()
-        replies = exchange(self.grid, messages, timeout)
-        elapsed = self.clock() - started
-        self.result.exchange_seconds += elapsed
-        self.result.stage_seconds[stage.value] = round(elapsed, 4)
-        answered: dict[int, Message] = {}
-        for reply in replies:
-            node = int(reply.metadata.src_node_id)
-            if node not in contents or node in answered:
-                continue
-            if reply.has_error():
-                self.result.errors.append(reply)
-                continue
-            self.result.bytes_up[node] = self.result.bytes_up.get(node, 0) + (
-                content_bytes(reply.content)
-            )
-            answered[node] = reply
-        return answered
-
-    def _stage_records(self, stage: Stage, replies: dict[int, Message]) -> dict[int, Any]:
-        """The ``secagg`` records of the replies; a reply with a report instead (a
-        refusal or a node error) is kept for the round's outcomes."""
-        records = {}
-        for node, reply in replies.items():
-            if SECAGG_KEY in reply.content.config_records:
-                records[node] = reply.content.config_records[SECAGG_KEY]
-            else:
-                self.result.answers.append(reply)
-        return records
-
-    def _fail(self, why: str) -> SecAggResult:
-        self.result.failure = f"round {self.round}: secure aggregation failed: {why}"
-        self.result.total = None
-        return self.result
-
-    def _lost(self, stage: Stage, before: set[int], after: set[int]) -> None:
-        self.result.dropped[stage.value] = sorted(before - after)
-
-    def _reachable(self, alive: set[int]) -> str | None:
-        """Why some node can no longer have its secrets rebuilt (fewer than t live
-        neighbours), or ``None``."""
-        t = self.layout.threshold
-        for node in sorted(alive):
-            live = alive.intersection(self.layout.neighbours[node])
-            if len(live) < t:
-                return f"node {node} has {len(live)} live neighbours, fewer than t = {t}"
-        return None
-
-    # -- the four stages ----------------------------------------------------------------
+    # -- the five stages ----------------------------------------------------------------
     def run(
         self,
         train_content: Callable[[int], RecordDict],
@@ -204,16 +73,16 @@ class SecAggRound:
         before the upload may join the sum (anything but ``trained`` keeps it out,
         and the node counts as dropped after sharing)."""
         cohort = set(self.layout.cohort)
-        keys = self._setup()
-        advertised = set(keys)
+        view = self._setup()
+        advertised = set(view.adverts)
         self._lost(Stage.SETUP, cohort, advertised)
-        why = self._reachable(advertised)
+        why = self._reachable(advertised) or self._short(advertised, "advertised keys")
         if why:
             return self._fail(f"after key advertisement: {why}")
-        shares = self._share_keys(keys)
+        shares = self._share_keys(view)
         shared = set(shares)
         self._lost(Stage.SHARE_KEYS, advertised, shared)
-        why = self._reachable(shared)
+        why = self._reachable(shared) or self._short(shared, "shared keys")
         if why:
             return self._fail(f"after key sharing: {why}")
         uploads = self._masked_updates(shares, train_content, admit)
@@ -228,51 +97,76 @@ class SecAggRound:
         why = self._reachable(uploaded)
         if why:
             return self._fail(f"after upload: {why}; nothing was unmasked")
-        revealed = self._unmask(uploaded, shared - uploaded)
-        self._lost(Stage.UNMASK, uploaded, set(revealed))
-        return self._sum(keys, uploads, revealed, shared - uploaded)
+        signatures = self._consistency(view, tuple(sorted(uploaded)))
+        signers = set(signatures)
+        self._lost(Stage.CONSISTENCY, uploaded, signers)
+        needed = max(minimum, len(view.adverts) // 2 + 1)
+        if len(signers) < needed:
+            return self._fail(
+                f"{len(signers)} uploaders signed the uploader set, fewer than the "
+                f"{needed} the holders require; nothing was unmasked"
+            )
+        why = self._reachable(signers)
+        if why:
+            return self._fail(f"after consistency: {why}; nothing was unmasked")
+        revealed = self._unmask(tuple(sorted(uploaded)), signatures)
+        self._lost(Stage.UNMASK, signers, set(revealed))
+        return self._sum(view.adverts, uploads, revealed, shared - uploaded)
 
-    def _setup(self) -> dict[int, PublicKeys]:
-        contents = {
-            node: RecordDict(
-                {
-                    SECAGG_KEY: SetupInstruction(
-                        self.round,
-                        neighbours,
-                        self.layout.threshold,
-                        self.plan,
-                        self.rotation_seed,
-                    ).to_record()
-                }
+    def _setup(self) -> SignedView:
+        instructions = {
+            node: SetupInstruction(
+                self.round,
+                neighbours,
+                self.layout.threshold,
+                self.plan,
+                self.rotation_seed,
             )  # fmt: skip
             for node, neighbours in self.layout.neighbours.items()
         }
-        records = self._stage_records(
-            Stage.SETUP, self._exchange(Stage.SETUP, contents, self.stage_timeout)
+        contents = {
+            node: RecordDict({SECAGG_KEY: instruction.to_record()})
+            for node, instruction in instructions.items()
+        }
+        replies = self._exchange(Stage.SETUP, contents, self.stage_timeout)
+        records = self._stage_records(Stage.SETUP, replies)
+        run_ids = {int(r.metadata.run_id) for r in replies.values()}
+        view = SignedView(
+            run_ids.pop() if len(run_ids) == 1 else 0, next(iter(instructions.values()))
         )
-        keys: dict[int, PublicKeys] = {}
+        adverts: dict[int, Advertisement] = {}
         for node, record in records.items():
             try:
-                keys[node] = PublicKeys.from_record(record)
+                adverts[node] = Advertisement.from_reply(node, record)
             except ProtocolError:
                 continue  # off-schema: dropped before it could share anything
-        return keys
+            extra = sum(len(record[k]) for k in IDENTITY_FIELDS)
+            self._identity_bytes("setup_up", extra)
+        view.admit_adverts(adverts)
+        return view
 
-    def _share_keys(self, keys: dict[int, PublicKeys]) -> dict[int, EncryptedShares]:
-        contents = {}
-        for node in keys:
-            visible = {n: keys[n] for n in self.layout.neighbours[node] if n in keys}
-            contents[node] = RecordDict(
-                {SECAGG_KEY: KeysInstruction(self.round, visible).to_record()}
+    def _share_keys(self, view: SignedView) -> dict[int, EncryptedShares]:
+        # every participant's signed advertisement, the same for every node
+        record = KeysInstruction(self.round, view.adverts).to_record()
+        contents = {node: RecordDict({SECAGG_KEY: record}) for node in view.adverts}
+        signed = sum(len(a.certificate) + len(a.signature) for a in view.adverts.values())
+        for node in contents:  # certificates, signatures, and keys beyond the neighbours
+            hood = set(self.layout.neighbours[node])
+            beyond = sum(
+                len(a.keys.encryption) + len(a.keys.masking) + 8
+                for n, a in view.adverts.items()
+                if n not in hood
             )
+            self._identity_bytes("share_keys_down", signed + beyond)
         records = self._stage_records(
             Stage.SHARE_KEYS, self._exchange(Stage.SHARE_KEYS, contents, self.stage_timeout)
         )
         shares: dict[int, EncryptedShares] = {}
-        for node, record in records.items():
+        keys = view.adverts
+        for node, reply in records.items():
             expected = {n for n in self.layout.neighbours[node] if n in keys} - {node}
             try:
-                sent = EncryptedShares.from_record(record, Stage.SHARE_KEYS)
+                sent = EncryptedShares.from_record(reply, Stage.SHARE_KEYS)
             except ProtocolError:
                 continue
             if sent.server_round == self.round and set(sent.nodes) == expected:
@@ -324,31 +218,54 @@ class SecAggRound:
             uploads[node] = reply
         return uploads
 
-    def _unmask(self, uploaded: set[int], dropped: set[int]) -> dict[int, RevealedShares]:
-        contents = {}
-        for node in uploaded:
-            hood = self.layout.neighbours[node]
-            instruction = UnmaskInstruction(
-                self.round,
-                tuple(n for n in hood if n in uploaded),
-                tuple(n for n in hood if n in dropped),
-                len(uploaded),
-            )
-            contents[node] = RecordDict({SECAGG_KEY: instruction.to_record()})
+    def _consistency(self, view: SignedView, uploaded: tuple[int, ...]) -> dict[int, bytes]:
+        """Ask every uploader to sign U; keep the signatures that verify."""
+        record = ConsistencyInstruction(self.round, uploaded).to_record()
+        contents = {node: RecordDict({SECAGG_KEY: record}) for node in uploaded}
+        records = self._stage_records(
+            Stage.CONSISTENCY,
+            self._exchange(Stage.CONSISTENCY, contents, self.stage_timeout),
+        )
+        totals = self.result.stage_bytes[Stage.CONSISTENCY.value]
+        self._identity_bytes("consistency_down", totals["down"])
+        self._identity_bytes("consistency_up", totals["up"])
+        signatures = {}
+        for node, reply in records.items():
+            try:
+                signatures[node] = signature_from_record(reply)
+            except ProtocolError:
+                continue
+        valid = view.valid_signatures(uploaded, signatures)
+        self.result.signers = tuple(sorted(valid))
+        return valid
+
+    def _unmask(
+        self, uploaded: tuple[int, ...], signatures: dict[int, bytes]
+    ) -> dict[int, RevealedShares]:
+        """Send U and its signatures to every signer; keep the answers that reveal
+        seeds only of U and keys only outside it."""
+        record = UnmaskInstruction(self.round, uploaded, signatures).to_record()
+        contents = {node: RecordDict({SECAGG_KEY: record}) for node in signatures}
+        size = sum(len(v) for v in signatures.values()) + 8 * len(signatures)
+        self._identity_bytes("unmask_down", size * len(contents))
         records = self._stage_records(
             Stage.UNMASK, self._exchange(Stage.UNMASK, contents, self.stage_timeout)
         )
         revealed: dict[int, RevealedShares] = {}
-        for node, record in records.items():
+        inside = set(uploaded)
+        for node, reply in records.items():
             try:
-                answer = RevealedShares.from_record(record)
+                answer = RevealedShares.from_record(reply)
             except ProtocolError:
                 continue
-            hood = self.layout.neighbours[node]
-            if set(answer.seed_shares) == {n for n in hood if n in uploaded} and set(
-                answer.key_shares
-            ) == {n for n in hood if n in dropped}:
+            hood = set(self.layout.neighbours[node])
+            if set(answer.seed_shares) <= inside & hood and not (
+                set(answer.key_shares) & inside or set(answer.key_shares) - hood
+            ):
                 revealed[node] = answer
+                epsilon = reply.get(CLIENT_EPSILON)
+                if isinstance(epsilon, float):
+                    self.result.client_epsilons[node] = epsilon
         return revealed
 
     def _rebuild_all(
@@ -379,7 +296,7 @@ class SecAggRound:
 
     def _sum(
         self,
-        keys: dict[int, PublicKeys],
+        keys: dict[int, Advertisement],
         uploads: dict[int, Message],
         revealed: dict[int, RevealedShares],
         dropped: set[int],
@@ -403,7 +320,7 @@ class SecAggRound:
             for j in self.layout.neighbours[v]:
                 if j not in uploads:
                     continue  # only uploaders added a pairwise mask with v
-                seed = agree(private, keys[j].masking, MASKING)
+                seed = agree(private, keys[j].keys.masking, MASKING)
                 pairwise = mask(seed, count, bits, nonce)
                 # j added +mask if j > v, else −mask: take it back out
                 total = (total - pairwise if j > v else total + pairwise) % modulus

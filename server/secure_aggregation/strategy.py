@@ -42,6 +42,7 @@ from common.secure_aggregation.plan import (
     plan_for_round,
     secagg_noise_multiplier,
 )
+from common.secure_aggregation.protocol import Stage
 from common.secure_aggregation.skellam_accounting import epsilon_from_rdp, round_rdp
 from common.wire.reply_fields import CLIP_NORM_KEY, Status
 from server.checks.federation_ledger import DistributedLedger
@@ -276,6 +277,18 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
             "bytes_down_per_client_median": statistics.median(down) if down else None,
             "exchange_seconds": round(result.exchange_seconds, 4),
             "stage_seconds": dict(result.stage_seconds),
+            "stage_bytes": {k: dict(v) for k, v in result.stage_bytes.items()},
+            # what the consistency check adds: certificates and signatures in the
+            # setup and share-keys messages, the consistency stage, unmask's signatures
+            "consistency_check_bytes": dict(result.identity_bytes),
+            "consistency_check_seconds": result.stage_seconds.get(
+                Stage.CONSISTENCY.value, 0.0
+            ),
+            "certified_signers": len(result.signers),
+            # the largest ε against the server a client reported from what it verified
+            "epsilon_against_server_client_reported": max(
+                result.client_epsilons.values(), default=None
+            ),
         }
 
     def _ledger_facts(self) -> dict[str, Any]:
@@ -321,6 +334,10 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
             "rounds_unmasked": len(rounds),
             "contributors_per_round": [r["contributors"] for r in rounds],
             "bytes_up_per_client_per_round_median": statistics.median(ups) if ups else None,
+            "epsilon_against_server_client_reported": max(
+                (r.get("epsilon_against_server_client_reported") or 0.0 for r in rounds),
+                default=None,
+            ),
         }
         return block
 

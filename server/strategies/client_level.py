@@ -37,14 +37,19 @@ from common.privacy.randomness import reproducible_seed, round_generator
 from common.wire.reply_fields import CLIP_NORM_KEY, Status
 from server.checks.federation_ledger import LEDGER_FILE, FederationLedger
 from server.checks.update_validation import UpdateValidator
-from server.results.client_outcomes import ClientOutcome, outcome_from_reply
+from server.results.client_outcomes import ClientOutcome
 from server.strategies.client_level_dp import (
     ClientLevelAggregator,
     RoundAggregate,
     poisson_cohort,
     sampling_rng,
 )
-from server.strategies.private_fedavg import WEIGHT_KEY, PrivateFedAvg, StrategyStateError
+from server.strategies.private_fedavg import (
+    WEIGHT_KEY,
+    PrivateFedAvg,
+    StrategyStateError,
+    in_partition_order,
+)
 
 if TYPE_CHECKING:
     from server.audit.canary_clients import CanaryClients
@@ -197,8 +202,7 @@ class ClientLevelFedAvg(PrivateFedAvg):
         keys = list(self.round_arrays.keys())
         current = self.round_arrays.to_numpy_ndarrays()
         clip_norm = self._aggregator().clip_norm  # the C this round's cohort was sent
-        replies = list(replies)
-        parsed = [outcome_from_reply(reply) for reply in replies]
+        replies, parsed = in_partition_order(replies)
         if self.ledger_witness is not None:  # a reply behind the witness: an error
             parsed = self.ledger_witness.check(server_round, parsed)
         updates: list[tuple[list[np.ndarray], bool]] = []

@@ -48,6 +48,24 @@ class TrainStep:
     exchange_seconds: float
 
 
+def in_partition_order(
+    replies: Iterable[Message],
+) -> tuple[list[Message], list[ClientOutcome]]:
+    """Replies and their outcomes sorted by (partition id, node id), not by arrival.
+
+    Floating-point sums depend on their order; summing in arrival order would make
+    two ``reproducible-noise`` runs of three or more clients differ in the last bits,
+    and then in everything after.
+    """
+    pairs = [(outcome_from_reply(reply), reply) for reply in replies]
+    pairs.sort(key=lambda pair: (_partition(pair[0]), pair[0].node_id))
+    return [reply for _, reply in pairs], [outcome for outcome, _ in pairs]
+
+
+def _partition(outcome: ClientOutcome) -> int:
+    return -1 if outcome.partition_id is None else outcome.partition_id
+
+
 def _train_loss(replies: list[RecordDict], weight_key: str) -> MetricRecord:
     """Weighted mean training loss, present only when every reply released one."""
     total = sum(float(r["weight"][weight_key]) for r in replies)
@@ -157,8 +175,7 @@ class PrivateFedAvg(FedAvgM):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the trained replies; record every reply's outcome."""
-        replies = list(replies)
-        outcomes = [outcome_from_reply(reply) for reply in replies]
+        replies, outcomes = in_partition_order(replies)
         if self.ledger_witness is not None:  # a reply behind the witness becomes an error
             outcomes = self.ledger_witness.check(server_round, outcomes)
         decoded: list[list[np.ndarray] | None] = [None] * len(replies)

@@ -95,6 +95,7 @@ def bytes_table(clients: int, models: list[str]) -> None:
 
     for key, value in {"_run_id": 1, "_node_id": 1, "_task_id": 1}.items():
         setattr(TaskIdentity, key, value)
+    _deal(clients)
     print("| model | parameters | float32 update | plain client-level, up | secure "
           "aggregation, up (all stages) | ratio | secure aggregation, down |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
@@ -131,6 +132,15 @@ def bytes_table(clients: int, models: list[str]) -> None:
         down = statistics.median(result.bytes_down.values())
         print(f"| {dataset}, {features} | {dim:,} | {dim * 4:,} | {plain_up:,} | "
               f"{up:,.0f} | {up / plain_up:.2f}× | {down:,.0f} |")  # fmt: skip
+
+
+def _deal(clients: int) -> None:
+    """Be the trusted dealer of the in-process nodes' identities."""
+    import os
+
+    from simulations.launch.dealer import trusted_dealer
+
+    trusted_dealer(os.environ, Path(tempfile.mkdtemp()), clients)  # type: ignore[arg-type]
 
 
 # -- real simulations -------------------------------------------------------------------
@@ -222,7 +232,7 @@ def accuracy(preset: str, minimum: float) -> None:
 
 # -- a deployment that loses a node -------------------------------------------------
 # The stages of a round in the order a node gets their messages (one process each).
-STAGE_ORDER = ("setup", "share_keys", "masked_update", "unmask")
+STAGE_ORDER = ("setup", "share_keys", "masked_update", "consistency", "unmask")
 
 
 def _clientapps(node: psutil.Process) -> set[int]:
@@ -265,7 +275,9 @@ def dropout(nodes: int, rounds: int, stage: str) -> int:
 
     from common.config import RunConfig
     from simulations.deploy import write_node_policy
+    from simulations.deployment.certificates import default_ca_dir
     from simulations.deployment.local import DeploymentSpec, LocalDeployment
+    from simulations.deployment.node_identity import ensure_node_identity
     from simulations.launch.options import APP_DIR, pyproject_defaults
     from simulations.launch.processes import become_subreaper, descendants, stop_processes
 
@@ -283,8 +295,9 @@ def dropout(nodes: int, rounds: int, stage: str) -> int:
     run_config.write_text(tomli_w.dumps(overrides))
     cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
     states = {i: results / "nodes" / f"node-{i}" for i in range(nodes)}
-    for state in states.values():
+    for i, state in states.items():
         write_node_policy(state, cfg)
+        ensure_node_identity(state, default_ca_dir(), f"node-{i}")
     deployment = LocalDeployment(DeploymentSpec(work / "work", work / "certs"))
     started = time.monotonic()
     try:

@@ -38,6 +38,7 @@ from common.wire.update_codec import (
 from server.app import make_strategy
 from server.messaging import content_bytes
 from simulations.launch.in_process_federation import InProcessGrid, federation
+from tests.helpers.secure_aggregation import use_dealer
 
 CODECS = [name for name in UPDATE_COMPRESSIONS if name != "none"]
 SHAPES = [(64, 64), (64,), (10, 64), (10,)]  # the digits MLP
@@ -460,12 +461,14 @@ MODES: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_rounds_record_the_bytes_every_node_sent_and_received(
-    mode: str, tmp_path: Path
+    mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The ServerApp's main over in-process nodes, one round: ``message_bytes`` counts
     every node's messages both ways (int4 updates; secure aggregation's own masked
     vectors, whose count agrees with the protocol's), and summary.json sums them."""
     nodes = 5 if mode == "secure aggregation" else 2
+    if mode == "secure aggregation":
+        use_dealer(tmp_path, monkeypatch, nodes)  # the launcher's certified identities
     cfg = RunConfig(
         **{
             "num_rounds": 1,

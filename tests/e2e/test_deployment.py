@@ -43,6 +43,7 @@ from simulations.deployment.local import (
 )
 from simulations.launch.flower_env import flower_environment, stage_app
 from simulations.launch.options import APP_DIR, pyproject_defaults
+from simulations.launch.preflight import partition_sizes
 from simulations.launch.processes import (
     become_subreaper,
     descendants,
@@ -93,6 +94,7 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
     assert not list(results.rglob("ca.key")), "the CA key was written into the results"
     rounds = _rounds(results)
     assert [r["clients_trained"] for r in rounds] == [3, 3]
+    sizes = partition_sizes(RunConfig.from_run_config(pyproject_defaults()), 3)
     for pid, history in _by_partition(rounds).items():
         eps = [c["epsilon"] for c in history]
         assert eps == sorted(eps) and eps[0] < eps[-1], pid
@@ -105,6 +107,7 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
         ledger_file = results / "nodes" / f"node-{pid}" / LEDGER_FILE
         policy = PrivacyPolicy.from_file(ledger_file.parent / POLICY_FILE)
         assert policy.release_ledger and policy.epsilon_budget == 8.0  # target-epsilon
+        assert policy.planning_records == sizes[pid]  # public to the owner of every node
         assert PrivacyLedger.from_json(ledger_file.read_text()).epsilon() == pytest.approx(
             last["epsilon"]
         )
@@ -233,8 +236,8 @@ def test_superlink_and_supernodes_on_separate_host_addresses(tmp_path: Path) -> 
     run_config.write_text(tomli_w.dumps(overrides))
     cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
     states = [tmp_path / "device" / f"node-{i}" for i in range(2)]
-    for state in states:
-        write_node_policy(state, cfg)
+    for state, size in zip(states, partition_sizes(cfg, 2), strict=True):
+        write_node_policy(state, cfg, size)
     dep = LocalDeployment(spec)
     try:
         dep.start_superlink()
@@ -395,8 +398,9 @@ def test_killed_node_continues_its_ledger_and_corrupt_ledger_fails_closed(
     run_config = tmp_path / "run.toml"
     run_config.write_text(tomli_w.dumps(overrides))
     cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
-    for state in states.values():  # each node's owner accepts this run's settings
-        assert write_node_policy(state, cfg) == "written"
+    sizes = partition_sizes(cfg, 3)  # each node plans from its shard's (public) size
+    for i, state in states.items():  # each node's owner accepts this run's settings
+        assert write_node_policy(state, cfg, sizes[i]) == "written"
     deployment.start_superlink()
     for i in range(3):
         config = {"partition-id": i, "num-partitions": 3, "state-dir": str(states[i])}

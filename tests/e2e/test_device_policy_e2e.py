@@ -38,10 +38,12 @@ from tests.helpers.process_watch import (
 pytestmark = pytest.mark.e2e
 
 DELTA = 1e-5
+PLANNING_RECORDS = 1024  # each node's public count (its shard holds about 720 records)
 STRICT = {"epsilon-budget": 2.0, "delta": DELTA, "min-noise-multiplier": 0.8,
-          "release-ledger": True}  # fmt: skip
+          "release-ledger": True, "planning-records": PLANNING_RECORDS}  # fmt: skip
 PRIVATE_LEDGER = {"epsilon-budget": 10.0, "delta": DELTA, "min-noise-multiplier": 0.8,
-                  "release-ledger": False}  # fmt: skip
+                  "release-ledger": False,
+                  "planning-records": PLANNING_RECORDS}  # fmt: skip
 # Runs that each ask node A for one thing its policy does not allow; everything
 # else stays within the policy, so the refusal must name exactly this key.
 WEAKER: dict[str, dict[str, Any]] = {

@@ -131,23 +131,44 @@ def test_run_stops_cleanly_when_every_budget_is_spent(tmp_path: Path) -> None:
     assert_all_gone(watch)
 
 
-def test_reproducible_noise_run_says_it_is_not_private_against_the_server(
+def _figures(results: Path) -> list[tuple]:
+    """Each round's central accuracy and loss, and each client's (partition, ε)."""
+    return [
+        (
+            r["central"]["accuracy"],
+            r["central"]["loss"],
+            sorted((c["partition_id"], c["epsilon"]) for c in r["clients"]),
+        )
+        for r in _rounds(results)
+    ]
+
+
+def test_reproducible_noise_runs_are_identical_and_say_they_are_not_private(
     tmp_path: Path,
 ) -> None:
-    """reproducible-noise = true: the log, config.json and summary.json all say so."""
-    results = tmp_path / "run"
-    code, out, watch = run_watched(
-        ["--clients", "2", "--rounds", "1", "--set", "reproducible-noise=true",
-         "--results-dir", str(results)]
-    )  # fmt: skip
-    assert code == 0, out[-4000:]
+    """reproducible-noise = true: the log, config.json and summary.json all say so,
+    and two runs with the default codec (int4, stochastic rounding) write identical
+    accuracies and ε to rounds.jsonl."""
+    runs = []
+    for name in ("a", "b"):
+        results = tmp_path / name
+        code, out, watch = run_watched(
+            ["--clients", "3", "--rounds", "2", "--set", "reproducible-noise=true",
+             "--results-dir", str(results)]
+        )  # fmt: skip
+        assert code == 0, out[-4000:]
+        assert_all_gone(watch)
+        runs.append(results)
     statement = "noise reproducible from the seed: not private against the server"
     assert f"reproducible-noise = true: {statement}" in out
     assert f"[privfed] WARNING: {statement}" in out
     assert json.loads((results / "config.json").read_text())["noise"] == statement
     summary = json.loads((results / "summary.json").read_text())
     assert summary["noise"] == statement and summary["noise_reproducible"] is True
-    assert_all_gone(watch)
+    first, second = (_figures(results) for results in runs)
+    assert len(first) == 2 and all(len(clients) == 3 for _, _, clients in first)
+    assert all(r["message_bytes"]["update_encoding"] == "int4" for r in _rounds(runs[0]))
+    assert first == second
 
 
 def test_bad_option_fails_before_starting_anything(tmp_path: Path) -> None:

@@ -23,9 +23,17 @@ assert not bad, bad
 """
 
 
+# The public record count test devices plan from (what N ≤ 512 rounded up to a power
+# of two gave before plans stopped depending on N); tests of the refusal pass None.
+PLANNING_RECORDS = 512
+
+
 def write_policy(state: Path, **keys: object) -> Path:
-    """The device owner's privacy-policy.toml (defaults: budget 50, δ 1e-5, ledger out)."""
-    policy = {"epsilon-budget": 50.0, "delta": 1e-5, "release-ledger": True, **keys}
+    """The device owner's privacy-policy.toml (defaults: budget 50, δ 1e-5, ledger
+    out, planning-records 512); a key given as ``None`` is left out."""
+    policy = {"epsilon-budget": 50.0, "delta": 1e-5, "release-ledger": True,
+              "planning-records": PLANNING_RECORDS, **keys}  # fmt: skip
+    policy = {key: value for key, value in policy.items() if value is not None}
     state.mkdir(parents=True, exist_ok=True)
     (state / POLICY_FILE).write_text(tomli_w.dumps(policy))
     return state

@@ -119,6 +119,23 @@ def test_two_rounds_with_identical_inputs_draw_different_noise() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def _encoded_change(cfg: RunConfig) -> bytes:
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    reply = client_app.train(train_message(initial, 1), make_context(cfg, PARTITION))
+    (array,) = reply.content[COMPRESSED_CHANGE_KEY].values()
+    return array.data
+
+
+def test_reproducible_noise_replays_the_codec_rounding_too() -> None:
+    """With the default codec (int4, stochastic rounding) reproducible-noise gives
+    byte-identical replies, rounding included; without it every reply differs."""
+    cfg = RunConfig(num_rounds=3)
+    assert cfg.update_compression == "int4"
+    assert _encoded_change(cfg) != _encoded_change(cfg)
+    cfg = RunConfig(num_rounds=3, reproducible_noise=True)
+    assert _encoded_change(cfg) == _encoded_change(cfg)
+
+
 def test_noise_construction_has_the_requested_std() -> None:
     """Four draws summed and halved: still N(0, std²) per coordinate."""
     from common.privacy.randomness import gaussian_noise
@@ -303,13 +320,109 @@ def test_neighbouring_devices_send_identical_reports(
             COMPRESSED_CHANGE_KEY,  # the default update-compression's encoded change
         }
     )
-    # Both plan from 512 (N rounded up to a power of two), not from ⌈N/B⌉: even the
+    # Both plan from their policy's planning-records (512), not from ⌈N/B⌉: even the
     # released ledgers (σ, q, steps) agree, and so does the update's noise scale.
     small = _device_reply(tmp_path / "c", 320, release_ledger=True)
     large = _device_reply(tmp_path / "d", 321, release_ledger=True)
     assert dict(small.content["report"]) == dict(large.content["report"])
     ledger = TrainReport.from_content(small.content).ledger
     assert ledger is not None and ledger.history()[0][1:] == (1 / 16, 16)
+
+
+# --- Attack 3: one record must not flip a device's plan ---------------------------------
+# δ = 1/256.5: 1/δ lies between N = 256 and N = 257, so a δ < 1/N check on the exact N
+# refuses one device and not the other, and a plan from N rounded up to a power of two
+# gives q 1/8, 8 steps at 256 and q 1/16, 16 steps at 257.
+EDGE_DELTA = 1 / 256.5
+
+
+def _edge_device(
+    tmp_path: Path, n: int, monkeypatch: pytest.MonkeyPatch, **policy: object
+) -> tuple[Message, list[tuple[RoundPlan, float]]]:
+    """A device holding ``n`` records; its reply and the (plan, σ) it trained with."""
+    monkeypatch.setattr(ledger_chain.secrets, "token_hex", lambda k: "5a" * k)
+    trained: list[tuple[RoundPlan, float]] = []
+    real = dp_training.train_private
+
+    def spy(*args: object) -> object:
+        trained.append((args[4], args[5]))  # type: ignore[arg-type]
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client_app, "train_private", spy)
+    data = digits_npz(tmp_path / f"d{n}.npz", n)
+    keys = {"delta": EDGE_DELTA, "epsilon-budget": 3.0, **policy}
+    state = write_policy(tmp_path / f"state{n}", **keys)
+    cfg = RunConfig(num_rounds=3, batch_size=32, target_epsilon=3.0, epsilon_budget=3.0,
+                    delta=EDGE_DELTA)  # fmt: skip
+    initial = ArrayRecord(build_model("digits", seed=0).state_dict())
+    reply = client_app.train(train_message(initial, 1), device_context(cfg, data, state))
+    return reply, trained
+
+
+def test_attack3_one_added_record_does_not_change_a_devices_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack 3: the server compares two devices with the same policy and N = 256 and
+    N = 257. Both train with the same q, steps, σ and noise divisor (planned from
+    planning-records = 256), neither refuses at the δ edge, and their reports,
+    released ledgers included, are identical: one record is not detected."""
+    small, small_plan = _edge_device(
+        tmp_path, 256, monkeypatch, **{"planning-records": 256}
+    )
+    large, large_plan = _edge_device(
+        tmp_path, 257, monkeypatch, **{"planning-records": 256}
+    )
+    assert TrainReport.from_content(small.content).status is Status.TRAINED
+    assert TrainReport.from_content(large.content).status is Status.TRAINED
+    assert small_plan == large_plan and len(small_plan) == 1
+    plan, _ = small_plan[0]
+    assert (plan.sample_rate, plan.steps, plan.expected_batch_size) == (1 / 8, 8, 32)
+    assert dict(small.content["report"]) == dict(large.content["report"])
+    assert TrainReport.from_content(small.content).planning_records == 256
+    assert set(small.content.keys()) == set(large.content.keys())
+
+
+def test_attack3_a_device_without_planning_records_refuses_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack 3: without a public count a device has nothing safe to plan from. It
+    refuses every record-level run, naming the policy key, before it trains or spends
+    anything, and alike for N = 256 and N = 257."""
+    replies = {}
+    for n in (256, 257):
+        reply, trained = _edge_device(
+            tmp_path, n, monkeypatch, **{"planning-records": None}
+        )
+        report = TrainReport.from_content(reply.content)
+        assert report.status is Status.POLICY_REFUSED and not trained
+        assert "'planning-records'" in str(report.reason)
+        assert "docs/edge-clients.md" in str(report.reason)
+        assert str(n) not in str(report.reason)
+        assert not (tmp_path / f"state{n}" / LEDGER_FILE).exists()
+        replies[n] = dict(reply.content["report"])
+    assert replies[256] == replies[257]
+
+
+def test_a_device_checks_delta_against_its_planning_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """δ ≥ 1/planning-records is refused whatever N; the reply names no count, and a
+    device holding more records than it plans from is told so in its own log."""
+    with caplog.at_level(logging.WARNING, logger="privfed.client"):
+        reply, trained = _edge_device(
+            tmp_path, 200, monkeypatch, **{"planning-records": 257}
+        )
+    report = TrainReport.from_content(reply.content)
+    assert report.status is Status.POLICY_REFUSED and not trained
+    assert "is not below 1/N" in str(report.reason)
+    assert not set(re.findall(r"\d+", str(report.reason))) & {"200", "257"}
+    assert "N = 257 records this node plans from (it holds 200)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="privfed.client"):
+        reply, _ = _edge_device(tmp_path / "more", 300, monkeypatch,
+                                **{"planning-records": 256})  # fmt: skip
+    assert TrainReport.from_content(reply.content).status is Status.TRAINED
+    assert "holds 300 training records, more than the 256" in caplog.text
 
 
 def test_batch_size_one_is_refused_for_private_runs() -> None:
@@ -381,13 +494,13 @@ def test_concurrent_rounds_cannot_overspend_the_ledger(tmp_path: Path) -> None:
 
 
 def test_a_device_plans_from_its_public_record_count(tmp_path: Path) -> None:
-    """planning-records fixes q and steps whatever N is; the default is a power of two."""
+    """planning-records fixes q and steps whatever N is; without it there is no plan."""
     policy = PrivacyPolicy(epsilon_budget=3.0, delta=1e-5, planning_records=1000)
     assert policy.records_for_planning(321) == policy.records_for_planning(900) == 1000
-    default = PrivacyPolicy(epsilon_budget=3.0, delta=1e-5)
-    assert [default.records_for_planning(n) for n in (1, 2, 3, 320, 512, 513)] == [
-        1, 2, 4, 512, 512, 1024,
-    ]  # fmt: skip
+    without = PrivacyPolicy(epsilon_budget=3.0, delta=1e-5)
+    for n in (1, 256, 257, 512):
+        with pytest.raises(PolicyError, match="'planning-records'"):
+            without.records_for_planning(n)
     assert PrivacyPolicy.for_simulation(RunConfig()).records_for_planning(321) == 321
     data = digits_npz(tmp_path / "d.npz", 300)
     state = write_policy(tmp_path / "state", **{"planning-records": 1000})
@@ -493,7 +606,7 @@ def test_make_deploy_writes_a_policy_only_where_none_exists(tmp_path: Path) -> N
     from simulations.deploy import write_node_policy
 
     cfg = RunConfig(target_epsilon=3.0)
-    assert write_node_policy(tmp_path / "new", cfg) == "written"
+    assert write_node_policy(tmp_path / "new", cfg, 144) == "written"
     written = PrivacyPolicy.from_file(tmp_path / "new" / POLICY_FILE)
     assert (written.epsilon_budget, written.delta, written.release_ledger) == (
         3.0,
@@ -501,6 +614,12 @@ def test_make_deploy_writes_a_policy_only_where_none_exists(tmp_path: Path) -> N
         True,
     )
     assert not written.allow_non_private and not written.allow_reproducible_noise
+    assert written.planning_records == 144 and not written.exact_records
+    # A kept policy a sample run would refuse stops the launch, naming the key.
+    bare = write_policy(tmp_path / "bare", **{"planning-records": None})
+    with pytest.raises(PolicyError, match="'planning-records'"):
+        write_node_policy(bare, cfg)
+    assert write_node_policy(bare, RunConfig(privacy_mode="client")) == "kept"
     owner = write_policy(tmp_path / "owned", **{"epsilon-budget": 1.0})
     before = (owner / POLICY_FILE).read_bytes()
     assert write_node_policy(owner, cfg) == "kept"

@@ -5,32 +5,26 @@ masked with everything the server may learn about that client; a server that
 calls one node "dropped" to some holders and "uploaded" to others must not get
 both of its secrets; out-of-order, replayed and self-incriminating requests are
 refused. Dropout follows SecAgg+, and the unmasked sum equals the plain sum of the
-clients' noised, quantised vectors exactly.
+clients' noised, quantised vectors exactly. The nodes' identities come from a trusted
+dealer, as in a simulation; the active server's attacks are
+``test_secure_aggregation_attacks.py``'s.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import random
-import secrets
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 import client.secure_aggregation.stages as secagg_client
-from common.config import RunConfig
-from common.secure_aggregation.distributed_dp import (
-    QuantisationPlan,
-    plan_skellam_round,
-    signed_integers,
-)
+from common.secure_aggregation.consistency import UnmaskInstruction
+from common.secure_aggregation.distributed_dp import signed_integers
 from common.secure_aggregation.keys import combine
 from common.secure_aggregation.masks import mask, mask_nonce, unpack
 from common.secure_aggregation.protocol import (
@@ -38,99 +32,38 @@ from common.secure_aggregation.protocol import (
     SECAGG_KEY,
     RevealedShares,
     Stage,
-    UnmaskInstruction,
 )
 from common.secure_aggregation.skellam_accounting import composed_epsilon
-from common.tasks.models import build_model, count_parameters
+from common.tasks.models import build_model
 from common.wire.reply import TrainReport
 from common.wire.reply_fields import MASKED_KEY, Status
 from server.app import make_strategy
-from server.results.client_outcomes import outcome_from_reply
-from server.secure_aggregation.round import SecAggRound, round_layout
+from server.secure_aggregation.round import SecAggRound
 from simulations.launch.in_process_federation import InProcessGrid, delivered, federation
-
-NODES = 5
-FIRST = 100  # node ids are FIRST + partition
+from tests.helpers.secure_aggregation import (
+    FIRST,
+    NODES,
+    Protocol,
+    Recorder,
+    ask,
+    plain_sum,
+    run_to_signed,
+    secagg_cfg,
+    server_identity,
+    use_dealer,
+)
 
 
 @pytest.fixture(autouse=True)
 def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Server-side messages need the task identity a ServerApp process has."""
-    for key, value in {"_run_id": 7, "_node_id": 1, "_task_id": 1}.items():
-        monkeypatch.setattr(TaskIdentity, key, value)
+    server_identity(monkeypatch)
 
 
-def _cfg(tmp_path: Path, **changes: Any) -> RunConfig:
-    values: dict[str, Any] = dict(
-        privacy_mode="client", secure_aggregation=True, client_sampling_rate=1.0,
-        target_epsilon=0.0, noise_multiplier=1.0, delta=1e-3, num_rounds=2,
-        min_available_nodes=NODES, min_train_nodes=2, secagg_min_contributors=0.6,
-        results_dir=str(tmp_path / "run"), secagg_timeout=0.3,
-    )  # fmt: skip
-    values.update(changes)
-    return RunConfig(**values)
-
-
-class Recorder:
-    """Each client's noised, quantised vector before masking, by node."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.values: dict[int, np.ndarray] = {}
-        self.current = 0
-        encode, upload = QuantisationPlan.encode, secagg_client.masked_upload
-
-        def recording_encode(plan: QuantisationPlan, *args: Any) -> np.ndarray:
-            out = encode(plan, *args)
-            self.values[self.current] = out
-            return out
-
-        def recording_upload(context: Any, held: Any, change: Any) -> ArrayRecord:
-            self.current = held.node_id
-            return upload(context, held, change)
-
-        monkeypatch.setattr(QuantisationPlan, "encode", recording_encode)
-        monkeypatch.setattr(secagg_client, "masked_upload", recording_upload)
-
-
-class Protocol:
-    """One round of the protocol over an in-process grid of real ClientApps (which
-    answers as it is pushed to, so a lost node costs only the short timeouts)."""
-
-    def __init__(self, cfg: RunConfig, lost: set[tuple[int, str]] | None = None) -> None:
-        self.cfg = cfg
-        self.contexts = federation(cfg, range(NODES), NODES, first_node=FIRST)
-        self.sent: list[tuple[int, str]] = []
-        lost = lost or set()
-
-        def unreachable(node: int, message_type: str) -> bool:
-            self.sent.append((node, message_type))
-            return (node, message_type) in lost
-
-        self.grid = InProcessGrid(self.contexts, lost=unreachable)
-        self.layout = round_layout(list(self.contexts), cfg, random.Random(0))
-        self.dim = count_parameters(build_model(cfg.dataset))
-        self.plan = plan_skellam_round(
-            self.dim, 1.0, 1.0, NODES, self.layout.min_contributors, 16
-        )
-        self.seed = secrets.token_bytes(32)
-        self.arrays = ArrayRecord(build_model(cfg.dataset, seed=0).state_dict())
-
-    def content(self, node: int) -> RecordDict:
-        config = ConfigRecord({"server-round": 1, "clip-norm": 1.0})
-        return RecordDict({"arrays": self.arrays, "config": config})
-
-    def run(self, protocol_class: type[SecAggRound] = SecAggRound) -> Any:
-        protocol = protocol_class(
-            self.grid, 1, self.layout, self.plan, self.seed, 0.3, 0.3, time.monotonic
-        )
-        return protocol.run(self.content, admit=outcome_from_reply)
-
-
-def _sum(values: list[np.ndarray], plan: QuantisationPlan) -> np.ndarray:
-    total = np.zeros(plan.padded_dim, dtype=np.uint64)
-    for v in values:
-        total = (total + v) % np.uint64(plan.modulus)
-    return total
+@pytest.fixture(autouse=True)
+def _dealer(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_dealer(tmp_path_factory.mktemp("dealer"), monkeypatch)
 
 
 # -- exactness and dropout ------------------------------------------------------------
@@ -138,10 +71,12 @@ def test_unmasked_sum_is_exactly_the_sum_of_the_noised_quantised_uploads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = Recorder(monkeypatch)
-    protocol = Protocol(_cfg(tmp_path))
+    protocol = Protocol(secagg_cfg(tmp_path))
     result = protocol.run()
     assert result.failure is None and len(result.contributors) == NODES
-    assert np.array_equal(result.total, _sum(list(recorder.values.values()), protocol.plan))
+    assert np.array_equal(
+        result.total, plain_sum(list(recorder.values.values()), protocol.plan)
+    )
 
 
 @pytest.mark.parametrize("stage", [Stage.MASKED_UPDATE, Stage.UNMASK])
@@ -153,7 +88,7 @@ def test_dropout_after_sharing_and_after_upload(
     mask seed is rebuilt and its upload stays in the sum."""
     recorder = Recorder(monkeypatch)
     victim = FIRST + 2
-    protocol = Protocol(_cfg(tmp_path), lost={(victim, stage.message_type)})
+    protocol = Protocol(secagg_cfg(tmp_path), lost={(victim, stage.message_type)})
     result = protocol.run()
     assert result.failure is None
     assert result.dropped[stage.value] == [victim]
@@ -162,14 +97,14 @@ def test_dropout_after_sharing_and_after_upload(
         assert victim not in result.contributors and len(summed) == NODES - 1
     else:
         assert victim in result.contributors and len(summed) == NODES
-    assert np.array_equal(result.total, _sum(summed, protocol.plan))
+    assert np.array_equal(result.total, plain_sum(summed, protocol.plan))
 
 
 def test_too_few_uploads_fail_without_unmasking(tmp_path: Path) -> None:
     """Three of five lost before uploading: 2 < m = 3 uploads. The round fails with the
     reason, no unmask request is ever sent, and nothing is summed."""
     lost = {(FIRST + i, Stage.MASKED_UPDATE.message_type) for i in range(3)}
-    protocol = Protocol(_cfg(tmp_path), lost=lost)
+    protocol = Protocol(secagg_cfg(tmp_path), lost=lost)
     result = protocol.run()
     assert result.total is None
     assert "2 of 5 clients uploaded, fewer than the round's minimum of 3" in result.failure
@@ -181,7 +116,7 @@ def test_a_node_short_of_threshold_neighbours_fails_the_round(tmp_path: Path) ->
     """Three of five lost at key advertisement: the others have 2 < t = 3 live
     neighbours, so their secrets could never be rebuilt; the round stops there."""
     lost = {(FIRST + i, Stage.SETUP.message_type) for i in range(3)}
-    result = Protocol(_cfg(tmp_path), lost=lost).run()
+    result = Protocol(secagg_cfg(tmp_path), lost=lost).run()
     assert result.total is None and "fewer than t = 3" in result.failure
 
 
@@ -208,7 +143,7 @@ def test_one_upload_is_uniform_and_stays_masked_without_the_others(
         return secret
 
     monkeypatch.setattr(SecAggRound, "_rebuild", keep)
-    protocol = Protocol(_cfg(tmp_path))
+    protocol = Protocol(secagg_cfg(tmp_path))
     result = protocol.run()
     plan, target = protocol.plan, FIRST + 1
     packed = result.uploads[target].content.array_records[MASKED_KEY][PACKED_ARRAY]
@@ -223,35 +158,16 @@ def test_one_upload_is_uniform_and_stays_masked_without_the_others(
     assert _uniform_pvalue(recorder.values[target], plan.modulus_bits) < 1e-10
 
 
-def _stages_to_upload(protocol: Protocol) -> None:
-    """Run setup, share keys and masked update; leave every node waiting to unmask."""
-
-    class StopBeforeUnmask(SecAggRound):
-        def _unmask(self, uploaded: set[int], dropped: set[int]) -> dict[int, Any]:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        protocol.run(StopBeforeUnmask)
-
-
-class _Stop(Exception):
-    pass
-
-
 def _ask(protocol: Protocol, node: int, instruction: UnmaskInstruction) -> Message:
-    import client.app as client_app
-
-    content = RecordDict({SECAGG_KEY: instruction.to_record()})
-    msg = delivered(content, Stage.UNMASK.message_type, node)
-    return client_app.app(msg, protocol.contexts[node])
+    return ask(protocol, node, Stage.UNMASK, instruction.to_record())
 
 
 def test_an_equivocating_server_never_gets_both_secrets_of_a_node(tmp_path: Path) -> None:
     """Tell some holders that node X dropped (to get shares of its mask key) and the
     others that it uploaded (to get shares of its mask seed): with t > k/2 every
     split leaves one of the two below t, and too few shares do not combine."""
-    protocol = Protocol(_cfg(tmp_path))
-    _stages_to_upload(protocol)
+    protocol = Protocol(secagg_cfg(tmp_path))
+    signatures = run_to_signed(protocol)
     nodes = sorted(protocol.contexts)
     target, others = nodes[0], nodes[1:]
     t = protocol.layout.threshold
@@ -268,7 +184,8 @@ def test_an_equivocating_server_never_gets_both_secrets_of_a_node(tmp_path: Path
         for holder in nodes:
             dropped = (target,) if holder in told_dropped else ()
             uploaded = tuple(n for n in nodes if n not in dropped)
-            reply = _ask(protocol, holder, UnmaskInstruction(1, uploaded, dropped, NODES))
+            signed = {n: s for n, s in signatures.items() if n in uploaded}
+            reply = _ask(protocol, holder, UnmaskInstruction(1, uploaded, signed))
             if SECAGG_KEY not in reply.content.config_records:
                 continue  # refused
             shares = RevealedShares.from_record(reply.content.config_records[SECAGG_KEY])
@@ -286,40 +203,31 @@ def test_an_equivocating_server_never_gets_both_secrets_of_a_node(tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    ("uploaded", "dropped", "contributors", "why"),
+    ("leave_out", "signers", "why"),
     [
-        ((FIRST, FIRST + 1), (FIRST + 1,), NODES, "both as uploaded and as dropped"),
-        ((FIRST + 1, FIRST + 2), (FIRST,), NODES, "without its upload"),
-        ((FIRST, FIRST + 1, FIRST + 2), (), 2, "fewer contributors than listed"),
-        ((FIRST, FIRST + 1), (), 2, "less noise than the round's minimum"),
+        (FIRST + 1, NODES, "differs from the one this node signed"),
+        (None, 2, "fewer than t = 3"),
     ],
 )
 def test_a_client_refuses_unmask_requests_that_would_expose_someone(
-    tmp_path: Path, uploaded: tuple[int, ...], dropped: tuple[int, ...], contributors: int,
-    why: str,
-) -> None:  # fmt: skip
-    protocol = Protocol(_cfg(tmp_path))
-    _stages_to_upload(protocol)
-    record = ConfigRecord(
-        {
-            "stage": Stage.UNMASK.value, "server-round": 1, "uploaded": list(uploaded),
-            "dropped": list(dropped), "contributors": contributors,
-        }
-    )  # fmt: skip
-    import client.app as client_app
-
-    msg = delivered(RecordDict({SECAGG_KEY: record}), Stage.UNMASK.message_type, FIRST)
-    reply = client_app.app(msg, protocol.contexts[FIRST])
+    tmp_path: Path, leave_out: int | None, signers: int, why: str
+) -> None:
+    """U other than the one the holder signed, or too few signatures on it."""
+    protocol = Protocol(secagg_cfg(tmp_path))
+    signatures = run_to_signed(protocol)
+    uploaded = tuple(n for n in sorted(protocol.contexts) if n != leave_out)
+    kept = {n: signatures[n] for n in uploaded[:signers]}
+    reply = _ask(protocol, FIRST, UnmaskInstruction(1, uploaded, kept))
     report = TrainReport.from_content(reply.content)
     assert report.status is Status.POLICY_REFUSED and why in str(report.reason)
     assert SECAGG_KEY not in reply.content.config_records
 
 
 def test_a_client_answers_unmask_once(tmp_path: Path) -> None:
-    protocol = Protocol(_cfg(tmp_path))
-    _stages_to_upload(protocol)
+    protocol = Protocol(secagg_cfg(tmp_path))
+    signatures = run_to_signed(protocol)
     nodes = tuple(sorted(protocol.contexts))
-    instruction = UnmaskInstruction(1, nodes, (), NODES)
+    instruction = UnmaskInstruction(1, nodes, signatures)
     first = _ask(protocol, FIRST, instruction)
     assert SECAGG_KEY in first.content.config_records
     again = TrainReport.from_content(_ask(protocol, FIRST, instruction).content)
@@ -332,7 +240,7 @@ def test_a_threshold_of_half_the_shares_is_refused_by_the_client(tmp_path: Path)
     """t = 2 of 4 shares would let an equivocating server rebuild both secrets."""
     import client.app as client_app
 
-    protocol = Protocol(_cfg(tmp_path))
+    protocol = Protocol(secagg_cfg(tmp_path))
     record = ConfigRecord(
         {
             "stage": Stage.SETUP.value, "server-round": 1,
@@ -353,7 +261,7 @@ def test_a_plain_train_message_never_gets_the_update_in_the_clear(tmp_path: Path
     update: the client refuses and sends no arrays."""
     import client.app as client_app
 
-    protocol = Protocol(_cfg(tmp_path))
+    protocol = Protocol(secagg_cfg(tmp_path))
     msg = delivered(protocol.content(FIRST), "train", FIRST)
     reply = client_app.app(msg, protocol.contexts[FIRST])
     report = TrainReport.from_content(reply.content)
@@ -365,7 +273,7 @@ def test_a_stage_out_of_order_is_refused(tmp_path: Path) -> None:
     """A masked-update request before keys were shared: no training, no upload."""
     import client.app as client_app
 
-    protocol = Protocol(_cfg(tmp_path))
+    protocol = Protocol(secagg_cfg(tmp_path))
     content = protocol.content(FIRST)
     content[SECAGG_KEY] = ConfigRecord(
         {"stage": Stage.MASKED_UPDATE.value, "server-round": 1, "nodes": [],
@@ -383,7 +291,7 @@ def test_rounds_are_ledgered_with_the_noise_actually_summed(tmp_path: Path) -> N
     """Two rounds; in the second a client is lost after sharing. Each ledger entry's
     variance is (uploads summed)·V/m, its ε is the Skellam accountant's on the
     recorded releases, and the model moved."""
-    cfg = _cfg(tmp_path, client_sampling_rate=1.0)
+    cfg = secagg_cfg(tmp_path, client_sampling_rate=1.0)
     contexts = federation(cfg, range(NODES), NODES, first_node=FIRST)
     lost_round = {"now": 1}
     grid = InProcessGrid(
@@ -438,7 +346,9 @@ def test_zero_updates_unmask_to_the_noise_of_the_survivors(
         return keys, dataclasses.replace(clipped, arrays=zeros), ledger
 
     monkeypatch.setattr(client_app, "_clipped_change", zero_change)
-    protocol = Protocol(_cfg(tmp_path), lost={(FIRST, Stage.MASKED_UPDATE.message_type)})
+    protocol = Protocol(
+        secagg_cfg(tmp_path), lost={(FIRST, Stage.MASKED_UPDATE.message_type)}
+    )
     result = protocol.run()
     plan = protocol.plan
     noise = signed_integers(result.total, plan.modulus_bits).astype(np.float64)
@@ -455,7 +365,7 @@ def test_resume_continues_the_ledger_and_charges_the_round_in_flight(
     """A checkpoint after round 1; the server died after ledgering round 2. The
     resumed strategy keeps both rounds (ε never goes back) and charges round 2 to
     every client's exposure to the server, since who uploaded is not on disk."""
-    cfg = _cfg(tmp_path)
+    cfg = secagg_cfg(tmp_path)
     contexts = federation(cfg, range(NODES), NODES, first_node=FIRST)
     grid = InProcessGrid(contexts)
     out = Path(cfg.results_dir)

@@ -105,6 +105,22 @@ def test_all_refused_gives_no_new_model() -> None:
     assert not state.all_exhausted([20, 21, 22])  # node 22 has not refused yet
 
 
+def test_replies_are_summed_in_partition_order_not_arrival_order() -> None:
+    """Floating-point sums depend on their order: the same replies arriving in another
+    order give a bit-identical model, so two reproducible-noise runs stay identical."""
+    cfg = RunConfig(**F32, num_rounds=2, reproducible_noise=True)
+    contexts = [make_context(cfg, pid, 5, node_id=70 - pid) for pid in range(5)]
+    replies = _replies(cfg, 1, contexts)
+    models = []
+    for order in (replies, replies[::-1], replies[2:] + replies[:2]):
+        strategy = PrivateFedAvg(min_available_nodes=1, min_train_nodes=1)
+        arrays, _ = strategy.aggregate_train(1, order)
+        assert arrays is not None
+        assert [o.partition_id for o in strategy.last_outcomes] == [0, 1, 2, 3, 4]
+        models.append([a.numpy().tobytes() for a in arrays.values()])
+    assert models[0] == models[1] == models[2]
+
+
 def test_loop_state_tracks_max_cumulative_epsilon() -> None:
     """max_epsilon is over every client seen, and failures keep older privacy data."""
     cfg = RunConfig(**F32, num_rounds=3, target_epsilon=0.0, noise_multiplier=1.0)

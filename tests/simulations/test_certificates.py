@@ -174,3 +174,40 @@ def test_certificates_command_makes_a_folder_and_node_keys(tmp_path: Path) -> No
     assert (
         certificates_main(["--certs-dir", str(tmp_path / "x"), "--server-san", "a b"]) == 2
     )
+
+
+def test_a_node_identity_is_an_ed25519_key_the_deployment_ca_certifies(
+    tmp_path: Path,
+) -> None:
+    """``<state-dir>/identity/``: the node's Ed25519 key and certificate (0600) and the
+    CA's certificate; it checks against that CA, is kept on a second call, and one
+    certified by another CA does not check."""
+    from common.secure_aggregation.identity import (
+        IdentityError,
+        identity_files,
+        read_identity,
+        verify_certificate,
+        verify_signature,
+    )
+    from simulations.deployment.node_identity import (
+        deal_identities,
+        ensure_node_identity,
+    )
+
+    state = tmp_path / "node-0"
+    folder = ensure_node_identity(state, tmp_path / "ca", "node-0")
+    identity_file, ca_file = identity_files(str(state), None)
+    assert identity_file.parent == folder
+    assert stat.S_IMODE(identity_file.stat().st_mode) == 0o600
+    trusted = read_identity(identity_file, ca_file)
+    before = identity_file.read_bytes()
+    ensure_node_identity(state, tmp_path / "ca", "node-0")
+    assert identity_file.read_bytes() == before
+    dealer = deal_identities(tmp_path / "dealer", 1)
+    other = read_identity(dealer / "partition-0.pem", dealer / "ca.crt")
+    with pytest.raises(IdentityError, match="not signed by this node's CA"):
+        verify_certificate(other.identity.certificate, trusted.ca_certificate)
+    message = b"a key advertisement"
+    public = verify_certificate(trusted.identity.certificate, trusted.ca_certificate)
+    assert verify_signature(public, trusted.identity.sign(message), message)
+    assert not verify_signature(public, other.identity.sign(message), message)
