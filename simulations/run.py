@@ -140,7 +140,8 @@ def run_on_superlink(
     from which ``--timeout`` and the launch-to-round-1 time count.
     """
     results_dir = Path(overrides["results-dir"])
-    rounds = RunConfig.from_run_config({**pyproject_defaults(), **overrides}).num_rounds
+    cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
+    rounds = cfg.num_rounds
     launched_at, started = launched or (time.time(), time.monotonic())
     run = submit_simulation(app, work, env, overrides, args.clients, args.client_cpus, out)
     end = follow_run(
@@ -155,7 +156,8 @@ def run_federation(args: argparse.Namespace) -> int:
     """Start the SuperLink, run the app, stream output; return an exit code."""
     overrides = resume_overrides(args) if args.resume else build_overrides(args)
     results_dir = Path(overrides["results-dir"])
-    rounds = RunConfig.from_run_config({**pyproject_defaults(), **overrides}).num_rounds
+    cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
+    rounds = cfg.num_rounds
     ray = resolve_ray_address(args.ray_address)
     become_subreaper()
     install_signal_handlers()
@@ -163,7 +165,8 @@ def run_federation(args: argparse.Namespace) -> int:
     flwr_home = work / "flwr-home"
     flwr_home.mkdir()
     env = flower_environment(flwr_home, ray)
-    trusted_dealer(env, work, args.clients)  # secure aggregation's node identities
+    if cfg.secure_aggregation:  # its node identities, dealt by this launcher
+        trusted_dealer(env, work, args.clients)
     print(f"[privfed] Flower home and logs: {work}", flush=True)
     print(f"[privfed] Ray: {describe_ray(ray)}", flush=True)
     launched_at = time.time()

@@ -49,6 +49,7 @@ from simulations.launch.options import (
     APP_DIR,
     build_overrides,
     positive_seconds,
+    pyproject_defaults,
     resolve_ray_address,
 )
 from simulations.launch.output import launch_to_round_1
@@ -235,7 +236,13 @@ def run_grid(
     flwr_home = work / "flwr-home"
     flwr_home.mkdir()
     env = flower_environment(flwr_home, ray)
-    trusted_dealer(env, work, max(opts.clients for opts, _ in checked))
+    secure = [
+        opts.clients
+        for opts, keys in checked
+        if RunConfig.from_run_config({**pyproject_defaults(), **keys}).secure_aggregation
+    ]
+    if secure:  # secure aggregation's node identities, dealt by this launcher
+        trusted_dealer(env, work, max(secure))
     print(f"[sweep] Flower home and logs: {work}; Ray: {describe_ray(ray)}", flush=True)
     interrupt = Interrupt()
     futures: list[Future[PointResult]] = []
