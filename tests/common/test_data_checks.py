@@ -38,8 +38,8 @@ from server.app import make_strategy
 from server.central_evaluation import CentralEvaluator
 from server.federation_loop import run_rounds
 from server.results.run_folder import ResultsWriter
+from simulations.launch.in_process_federation import InProcessGrid
 from tests.helpers.device import write_policy
-from tests.helpers.in_process_grid import InProcessGrid
 from tests.helpers.messages import evaluate_message, train_message
 
 N = 37  # records in every bad file: no reply may reveal it

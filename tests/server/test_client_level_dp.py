@@ -46,8 +46,8 @@ from server.federation_loop import epsilon_text, run_rounds
 from server.results.run_folder import ResultsWriter
 from server.strategies.client_level import ClientLevelFedAvg
 from server.strategies.client_level_dp import ClientLevelAggregator, poisson_cohort
+from simulations.launch.in_process_federation import InProcessGrid
 from tests.helpers.device import write_policy
-from tests.helpers.in_process_grid import InProcessGrid
 from tests.helpers.messages import make_context, make_message, train_message
 
 DELTA = 1e-5
