@@ -17,7 +17,6 @@ from common.secure_aggregation.distributed_dp import QuantisationPlan
 from common.secure_aggregation.skellam_accounting import epsilon_from_rdp, round_rdp
 
 EXPOSURE_KEY = "secagg-exposure"
-EPSILON_KEY = "epsilon-against-server"  # in the unmask reply
 
 
 def record_verified_release(

@@ -32,7 +32,7 @@ from client.privacy.ledger_store import (
 )
 from client.privacy.policy import PolicyError, PrivacyPolicy, load_policy
 from client.secure_aggregation import stages as secagg_stages
-from client.secure_aggregation.exposure import EPSILON_KEY, record_verified_release
+from client.secure_aggregation.exposure import record_verified_release
 from common.config import RunConfig
 from common.data.checks import DatasetError
 from common.ledger.privacy_ledger import LedgerError
@@ -42,7 +42,7 @@ from common.secure_aggregation.identity import (
     identity_files,
     read_identity,
 )
-from common.secure_aggregation.protocol import SECAGG_KEY, ProtocolError, Stage
+from common.secure_aggregation.protocol import EPSILON_KEY, SECAGG_KEY, ProtocolError, Stage
 from common.tasks.models import model_dimension
 from common.wire.reply import TrainReport
 from common.wire.reply_fields import CLIP_NORM_KEY

@@ -44,6 +44,7 @@ from common.wire.reply_fields import Coverage, ReplyField, Status
 SECAGG_KEY = "secagg"  # ConfigRecord of every stage, both directions
 PACKED_ARRAY = "packed"  # the one array of the upload (common.wire.reply.MASKED_KEY)
 SEED_BYTES = 32
+EPSILON_KEY = "epsilon-against-server"  # a client's own ε, in its unmask reply
 
 
 class Stage(StrEnum):
@@ -98,7 +99,7 @@ STAGE_FIELDS: dict[Stage, tuple[ReplyField, ...]] = {
         _released("key-nodes", "the neighbours that dropped after sharing keys"),
         _released("key-shares", "the shares this node holds of those neighbours' mask "
                   "keys (they remove the pairwise masks others added for them)"),
-        _released("epsilon-against-server", "this node's own ε against the server so "
+        _released(EPSILON_KEY, "this node's own ε against the server so "
                   "far: the unsampled releases of the uploads it verified (public "
                   "numbers only)"),
     ),

@@ -38,6 +38,7 @@ from common.secure_aggregation.consistency import (
 from common.secure_aggregation.keys import MASKING, agree, combine
 from common.secure_aggregation.masks import mask, mask_nonce, unpack
 from common.secure_aggregation.protocol import (
+    EPSILON_KEY,
     PACKED_ARRAY,
     SECAGG_KEY,
     EncryptedShares,
@@ -56,7 +57,6 @@ from server.secure_aggregation.signed import SignedView
 __all__ = ["Layout", "SecAggResult", "SecAggRound", "round_layout"]
 # what the identity layer adds to a stage's instruction (bytes per advert, per node)
 IDENTITY_FIELDS = ("identity-certificate", "advert-signature")
-CLIENT_EPSILON = "epsilon-against-server"  # a client's own, in its unmask reply
 
 
 class SecAggRound(RoundExchanges):
@@ -263,7 +263,7 @@ class SecAggRound(RoundExchanges):
                 set(answer.key_shares) & inside or set(answer.key_shares) - hood
             ):
                 revealed[node] = answer
-                epsilon = reply.get(CLIENT_EPSILON)
+                epsilon = reply.get(EPSILON_KEY)
                 if isinstance(epsilon, float):
                     self.result.client_epsilons[node] = epsilon
         return revealed
