@@ -324,7 +324,7 @@ def _round_record(
         "max_epsilon_infinite": eps == math.inf,
         "accountant": (ledger.accountant_name if ledger else None) if private else "none",
         "delta": (ledger.delta if ledger else None) if private else None,
-        "privacy_unit": "record" if private else None,
+        "privacy_unit": cfg.privacy_unit if private else None,
         "nodes_keeping_ledger_private": state.unreleased() if private else None,
         "privacy_mode": cfg.privacy_mode,
     }
