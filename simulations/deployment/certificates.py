@@ -34,6 +34,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TLS_FILES = ("ca.crt", "server.pem", "server.key", "operator.pem", "operator.key")
@@ -138,18 +139,36 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _make_ca(ca_dir: Path) -> None:
+def certificate_builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: CertificatePublicKeyTypes,
+    validity: datetime.timedelta,
+    *,
+    ca: bool,
+) -> x509.CertificateBuilder:
+    """What every certificate here starts from: names, key, a random serial, a
+    validity from five minutes ago (clock skew), and whether it may sign others."""
     now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_cert = (
+    return (
         x509.CertificateBuilder()
-        .subject_name(_name("privfed local CA"))
-        .issuer_name(_name("privfed local CA"))
-        .public_key(ca_key.public_key())
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .not_valid_after(now + validity)
+        .add_extension(
+            x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True
+        )
+    )
+
+
+def _make_ca(ca_dir: Path) -> None:
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    name = _name("privfed local CA")
+    ca_cert = (
+        certificate_builder(name, name, ca_key.public_key(), VALIDITY, ca=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -178,19 +197,10 @@ def _issue(
     san: x509.SubjectAlternativeName | None = None,
 ) -> tuple[bytes, bytes]:
     """A leaf certificate for ``usage`` (server or client auth) and its key, as PEM."""
-    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP384R1())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    )
+    builder = certificate_builder(
+        _name(common_name), ca_cert.subject, key.public_key(), VALIDITY, ca=False
+    ).add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if san is not None:
         builder = builder.add_extension(san, critical=False)
     cert = builder.sign(ca_key, hashes.SHA384())

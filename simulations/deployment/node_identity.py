@@ -39,6 +39,7 @@ from common.secure_aggregation.identity import (
 from simulations.deployment.certificates import (
     CertificateError,
     _write_private,
+    certificate_builder,
     default_ca_dir,
     ensure_ca,
 )
@@ -61,36 +62,18 @@ def issue_identity(
     ca_cert: x509.Certificate, ca_key: CaKey, name: str, validity: datetime.timedelta
 ) -> bytes:
     """A new Ed25519 identity ``name``, certified by the CA, in its file form."""
-    now = datetime.datetime.now(datetime.UTC)
     key = Ed25519PrivateKey.generate()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + validity)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, None if isinstance(ca_key, Ed25519PrivateKey) else hashes.SHA384())
-    )
+    cert = certificate_builder(
+        _name(name), ca_cert.subject, key.public_key(), validity, ca=False
+    ).sign(ca_key, None if isinstance(ca_key, Ed25519PrivateKey) else hashes.SHA384())
     return identity_pem(key, cert)
 
 
 def _dealer_ca() -> tuple[x509.Certificate, Ed25519PrivateKey]:
-    now = datetime.datetime.now(datetime.UTC)
     key = Ed25519PrivateKey.generate()
     name = _name("privfed simulation dealer")
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + DEALER_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, None)
+    cert = certificate_builder(name, name, key.public_key(), DEALER_VALIDITY, ca=True).sign(
+        key, None
     )
     return cert, key
 
