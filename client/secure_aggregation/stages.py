@@ -15,7 +15,8 @@ keys misquoted, an advertisement or signature that does not check against its CA
 a plan whose minimum m exceeds the certified participants it verified, too few
 neighbours or partners for the threshold, a threshold of half the shares or fewer,
 an uploader set other than the one it signed, fewer certified signatures on it than
-t neighbours and m in all, or a request that comes twice.
+t neighbours and m in all, a request that comes twice, or a second setup of a
+round (a second incarnation of the node the server could place in another view).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
 from client.secure_aggregation.state import (
     STATE_KEY,
     RoundSecrets,
+    claim_round,
     forget,
     load_secrets,
     save,
@@ -99,6 +101,7 @@ def setup(context: Context, node_id: int, record: ConfigRecord, dim: int,
             f"the plan's noise multiplier {plan.noise_multiplier:.4g} is below this "
             f"node's least ({least_noise:.4g}, policy key 'min-noise-multiplier')"
         )
+    claim_round(context, int(context.run_id), instruction.server_round)
     forget(context)  # a new round abandons any earlier one
     encryption, masking = new_secret(), new_secret()
     public = PublicKeys(public_key(encryption), public_key(masking))

@@ -20,6 +20,8 @@ from common.secure_aggregation.protocol import (
 )
 
 STATE_KEY = "secagg-state"  # context.state ConfigRecord of the round in progress
+# the last (run, round) this node set up; kept when the secrets are wiped
+LAST_SETUP_KEY = "secagg-last-setup"
 
 
 @dataclass
@@ -132,3 +134,25 @@ def load_secrets(context: Context, expected: Stage, server_round: int) -> RoundS
 def forget(context: Context) -> None:
     """Wipe the round's secrets (after unmasking, or when the round is abandoned)."""
     context.state.config_records.pop(STATE_KEY, None)
+
+
+def claim_round(context: Context, run_id: int, server_round: int) -> None:
+    """Record that this node sets up ``server_round`` of ``run_id``, once.
+
+    A node advertises keys and signs an uploader set at most once per round: a
+    second setup of the same (or an earlier) round would give the server a second
+    incarnation of the node, with fresh keys and a fresh signature, to place in a
+    second view of the round. Kept in ``context.state`` beside the secrets, so it
+    outlives :func:`forget`.
+    """
+    record = context.state.config_records.get(LAST_SETUP_KEY)
+    if record is not None and int(record["run-id"]) == run_id:
+        last = int(record["server-round"])
+        if server_round <= last:
+            raise ProtocolError(
+                f"this node already set up round {last} of this run; it sets up each "
+                f"round once and never an earlier one (asked for round {server_round})"
+            )
+    context.state.config_records[LAST_SETUP_KEY] = ConfigRecord(
+        {"run-id": run_id, "server-round": server_round}
+    )

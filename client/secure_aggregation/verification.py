@@ -101,6 +101,26 @@ def _uploaders(held: RoundSecrets, signer: int, uploaded: tuple[int, ...]) -> by
     )
 
 
+def neighbour_quorum(threshold: int) -> int:
+    """t of a holder's own neighbours (itself included) must sign its U.
+
+    This is what holds in any graph the server draws: a node whose holders reveal
+    its mask key in one view cannot gather t of the same (k < 2t) holders' signatures
+    on another view, so it cannot help reveal a partner's seed there
+    (docs/secure-aggregation.md, *Why it holds*).
+    """
+    return threshold
+
+
+def global_quorum(participants: int) -> int:
+    """More than half the participants must sign U before anyone reveals.
+
+    Defence in depth beside :func:`neighbour_quorum`: two different sets cannot both
+    gather it. Each rule is tested without the other.
+    """
+    return participants // 2 + 1
+
+
 def verified_signers(held: RoundSecrets, instruction: UnmaskInstruction) -> set[int]:
     """The certified participants whose signatures on U check; the unmask request is
     refused unless U is the set this node signed, at least t of the signers are its
@@ -123,13 +143,13 @@ def verified_signers(held: RoundSecrets, instruction: UnmaskInstruction) -> set[
                 "by its certified identity"
             )
         signers.add(signer)
-    t = held.setup.threshold
+    t = neighbour_quorum(held.setup.threshold)
     near = len(signers & set(held.peers))
     if near < t:
         raise ProtocolError(
             f"{near} of this node's neighbours signed the uploader set, fewer than t = {t}"
         )
-    needed = max(held.setup.plan.min_contributors, len(held.identities) // 2 + 1)
+    needed = max(held.setup.plan.min_contributors, global_quorum(len(held.identities)))
     if len(signers) < needed:
         raise ProtocolError(
             f"{len(signers)} certified signatures on the uploader set, fewer than the "

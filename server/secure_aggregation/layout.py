@@ -1,8 +1,8 @@
 """Who shares secrets with whom in a round, and what a round produced.
 
 SecAgg+'s graph (Bell et al. 2020) as Flower's ``SecAggPlusWorkflow`` builds it,
-the threshold t and the minimum m of uploads
-(:func:`common.secure_aggregation.plan.round_sizes`), and the record one round of
+the threshold t (:func:`common.secure_aggregation.plan.round_sizes`), the run's
+minimum m of uploads, and the record one round of
 :class:`server.secure_aggregation.round.SecAggRound` fills in.
 """
 
@@ -34,14 +34,17 @@ class Layout:
         return tuple(self.neighbours)
 
 
-def round_layout(cohort: Sequence[int], cfg: RunConfig, rng: random.Random) -> Layout:
+def round_layout(
+    cohort: Sequence[int], cfg: RunConfig, rng: random.Random, minimum: int
+) -> Layout:
     """SecAgg+'s graph: the cohort in a random ring, each node with the ⌊k/2⌋ nodes on
-    either side (every node, if the cohort is not larger); t and the minimum of
-    uploads as :func:`common.secure_aggregation.plan.round_sizes` gives them."""
+    either side (every node, if the cohort is not larger); t as
+    :func:`common.secure_aggregation.plan.round_sizes` gives it; at least
+    ``minimum`` uploads (the run plan's m), and never fewer than t."""
     nodes = list(cohort)
     if len(set(nodes)) != len(nodes):
         raise ValueError("a node is in the cohort twice")
-    shares, threshold, minimum = round_sizes(cfg, len(nodes))
+    shares, threshold = round_sizes(cfg, len(nodes))
     rng.shuffle(nodes)
     size, half = len(nodes), shares // 2
     if shares == size:
@@ -51,7 +54,7 @@ def round_layout(cohort: Sequence[int], cfg: RunConfig, rng: random.Random) -> L
             n: tuple(nodes[(i + off) % size] for off in range(-half, half + 1))
             for i, n in enumerate(nodes)
         }
-    return Layout(neighbours, threshold, minimum)
+    return Layout(neighbours, threshold, max(threshold, minimum))
 
 
 @dataclass

@@ -38,9 +38,9 @@ from common.privacy.client_level_plan import ClientLevelSettings
 from common.secure_aggregation.distributed_dp import QuantisationPlan, rotation_signs
 from common.secure_aggregation.plan import (
     MIN_COHORT,
-    expected_cohort,
-    plan_for_round,
+    plan_for_run,
     secagg_noise_multiplier,
+    short_cohort_probability,
 )
 from common.secure_aggregation.protocol import Stage
 from common.secure_aggregation.skellam_accounting import epsilon_from_rdp, round_rdp
@@ -74,7 +74,7 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
         super().__init__(cfg, ledger, **kwargs)  # type: ignore[arg-type]
         self.dim = dim
         self.distributed: DistributedLedger = ledger
-        self.planned: QuantisationPlan | None = None  # at the expected cohort
+        self.planned: QuantisationPlan | None = None  # one plan: m, s from q and n
         self.exposure: dict[int, np.ndarray] = {}  # node -> unsampled RDP it released
         self.epsilon_against_server: dict[int, float] = {}
         self.round_facts: dict[str, Any] = {}
@@ -96,18 +96,20 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
         )
         self.population = frozenset(node_ids)
         self.dp = ClientLevelAggregator(settings)
-        self.planned = plan_for_round(
-            self.cfg, self.dim, self.noise_multiplier, expected_cohort(self.cfg, population)
-        )
+        self.planned = plan_for_run(self.cfg, self.dim, self.noise_multiplier, population)
         log(
             INFO,
             "[privfed] client-level DP under secure aggregation: n %d, q %.4g (expected "
             "cohort %.1f), z %.4f (Skellam), %d-bit sums, k %d shares, t %.2f·k, at "
-            "least %.0f%% of a cohort must upload",
+            "least m = %d uploads every round (%.0f%% of the expected cohort; a round "
+            "samples fewer, and releases nothing, with probability %.1f%%)",
             population, settings.sampling_rate, settings.expected_cohort,
             self.noise_multiplier, self.planned.modulus_bits, self.cfg.secagg_num_shares,
-            self.cfg.secagg_reconstruction_threshold,
+            self.cfg.secagg_reconstruction_threshold, self.planned.min_contributors,
             100 * self.cfg.secagg_min_contributors,
+            100 * short_cohort_probability(
+                self.cfg, population, self.planned.min_contributors
+            ),
         )  # fmt: skip
 
     def budget_stop(self, server_round: int) -> str | None:
@@ -142,16 +144,20 @@ class SecureAggregationFedAvg(ClientLevelFedAvg):
         self.last_outcomes, self.last_round = [], None
         facts: dict[str, Any] = {"cohort": len(self.cohort), "unmasked": False}
         self.round_facts = facts
-        if len(self.cohort) < MIN_COHORT:
+        assert self.planned is not None, "start_run comes first"
+        plan = self.planned  # m and s are the run's, never the realised cohort's
+        if len(self.cohort) < max(MIN_COHORT, plan.min_contributors):
             facts["failure"] = (
-                f"a cohort of {len(self.cohort)} is too small to aggregate securely; "
-                "nothing was released"
+                f"a cohort of {len(self.cohort)} is below the run's minimum of "
+                f"{max(MIN_COHORT, plan.min_contributors)} uploads (m, fixed from the "
+                "expected cohort q·n); nothing was released"
             )
             log(WARNING, "round %d: %s", server_round, facts["failure"])
             return TrainStep(None, MetricRecord({}), 0, 0.0)
         cfg = self.cfg
-        layout = round_layout(self.cohort, cfg, secrets.SystemRandom())
-        plan = plan_for_round(cfg, self.dim, self.noise_multiplier, len(self.cohort))
+        layout = round_layout(
+            self.cohort, cfg, secrets.SystemRandom(), plan.min_contributors
+        )
         over = self._over_budget(
             server_round, plan.release(layout.min_contributors, cfg.client_sampling_rate)
         )

@@ -58,6 +58,7 @@ def measure(clients: int, model: str, shares: int, minimum: float) -> dict[str, 
     from common.config import RunConfig
     from common.secure_aggregation.distributed_dp import plan_skellam_round
     from common.secure_aggregation.identity import NodeIdentity
+    from common.secure_aggregation.plan import public_minimum
     from common.secure_aggregation.protocol import Stage
     from common.tasks.models import build_model, count_parameters
     from server.results.client_outcomes import outcome_from_reply
@@ -88,7 +89,9 @@ def measure(clients: int, model: str, shares: int, minimum: float) -> dict[str, 
     arrays = ArrayRecord(net.state_dict())
     config = ConfigRecord({"server-round": 1, "clip-norm": 1.0})
     contexts = federation(cfg, range(clients), clients)
-    layout = round_layout(list(contexts), cfg, random.Random(0))
+    layout = round_layout(
+        list(contexts), cfg, random.Random(0), public_minimum(cfg, clients)
+    )
     plan = plan_skellam_round(
         count_parameters(net), 1.0, 1.0, clients, layout.min_contributors, 16
     )

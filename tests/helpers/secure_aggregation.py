@@ -18,6 +18,7 @@ import client.secure_aggregation.stages as secagg_client
 from common.config import RunConfig
 from common.secure_aggregation.distributed_dp import QuantisationPlan, plan_skellam_round
 from common.secure_aggregation.identity import DEALER_ENV
+from common.secure_aggregation.plan import public_minimum
 from common.secure_aggregation.protocol import SECAGG_KEY, Stage
 from common.tasks.models import build_model, count_parameters
 from server.results.client_outcomes import outcome_from_reply
@@ -72,10 +73,12 @@ class Protocol:
     """One round of the protocol over an in-process grid of real ClientApps (which
     answers as it is pushed to, so a lost node costs only the short timeouts)."""
 
-    def __init__(self, cfg: RunConfig, lost: set[tuple[int, str]] | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, lost: set[tuple[int, str]] | None = None, nodes: int = NODES
+    ) -> None:
         self.cfg = cfg
         self.server_round = 1
-        self.contexts = federation(cfg, range(NODES), NODES, first_node=FIRST)
+        self.contexts = federation(cfg, range(nodes), nodes, first_node=FIRST)
         self.sent: list[tuple[int, str]] = []
         lost = lost or set()
 
@@ -84,10 +87,12 @@ class Protocol:
             return (node, message_type) in lost
 
         self.grid = InProcessGrid(self.contexts, lost=unreachable)
-        self.layout = round_layout(list(self.contexts), cfg, random.Random(0))
+        self.layout = round_layout(
+            list(self.contexts), cfg, random.Random(0), public_minimum(cfg, nodes)
+        )
         self.dim = count_parameters(build_model(cfg.dataset))
         self.plan = plan_skellam_round(
-            self.dim, 1.0, 1.0, NODES, self.layout.min_contributors, 16
+            self.dim, 1.0, 1.0, nodes, self.layout.min_contributors, 16
         )
         self.seed = secrets.token_bytes(32)
         self.arrays = ArrayRecord(build_model(cfg.dataset, seed=0).state_dict())
