@@ -46,7 +46,8 @@ class ResultsWriter:
     ) -> None:
         self.out_dir = out_dir
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resumed is not None:  # a resume (server/results/checkpoint.py) continues the folder
+        # a resume (server/results/checkpoint.py) continues the folder
+        if resumed is not None:
             self._resume(cfg, resumed)
             return
         if (self.out_dir / ROUNDS_FILE).exists():
