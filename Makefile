@@ -22,7 +22,7 @@ SYSTEM_PACKAGES := $(if $(wildcard $(FASHION_MNIST_DIR)),,dataset-fashion-mnist)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,tabular]"
 	touch $(STAMP)
 
 # Installed with apt-get when we are root; otherwise one line says what to install.

@@ -34,6 +34,7 @@ from client.privacy.policy import (
 )
 from client.secure_aggregation.handlers import ClientSteps, secagg_stage
 from client.training.dp_training import train_non_private, train_private
+from common.audit.gradient_canaries import gradient_canaries, white_box_applies
 from common.config import RunConfig
 from common.data.checks import DatasetError
 from common.ledger.privacy_ledger import LedgerError, PrivacyLedger
@@ -41,8 +42,8 @@ from common.privacy.randomness import integer_generator, reproducible_seed, roun
 from common.privacy.round_decision import decide_round
 from common.privacy.update_clipping import ClippedUpdate, clip_update
 from common.secure_aggregation.protocol import Stage
-from common.tasks.metrics import evaluate_model
 from common.tasks.models import build_model
+from common.tasks.scoring import evaluate_task
 from common.wire.reply import EvaluateReport, TrainReport
 from common.wire.reply_fields import ARRAYS_KEY, CLIP_NORM_KEY
 from common.wire.update_codec import UpdateCodec, encode_change
@@ -60,7 +61,7 @@ def _setup(context: Context) -> tuple[RunConfig, NodeSettings, ClientShard]:
 
 
 def _model_from(msg: Message, cfg: RunConfig, shard: ClientShard) -> torch.nn.Module:
-    model = build_model(cfg.dataset, shard.num_classes, features=cfg.features)
+    model = build_model(cfg.task, shard.num_classes, features=cfg.features)
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
     return model
 
@@ -198,6 +199,22 @@ def _train(msg: Message, context: Context) -> Message:
         return _send(msg, report, model, cfg.update_compression, replay)
 
 
+def _gradient_canaries(
+    cfg: RunConfig, node: NodeSettings, model: torch.nn.Module
+) -> list[int]:
+    """This partition's included gradient canaries in a simulated white-box audit
+    (:mod:`common.audit.gradient_canaries`); none otherwise. A deployed node never
+    gets here with an audit: it refused the run."""
+    if not white_box_applies(cfg) or node.num_partitions is None:
+        return []
+    from common.tasks.models import count_parameters
+
+    plan = gradient_canaries(
+        cfg.seed, cfg.audit_canaries, count_parameters(model), node.num_partitions
+    )
+    return plan.included_coordinates(int(node.partition_id or 0)).tolist()
+
+
 def _train_private(
     msg: Message,
     context: Context,
@@ -245,6 +262,7 @@ def _train_private(
     outcome = train_private(
         model, shard.x_train, shard.y_train, cfg, decision.plan,
         decision.noise_multiplier, round_generator(replay),
+        _gradient_canaries(cfg, node, model),
     )  # fmt: skip
     ledger = ledger.extended(
         server_round,
@@ -383,7 +401,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
         report = EvaluateReport.policy_refused(shard.partition_id, reason)
         return Message(report.to_content(), reply_to=msg)
     model = _model_from(msg, cfg, shard)
-    scores = evaluate_model(model, shard.x_test, shard.y_test, shard.num_classes)
+    scores = evaluate_task(cfg.task, model, shard.x_test, shard.y_test)
     report = EvaluateReport.scored(shard.partition_id, len(shard.x_test), scores)
     return Message(report.to_content(), reply_to=msg)
 

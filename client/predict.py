@@ -5,10 +5,11 @@
 
 Any exported variant (``model.ts`` float32, ``model-int8.ts``,
 ``model-int8-pruned.ts``) runs with the same command and output. Reads
-``model.json`` beside the model for the input shape, classes, normalisation and
-the variant the file is. Prints ``index,class,name,probability`` per example; on
-stderr the variant loaded, and the accuracy when labels are present. Does not
-import the training code.
+``model.json`` beside the model for the input shape, classes, preprocessing (an
+image normalisation, a per-feature affine map, or a function ``module:function``
+that must be importable here) and the variant the file is. Prints
+``index,class,name,probability`` per example; on stderr the variant loaded, and
+the accuracy when labels are present. Does not import the training code.
 """
 
 from __future__ import annotations
@@ -54,16 +55,39 @@ def model_variant(meta: dict[str, Any], model_path: Path) -> tuple[str, dict[str
     )
 
 
+def model_input(meta: dict[str, Any], raw: np.ndarray) -> np.ndarray:
+    """Raw records to the model's float32 input, as ``model.json`` describes.
+
+    Written without privfed's code (a device has only torch and numpy): the same
+    arithmetic as :mod:`common.tasks.preprocessing`. A ``model.json`` from before
+    tasks had a preprocessing description holds ``normalisation`` (pixels) instead.
+    """
+    prep = meta.get("preprocessing") or {"kind": "image", **meta["normalisation"]}
+    kind = prep["kind"]
+    if kind == "callable":  # the task's own function: its module must be installed here
+        import importlib
+
+        module, _, name = prep["function"].partition(":")
+        function = getattr(importlib.import_module(module), name)
+        x = np.asarray(raw).reshape(-1, *prep["raw_shape"])
+        return np.asarray(function(x), dtype=np.float32)
+    x = np.asarray(raw, dtype=np.float32).reshape(-1, *meta["input_shape"])
+    if kind == "image":  # common/tasks/preprocessing.py: ImagePreprocessing
+        return (x / prep["pixel_scale"] - prep["mean"]) / prep["std"]
+    if kind == "affine":  # AffinePreprocessing, per feature of the last axis
+        offset = np.asarray(prep["offset"], dtype=np.float32)
+        return (x - offset) / np.asarray(prep["scale"], dtype=np.float32)
+    raise ValueError(f"model.json: unknown preprocessing kind {kind!r}")
+
+
 def predict(
     model_path: Path, input_path: Path
 ) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     """Class indices, probabilities, class names and the variant loaded."""
     meta = json.loads(model_path.with_name("model.json").read_text())
     variant, _ = model_variant(meta, model_path)
-    norm = meta["normalisation"]
     x, _ = _read_input(input_path)
-    x = np.asarray(x, dtype=np.float32).reshape(-1, *meta["input_shape"])
-    x = (x / norm["pixel_scale"] - norm["mean"]) / norm["std"]
+    x = model_input(meta, x)
     with warnings.catch_warnings():
         # TorchScript and quantised tensors are deprecated in torch 2.13; the
         # notices are for model authors, not for a device running a model.

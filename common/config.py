@@ -11,16 +11,20 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.aggregation_rules import AGGREGATION_RULES, aggregation_names
 from common.errors import ConfigError
 from common.privacy.accountants.registry import accountant_names
 from common.privacy.modes import PrivacyMode, mode_of, privacy_mode_names
-from common.tasks.registry import get_task, task_names
+from common.tasks.registry import get_task, is_task_reference, task_names
 
-DATASETS = task_names()  # common/tasks/registry.py (lists names, imports no task)
-PARTITIONERS = ("iid", "dirichlet", "inner-dirichlet", "pathological")
+if TYPE_CHECKING:
+    from common.tasks.task import Task
+
+TASKS = task_names()  # common/tasks/registry.py (lists names, imports no task)
+# "sites": one client per natural site of a task whose records carry one.
+PARTITIONERS = ("iid", "dirichlet", "inner-dirichlet", "pathological", "sites")
 ACCOUNTANTS = accountant_names()  # common/privacy/accountants/registry.py
 PRIVACY_MODES = privacy_mode_names()  # common/privacy/modes.py
 CLIPPING_MODES = ("fixed", "adaptive")  # client-level update clipping
@@ -62,7 +66,15 @@ def _choice(options: tuple[str, ...] | Callable[[], tuple[str, ...]]) -> _Rule:
 # Rules keyed by run-config key (dashes); the dataclass field is the key with
 # underscores.
 RULES: dict[str, _Rule] = {
-    "dataset": _choice(task_names),
+    "task": _Rule(
+        str,
+        lambda v: v in task_names() or is_task_reference(v),
+        lambda: (
+            "one of "
+            + ", ".join(map(repr, task_names()))
+            + " or 'package.module:attribute' (docs/tasks.md)"
+        ),
+    ),
     "data-dir": _Rule(str, lambda v: True, "a directory path, or '' for the default"),
     "num-rounds": _Rule(int, lambda v: 1 <= v <= 100_000, "an integer in [1, 100000]"),
     "fraction-train": _Rule(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -118,7 +130,11 @@ RULES: dict[str, _Rule] = {
         bool, lambda v: True, "true or false (true: continue results-dir's checkpoint)"
     ),
     "audit": _choice(AUDIT_MODES),
-    "audit-canaries": _Rule(int, lambda v: v >= 2, "an integer >= 2"),
+    "audit-canaries": _Rule(
+        int,
+        lambda v: v == -1 or v >= 2,
+        "-1 (auto: the smaller of 1000 and half the training pool) or an integer >= 2",
+    ),
     "secure-aggregation": _Rule(
         bool,
         lambda v: True,
@@ -168,7 +184,7 @@ def _coerce(key: str, value: Any) -> Any:
 class RunConfig:
     """Everything a run can vary; defaults mirror ``pyproject.toml``."""
 
-    dataset: str = "digits"
+    task: str = "digits"
     data_dir: str = ""
     num_rounds: int = 5
     fraction_train: float = 1.0
@@ -214,7 +230,7 @@ class RunConfig:
     krum_byzantine: int = 1
     resume: bool = False
     audit: str = "off"
-    audit_canaries: int = 1000
+    audit_canaries: int = -1  # auto: common/audit/canaries.py
     secure_aggregation: bool = False
     secagg_num_shares: int = 15
     secagg_reconstruction_threshold: float = 0.6
@@ -245,13 +261,14 @@ class RunConfig:
                 "federated evaluation needs a local test split; set "
                 "fraction-evaluate=0 or local-test-fraction > 0"
             )
-        task = get_task(self.dataset)
+        task = get_task(self.task)  # a bad module:attribute fails here, by name
         if self.features not in task.features:  # only 28x28 tasks take 'scattering'
             takers = [n for n in task_names() if self.features in get_task(n).features]
             raise ConfigError(
-                f"run config keys 'features' and 'dataset': {self.features!r} needs "
-                f"28x28 images ({' or '.join(takers)}), got dataset {self.dataset!r}"
+                f"run config keys 'features' and 'task': {self.features!r} needs "
+                f"28x28 images ({' or '.join(takers)}), got task {self.task!r}"
             )
+        self._check_task_paths(task)
         if self.is_client_level and not AGGREGATION_RULES.get(self.aggregation).mean:
             # The client-level accountant assumes the noised mean of clipped updates.
             # Secure aggregation (a later issue) will refuse robust rules as well: the
@@ -269,6 +286,21 @@ class RunConfig:
             raise ConfigError(
                 f"run config key 'classes-per-client': must be <= {task.num_classes} "
                 f"(the number of classes), got {self.classes_per_client}"
+            )
+
+    def _check_task_paths(self, task: Task) -> None:
+        """The gradient path and partitioning the task's model and records allow."""
+        if self.is_private and self.grad_sample_mode not in task.grad_sample_modes:
+            raise ConfigError(
+                f"run config keys 'grad-sample-mode' and 'task': task {task.name!r} "
+                f"supports {', '.join(map(repr, task.grad_sample_modes))}, got "
+                f"{self.grad_sample_mode!r}"
+            )
+        if self.partitioner == "sites" and not task.natural_sites:
+            raise ConfigError(
+                f"run config keys 'partitioner' and 'task': 'sites' needs a task whose "
+                f"records carry a natural site; task {task.name!r} has none (use "
+                "'iid', 'dirichlet', 'inner-dirichlet' or 'pathological')"
             )
 
     def _check_privacy_keys(self) -> None:
@@ -349,6 +381,8 @@ class RunConfig:
     @classmethod
     def from_run_config(cls, raw: Mapping[str, Any]) -> RunConfig:
         """Parse Flower's ``context.run_config``; unknown keys are an error."""
+        if "dataset" in raw:
+            raise renamed_key(raw["dataset"])
         unknown = sorted(set(raw) - set(RULES))
         if unknown:
             raise ConfigError(
@@ -366,6 +400,14 @@ class RunConfig:
         }
 
 
+def renamed_key(value: Any) -> ConfigError:
+    """The one-line error for the old run key ``dataset`` (now ``task``)."""
+    return ConfigError(
+        f"run config key 'dataset' is now 'task': set task = {value!r} (a built-in "
+        "task or 'package.module:attribute', docs/tasks.md)"
+    )
+
+
 def noise_statement(cfg: RunConfig) -> str:
     """Where the DP noise comes from, as the results and the log state it."""
     return cfg.privacy.noise_statement(cfg.reproducible_noise)
@@ -376,6 +418,8 @@ def check_key(key: str, value: Any) -> Any:
 
     Cross-key rules need the whole config; :class:`RunConfig` checks those.
     """
+    if key == "dataset":
+        raise renamed_key(value)
     if key not in RULES:
         raise ConfigError(
             f"unknown run config key {key!r}; allowed keys: {', '.join(sorted(RULES))}"

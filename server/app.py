@@ -16,8 +16,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from common.audit.canaries import inserts_canary_records
+from common.audit.gradient_canaries import white_box_applies
 from common.config import RunConfig, noise_statement
-from common.tasks.models import build_model
+from common.tasks.model_checks import check_task_model
+from common.tasks.models import build_model, count_parameters
+from common.tasks.registry import get_task, is_task_reference
 from server.central_evaluation import CentralEvaluator
 from server.checks.ledger_witness import LedgerWitness
 from server.checks.update_validation import UpdateValidator
@@ -30,6 +33,7 @@ from server.results.checkpoint import (
     resumed_rounds,
 )
 from server.results.client_outcomes import partition_key
+from server.results.dropouts import count_dropouts
 from server.results.outcome import failure_summary, loop_outcome, summarise_start_failure
 from server.results.run_folder import ResultsWriter, resolve_results_dir
 from server.strategies.client_level import ClientLevelFedAvg
@@ -170,18 +174,27 @@ def main(grid: Grid, context: Context) -> None:
     strategy: PrivateFedAvg | None = None
     checkpointer: Checkpointer | None = None
     try:
+        check_task_model(cfg)  # a model the privacy mode cannot train fails now
+        if is_task_reference(cfg.task):  # a user's model the export cannot script
+            from server.export.torchscript import check_exportable
+
+            check_exportable(cfg)
         evaluator = CentralEvaluator(cfg)
         if inserts_canary_records(cfg):
             from server.audit.privacy_audit import check_canaries
 
             check_canaries(cfg)  # a bad audit-canaries fails before round 1
         model = build_model(
-            cfg.dataset, evaluator.num_classes, seed=cfg.seed, features=cfg.features
+            cfg.task, evaluator.num_classes, seed=cfg.seed, features=cfg.features
         )
         initial = resume.arrays if resume else ArrayRecord(model.state_dict())
         strategy = make_strategy(
             cfg, out_dir, int(context.run_id), witness=LedgerWitness.beside(out_dir)
         )
+        if white_box_applies(cfg):  # gradient canaries, scored on every update
+            from server.audit.gradient_canary_scores import GradientCanaryScores
+
+            strategy.white_box = GradientCanaryScores(cfg, count_parameters(model))
         checkpointer = Checkpointer(
             out_dir, cfg, strategy, int(context.run_id), started, resume
         )
@@ -191,13 +204,15 @@ def main(grid: Grid, context: Context) -> None:
         summary = summarise(cfg, result, time.monotonic() - started, strategy)
         summary.update(whole_run(summary, checkpointer, resume, time.monotonic()))
         summary["message_bytes"] = run_bytes(writer.rounds)
+        summary["dropped_nodes"] = count_dropouts(writer.rounds)
         if writer.rounds:
             summary["final_central"] = writer.rounds[-1]["central"]
             # imported here: matplotlib and the exporter cost every run's start-up
             from server.export.torchscript import export_model
             from server.results.plots import plot_rounds
 
-            plot_rounds(writer.rounds, out_dir, f"{cfg.dataset}, {cfg.partitioner}")
+            title = f"{get_task(cfg.task).name}, {cfg.partitioner}"
+            plot_rounds(writer.rounds, out_dir, title)
             export_model(
                 result.arrays,
                 cfg,
@@ -218,6 +233,13 @@ def main(grid: Grid, context: Context) -> None:
             summary["audit"], audit_line = run_sample_level_audit(
                 cfg, result.arrays.to_torch_state_dict(), summary["max_epsilon"], out_dir
             )
+            if strategy.white_box is not None:
+                white = strategy.white_box.block(out_dir, summary["max_epsilon"])
+                summary["audit"]["white_box"] = white
+                audit_line += (
+                    f"; white-box (gradient canaries, every round's update) "
+                    f"ε ≥ {white['epsilon_lower_bound']:.3f}"
+                )
         if writer.rounds and isinstance(strategy, ClientLevelFedAvg):  # canary clients
             client_audit = strategy.audit_block(result.arrays)
             if client_audit is not None:

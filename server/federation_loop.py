@@ -19,6 +19,7 @@ from common.wire.reply_fields import Status
 from server.messaging import CountingGrid, exchange, round_bytes
 from server.results.checkpoint import Checkpoint, Checkpointer, restore_strategy
 from server.results.client_outcomes import ClientOutcome
+from server.results.dropouts import dropouts, dropouts_text
 from server.results.run_folder import ResultsWriter
 from server.strategies.private_fedavg import PrivateFedAvg
 
@@ -232,6 +233,10 @@ def run_rounds(
 
         record = _round_record(server_round, cfg, outcomes, state, central, fed_metrics)
         record.update(strategy.round_privacy())
+        partitions = {n: o.partition_id for n, o in state.latest.items()}
+        record["dropped"] = dropouts(
+            counted.down, outcomes, partitions, counted.unavailable
+        )
         record["message_bytes"] = round_bytes(update_encoding(cfg), counted, eval_counted)
         record["train_loss"] = (
             float(train_metrics["train-loss"])
@@ -357,7 +362,7 @@ def _log_progress(record: dict[str, Any], cfg: RunConfig) -> None:
     log(
         INFO,
         "[privfed] round %d/%d | accuracy %.4f | %s | trained %d, refused %d, "
-        "failed %d, rejected %d | %.1f s",
+        "failed %d, rejected %d | %.1f s%s",
         record["round"],
         cfg.num_rounds,
         record["central"]["accuracy"],
@@ -367,4 +372,5 @@ def _log_progress(record: dict[str, Any], cfg: RunConfig) -> None:
         record["clients_failed"],
         record["clients_rejected"],
         record["seconds"],
+        dropouts_text(record.get("dropped") or []),
     )

@@ -53,12 +53,18 @@ class CountingGrid(Grid):
     """A grid that counts the serialised content bytes (:func:`content_bytes`) of every
     message it pushes (down, by destination node) and every reply it pulls (up, by
     source node); everything else is the wrapped grid's. A reply that is an error
-    carries no content and counts nothing."""
+    carries no content and counts nothing.
+
+    Flower's own error replies (a node stopped heartbeating, a message expired) come
+    from the SuperLink's node ID, not the node's: :attr:`unavailable` names the
+    node each one answers for (by the message it replies to), with its reason."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
         self.down: dict[int, int] = {}
         self.up: dict[int, int] = {}
+        self.unavailable: dict[int, str] = {}
+        self._destination: dict[str, int] = {}  # message ID -> node
 
     def set_run(self, run: Run) -> None:
         """As the wrapped grid."""
@@ -90,7 +96,10 @@ class CountingGrid(Grid):
         for message in messages:
             node = int(message.metadata.dst_node_id)
             self.down[node] = self.down.get(node, 0) + content_bytes(message.content)
-        return self.grid.push_messages(messages)
+        ids = list(self.grid.push_messages(messages))
+        for message, message_id in zip(messages, ids, strict=False):
+            self._destination[message_id] = int(message.metadata.dst_node_id)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Pull, then count."""
@@ -99,6 +108,10 @@ class CountingGrid(Grid):
             if not reply.has_error():
                 node = int(reply.metadata.src_node_id)
                 self.up[node] = self.up.get(node, 0) + content_bytes(reply.content)
+                continue
+            node = self._destination.get(reply.metadata.reply_to_message_id, -1)
+            if node >= 0 and node != int(reply.metadata.src_node_id):
+                self.unavailable[node] = reply.error.reason
         return replies
 
     def send_and_receive(

@@ -54,6 +54,7 @@ class AuditRow:
     confidence: float | None
     accuracy: float | None
     run_seconds: float
+    white_box_lower_bound: float | None = None  # client-level: every round's release
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, float]:
@@ -99,6 +100,7 @@ def audit_point(point: sweep.GridPoint, args: argparse.Namespace, out: Path) -> 
         confidence=audit.get("confidence"),
         accuracy=result.accuracy,
         run_seconds=round(time.monotonic() - started, 1),
+        white_box_lower_bound=(audit.get("white_box") or {}).get("epsilon_lower_bound"),
     )
     print(
         f"[audit] {point.name}: audited ε ≥ {_num(row.audited_lower_bound)} vs reported "
@@ -127,9 +129,9 @@ def write_table(rows: list[AuditRow], out: Path) -> None:
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     lines = [
-        "| target ε | seed | reported ε | audited ε lower bound | method | canaries "
-        "| correct / guesses | accuracy | status | run s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| target ε | seed | reported ε | audited ε lower bound | white-box bound "
+        "| method | canaries | correct / guesses | accuracy | status | run s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         target = "non-private" if r.target_epsilon is None else f"{r.target_epsilon:g}"
@@ -139,6 +141,7 @@ def write_table(rows: list[AuditRow], out: Path) -> None:
             str(r.seed),
             _reported(r),
             _num(r.audited_lower_bound) + confidence,
+            _num(r.white_box_lower_bound),
             r.method or "—",
             str(r.canaries or "—"),
             f"{r.correct} / {r.guesses}" if r.guesses else "—",
@@ -161,7 +164,14 @@ def plot(rows: list[AuditRow], out: Path) -> Path:
     top = max([x for x, _ in pts] + [y for _, y in pts] + [1.0])
     ax.plot([0, top], [0, top], "k--", alpha=0.5, label="y = x (reported ε)")
     if pts:
-        ax.plot(*zip(*pts, strict=True), "o", label="DP runs")
+        ax.plot(*zip(*pts, strict=True), "o", label="DP runs (final model)")
+    white = [
+        (r.reported_epsilon, r.white_box_lower_bound)
+        for r in rows
+        if r.reported_epsilon is not None and r.white_box_lower_bound is not None
+    ]
+    if white:
+        ax.plot(*zip(*white, strict=True), "s", label="DP runs (white-box, every round)")
     for r in rows:
         if r.target_epsilon is None and r.audited_lower_bound is not None:
             ax.axhline(r.audited_lower_bound, color="C3", alpha=0.6)

@@ -22,7 +22,7 @@ class Preset:
 
 
 _FMNIST_EPS3 = {
-    "dataset": "fashion-mnist",
+    "task": "fashion-mnist",
     "features": "scattering",  # ScatterNet + linear (Tramèr & Boneh 2021)
     "num-rounds": 10,
     "local-epochs": 2,
@@ -38,7 +38,7 @@ _FMNIST_EPS3 = {
 
 # Client-level DP-FedAvg over 10,000 devices of 6 records each (see BENCHMARKS.md).
 _FMNIST_CLIENT_EPS3 = {
-    "dataset": "fashion-mnist",
+    "task": "fashion-mnist",
     "features": "scattering",
     "privacy-mode": "client",
     "client-sampling-rate": 0.01,  # Poisson: 100 clients expected per round
@@ -57,6 +57,16 @@ _FMNIST_CLIENT_EPS3 = {
     "local-test-fraction": 0.0,
     "fraction-evaluate": 0.0,
 }
+
+# Tabular federations with natural sites (docs/tabular.md; BENCHMARKS.md "Tabular
+# federations"): one client per site, σ calibrated per site for ε ≤ 1 (δ 1e-5).
+_TABULAR = {
+    "partitioner": "sites", "privacy-mode": "sample", "num-rounds": 10,
+    "local-epochs": 5, "batch-size": 256, "momentum": 0.0, "max-grad-norm": 1.0,
+    "target-epsilon": 1.0, "noise-multiplier": 0.0, "delta": 1e-5,
+    "update-compression": "none",  # a handful of parameters: nothing to save
+    "local-test-fraction": 0.0, "fraction-evaluate": 0.0,
+}  # fmt: skip
 
 PRESETS: Mapping[str, Preset] = MappingProxyType(
     {
@@ -89,6 +99,20 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 }
             ),
             clients=10_000,
+        ),
+        "credit-eps1": Preset(
+            "Lending Club loans, one client per US Census region (4), per-site "
+            "sample-level ε ≤ 1 (δ 1e-5): logistic regression on 5 public-schema "
+            "inputs, DP-SGD B 256, lr 2, C 1, 10 rounds x 5 epochs",
+            MappingProxyType({**_TABULAR, "task": "lending-club", "learning-rate": 2.0}),
+            clients=4,
+        ),
+        "medical-eps1": Preset(
+            "Wilms tumour relapse (NWTS-3/4), one client per trial (2), per-site "
+            "sample-level ε ≤ 1 (δ 1e-5): logistic regression, DP-SGD B 256, lr 1, C 1, "
+            "10 rounds x 5 epochs",
+            MappingProxyType({**_TABULAR, "task": "nwtco", "learning-rate": 1.0}),
+            clients=2,
         ),
     }
 )

@@ -128,7 +128,7 @@ def point_options(point: GridPoint, args: argparse.Namespace, out_dir: Path) -> 
         "--seed", str(point.seed), "--results-dir", str(out_dir / point.name),
         "--client-cpus", str(args.client_cpus), "--timeout", str(args.timeout),
     ]  # fmt: skip
-    for option in ("clients", "preset", "rounds", "dataset"):  # unset: preset's/default
+    for option in ("clients", "preset", "rounds", "task"):  # unset: preset's/default
         if getattr(args, option) is not None:
             argv += [f"--{option}", str(getattr(args, option))]
     if point.target_epsilon is None:
@@ -322,9 +322,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="default: the preset's, else 5")
     p.add_argument("--preset", choices=sorted(PRESETS), help="recipe for every point")
     p.add_argument(
-        "--dataset",
-        choices=task_names(),
-        help="default: the preset's, else digits",
+        "--task",
+        "--dataset",  # its name before tasks
+        dest="task",
+        help=f"a built-in task ({', '.join(task_names())}) or package.module:attribute; "
+        "default: the preset's, else digits",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     add_simulation_options(p)

@@ -34,11 +34,11 @@ from client.node_settings import NodeSettings
 from common.audit.canaries import canary_plan, inserts_canary_records
 from common.config import RunConfig
 from common.data.checks import DataFileError, reader_said
-from common.data.datasets import load_raw_training, normalise_images, training_sources
+from common.data.datasets import load_raw_training_sites, normalise_images, training_sources
 from common.data.features import compute_features
 from common.data.local_files import load_local_arrays, local_sources
 from common.data.partitioning import PartitionSpec, partition_indices, split_local
-from common.tasks.registry import built_in_modules, get_task
+from common.tasks.registry import built_in_modules, get_task, task_module
 
 log = logging.getLogger("privfed.client")
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
@@ -53,6 +53,7 @@ SHARD_CODE = (
     "common.data.idx",
     "common.data.local_files",
     "common.data.partitioning",
+    "common.tasks.preprocessing",
     "common.tasks.registry",
     "common.tasks.task",
 )
@@ -75,7 +76,7 @@ class ClientShard:
 class ShardRecipe:
     """Everything a shard is made from; nothing else is read when building it."""
 
-    dataset: str
+    task: str  # the run key's value: a built-in name or "module:attribute"
     features: str
     seed: int
     local_test_fraction: float
@@ -98,7 +99,7 @@ class ShardRecipe:
             common = {"data_path": node.data_path}
         else:
             assert node.partition_id is not None and node.num_partitions is not None
-            files = training_sources(cfg.dataset, cfg.data_dir)
+            files = training_sources(cfg.task, cfg.data_dir)
             common = {
                 "data_dir": cfg.data_dir,
                 "partition": PartitionSpec.for_run(cfg, node.num_partitions),
@@ -106,7 +107,7 @@ class ShardRecipe:
                 "canaries": cfg.audit_canaries if inserts_canary_records(cfg) else 0,
             }
         return cls(
-            dataset=cfg.dataset,
+            task=cfg.task,
             features=cfg.features,
             seed=cfg.seed,
             local_test_fraction=cfg.local_test_fraction,
@@ -123,7 +124,7 @@ class ShardRecipe:
         payload = {
             **self.description(),
             "format": shard_cache.FORMAT,
-            "code": _code_fingerprint(),
+            "code": _code_fingerprint(task_module(self.task)),
             "libraries": _library_versions(),
         }
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
@@ -143,10 +144,13 @@ def _hashed(files: tuple[Path, ...], remember: bool) -> tuple[tuple[str, str], .
     return tuple(out)
 
 
-@lru_cache(maxsize=1)
-def _code_fingerprint() -> str:
+@lru_cache(maxsize=4)
+def _code_fingerprint(task_code: str | None) -> str:
+    """Hash of the shard code, the built-in tasks and ``task_code`` (a user's task
+    module: its reader and constants shape the shard as much as ours do)."""
     digest = hashlib.sha256()
-    for name in (*SHARD_CODE, *built_in_modules()):  # a task's constants and reader
+    extra = (task_code,) if task_code and task_code not in built_in_modules() else ()
+    for name in (*SHARD_CODE, *built_in_modules(), *extra):
         module = sys.modules.get(name) or __import__(name, fromlist=["_"])
         digest.update(name.encode() + b"\0" + Path(module.__file__).read_bytes())
     return digest.hexdigest()
@@ -164,13 +168,13 @@ def _library_versions() -> dict[str, str | None]:
 
 
 def _split(
-    x: np.ndarray,  # raw (N, H, W) pixels or normalised (N, 1, H, W) images
+    x: np.ndarray,  # raw records, or preprocessed model input (a node's own data)
     y: np.ndarray,
     indices: np.ndarray,
     recipe: ShardRecipe,
     canaries: tuple[np.ndarray, np.ndarray] | None = None,  # (pool indices, labels)
 ) -> dict[str, np.ndarray]:
-    """Local train/test split, normalised (if raw) and mapped to the model's input."""
+    """Local train/test split, preprocessed (if raw) and mapped to the model's input."""
     train_idx, test_idx = split_local(
         indices, recipe.local_test_fraction, recipe.seed, recipe.partition_id
     )
@@ -179,8 +183,10 @@ def _split(
         train_idx = np.concatenate([train_idx, canaries[0]])
         y_train = np.concatenate([y_train, canaries[1]])
 
+    preprocessed = recipe.data_path is not None  # load_local_arrays preprocessed it
+
     def model_input(rows: np.ndarray) -> np.ndarray:
-        images = x[rows] if x.ndim == 4 else normalise_images(recipe.dataset, x[rows])
+        images = x[rows] if preprocessed else normalise_images(recipe.task, x[rows])
         return compute_features(recipe.features, torch.from_numpy(images)).numpy()
 
     return {
@@ -194,12 +200,13 @@ def _split(
 def build_arrays(recipe: ShardRecipe) -> dict[str, np.ndarray]:
     """Load, check, partition and featurise: the shard's arrays, from ``recipe`` only."""
     if recipe.data_path is not None:
-        x, y = load_local_arrays(recipe.data_path, recipe.dataset)
+        x, y = load_local_arrays(recipe.data_path, recipe.task)
         return _split(x, y, np.arange(len(y)), recipe)
     assert recipe.partition is not None
-    x_raw, y_all = load_raw_training(recipe.dataset, recipe.data_dir, recipe.seed)
-    num_classes = get_task(recipe.dataset).num_classes
-    indices = partition_indices(y_all, recipe.partition, num_classes)[recipe.partition_id]
+    x_raw, y_all, sites = load_raw_training_sites(recipe.task, recipe.data_dir, recipe.seed)
+    num_classes = get_task(recipe.task).num_classes
+    shards = partition_indices(y_all, recipe.partition, num_classes, sites)
+    indices = shards[recipe.partition_id]
     canaries = None
     if recipe.canaries:
         plan = canary_plan(recipe.seed, recipe.canaries, y_all, num_classes)
@@ -243,7 +250,7 @@ def _shard(recipe: ShardRecipe, cache_folder: str | None) -> ClientShard:
         y_train=torch.from_numpy(arrays["y_train"]),
         x_test=torch.from_numpy(arrays["x_test"]),
         y_test=torch.from_numpy(arrays["y_test"]),
-        num_classes=get_task(recipe.dataset).num_classes,
+        num_classes=get_task(recipe.task).num_classes,
     )
 
 

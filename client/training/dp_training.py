@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from client.training.per_sample_grads import PerSampleClipper
@@ -16,6 +19,7 @@ from common.config import RunConfig
 from common.ledger.privacy_ledger import make_accountant
 from common.privacy.dp_sgd_plan import RoundPlan
 from common.privacy.randomness import gaussian_noise
+from common.tasks.registry import get_task
 
 if TYPE_CHECKING:  # Opacus' engine is imported only by the modes that use it
     from torch.utils.data import DataLoader
@@ -52,16 +56,21 @@ def train_private(
     plan: RoundPlan,
     noise_multiplier: float,
     generator: torch.Generator,
+    canaries: Sequence[int] = (),
 ) -> TrainOutcome:
     """DP-SGD: Poisson sampling at ``plan.sample_rate``, clipping, Gaussian noise.
 
     Every Poisson mask and noise draw comes from ``generator`` (OS entropy per round,
     see :mod:`common.privacy.randomness`). The round's history (σ, q, steps) is checked
     against the plan; the caller appends it to the client's cumulative ledger.
+    ``canaries``: flat parameter coordinates of this client's included gradient
+    canaries, only in a simulated audit (:mod:`common.audit.gradient_canaries`).
     """
+    if canaries and cfg.grad_sample_mode != "direct":
+        raise ValueError("gradient canaries are planted on the 'direct' path only")
     if cfg.grad_sample_mode == "direct":
         mean_loss, steps = _train_direct(
-            model, x, y, cfg, plan, noise_multiplier, generator
+            model, x, y, cfg, plan, noise_multiplier, generator, canaries
         )
         history = ((noise_multiplier, plan.sample_rate, steps),)
     else:
@@ -82,6 +91,7 @@ def _train_direct(
     plan: RoundPlan,
     noise_multiplier: float,
     generator: torch.Generator,
+    canaries: Sequence[int] = (),
 ) -> tuple[float, int]:
     """DP-SGD with :class:`PerSampleClipper`: Opacus' sampling, clipping and noise.
 
@@ -93,24 +103,39 @@ def _train_direct(
     draws it (:func:`gaussian_noise`). Returns the mean loss and the steps taken.
     """
     clipper = PerSampleClipper(model)
+    loss_fn = get_task(cfg.task).loss_function()
     optimizer = _plain_sgd(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     expected_batch = plan.expected_batch_size
     std = noise_multiplier * cfg.max_grad_norm
+    planted = _canary_places(params, canaries)
+    canary_draws = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     model.train()
     total, count, steps = 0.0, 0, 0
     try:
         for _ in range(plan.steps):
             mask = torch.rand(len(x), generator=generator) < plan.sampler_rate
             batch = mask.nonzero().squeeze(1)
+            # canaries are Poisson-sampled like records, from their own OS-entropy
+            # stream: the DP draws stay exactly those of a run without them
+            sampled = (
+                (torch.rand(len(planted), generator=canary_draws) < plan.sampler_rate)
+                if planted
+                else torch.zeros(0, dtype=torch.bool)
+            )
             sums: dict[nn.Parameter, torch.Tensor] = {}
             # Clipping is per sample, so chunks sum exactly; an empty batch has none.
             for chunk in batch.split(PHYSICAL_BATCH) if len(batch) else ():
-                loss = F.cross_entropy(model(x[chunk]), y[chunk], reduction="sum")
+                loss = loss_fn(model(x[chunk]), y[chunk], reduction="sum")
                 for p, summed in clipper.clipped_sums(loss, cfg.max_grad_norm).items():
                     sums[p] = sums[p] + summed if p in sums else summed
                 total += loss.item()
                 count += len(chunk)
+            for k in sampled.nonzero().flatten().tolist():  # a canary's gradient: C·e_j
+                i, offset = planted[k]
+                summed = sums.get(params[i], torch.zeros_like(params[i]))
+                summed.view(-1)[offset] += cfg.max_grad_norm
+                sums[params[i]] = summed
             for p in params:
                 summed = sums.get(p, torch.zeros_like(p))
                 noise = gaussian_noise(std, p, generator)
@@ -120,6 +145,21 @@ def _train_direct(
     finally:
         clipper.close()
     return (total / count if count else float("nan")), steps
+
+
+def _canary_places(
+    params: list[nn.Parameter], canaries: Sequence[int]
+) -> list[tuple[int, int]]:
+    """(parameter index, offset) of each flat coordinate, in ``model.parameters()``
+    order (the server flattens the model's arrays in the same order)."""
+    ends = list(itertools.accumulate(p.numel() for p in params))
+    places = []
+    for j in canaries:
+        i = bisect.bisect_right(ends, j)
+        if i >= len(params):
+            raise ValueError(f"canary coordinate {j} is outside the model's {ends[-1]}")
+        places.append((i, j - (ends[i - 1] if i else 0)))
+    return places
 
 
 def _train_opacus(
@@ -169,7 +209,13 @@ def _train_opacus(
     with warnings.catch_warnings():
         # Opacus' hooks fire on input-free modules; harmless and noisy.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        mean_loss = _run_epochs(dp_model, optimizer, dp_loader, cfg.local_epochs)
+        mean_loss = _run_epochs(
+            dp_model,
+            optimizer,
+            dp_loader,
+            cfg.local_epochs,
+            get_task(cfg.task).loss_function(),
+        )
     history = tuple(tuple(h) for h in engine.accountant.history)
     return mean_loss, history  # type: ignore[return-value]
 
@@ -183,12 +229,13 @@ def train_non_private(
 ) -> TrainOutcome:
     """Plain mini-batch SGD over shuffled batches (the non-private reference)."""
     optimizer = _plain_sgd(model, cfg)
+    loss_fn = get_task(cfg.task).loss_function()
     model.train()
     total = 0.0
     for _ in range(cfg.local_epochs):
         for batch in torch.randperm(len(x), generator=generator).split(cfg.batch_size):
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[batch]), y[batch])
+            loss = loss_fn(model(x[batch]), y[batch], reduction="mean")
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
@@ -200,9 +247,9 @@ def _run_epochs(
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
     epochs: int,
+    loss_fn: Callable[..., torch.Tensor],
 ) -> float:
     model.train()
-    criterion = nn.CrossEntropyLoss()
     total, count = 0.0, 0
     for _ in range(epochs):
         for xb, yb in loader:
@@ -216,7 +263,7 @@ def _run_epochs(
                         p.grad_sample = p.new_zeros((0, *p.shape))
                 optimizer.step()
                 continue
-            loss = criterion(model(xb), yb)
+            loss = loss_fn(model(xb), yb, reduction="mean")
             loss.backward()
             optimizer.step()
             total += loss.item() * len(xb)

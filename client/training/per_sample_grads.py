@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from common.tasks.model_checks import direct_mode_problem
 
 CLIP_EPSILON = 1e-6  # Opacus' denominator guard in the clip factor
 
@@ -39,67 +40,19 @@ class _Record:
     output: torch.Tensor
 
 
-def _check_layer(name: str, module: nn.Module) -> None:
-    trainable = any(p.requires_grad for p in module.parameters(recurse=False))
-    if isinstance(module, nn.Conv2d) and trainable:
-        if module.groups != 1 or module.padding_mode != "zeros":
-            raise UnsupportedModel(
-                f"grad-sample-mode 'direct': layer {name!r} ({module}) must have "
-                "groups=1 and padding_mode='zeros'; use grad-sample-mode 'hooks'"
-            )
-        if isinstance(module.padding, str):
-            raise UnsupportedModel(
-                f"grad-sample-mode 'direct': layer {name!r} uses padding="
-                f"{module.padding!r}; give integer padding or use 'hooks'"
-            )
-        return
-    if isinstance(module, (nn.Conv2d, nn.Linear)) or not trainable:
-        return
-    if trainable:
-        raise UnsupportedModel(
-            f"grad-sample-mode 'direct' supports trainable Conv2d and Linear layers "
-            f"only; layer {name!r} is {type(module).__name__}; use 'hooks', 'ew' "
-            "or 'functorch'"
-        )
-
-
 class PerSampleClipper:
     """Records layer inputs and outputs in forward; returns clipped gradient sums."""
 
     def __init__(self, model: nn.Module) -> None:
-        mixing = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
-        buffers = [n for n, _ in model.named_buffers()]
-        if mixing or buffers:
-            raise UnsupportedModel(
-                f"grad-sample-mode 'direct': {(mixing or buffers)[0]!r} is refused: "
-                "BatchNorm mixes the examples of a batch (clipping then bounds "
-                "nothing), and buffers such as running statistics would reach the "
-                "server without noise"
-            )
-        self.layers: list[nn.Module] = []
-        for name, module in model.named_modules():
-            _check_layer(name or "<root>", module)
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and any(
-                p.requires_grad for p in module.parameters()
-            ):
-                self.layers.append(module)
-        if not self.layers:
-            raise UnsupportedModel("grad-sample-mode 'direct': no trainable layer")
-        covered = [
-            p
-            for m in self.layers
-            for p in (m.weight, m.bias)  # type: ignore[union-attr]
-            if p is not None and p.requires_grad
+        problem = direct_mode_problem(model)  # one home for what 'direct' can train
+        if problem:
+            raise UnsupportedModel(problem)
+        self.layers: list[nn.Module] = [
+            m
+            for m in model.modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))
+            and any(p.requires_grad for p in m.parameters())
         ]
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if len({id(p) for p in covered}) != len(covered) or {id(p) for p in covered} != {
-            id(p) for p in trainable
-        }:
-            raise UnsupportedModel(
-                "grad-sample-mode 'direct': every trainable parameter must be the "
-                "weight or bias of exactly one Conv2d/Linear layer (no shared, "
-                "reparametrised or extra parameters); use 'hooks'"
-            )
         self._records: list[_Record] = []
         self._handles = [m.register_forward_hook(self._record) for m in self.layers]
 

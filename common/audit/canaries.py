@@ -34,6 +34,18 @@ CANARY_SCORE = (
 _AUDIT_STREAM = 0xA0D1  # keeps the audit's draws apart from other uses of the seed
 # Privacy modes whose audit inserts canary records (client-level audits canary clients).
 RECORD_CANARY_MODES = ("sample", "none")
+# ``audit-canaries = -1`` (the default): the most canaries that fit every task, so that
+# `audit = "one-run"` works on any dataset without a second key.
+AUTO_CANARIES = -1
+MAX_AUTO_CANARIES = 1000
+
+
+def canary_count(requested: int, pool: int | None) -> int:
+    """m for a run: ``requested``, or with -1 the smaller of 1,000 and half the
+    training pool (``pool`` records; ``None`` for canary clients, which need no pool)."""
+    if requested != AUTO_CANARIES:
+        return requested
+    return MAX_AUTO_CANARIES if pool is None else min(MAX_AUTO_CANARIES, pool // 2)
 
 
 def inserts_canary_records(cfg: RunConfig) -> bool:
@@ -81,11 +93,13 @@ class CanaryPlan:
 
 
 def canary_plan(seed: int, m: int, y_train: np.ndarray, num_classes: int) -> CanaryPlan:
-    """The run's m canaries over a training pool labelled ``y_train``.
+    """The run's m canaries over a training pool labelled ``y_train`` (m = -1: auto,
+    see :func:`canary_count`).
 
     At most half the pool may be canaries, so the clients keep real data to learn from.
     """
     pool = len(y_train)
+    m = canary_count(m, pool)
     if m > pool // 2:
         raise ConfigError(
             f"run config key 'audit-canaries': must be <= {pool // 2} (half of the "

@@ -18,7 +18,7 @@ import numpy as np
 from common.data.checks import DataFileError, DatasetError, reader_said
 from common.data.datasets import checked_images, checked_labels
 from common.tasks.registry import get_task
-from common.tasks.task import ModelRef, RawPart, Task
+from common.tasks.task import ImagePreprocessing, ModelRef, RawPart, Task
 
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
@@ -56,15 +56,16 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def read_idx_pair(name: str, images: Path, labels: Path) -> RawPart:
-    """Raw images and labels of ``name`` from two IDX files, each checked and named."""
-    x = checked_images(name, read_idx(images), images)
-    return x, checked_labels(name, read_idx(labels), len(x), labels)
+def read_idx_pair(task: Task | str, images: Path, labels: Path) -> RawPart:
+    """Raw images and labels of ``task`` from two IDX files, each checked and named."""
+    x = checked_images(task, read_idx(images), images)
+    return x, checked_labels(task, read_idx(labels), len(x), labels)
 
 
-def resolve_idx_dir(name: str, data_dir: str) -> Path:
-    """The directory holding the IDX files for ``name``; fail clearly if missing."""
-    task = get_task(name)
+def resolve_idx_dir(task: Task | str, data_dir: str) -> Path:
+    """The directory holding the IDX files of ``task``; fail clearly if missing."""
+    task = get_task(task)
+    name = task.name
     if data_dir:
         directory = Path(data_dir).expanduser()
     elif task.default_data_dir is not None and task.default_data_dir.is_dir():
@@ -83,15 +84,15 @@ def resolve_idx_dir(name: str, data_dir: str) -> Path:
 
 def read_idx_part(task: Task, data_dir: str, seed: int, part: str) -> RawPart:
     """A task's reader: the checked ``train`` or ``test`` IDX pair (``seed`` unused)."""
-    directory = resolve_idx_dir(task.name, data_dir)
+    directory = resolve_idx_dir(task, data_dir)
     return read_idx_pair(
-        task.name, directory / IDX_FILES[f"x_{part}"], directory / IDX_FILES[f"y_{part}"]
+        task, directory / IDX_FILES[f"x_{part}"], directory / IDX_FILES[f"y_{part}"]
     )
 
 
 def idx_training_files(task: Task, data_dir: str) -> tuple[Path, ...]:
     """A task's source lister: the training images and labels IDX files."""
-    directory = resolve_idx_dir(task.name, data_dir)
+    directory = resolve_idx_dir(task, data_dir)
     return (directory / IDX_FILES["x_train"], directory / IDX_FILES["y_train"])
 
 
@@ -106,12 +107,8 @@ def idx_task(
     """A task of 28x28 grey images in 0..255 stored as IDX files, with the tanh CNN."""
     return Task(
         name=name,
-        num_classes=len(class_labels),
         class_labels=class_labels,
-        image_side=28,
-        pixel_scale=255.0,
-        mean=mean,
-        std=std,
+        preprocessing=ImagePreprocessing(side=28, pixel_scale=255.0, mean=mean, std=std),
         model=ModelRef("common.tasks.models:tanh_cnn_28"),
         read_raw=read_idx_part,
         list_sources=idx_training_files,

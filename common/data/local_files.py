@@ -98,8 +98,9 @@ def local_sources(path_text: str) -> tuple[Path, ...]:
     )
 
 
-def load_local_arrays(path_text: str, dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised images ``(N, 1, H, W)`` and int64 labels from a local data path.
+def load_local_arrays(path_text: str, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """Model input (the task's preprocessing applied; images: ``(N, 1, H, W)``) and
+    int64 labels from a local data path of run task ``task``.
 
     Every value is checked first (:mod:`common.data.checks`); a failure is a
     :class:`~common.data.checks.DataFileError` naming the file and the record.
@@ -107,14 +108,12 @@ def load_local_arrays(path_text: str, dataset: str) -> tuple[np.ndarray, np.ndar
     files = local_sources(path_text)
     path = files[0]
     if len(files) == 2:  # an IDX folder
-        x, y = read_idx_pair(dataset, *files)
+        x, y = read_idx_pair(task, *files)
         path = files[0].parent
     elif path.suffix == ".npz":
-        x, y = checked_raw(dataset, *_read_npz(path), path)
+        x, y = checked_raw(task, *_read_npz(path), path)
     else:
-        x, y = checked_raw(
-            dataset, *_read_csv(path), path, first_line=CSV_FIRST_RECORD_LINE
-        )
+        x, y = checked_raw(task, *_read_csv(path), path, first_line=CSV_FIRST_RECORD_LINE)
     if len(x) == 0:
         raise DataFileError(path, "holds no examples", _PATH_RULE)
-    return normalise_images(dataset, x), y
+    return normalise_images(task, x), y

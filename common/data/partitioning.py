@@ -1,7 +1,9 @@
 """Split a training set across clients with flwr-datasets partitioners.
 
 Partitions are deterministic per seed, disjoint, and together cover the whole
-training set; a setting that would drop samples is refused instead.
+training set; a setting that would drop samples is refused instead. ``sites``
+is the natural split of a task whose records carry a site (a hospital, a bank):
+one client per site, in sorted site order.
 """
 
 from __future__ import annotations
@@ -223,10 +225,38 @@ def _partition_rows(
     ]
 
 
+def site_rows(sites: np.ndarray, num_partitions: int) -> list[np.ndarray]:
+    """One partition per distinct site (sorted), each its records in file order."""
+    names, codes = np.unique(np.asarray(sites), return_inverse=True)
+    if len(names) != num_partitions:
+        raise PartitionError(
+            f"run config key 'partitioner': 'sites' gives one client per site and the "
+            f"task's records come from {len(names)} sites; run {len(names)} clients, "
+            f"got {num_partitions}"
+        )
+    rows = [np.flatnonzero(codes == k).astype(np.int64) for k in range(len(names))]
+    for shard in rows:
+        shard.setflags(write=False)
+    return rows
+
+
 def partition_indices(
-    labels: np.ndarray, spec: PartitionSpec, num_classes: int = 10
+    labels: np.ndarray,
+    spec: PartitionSpec,
+    num_classes: int = 10,
+    sites: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Indices into ``labels`` for every partition, in partition-id order."""
+    """Indices into ``labels`` for every partition, in partition-id order.
+
+    ``sites`` (one per record) is what ``partitioner = "sites"`` splits by.
+    """
+    if spec.partitioner == "sites":
+        if sites is None or len(sites) != len(labels):
+            raise PartitionError(
+                "run config key 'partitioner': 'sites' needs a task whose training "
+                "records carry a natural site (Task.natural_sites)"
+            )
+        return site_rows(sites, spec.num_partitions)
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     return list(_partition_all(labels.tobytes(), spec, num_classes))
 

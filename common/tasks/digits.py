@@ -12,7 +12,7 @@ from pathlib import Path
 from common.data.checks import DatasetError
 from common.data.datasets import checked_raw
 from common.tasks.registry import register_task
-from common.tasks.task import ModelRef, RawPart, Task
+from common.tasks.task import ImagePreprocessing, ModelRef, RawPart, Task
 
 TEST_FRACTION = 0.2
 
@@ -37,7 +37,7 @@ def read_digits(task: Task, data_dir: str, seed: int, part: str) -> RawPart:
 
     bunch = load_digits()
     images, labels = checked_raw(
-        task.name, bunch.images, bunch.target, "scikit-learn load_digits()"
+        task, bunch.images, bunch.target, "scikit-learn load_digits()"
     )
     x_tr, x_te, y_tr, y_te = train_test_split(
         images, labels, test_size=TEST_FRACTION, random_state=seed, stratify=labels
@@ -48,12 +48,8 @@ def read_digits(task: Task, data_dir: str, seed: int, part: str) -> RawPart:
 DIGITS = register_task(
     Task(
         name="digits",
-        num_classes=10,
         class_labels=tuple(str(i) for i in range(10)),
-        image_side=8,
-        pixel_scale=16.0,
-        mean=0.3,
-        std=0.4,
+        preprocessing=ImagePreprocessing(side=8, pixel_scale=16.0, mean=0.3, std=0.4),
         model=ModelRef("common.tasks.models:tanh_mlp"),
         read_raw=read_digits,
         list_sources=digits_files,

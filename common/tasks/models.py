@@ -10,6 +10,7 @@ from torch import nn
 from common.config import RunConfig
 from common.data.features import SCATTERING_SHAPE
 from common.tasks.registry import get_task
+from common.tasks.task import Task
 
 
 class TanhCNN28(nn.Module):
@@ -81,19 +82,18 @@ def tanh_cnn_28(num_classes: int, features: str) -> nn.Module:
 
 
 def build_model(
-    dataset: str,
+    task: str | Task,
     num_classes: int | None = None,
     seed: int | None = None,
     features: str = "pixels",
 ) -> nn.Module:
-    """The model for ``dataset`` and input ``features``, seeded when ``seed`` is given.
-
-    ``num_classes`` defaults to the task's.
+    """The model of ``task`` (a Task or a ``task`` run-key value) for input
+    ``features``, seeded when ``seed`` is given. ``num_classes`` defaults to the task's.
     """
-    task = get_task(dataset)
+    task = get_task(task)
     if features not in task.features:
         raise ValueError(
-            f"run config keys 'features' and 'dataset': dataset {dataset!r} takes "
+            f"run config keys 'features' and 'task': task {task.name!r} takes "
             f"features {', '.join(map(repr, task.features))}, got {features!r}"
         )
     if seed is not None:
@@ -108,4 +108,4 @@ def count_parameters(model: nn.Module) -> int:
 
 def model_dimension(cfg: RunConfig) -> int:
     """Trainable parameters of the run's model."""
-    return count_parameters(build_model(cfg.dataset, features=cfg.features))
+    return count_parameters(build_model(cfg.task, features=cfg.features))

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from common.audit.canaries import INCLUSION_PROBABILITY
+from common.audit.canaries import INCLUSION_PROBABILITY, canary_count
 from common.privacy.update_clipping import CLIP_MARGIN
 from server.audit.one_shot_estimate import one_shot_estimate
 from server.audit.privacy_audit import (
@@ -43,6 +43,11 @@ from server.audit.privacy_audit import (
     audit_log_line,
     one_run_lower_bound,
     plot_scores,
+)
+from server.audit.white_box import (
+    likelihood_ratio_scores,
+    round_projection,
+    white_box_block,
 )
 
 CANARY_STREAM = 0xCA7A  # separates the canaries' generator from others seeded by `seed`
@@ -64,6 +69,7 @@ class CanaryClients:
     def __init__(
         self, count: int, seed: int, sampling_rate: float, initial: Sequence[np.ndarray]
     ) -> None:
+        count = canary_count(count, None)  # -1: the default number of canary clients
         if count < 2:
             raise ValueError(f"run config key 'audit-canaries': need >= 2, got {count}")
         if not 0 < sampling_rate <= 1:
@@ -78,6 +84,9 @@ class CanaryClients:
         self.directions = directions
         self.included = rng.random(count) < INCLUSION_PROBABILITY
         self.times_sampled = np.zeros(count, dtype=np.int64)
+        # white-box: each round's released update, projected on every direction
+        self.projections: list[np.ndarray] = []
+        self.noise_multipliers: list[float] = []
 
     @property
     def count(self) -> int:
@@ -106,6 +115,33 @@ class CanaryClients:
                     (self._unflatten(clip_norm * (1 - CLIP_MARGIN) * flat), True)
                 )
         return updates
+
+    def observe_round(
+        self,
+        mean_update: Sequence[np.ndarray],
+        clip_norm: float,
+        expected_cohort: float,
+        noise_multiplier: float,
+    ) -> None:
+        """Keep this round's noised mean update projected on every u_i, as a server
+        that stores each round's release can (:mod:`server.audit.white_box`)."""
+        self.projections.append(
+            round_projection(
+                self.directions, _flatten(mean_update), clip_norm, expected_cohort,
+                noise_multiplier,
+            )
+        )  # fmt: skip
+        self.noise_multipliers.append(noise_multiplier)
+
+    def white_box(self, delta: float, out_dir: Path | None) -> dict[str, Any]:
+        """The bound on the rounds' likelihood-ratio scores, beside a Gaussian fit."""
+        if not self.projections:
+            return {}
+        scores = likelihood_ratio_scores(
+            np.stack(self.projections, axis=1), self.sampling_rate,
+            self.noise_multipliers[-1],
+        )  # fmt: skip
+        return white_box_block(scores, self.included, delta, len(self.projections), out_dir)
 
     def _unflatten(self, flat: np.ndarray) -> list[np.ndarray]:
         arrays, start = [], 0
@@ -162,6 +198,7 @@ class CanaryClients:
             "cosine_out": {"mean": fitted.get("mean_out"), "std": fitted.get("std_out")},
             "null_std": self.dimension**-0.5,
         }
+        block["white_box"] = self.white_box(delta, out_dir)  # every round's release
         if out_dir is not None:
             block["plot"] = plot_scores(
                 scores, self.included, SCORE, "client-level audit: canary cosines",
@@ -181,4 +218,13 @@ def canary_audit_line(block: dict[str, Any]) -> str:
         shown = "none (fewer than 2 canaries included or excluded)"
     else:
         shown = f"{estimate:.3f}"
-    return f"client-level {line}; one-shot estimate ε ≈ {shown} (Andrew et al. 2024)"
+    white = block.get("white_box") or {}
+    per_round = (
+        f"; white-box (every round's update) ε ≥ {white['epsilon_lower_bound']:.3f}"
+        if "epsilon_lower_bound" in white
+        else ""
+    )
+    return (
+        f"client-level {line}; one-shot estimate ε ≈ {shown} (Andrew et al. 2024)"
+        f"{per_round}"
+    )

@@ -225,7 +225,7 @@ def canary_scores(
 
 def check_canaries(cfg: RunConfig) -> None:
     """Fail before round 1 if ``audit-canaries`` does not fit the training pool."""
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+    data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
     canary_plan(cfg.seed, cfg.audit_canaries, data.y_train, data.num_classes)
 
 
@@ -233,14 +233,12 @@ def audit_sample_level(
     cfg: RunConfig, state_dict: Mapping[str, torch.Tensor]
 ) -> SampleLevelAudit:
     """Score the run's canaries (common/audit/canaries.py) with the final global weights."""
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+    data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
     plan = canary_plan(cfg.seed, cfg.audit_canaries, data.y_train, data.num_classes)
-    model = build_model(cfg.dataset, data.num_classes, features=cfg.features)
+    model = build_model(cfg.task, data.num_classes, features=cfg.features)
     model.load_state_dict(state_dict)
     # the server's round-1 weights (server/app.py builds them from the seed alike)
-    initial = build_model(
-        cfg.dataset, data.num_classes, seed=cfg.seed, features=cfg.features
-    )
+    initial = build_model(cfg.task, data.num_classes, seed=cfg.seed, features=cfg.features)
     x = compute_features(cfg.features, torch.from_numpy(data.x_train[plan.indices]))
     labels = torch.from_numpy(plan.labels)
     scores = canary_scores(model, x, labels) - canary_scores(initial, x, labels)

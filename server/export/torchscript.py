@@ -11,11 +11,11 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.atomic_files import atomic_write_bytes
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.data.datasets import load_dataset
 from common.data.features import ScatteringFront
 from common.tasks.models import build_model, count_parameters
-from common.tasks.registry import get_task
+from common.tasks.registry import get_task, is_task_reference
 from server.export.compression import (
     VARIANT_FILES,
     compress,
@@ -29,11 +29,39 @@ def _to_torchscript(model: torch.nn.Module, cfg: RunConfig) -> torch.jit.ScriptM
     """Script the model; a feature map is traced in front, so it takes raw images."""
     if cfg.features == "pixels":
         return torch.jit.script(model)
-    side = get_task(cfg.dataset).image_side
+    side = get_task(cfg.task).preprocessing.side  # type: ignore[union-attr]  # 28x28 only
     full = torch.nn.Sequential(ScatteringFront(side), model).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return torch.jit.trace(full, torch.zeros(2, 1, side, side), check_trace=False)
+
+
+def check_exportable(cfg: RunConfig) -> None:
+    """Refuse (``ConfigError``) before round 1 a user's task whose model the export
+    could not script, so a run does not fail after its training.
+
+    Built-in tasks are exported by the tests; a ``module:attribute`` task's model is
+    scripted here once, with the run's compression.
+    """
+    if not is_task_reference(cfg.task):
+        return
+    model = build_model(cfg.task, features=cfg.features).eval()
+    step = "TorchScript (model.ts)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.script(model)
+            if cfg.export_compression != "none":
+                step = f"export-compression {cfg.export_compression!r}"
+                with quiet_quantisation_warnings():
+                    script_variant(compress(model, cfg.export_compression), None)
+    except Exception as exc:
+        raise ConfigError(
+            f"run config keys 'task' and 'export-compression': the model of task "
+            f"{cfg.task!r} cannot be exported as {step} at the end of the run: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(make the model scriptable, or set export-compression = 'none')"
+        ) from None
 
 
 def _save(scripted: torch.jit.ScriptModule, path: Path) -> None:
@@ -51,11 +79,11 @@ def export_model(
     Every file written is scored on the server's test set as saved, so the accuracy
     in ``model.json`` is what ``client.predict`` gets from that file.
     """
-    model = build_model(cfg.dataset, features=cfg.features)
+    model = build_model(cfg.task, features=cfg.features)
     model.load_state_dict(arrays.to_torch_state_dict())
     model.eval()
-    task = get_task(cfg.dataset)
-    front = ScatteringFront(task.image_side) if cfg.features != "pixels" else None
+    task = get_task(cfg.task)
+    front = ScatteringFront(task.input_shape[-1]) if cfg.features != "pixels" else None
     ts_path = out_dir / VARIANT_FILES["float32"]
     with warnings.catch_warnings():
         # TorchScript is deprecated in favour of torch.export, but it is what
@@ -69,7 +97,7 @@ def export_model(
         with quiet_quantisation_warnings():
             _save(script_variant(compressed, front), path)
         written[cfg.export_compression] = (path, compressed)
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+    data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
     test_set = (torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
     threads = torch.get_num_threads()
     # The run's thread count (the ServerApp sets it too): the traced kymatio front is
@@ -84,15 +112,13 @@ def export_model(
         }
     finally:
         torch.set_num_threads(threads)
-    scale, mean, std = task.normalisation()
+    spec = task.export_spec()  # labels, shapes and preprocessing: the task's facts
     meta = {
         "format": "privfed-torchscript/1",
-        "dataset": cfg.dataset,
-        "input_shape": list(task.input_shape),
-        "classes": list(task.class_labels),
-        "normalisation": {"pixel_scale": scale, "mean": mean, "std": std},
+        "task": cfg.task,
+        **spec,
         "features": cfg.features,  # a feature map is part of every model file
-        "note": "raw pixels x -> (x / pixel_scale - mean) / std, shape (N, 1, H, W)",
+        "note": spec["preprocessing"]["note"],
         "export_compression": cfg.export_compression,
         "variants": {
             name: report.as_json(None if name == "float32" else reports["float32"])

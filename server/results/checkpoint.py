@@ -41,7 +41,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "privfed-checkpoint/1"
 
 # The run-config keys a resume may change. None of them enters the accounting, the
-# data, the model or the mechanism; every other key (δ, privacy mode, dataset,
+# data, the model or the mechanism; every other key (δ, privacy mode, task,
 # partitioner and its parameters, seed, accountant, number of clients, σ or the ε
 # target, clipping, ...) is locked to the value the run started with. An allowlist,
 # so that a key added later is locked until someone decides otherwise.

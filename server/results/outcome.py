@@ -16,7 +16,12 @@ from typing import Any
 
 from common.config import RunConfig
 from server.federation_loop import epsilon_text
-from server.results.run_folder import ROUNDS_FILE, SUMMARY_FILE, resolve_results_dir, write_summary
+from server.results.run_folder import (
+    ROUNDS_FILE,
+    SUMMARY_FILE,
+    resolve_results_dir,
+    write_summary,
+)
 
 
 class Outcome(StrEnum):

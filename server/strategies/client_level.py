@@ -240,6 +240,12 @@ class ClientLevelFedAvg(PrivateFedAvg):
             current, updates, round_generator(replay), canaries=canaries
         )
         self.last_round = agg
+        if self.canaries is not None:  # audit: keep the round's release (white-box)
+            settings = self._settings()
+            self.canaries.observe_round(
+                agg.mean_update, agg.clip_norm, settings.expected_cohort,
+                settings.update_noise_multiplier,
+            )  # fmt: skip
         self.ledger.record_round(
             server_round,
             self.noise_multiplier,

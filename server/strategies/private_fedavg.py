@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -31,6 +31,10 @@ from server.results.client_outcomes import ClientOutcome, outcome_from_reply
 from server.strategies.robust import aggregate_with, require_finite
 
 WEIGHT_KEY = "aggregation-weight"  # set by the server, never sent by a client
+
+
+if TYPE_CHECKING:
+    from server.audit.gradient_canary_scores import GradientCanaryScores
 
 
 class StrategyStateError(ValueError):
@@ -106,6 +110,8 @@ class PrivateFedAvg(FedAvgM):
             rule.weighted_by_key = WEIGHT_KEY
             rule.train_metrics_aggr_fn = self.train_metrics_aggr_fn
         self.round_arrays: ArrayRecord | None = None  # the global model sent this round
+        # a simulated white-box audit's scorer (server/audit/gradient_canary_scores.py)
+        self.white_box: GradientCanaryScores | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -121,6 +127,8 @@ class PrivateFedAvg(FedAvgM):
     # -- hooks the round loop calls (client-level DP overrides them) ----------------
     def start_run(self, node_ids: Sequence[int]) -> None:
         """Called once, with the nodes connected when the run starts."""
+        if self.white_box is not None:  # a simulation: one node per partition
+            self.white_box.start(len(set(node_ids)))
 
     def budget_stop(self, server_round: int) -> str | None:
         """Why the run must stop before ``server_round``; record-level budgets are the
@@ -195,9 +203,15 @@ class PrivateFedAvg(FedAvgM):
                 metrics = {WEIGHT_KEY: float(outcome.weight or 0)}
                 if outcome.train_loss is not None:
                     metrics["train-loss"] = outcome.train_loss
+                weights = self._weights(reply, outcome, arrays)
+                if self.white_box is not None and self.round_arrays is not None:
+                    self.white_box.observe(
+                        server_round, int(outcome.partition_id),
+                        weights.to_numpy_ndarrays(), self.round_arrays.to_numpy_ndarrays(),
+                    )  # fmt: skip
                 content = RecordDict(
                     {
-                        "arrays": self._weights(reply, outcome, arrays),
+                        "arrays": weights,
                         "weight": MetricRecord(metrics),
                     }
                 )

@@ -40,7 +40,7 @@ def _record(clients: int = 10) -> dict:
 
 def bench(dataset: str, features: str, repeats: int, folder: Path) -> dict[str, float]:
     """Median seconds of each write, and the sizes of both files."""
-    cfg = RunConfig(dataset=dataset, features=features, results_dir=str(folder))
+    cfg = RunConfig(task=dataset, features=features, results_dir=str(folder))
     model = build_model(dataset, seed=0, features=features).state_dict()
     arrays = ArrayRecord(model)
     writer = ResultsWriter(folder, cfg)

@@ -120,7 +120,7 @@ def message_bytes(dataset: str) -> dict[str, int]:
     """
     import client.app as client_app  # the real ClientApp train function
 
-    cfg = RunConfig(dataset=dataset, num_rounds=2)
+    cfg = RunConfig(task=dataset, num_rounds=2)
     arrays = ArrayRecord(build_model(dataset, seed=0).state_dict())
     ctx = Context(
         run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
@@ -199,7 +199,7 @@ def _run_config(args: argparse.Namespace, results: Path) -> dict[str, Any]:
     """What ``simulations.deploy`` would submit for these options."""
     overrides: dict[str, Any] = dict(PRESETS[args.preset].run_config) if args.preset else {}
     if args.dataset:
-        overrides["dataset"] = args.dataset
+        overrides["task"] = args.dataset
     if args.data_dir:
         overrides["data-dir"] = args.data_dir
     overrides.update(
@@ -294,7 +294,7 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> list[str]:
     messages = out["messages"]
     status = out["summary"].get("status", "no summary.json")
     lines = [
-        f"dataset {cfg.dataset}, features {cfg.features}, {args.clients} SuperNodes "
+        f"dataset {cfg.task}, features {cfg.features}, {args.clients} SuperNodes "
         f"(partitions of {out['partitions']}), {cfg.num_rounds} rounds, preset "
         f"{args.preset or '-'}, status {status}; load average before/after "
         f"{out['load_before']} / {out['load_after']}",
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         args.messages_out.write_text("".join(json.dumps(m) + "\n" for m in out["messages"]))
     lines = report(args, out)
     if not args.no_bytes:
-        sizes = message_bytes(out["cfg"].dataset)
+        sizes = message_bytes(out["cfg"].task)
         lines += [
             f"| bytes down per round per client (train instruction) | "
             f"{sizes['down_bytes']:,} |",

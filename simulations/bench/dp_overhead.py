@@ -31,7 +31,7 @@ MODES = ("direct", "hooks", "ew", "functorch")
 def _epoch_seconds(
     cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, mode: str | None
 ) -> float:
-    model = build_model(cfg.dataset, seed=0)
+    model = build_model(cfg.task, seed=0)
     start = time.perf_counter()
     if mode is None:
         train_non_private(model, x, y, cfg, round_generator())
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.dataset}, {len(x)} examples, {args.threads} threads, "
           f"median of {args.repeats} interleaved repetitions")  # fmt: skip
     for batch in args.batch_sizes:
-        cfg = RunConfig(dataset=args.dataset, batch_size=batch, num_rounds=1)
+        cfg = RunConfig(task=args.dataset, batch_size=batch, num_rounds=1)
         times: dict[str, list[float]] = {"non-private": []}
         ratios: dict[str, list[float]] = {m: [] for m in args.modes}
         for _ in range(args.repeats):

@@ -100,7 +100,7 @@ def _models(
     n = args.cnn_examples
     x, y = torch.from_numpy(fmnist.x_train[:n]), torch.from_numpy(fmnist.y_train[:n])
     _train(cnn, x, y, args.cnn_epochs)
-    out.append(("tanh CNN", RunConfig(dataset="fashion-mnist"), cnn.state_dict()))
+    out.append(("tanh CNN", RunConfig(task="fashion-mnist"), cnn.state_dict()))
     if args.preset_run is not None:
         run_config = json.loads((args.preset_run / "config.json").read_text())["run_config"]
         cfg = RunConfig.from_run_config(
@@ -155,9 +155,9 @@ def _time(
 
 def _inputs(cfg: RunConfig, folder: Path) -> tuple[Path, Path]:
     """256 test images: raw pixels for predict, and normalised for the timer."""
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+    data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
     x, y = data.x_test[:256], data.y_test[:256]
-    scale, mean, std = normalisation(cfg.dataset)
+    scale, mean, std = normalisation(cfg.task)
     raw = np.rint((x * std + mean) * scale).clip(0, scale).astype(np.uint8)
     np.savez(folder / "raw256.npz", x=raw[:, 0], y=y)
     np.savez(folder / "normalised256.npz", x=x)

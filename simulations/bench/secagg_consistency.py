@@ -80,7 +80,7 @@ def measure(clients: int, model: str, shares: int, minimum: float) -> dict[str, 
         _timed(owner, name, spent)
     dataset, features = MODELS[model]
     cfg = RunConfig(
-        dataset=dataset, features=features, privacy_mode="client", secure_aggregation=True,
+        task=dataset, features=features, privacy_mode="client", secure_aggregation=True,
         client_sampling_rate=1.0, noise_multiplier=1.0, target_epsilon=0.0, delta=1e-5,
         min_available_nodes=clients, min_train_nodes=2, secagg_num_shares=shares,
         secagg_min_contributors=minimum, results_dir=tempfile.mkdtemp(),

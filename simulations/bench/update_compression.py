@@ -30,12 +30,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = {  # name -> label, run-config fields, and the partitioning of the one client
-    "digits": ("digits MLP", {"dataset": "digits"}, 10),
-    "cnn": ("Fashion-MNIST tanh CNN", {"dataset": "fashion-mnist"}, 60),
+    "digits": ("digits MLP", {"task": "digits"}, 10),
+    "cnn": ("Fashion-MNIST tanh CNN", {"task": "fashion-mnist"}, 60),
     "scattering": (
         "Fashion-MNIST ScatterNet + linear (fmnist-eps3)",
         {
-            "dataset": "fashion-mnist",
+            "task": "fashion-mnist",
             "features": "scattering",
             "max_grad_norm": 0.1,
             "learning_rate": 4.0,
@@ -58,7 +58,7 @@ def _reply(cfg: Any, partitions: int) -> tuple[Any, Any]:
     from simulations.launch.in_process_federation import delivered
 
     initial = ArrayRecord(
-        build_model(cfg.dataset, seed=cfg.seed, features=cfg.features).state_dict()
+        build_model(cfg.task, seed=cfg.seed, features=cfg.features).state_dict()
     )
     content = RecordDict({"arrays": initial, "config": ConfigRecord({"server-round": 1})})
     context = Context(

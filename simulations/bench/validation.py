@@ -45,7 +45,7 @@ def _honest_round(cfg: RunConfig, clients: int) -> tuple[ArrayRecord, list[Messa
     grid = InProcessGrid(federation(cfg, range(clients), clients))
     strategy = make_strategy(cfg)
     evaluator = CentralEvaluator(cfg)
-    model = build_model(cfg.dataset, evaluator.num_classes, seed=cfg.seed)
+    model = build_model(cfg.task, evaluator.num_classes, seed=cfg.seed)
     arrays = ArrayRecord(model.state_dict())
     messages = strategy.configure_train(1, arrays, ConfigRecord(), grid)
     return arrays, grid.pull_messages(grid.push_messages(messages))
@@ -54,7 +54,7 @@ def _honest_round(cfg: RunConfig, clients: int) -> tuple[ArrayRecord, list[Messa
 def cost(dataset: str, clients: int, repeats: int) -> None:
     """Median seconds to aggregate one round with and without validation."""
     cfg = RunConfig(
-        dataset=dataset, num_rounds=5, target_epsilon=8.0,
+        task=dataset, num_rounds=5, target_epsilon=8.0,
         min_train_nodes=clients, min_available_nodes=clients,
         update_compression="none",  # float32 replies: "validation off" cannot decode
     )  # fmt: skip
@@ -104,7 +104,7 @@ def robust(rounds: int, attack_norm: float) -> None:
                 update_compression="none",  # the attackers rewrite float32 weights
             )  # fmt: skip
             evaluator = CentralEvaluator(cfg)
-            model = build_model(cfg.dataset, evaluator.num_classes, seed=cfg.seed)
+            model = build_model(cfg.task, evaluator.num_classes, seed=cfg.seed)
             with tempfile.TemporaryDirectory() as out:
                 result = run_rounds(
                     InProcessGrid(federation(cfg, range(10), 10), tamper), cfg,

@@ -119,6 +119,20 @@ class DeploymentSpec:
             )
 
 
+@dataclass(frozen=True)
+class NodeHost:
+    """A SuperNode on a host of its own (a network namespace, ``netns.py``): the
+    command prefix that runs there, its address (its health service binds it), and
+    the SuperLink address it dials from there. Its runtime API binds that host's
+    own loopback, so fixed ports cannot collide."""
+
+    prefix: tuple[str, ...]
+    address: str
+    superlink: str
+    health_port: int = 9095
+    runtime_port: int = 9094
+
+
 @dataclass
 class SuperNodeHandle:
     """A running SuperNode and how it was started (to restart it the same way)."""
@@ -129,6 +143,7 @@ class SuperNodeHandle:
     key: NodeKey | None
     health: str
     extra_env: dict[str, str] = field(default_factory=dict)
+    host: NodeHost | None = None
 
 
 @dataclass
@@ -263,21 +278,29 @@ class LocalDeployment:
         insecure: bool | None = None,
         wait: bool = True,
         extra_env: dict[str, str] | None = None,
+        host: NodeHost | None = None,
     ) -> SuperNodeHandle:
         """Start SuperNode ``index``; by default it uses the deployment's security.
 
         With ``wait`` it returns once the node serves health checks and the
         SuperLink has admitted it (see :meth:`wait_ready`). ``extra_env`` is added
         to the node's environment (benchmarks put a probe first on its ``PATH``).
+        ``host`` runs it on a host of its own (the fault harness's namespaces).
         """
         insecure = (not self.spec.secure) if insecure is None else insecure
-        node_host = self.spec.node_host
-        health = f"{node_host}:{free_port(node_host)}"
+        if host is None:
+            node_host = self.spec.node_host
+            health = f"{node_host}:{free_port(node_host)}"
+            runtime, superlink = (node_host, free_port(node_host)), self.address
+        else:
+            health = f"{host.address}:{host.health_port}"
+            runtime, superlink = ("127.0.0.1", host.runtime_port), host.superlink
         argv = [
+            *(host.prefix if host else ()),
             str(BIN / "flower-supernode"),
-            "--superlink", self.address,
+            "--superlink", superlink,
             # its own runtime API (default 127.0.0.1:9094 collides)
-            "--host", node_host, "--port", str(free_port(node_host)),
+            "--host", runtime[0], "--port", str(runtime[1]),
             "--health-server-address", health,
             "--node-config", node_config_text(node_config),
         ]  # fmt: skip
@@ -298,7 +321,9 @@ class LocalDeployment:
             self._log(f"supernode-{index}"), self.spec.work_dir,
         )  # fmt: skip
         self._started.append(proc)
-        handle = SuperNodeHandle(index, proc, node_config, key, health, extra_env or {})
+        handle = SuperNodeHandle(
+            index, proc, node_config, key, health, extra_env or {}, host
+        )
         self.nodes[index] = handle
         if wait:
             self.wait_ready(index)
@@ -340,8 +365,9 @@ class LocalDeployment:
         deadline = time.monotonic() + timeout
         while True:
             handle = self.start_supernode(
-                index, old.node_config, old.key, wait=False, extra_env=old.extra_env
-            )
+                index, old.node_config, old.key, wait=False, extra_env=old.extra_env,
+                host=old.host,
+            )  # fmt: skip
             try:
                 self.wait_ready(index, max(deadline - time.monotonic(), 1.0))
                 return handle

@@ -15,8 +15,9 @@ from common.config import ACCOUNTANTS, PRIVACY_MODES, ConfigError, RunConfig, ch
 from common.data.datasets import DatasetError
 from common.privacy.client_level_plan import plan_client_level
 from common.secure_aggregation.plan import secagg_noise_multiplier
+from common.tasks.model_checks import check_task_model
 from common.tasks.models import model_dimension
-from common.tasks.registry import get_task, task_names
+from common.tasks.registry import get_task, is_task_reference, task_names
 from server.results.checkpoint import (
     CheckpointError,
     check_resume_config,
@@ -31,7 +32,7 @@ DEFAULT_CLIENTS = 10
 
 # CLI option -> run-config key; None means "leave the pyproject default".
 _OPTION_KEYS = {
-    "dataset": "dataset",
+    "task": "task",
     "data_dir": "data-dir",
     "rounds": "num-rounds",
     "partitioner": "partitioner",
@@ -132,9 +133,16 @@ def add_run_options(
         help="a tuned recipe applied before the other options: " + preset_help(),
     )
     p.add_argument("--rounds", type=int)
-    p.add_argument("--dataset", choices=task_names())
+    p.add_argument(
+        "--task",
+        "--dataset",  # its name before tasks (run key 'dataset' is now 'task')
+        dest="task",
+        metavar="TASK",
+        help=f"a built-in task ({', '.join(task_names())}) or package.module:attribute "
+        "importable by every client (docs/tasks.md); default: digits",
+    )
     p.add_argument("--data-dir", help="directory with the IDX .gz files")
-    p.add_argument("--partitioner", choices=["iid", "dirichlet", "pathological"])
+    p.add_argument("--partitioner", choices=["iid", "dirichlet", "pathological", "sites"])
     p.add_argument("--alpha", type=float, help="Dirichlet concentration")
     p.add_argument("--classes-per-client", type=int)
     p.add_argument("--target-epsilon", type=float)
@@ -229,9 +237,9 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["target-epsilon"] = 0.0  # also clears a preset's ε target
     if args.noise_multiplier is not None and args.target_epsilon is None:
         overrides["target-epsilon"] = 0.0  # the σ option replaces the default ε target
-    dataset = overrides.get("dataset", RunConfig().dataset)
+    task = str(overrides.get("task", RunConfig().task)).replace(":", "-")
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    results = Path(args.results_dir or set_results or Path("results", f"{stamp}-{dataset}"))
+    results = Path(args.results_dir or set_results or Path("results", f"{stamp}-{task}"))
     results = results.expanduser().resolve()
     if (results / "rounds.jsonl").exists() or (results / "summary.json").exists():
         raise ConfigError(
@@ -244,10 +252,15 @@ def build_overrides(args: argparse.Namespace) -> dict[str, Any]:
         secagg_noise_multiplier(cfg, args.clients, model_dimension(cfg))
     elif cfg.is_client_level:
         plan_client_level(cfg, args.clients)  # δ < 1/n, the adaptive noise split
-    try:  # the dataset's files are there (digits: inside scikit-learn)
-        get_task(cfg.dataset).training_sources(cfg.data_dir)
+    try:  # the task's files are there (digits: inside scikit-learn)
+        get_task(cfg.task).training_sources(cfg.data_dir)
     except DatasetError as exc:
         raise ConfigError(str(exc)) from None
+    check_task_model(cfg)  # a model the privacy mode cannot train (BatchNorm, say)
+    if is_task_reference(cfg.task):  # a user's model the final export cannot script
+        from server.export.torchscript import check_exportable
+
+        check_exportable(cfg)
     check_federation(cfg, args.clients)  # the keys that need the data
     return overrides
 
@@ -263,6 +276,8 @@ def resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
     config_file = results / "config.json"
     try:
         saved = dict(json.loads(config_file.read_text(encoding="utf-8"))["run_config"])
+        if "dataset" in saved:  # a run from before run key 'task' replaced 'dataset'
+            saved["task"] = saved.pop("dataset")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(
             f"--resume {results}: {config_file} is missing or unreadable ({exc})"

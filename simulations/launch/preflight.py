@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 
+from common.audit.canaries import canary_plan, inserts_canary_records
 from common.config import ConfigError, RunConfig
 from common.data.datasets import DatasetError, load_dataset
 from common.data.partitioning import (
@@ -28,22 +29,22 @@ from common.privacy.round_decision import decide_round, delta_allows_record_rele
 def partition_sizes(cfg: RunConfig, num_partitions: int) -> list[int]:
     """Training records of each partition, as its client would split them."""
     try:
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed)
+        data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
     except DatasetError as exc:
         raise ConfigError(str(exc)) from None
     if num_partitions > len(data.y_train):
         raise ConfigError(
             f"--clients {num_partitions}: more clients than the {len(data.y_train)} "
-            f"training records of {cfg.dataset}; every client needs at least one"
+            f"training records of task {cfg.task}; every client needs at least one"
         )
     spec = PartitionSpec.for_run(cfg, num_partitions)
     try:
-        shards = partition_indices(data.y_train, spec, data.num_classes)
+        shards = partition_indices(data.y_train, spec, data.num_classes, data.sites_train)
     except PartitionError as exc:
         raise ConfigError(str(exc)) from None
     except ValueError as exc:  # e.g. flwr-datasets' Dirichlet gives up on α
         raise ConfigError(
-            f"run config key 'partitioner': cannot split {cfg.dataset} "
+            f"run config key 'partitioner': cannot split task {cfg.task} "
             f"{cfg.partitioner}-wise over {num_partitions} clients "
             f"(dirichlet-alpha={cfg.dirichlet_alpha:g}, classes-per-client="
             f"{cfg.classes_per_client}): {exc}"
@@ -74,6 +75,9 @@ def check_federation(cfg: RunConfig, num_partitions: int) -> None:
     most ε at a given σ, so if it fits, every partition fits.
     """
     sizes = partition_sizes(cfg, num_partitions)
+    if inserts_canary_records(cfg):  # audit-canaries must fit the training pool
+        data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
+        canary_plan(cfg.seed, cfg.audit_canaries, data.y_train, data.num_classes)
     if not cfg.is_private:
         return
     for pid, n in enumerate(sizes):

@@ -105,7 +105,7 @@ def _one_step_delta(sigma: float, seed: int) -> tuple[torch.Tensor, int]:
     model = TanhCNN28()
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     x, y = torch.randn(400, 1, 28, 28), torch.randint(0, 10, (400,))
-    cfg = RunConfig(dataset="fashion-mnist", batch_size=100, learning_rate=1.0,
+    cfg = RunConfig(task="fashion-mnist", batch_size=100, learning_rate=1.0,
                     max_grad_norm=0.5, grad_sample_mode="direct")  # fmt: skip
     plan = plan_dp_sgd_round(len(x), cfg.batch_size, 1)
     one_step = dataclasses.replace(plan, steps=1)
@@ -167,7 +167,7 @@ def test_empty_poisson_batches_take_noise_only_steps() -> None:
     torch.manual_seed(2)
     model = TanhCNN28()
     x, y = torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))
-    cfg = RunConfig(dataset="fashion-mnist", batch_size=2, local_epochs=3)
+    cfg = RunConfig(task="fashion-mnist", batch_size=2, local_epochs=3)
     plan = RoundPlan(sample_rate=0.1, sampler_rate=0.1, steps=30, expected_batch_size=1)
     before = [p.detach().clone() for p in model.parameters()]
     outcome = train_private(model, x, y, cfg, plan, 1.0, round_generator(2))

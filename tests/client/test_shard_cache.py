@@ -71,7 +71,7 @@ def test_first_message_builds_the_second_reuses(
     tmp_path: Path, builds: list[ShardRecipe]
 ) -> None:
     """One build, then the entry's files are read as they are (same inode, mtime)."""
-    cfg = RunConfig(dataset="fashion-mnist", local_test_fraction=0.2)
+    cfg = RunConfig(task="fashion-mnist", local_test_fraction=0.2)
     node = _device(tmp_path)
     first = _fresh(cfg, node)
     (entry,) = _entries(tmp_path / "state")
@@ -109,7 +109,7 @@ def test_changing_the_data_file_invalidates(
     tmp_path: Path, builds: list[ShardRecipe]
 ) -> None:
     """A rewritten data file names a new entry; the old one is dropped."""
-    cfg = RunConfig(dataset="fashion-mnist")
+    cfg = RunConfig(task="fashion-mnist")
     node = _device(tmp_path)
     before = _fresh(cfg, node)
     (old,) = _entries(tmp_path / "state")
@@ -131,11 +131,11 @@ def test_changing_a_setting_invalidates(
     tmp_path: Path, builds: list[ShardRecipe], change: dict
 ) -> None:
     """The feature map, the local split or the seed: another entry, rebuilt."""
-    base = RunConfig(dataset="fashion-mnist")
+    base = RunConfig(task="fashion-mnist")
     node = _device(tmp_path)
     before = _fresh(base, node)
     (old,) = _entries(tmp_path / "state")
-    changed = RunConfig(dataset="fashion-mnist", **change)
+    changed = RunConfig(task="fashion-mnist", **change)
     after = _fresh(changed, node)
     (new,) = _entries(tmp_path / "state")
     assert len(builds) == 2 and new.name != old.name
@@ -178,7 +178,7 @@ def test_a_damaged_entry_is_rebuilt(
 ) -> None:
     """Never used as it is: detected, logged, rebuilt to the same shard, and stored
     again whole."""
-    cfg = RunConfig(dataset="fashion-mnist", local_test_fraction=0.2)
+    cfg = RunConfig(task="fashion-mnist", local_test_fraction=0.2)
     node = _device(tmp_path)
     good = _fresh(cfg, node)
     (entry,) = _entries(tmp_path / "state")
@@ -198,7 +198,7 @@ def test_data_that_fails_its_checks_is_never_cached(
 ) -> None:
     """A file replaced by a bad one fails the checks (no shard from the old entry),
     and nothing is stored for it."""
-    cfg = RunConfig(dataset="fashion-mnist")
+    cfg = RunConfig(task="fashion-mnist")
     node = _device(tmp_path)
     _fresh(cfg, node)
     x = np.full((60, 28, 28), 300.0)  # outside 0..255
@@ -214,10 +214,10 @@ def test_code_or_library_changes_change_the_key(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The key covers the shard code and the libraries, not only the recipe."""
-    recipe = ShardRecipe.for_node(RunConfig(dataset="fashion-mnist"), _device(tmp_path))
+    recipe = ShardRecipe.for_node(RunConfig(task="fashion-mnist"), _device(tmp_path))
     key = recipe.cache_key()
     monkeypatch.setattr(local_data, "_library_versions", lambda: {"numpy": "0"})
     assert recipe.cache_key() != key
     monkeypatch.undo()
-    monkeypatch.setattr(local_data, "_code_fingerprint", lambda: "other code")
+    monkeypatch.setattr(local_data, "_code_fingerprint", lambda task_code: "other code")
     assert recipe.cache_key() != key

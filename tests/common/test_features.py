@@ -60,10 +60,10 @@ def test_the_front_has_no_weights_to_send_or_train() -> None:
 
 def test_bad_inputs_name_the_key() -> None:
     """Digits are 8x8: the config is refused; a wrong tensor shape is refused too."""
-    with pytest.raises(ConfigError, match="'features' and 'dataset'"):
-        RunConfig(dataset="digits", features="scattering")
+    with pytest.raises(ConfigError, match="'features' and 'task'"):
+        RunConfig(task="digits", features="scattering")
     with pytest.raises(ConfigError, match="'features'"):
-        RunConfig(dataset="fashion-mnist", features="wavelets")
+        RunConfig(task="fashion-mnist", features="wavelets")
     with pytest.raises(ValueError, match="needs 28x28 images"):
         compute_features("scattering", torch.zeros(2, 1, 8, 8))
     assert compute_features("scattering", torch.zeros(0, 1, 28, 28)).shape == (0, 81, 7, 7)
@@ -71,7 +71,7 @@ def test_bad_inputs_name_the_key() -> None:
 
 def test_exported_model_takes_raw_images(tmp_path: Path) -> None:
     """model.ts includes the scattering front: client.predict needs no privfed code."""
-    cfg = RunConfig(dataset="fashion-mnist", features="scattering")
+    cfg = RunConfig(task="fashion-mnist", features="scattering")
     model = build_model("fashion-mnist", seed=4, features="scattering").eval()
     export_model(ArrayRecord(model.state_dict()), cfg, tmp_path, {"round": 1})
     meta = json.loads((tmp_path / "model.json").read_text())
@@ -79,7 +79,8 @@ def test_exported_model_takes_raw_images(tmp_path: Path) -> None:
 
     raw = np.random.default_rng(0).integers(0, 256, (7, 784)).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=raw)
-    norm = meta["normalisation"]
+    norm = meta["preprocessing"]
+    assert norm["kind"] == "image"
     x = torch.from_numpy((raw / norm["pixel_scale"] - norm["mean"]) / norm["std"])
     with torch.no_grad():
         expected = model(compute_features("scattering", x.reshape(7, 1, 28, 28)))
@@ -111,7 +112,8 @@ def test_presets_are_valid_configs(name: str, tmp_path: Path) -> None:
     """Every preset passes validation; explicit options override single keys."""
     preset = PRESETS[name].run_config
     cfg = RunConfig(**{k.replace("-", "_"): v for k, v in preset.items()})
-    assert cfg.target_epsilon == 3.0 and cfg.features == "scattering"
+    assert cfg.target_epsilon == preset["target-epsilon"]
+    assert cfg.features == preset.get("features", "pixels")
     args = _parse("--preset", name, "--rounds", "3", "--results-dir", str(tmp_path / "r"))
     try:
         overrides = build_overrides(args)
@@ -121,7 +123,7 @@ def test_presets_are_valid_configs(name: str, tmp_path: Path) -> None:
     assert overrides["batch-size"] == preset["batch-size"]
     assert overrides["min-available-nodes"] == (PRESETS[name].clients or 10)
     assert overrides.get("partitioner") == preset.get("partitioner")
-    assert overrides["target-epsilon"] == 3.0
+    assert overrides["target-epsilon"] == preset["target-epsilon"]
 
 
 def test_non_private_preset_run_clears_the_epsilon_target(tmp_path: Path) -> None:
@@ -153,7 +155,7 @@ def test_client_trains_the_linear_model_on_its_shard_features() -> None:
     from tests.helpers.messages import make_context, train_message
 
     cfg = RunConfig(
-        dataset="fashion-mnist", features="scattering", batch_size=128,
+        task="fashion-mnist", features="scattering", batch_size=128,
         target_epsilon=3.0, num_rounds=2, max_grad_norm=0.1, learning_rate=4.0,
         update_compression="none",  # the float32 weights are read below
     )  # fmt: skip

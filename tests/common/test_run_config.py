@@ -15,7 +15,7 @@ DEFAULTS = RunConfig().to_run_config()
 
 # For every key: values that must be refused (wrong type first, then out of range).
 BAD_VALUES: dict[str, list[Any]] = {
-    "dataset": [3, "cifar-10", ""],
+    "task": [3, "cifar-10", "", "no colon.module"],
     "data-dir": [1, True],
     "num-rounds": ["5", 2.5, True, 0, -1, 100_001],
     "fraction-train": ["1", True, 0.0, -0.1, 1.5],

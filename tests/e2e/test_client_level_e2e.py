@@ -28,7 +28,7 @@ def test_client_level_preset_on_50_clients(tmp_path: Path) -> None:
         [
             "--preset",
             "fmnist-client-eps3",
-            "--dataset",
+            "--task",
             "digits",
             "--set",
             'features="pixels"',

@@ -201,7 +201,7 @@ def test_scripted_scattering_equals_kymatio() -> None:
 @pytest.mark.e2e
 def test_preset_model_compresses_past_target(tmp_path: Path) -> None:
     """The ScatterNet model's int8 file is >= 3.5x smaller than model.ts (full test set)."""
-    cfg = RunConfig(dataset="fashion-mnist", features="scattering")
+    cfg = RunConfig(task="fashion-mnist", features="scattering")
     model = build_model("fashion-mnist", seed=2, features="scattering")
     export_model(ArrayRecord(model.state_dict()), cfg, tmp_path, {})
     entry = json.loads((tmp_path / "model.json").read_text())["variants"]["int8"]

@@ -57,7 +57,7 @@ def _federate(
     The clients send float32 weights (``update-compression = "none"``), averaged here.
     """
     cfg = dataclasses.replace(cfg, update_compression="none")
-    state = build_model(cfg.dataset, seed=cfg.seed).state_dict()
+    state = build_model(cfg.task, seed=cfg.seed).state_dict()
     contexts = [make_context(cfg, p, CLIENTS, node_id=p + 1) for p in range(CLIENTS)]
     epsilons: list[float] = []
     for rnd in range(1, cfg.num_rounds + 1):
@@ -116,8 +116,9 @@ def test_too_many_canaries_names_the_key() -> None:
         canary_plan(0, 51, y, 10)
     # the ServerApp checks it before round 1: digits has 1,437 training records
     with pytest.raises(ConfigError, match="'audit-canaries': must be <= 718 .* got 1000"):
-        check_canaries(RunConfig(audit="one-run"))
+        check_canaries(RunConfig(audit="one-run", audit_canaries=1000))
     check_canaries(RunConfig(audit="one-run", audit_canaries=718))
+    check_canaries(RunConfig(audit="one-run"))  # the default (auto) fits every task
 
 
 def test_non_private_run_is_caught(tmp_path: Path) -> None:
@@ -200,27 +201,28 @@ def test_a_deployed_node_refuses_the_audit(
 
 @pytest.mark.e2e
 def test_a_flower_simulation_writes_the_audit(tmp_path: Path) -> None:
-    """2 digits clients, 2 rounds, non-private: summary.json's audit block, the plot and
-    the final log line come from the real ServerApp."""
+    """2 digits clients, 2 rounds, non-private, audit-canaries left at its default
+    (auto: 718, half of digits' 1,437 records): summary.json's audit block, the plot
+    and the final log line come from the real ServerApp."""
     from tests.helpers.process_watch import run_watched
 
     results = tmp_path / "run"
     code, out, _ = run_watched(
         ["--clients", "2", "--rounds", "2", "--privacy-mode", "none",
          "--results-dir", str(results), "--set", "local-epochs=10",
-         "--set", 'audit="one-run"', "--set", "audit-canaries=300"]
+         "--set", 'audit="one-run"']
     )  # fmt: skip
     assert code == 0, out[-4000:]
     audit = json.loads((results / "summary.json").read_text())["audit"]
     assert audit["method"] == "steinke-nasr-jagielski-2023 one-run"
-    assert audit["canaries"] == 300 and audit["inclusion_probability"] == 0.5
+    assert audit["canaries"] == 718 and audit["inclusion_probability"] == 0.5
     assert audit["confidence"] == 0.95 and audit["delta"] == 1e-5
-    assert 0 < audit["guesses"] <= 300 and audit["reported_epsilon"] is None
+    assert 0 < audit["guesses"] <= 718 and audit["reported_epsilon"] is None
     print(f"e2e non-private audited ε lower bound: {audit['epsilon_lower_bound']:.3f}")
     assert audit["epsilon_lower_bound"] > 0
     assert (results / "audit-scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert re.search(
-        r"audited ε lower bound \d+\.\d{3} \(95%, one-run, 300 canaries\) "
+        r"audited ε lower bound \d+\.\d{3} \(95%, one-run, 718 canaries\) "
         r"vs reported ε ∞ \(non-private\)",
         out,
     )
@@ -246,11 +248,17 @@ def test_the_audit_script_options_and_outputs(tmp_path: Path) -> None:
             reported_epsilon=None, audited_lower_bound=2.713, guesses=80, correct=80,
             accuracy=0.9, **common, **audited,
         ),
+        script.AuditRow(
+            name="client-eps8", target_epsilon=8.0, status="completed",
+            reported_epsilon=7.992, audited_lower_bound=1.18, guesses=160, correct=136,
+            accuracy=0.76, white_box_lower_bound=1.544, **common, **audited,
+        ),
     ]  # fmt: skip
     script.write_table(rows, tmp_path)
     table = (tmp_path / "audit-table.md").read_text()
-    assert "| 1 | 0 | 0.998 (opacus-rdp, δ=1e-05) | 0.000 (95%) |" in table
-    assert "| non-private | 0 | ∞ (non-private) | 2.713 (95%) |" in table
-    assert (tmp_path / "audit-table.csv").read_text().count("\n") == 3
+    assert "| 1 | 0 | 0.998 (opacus-rdp, δ=1e-05) | 0.000 (95%) | — |" in table
+    assert "| non-private | 0 | ∞ (non-private) | 2.713 (95%) | — |" in table
+    assert "| 7.992 (opacus-rdp, δ=1e-05) | 1.180 (95%) | 1.544 |" in table
+    assert (tmp_path / "audit-table.csv").read_text().count("\n") == 4
     png = script.plot(rows, tmp_path).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

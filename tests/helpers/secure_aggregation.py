@@ -90,12 +90,12 @@ class Protocol:
         self.layout = round_layout(
             list(self.contexts), cfg, random.Random(0), public_minimum(cfg, nodes)
         )
-        self.dim = count_parameters(build_model(cfg.dataset))
+        self.dim = count_parameters(build_model(cfg.task))
         self.plan = plan_skellam_round(
             self.dim, 1.0, 1.0, nodes, self.layout.min_contributors, 16
         )
         self.seed = secrets.token_bytes(32)
-        self.arrays = ArrayRecord(build_model(cfg.dataset, seed=0).state_dict())
+        self.arrays = ArrayRecord(build_model(cfg.task, seed=0).state_dict())
 
     def content(self, node: int) -> RecordDict:
         """The masked-update instruction's model and config."""

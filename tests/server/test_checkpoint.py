@@ -127,7 +127,7 @@ def test_only_allowed_keys_may_change_on_resume() -> None:
     for key, value in [
         ("delta", 2e-5),
         ("privacy-mode", "client"),
-        ("dataset", "mnist"),
+        ("task", "mnist"),
         ("partitioner", "dirichlet"),
         ("dirichlet-alpha", 0.1),
         ("seed", 7),

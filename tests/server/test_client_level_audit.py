@@ -437,6 +437,11 @@ def test_client_level_audit_run_writes_the_block_and_the_plot(tmp_path: Path) ->
     assert audit["delta"] == summary["delta"]
     assert (results / audit["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "client-level audited ε lower bound" in out
+    white = audit["white_box"]  # every round's release, scored by the server
+    assert white["rounds_observed"] == 2 and white["canaries"] == 100
+    assert 0 <= white["epsilon_lower_bound"] <= audit["reported_epsilon"]
+    assert (results / white["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "white-box (every round's update) ε ≥" in out
     # Canaries are not clients: rounds.jsonl's cohorts hold the 4 real nodes only.
     for line in (results / "rounds.jsonl").read_text().splitlines():
         record = json.loads(line)

@@ -450,7 +450,7 @@ def test_a_device_error_reply_names_no_record_count(tmp_path: Path) -> None:
     """
     data = digits_npz(tmp_path / "d.npz", 321)
     state = write_policy(tmp_path / "state")
-    cfg = RunConfig(num_rounds=3, dataset="fashion-mnist", target_epsilon=3.0)
+    cfg = RunConfig(num_rounds=3, task="fashion-mnist", target_epsilon=3.0)
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
     ctx = device_context(cfg, data, state)
     reply = client_app.train(train_message(initial, 1), ctx)

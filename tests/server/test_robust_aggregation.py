@@ -51,7 +51,7 @@ def _accuracy(tmp_path: Path, aggregation: str, attacked: bool) -> tuple[float, 
     attack = colluding_push(ATTACK_NORM)  # the two attackers push the same way
     tamper = {100: attack, 101: attack} if attacked else {}
     evaluator = CentralEvaluator(cfg)
-    initial = build_model(cfg.dataset, evaluator.num_classes, seed=cfg.seed)
+    initial = build_model(cfg.task, evaluator.num_classes, seed=cfg.seed)
     out = tmp_path / f"{aggregation}-{attacked}"
     result = run_rounds(
         InProcessGrid(contexts, tamper), cfg, make_strategy(cfg),

@@ -20,7 +20,8 @@ def test_deploy_sends_no_evaluate_messages_by_default(
     the server's central evaluation scores the model, nodes only train."""
     argv = ["--results-dir", str(tmp_path / "run")]
     if preset is not None:
-        argv += ["--preset", preset, "--clients", "10", "--rounds", "1"]
+        clients = min(PRESETS[preset].clients or 10, 10)  # 'sites' presets: one per site
+        argv += ["--preset", preset, "--clients", str(clients), "--rounds", "1"]
     overrides = build_overrides(parse_args(argv))
     cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
     assert cfg.is_private or cfg.is_client_level

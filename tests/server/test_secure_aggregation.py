@@ -305,7 +305,7 @@ def test_rounds_are_ledgered_with_the_noise_actually_summed(tmp_path: Path) -> N
     out.mkdir(parents=True)
     strategy = make_strategy(cfg, out, 1)
     strategy.start_run(grid.get_node_ids())
-    arrays = ArrayRecord(build_model(cfg.dataset, seed=0).state_dict())
+    arrays = ArrayRecord(build_model(cfg.task, seed=0).state_dict())
     for server_round in (1, 2):
         lost_round["now"] = server_round
         step = strategy.train_round(server_round, arrays, grid, 0.3)  # in process: at once
@@ -370,7 +370,7 @@ def test_resume_continues_the_ledger_and_charges_the_round_in_flight(
     grid = InProcessGrid(contexts)
     out = Path(cfg.results_dir)
     out.mkdir(parents=True)
-    arrays = ArrayRecord(build_model(cfg.dataset, seed=0).state_dict())
+    arrays = ArrayRecord(build_model(cfg.task, seed=0).state_dict())
     first = make_strategy(cfg, out, 1)
     first.start_run(grid.get_node_ids())
     first.train_round(1, arrays, grid, 0.3)

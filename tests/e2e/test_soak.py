@@ -1,0 +1,109 @@
+"""The soak on real hosts: 5 SuperNodes in their own namespaces, a kill, a partition."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from simulations.deployment.netns import capability_problem, leftovers
+from tests.helpers.process_watch import assert_all_gone, run_watched, signal_after
+
+pytestmark = pytest.mark.e2e
+
+CANNOT = capability_problem()
+
+
+@pytest.mark.skipif(CANNOT is not None, reason=f"fault harness: {CANNOT}")
+def test_soak_five_nodes_kill_and_partition(tmp_path: Path) -> None:
+    """Node 1 is killed mid-round 2 and restarted with its state; node 3's link is
+    down for 20 s in round 2. The run completes 3 distinct rounds, no ledger step
+    is lost or counted twice, the dropped node is named with its reason, the
+    killed node says how it rejoined, and nothing of the lab or its processes is
+    left."""
+    results = tmp_path / "soak"
+    code, out, watch = run_watched(
+        ["--nodes", "5", "--rounds", "3", "--results-dir", str(results),
+         "--set", "round-timeout=150.0", "--timeout", "900",
+         "--faults", "kill@2+2:node=1,down=3 partition@2+2:node=3,for=20"],
+        timeout=1200,
+        module="simulations.soak",
+    )  # fmt: skip
+    assert code == 0, out[-5000:]
+    verdict = json.loads((results / "soak-verdict.json").read_text())
+    assert verdict["verdict"] == "PASS", verdict["problems"]
+    assert verdict["status"] == "completed"
+    assert verdict["rounds_completed"] == 3 and not verdict["duplicate_rounds"]
+    assert verdict["ledger_steps_lost"] == 0
+    assert verdict["ledger_steps_double_counted"] == 0
+    nodes = verdict["nodes"]
+    for i, node in nodes.items():
+        assert node["exact"] is True, (i, node)
+        accepted = set(node["accepted_rounds"])
+        assert accepted <= set(node["ledger"]["rounds"]), i  # none lost
+        charged = {c["round"] for c in node["charged_not_delivered"]}
+        assert set(node["ledger"]["rounds"]) == accepted | charged, i  # each named
+    # Node 1 was killed in round 2: it gave nothing that round, and said why.
+    assert 2 not in nodes["1"]["accepted_rounds"]
+    assert nodes["1"]["dropped"] == [{"round": 2, "reason": "link"}]
+    assert any("re-admitted" in r for r in nodes["1"]["rejoined"]), nodes["1"]
+    assert any("links up" in r for r in nodes["3"]["rejoined"]), nodes["3"]
+    u = verdict["updates"]
+    assert u["lost"] == 1 and u["accepted"] + u["lost"] + u["failed"] <= 15
+    assert verdict["final_accuracy"] > 0.5
+    # What the operator sees: the round line names the node, the summary counts it.
+    assert re.search(r"round 2/3 .*\| dropped 1: node \d+ \(partition 1\) link", out)
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["dropped_nodes"]["link"] == 1
+    events = [json.loads(x) for x in (results / "faults.jsonl").read_text().splitlines()]
+    assert {e["kind"] for e in events} == {"kill", "partition"}
+
+    prefix = re.search(r"\[soak\] lab (pf[0-9a-f]{6}):", out)
+    assert prefix, out[:2000]
+    assert f"lab {prefix[1]} removed: no namespace or link left" in out
+    assert leftovers(prefix[1]) == []
+    subnet = re.search(r"server (10\.\d+\.\d+)\.2,", out)
+    assert subnet, out[:2000]
+    for ip, port, name in watch.listening:  # loopback, or the lab's own addresses
+        addr = ipaddress.ip_address(ip)
+        addr = getattr(addr, "ipv4_mapped", None) or addr
+        assert addr.is_loopback or str(addr).startswith(subnet[1] + "."), (ip, port, name)
+    assert_all_gone(watch)
+
+
+@pytest.mark.skipif(CANNOT is not None, reason=f"fault harness: {CANNOT}")
+def test_sigterm_stops_the_soak_and_removes_the_lab(tmp_path: Path) -> None:
+    """SIGTERM once the nodes are admitted: the run is stopped (exit 130, summary
+    interrupted), every process is gone and no namespace or link of the lab is left."""
+    results = tmp_path / "soak"
+    code, out, watch = signal_after(
+        "simulations.soak",
+        ["--nodes", "2", "--rounds", "20", "--results-dir", str(results),
+         "--faults", "partition@1+1:node=1,for=600"],
+        "SuperNodes admitted",
+        signal.SIGTERM,
+        timeout=300,
+    )  # fmt: skip
+    assert code == 130, out[-4000:]
+    prefix = re.search(r"\[soak\] lab (pf[0-9a-f]{6}):", out)
+    assert prefix, out[:2000]
+    assert f"lab {prefix[1]} removed: no namespace or link left" in out
+    assert leftovers(prefix[1]) == []
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    assert_all_gone(watch)
+
+
+@pytest.mark.skipif(CANNOT is None, reason="this machine can run the harness")
+def test_soak_says_why_it_cannot_run(tmp_path: Path) -> None:
+    """Without root or iproute2 the soak exits 3 and names what is missing."""
+    code, out, _ = run_watched(
+        ["--nodes", "2", "--rounds", "1", "--results-dir", str(tmp_path / "r")],
+        timeout=120,
+        module="simulations.soak",
+    )
+    assert code == 3 and "cannot run here" in out, out
