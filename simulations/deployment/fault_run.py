@@ -13,7 +13,6 @@ keys and state folders, and the run resumed from its checkpoint.
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from server.results.outcome import Outcome, close_run, summary_written_since
 from simulations.deploy import SERVERAPP_STOP_GRACE_S, write_node_policy
 from simulations.deployment.certificates import default_ca_dir, ensure_tls_files
 from simulations.deployment.faults import Fault, FaultSchedule
-from simulations.deployment.front_proxy import nginx_binary
+from simulations.deployment.front_proxy import accepts, nginx_binary
 from simulations.deployment.injector import FaultInjector, rounds_recorded
 from simulations.deployment.local import DeploymentSpec, LocalDeployment, NodeHost
 from simulations.deployment.netns import LabView
@@ -56,14 +55,6 @@ from simulations.launch.processes import (
 
 PROXY_PORT = 9443  # the server's public port on the lab (the fault proxy's)
 RULES_FILE = "proxy-rules.json"
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 class FaultRun:
@@ -117,7 +108,7 @@ class FaultRun:
         logs = self.work / "logs"
         self.proxy = ManagedProcess("tcp-faults", argv, dep.env, logs / "tcp-faults.log")
         wait_until(
-            lambda: _accepts(self.lab.server.address, PROXY_PORT), 30, "the fault proxy",
+            lambda: accepts(self.lab.server.address, PROXY_PORT), 30, "the fault proxy",
             self.proxy,
         )  # fmt: skip
 

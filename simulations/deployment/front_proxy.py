@@ -174,7 +174,8 @@ http {{
 """
 
 
-def _accepts(host: str, port: int) -> bool:
+def accepts(host: str, port: int) -> bool:
+    """True when something accepts a TCP connection at ``host:port`` within 1 s."""
     try:
         with socket.create_connection((host, port), timeout=1):
             return True
@@ -207,7 +208,7 @@ def wait_front_proxy(proc: ManagedProcess, folder: Path, ports: ProxyPorts) -> N
     try:
         wait_until(
             lambda: (
-                _accepts(ports.host, ports.public) and _accepts(ports.host, ports.operator)
+                accepts(ports.host, ports.public) and accepts(ports.host, ports.operator)
             ),
             STARTUP_TIMEOUT,
             "the front proxy to listen",

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Error, Message, Metadata, RecordDict
-from server.results.dropouts import count_dropouts, dropouts, dropouts_text
 
 from client.privacy.ledger_store import LEDGER_FILE
 from common.ledger.privacy_ledger import PrivacyLedger
 from common.wire.reply_fields import Status
 from server.messaging import CountingGrid
 from server.results.client_outcomes import ClientOutcome
+from server.results.dropouts import count_dropouts, dropouts, dropouts_text
 from simulations.deployment.verdict import node_verdict, soak_verdict, verdict_text
 
 UNAVAILABLE = "Error: Node Unavailable — The destination node failed to report a heartbeat"
