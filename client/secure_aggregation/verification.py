@@ -17,6 +17,7 @@ from common.secure_aggregation.consistency import (
     UnmaskInstruction,
     advert_digest,
     advert_message,
+    global_quorum,
     participants_digest,
     plan_digest,
     uploaders_message,
@@ -110,15 +111,6 @@ def neighbour_quorum(threshold: int) -> int:
     (docs/secure-aggregation.md, *Why it holds*).
     """
     return threshold
-
-
-def global_quorum(participants: int) -> int:
-    """More than half the participants must sign U before anyone reveals.
-
-    Defence in depth beside :func:`neighbour_quorum`: two different sets cannot both
-    gather it. Each rule is tested without the other.
-    """
-    return participants // 2 + 1
 
 
 def verified_signers(held: RoundSecrets, instruction: UnmaskInstruction) -> set[int]:

@@ -49,6 +49,16 @@ def _encode(label: bytes, *fields: bytes | int) -> bytes:
     return bytes(out)
 
 
+def global_quorum(participants: int) -> int:
+    """More than half the participants must sign U before any holder reveals.
+
+    Defence in depth beside the holders' t-neighbours rule: two different sets cannot
+    both gather it. The client enforces it; the server uses it to stop a round that
+    cannot be unmasked. Each rule is tested without the other.
+    """
+    return participants // 2 + 1
+
+
 def plan_digest(setup: SetupInstruction) -> bytes:
     """SHA-256 of the round's public plan as one node got it (its neighbours aside)."""
     record = setup.to_record()

@@ -33,6 +33,7 @@ from common.secure_aggregation.consistency import (
     ConsistencyInstruction,
     KeysInstruction,
     UnmaskInstruction,
+    global_quorum,
     signature_from_record,
 )
 from common.secure_aggregation.keys import MASKING, agree, combine
@@ -100,7 +101,7 @@ class SecAggRound(RoundExchanges):
         signatures = self._consistency(view, tuple(sorted(uploaded)))
         signers = set(signatures)
         self._lost(Stage.CONSISTENCY, uploaded, signers)
-        needed = max(minimum, len(view.adverts) // 2 + 1)
+        needed = max(minimum, global_quorum(len(view.adverts)))
         if len(signers) < needed:
             return self._fail(
                 f"{len(signers)} uploaders signed the uploader set, fewer than the "
