@@ -157,8 +157,11 @@ def soak_verdict(
             "accepted": statuses["trained"],
             "refused_by_server": statuses["rejected"],
             "refused_by_node": statuses["budget-exhausted"] + statuses["policy-refused"],
-            "failed": sum(n for s, n in statuses.items() if s.endswith("error")),
-            "lost": sum(drops.values()),
+            # Each instructed node-round lands in one bucket: a Flower error reply
+            # is a drop-out (link or error) and counted there, never also here.
+            "failed": drops["error"]
+            + sum(n for s, n in statuses.items() if s.endswith("-error")),
+            "lost": drops["timeout"] + drops["link"],
         },
         "dropped": dict(drops),
         "ledger_rule": LEDGER_RULE,

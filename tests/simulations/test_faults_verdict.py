@@ -105,6 +105,25 @@ def test_soak_verdict_file_level(tmp_path: Path) -> None:
     assert failed["verdict"] == "FAIL" and "ended 'failed'" in failed["problems"][0]
 
 
+def test_a_flower_error_reply_is_one_lost_update_not_also_a_failure(tmp_path: Path) -> None:
+    """A killed node's round: Flower replies "Node Unavailable" on its behalf, so the
+    round lists an ``error`` client *and* a ``link`` drop-out for the same update
+    (seen in CI: 14 accepted + 1 lost + 1 failed of 15). It counts once, as lost;
+    a ClientApp crash counts once, as failed."""
+    r2 = _round(2, {0: 2}, {1: "link", 2: "error"})
+    r2["clients"] += [
+        {"partition_id": None, "node_id": 999, "status": "error", "reason": UNAVAILABLE},
+        {"partition_id": 2, "node_id": 102, "status": "error", "reason": "boom"},
+        {"partition_id": 3, "node_id": 103, "status": "data-error"},
+    ]
+    (tmp_path / "rounds.jsonl").write_text(json.dumps(r2) + "\n")
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
+    u = soak_verdict(tmp_path, 4, "", 1.0)["updates"]
+    assert u == {"accepted": 1, "refused_by_server": 0, "refused_by_node": 0,
+                 "failed": 2, "lost": 1}  # fmt: skip
+    assert sum(u.values()) == 4  # one bucket per instructed node
+
+
 # -- the server's side: dropped nodes in rounds.jsonl and the round line -------------
 
 
