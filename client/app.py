@@ -34,6 +34,7 @@ from client.privacy.policy import (
 )
 from client.secure_aggregation.handlers import ClientSteps, secagg_stage
 from client.training.dp_training import train_non_private, train_private
+from client.virtual_clients import discovery, group_handler
 from common.audit.gradient_canaries import gradient_canaries, white_box_applies
 from common.config import RunConfig
 from common.data.checks import DatasetError
@@ -47,6 +48,7 @@ from common.tasks.scoring import evaluate_task
 from common.wire.reply import EvaluateReport, TrainReport
 from common.wire.reply_fields import ARRAYS_KEY, CLIP_NORM_KEY
 from common.wire.update_codec import UpdateCodec, encode_change
+from common.wire.virtual_group import DISCOVERY_TYPE, GROUP_ACTION
 
 log = logging.getLogger("privfed.client")
 app = ClientApp()
@@ -368,6 +370,12 @@ def _node_error(pid: int, why: str) -> RecordDict:
 _SECAGG_STEPS = ClientSteps.late_bound(globals())  # each looked up when it runs
 for _stage in Stage:
     app.train(_stage.value)(_sanitised(secagg_stage(_stage, _SECAGG_STEPS), _node_error))
+
+
+# -- a simulated SuperNode hosting many clients (client/virtual_clients.py) ---------
+app.train(GROUP_ACTION)(group_handler(lambda msg, context: app(msg, context)))
+app.evaluate(GROUP_ACTION)(group_handler(lambda msg, context: app(msg, context)))
+app.query(DISCOVERY_TYPE.split(".")[1])(discovery)
 
 
 def _evaluate(msg: Message, context: Context) -> Message:

@@ -117,6 +117,11 @@ RULES: dict[str, _Rule] = {
         bool, lambda v: True, "true or false (true: noise replayable from the seed)"
     ),
     "torch-threads": _Rule(int, lambda v: 1 <= v <= 256, "an integer in [1, 256]"),
+    "virtual-clients": _Rule(
+        int,
+        lambda v: 0 <= v <= 10_000_000,
+        "an integer in [0, 10000000] (0 = each SuperNode is one client)",
+    ),
     "results-dir": _Rule(str, lambda v: True, "a directory path, or '' for results/"),
     "export-compression": _choice(EXPORT_COMPRESSIONS),
     "update-compression": _choice(UPDATE_COMPRESSIONS),
@@ -221,6 +226,7 @@ class RunConfig:
     grad_sample_mode: str = "direct"
     reproducible_noise: bool = False
     torch_threads: int = 1
+    virtual_clients: int = 0  # simulation only: client/virtual_clients.py
     results_dir: str = ""
     export_compression: str = "int8"
     update_compression: str = "int4"

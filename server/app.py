@@ -39,6 +39,7 @@ from server.results.run_folder import ResultsWriter, resolve_results_dir
 from server.strategies.client_level import ClientLevelFedAvg
 from server.strategies.private_fedavg import PrivateFedAvg
 from server.strategies.registry import strategy_factory
+from server.virtual_grid import VirtualGrid
 
 app = ServerApp()
 
@@ -198,6 +199,8 @@ def main(grid: Grid, context: Context) -> None:
         checkpointer = Checkpointer(
             out_dir, cfg, strategy, int(context.run_id), started, resume
         )
+        if cfg.virtual_clients:  # a simulation whose SuperNodes host many clients
+            grid = VirtualGrid(grid, cfg.virtual_clients)
         result = run_rounds(
             grid, cfg, strategy, initial, evaluator, writer, started, checkpointer, resume
         )

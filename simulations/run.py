@@ -14,6 +14,7 @@ A run that must end early (Ctrl-C, SIGTERM, SIGHUP, ``--timeout``) is stopped wi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -70,6 +71,17 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         help="CPUs Ray reserves per ClientApp",
     )
     p.add_argument(
+        "--simulated-nodes",
+        type=positive_int,
+        metavar="K",
+        help="SuperNodes the simulation engine runs; each hosts every K-th client and "
+        "trains its share of a round's cohort in one message (run key "
+        "'virtual-clients'; docs/simulation.md, 'Virtual clients'). Default: one per "
+        "CPU of a "
+        "private Ray instance (at most one per client); one per client on a cluster "
+        "(--ray-address)",
+    )
+    p.add_argument(
         "--ray-address",
         type=ray_address,
         metavar="HOST:PORT",
@@ -94,6 +106,23 @@ def describe_ray(address: str | None) -> str:
     return f"the running Ray cluster at {address}"
 
 
+def simulated_nodes(args: argparse.Namespace) -> int:
+    """How many SuperNodes the simulation engine runs for ``--clients`` clients.
+
+    Flower's simulation engine costs tens of milliseconds per message whatever it
+    carries, so by default a private Ray instance runs one SuperNode per CPU it
+    gives ClientApps, each hosting a share of the clients (client/virtual_clients.py);
+    on a cluster, where the launcher cannot see the CPUs, one per client unless
+    ``--simulated-nodes`` says otherwise.
+    """
+    asked = getattr(args, "simulated_nodes", None)
+    if asked is None and resolve_ray_address(getattr(args, "ray_address", None)):
+        asked = args.clients
+    if asked is None:
+        asked = max(1, (os.cpu_count() or 1) // max(1, args.client_cpus))
+    return min(asked, args.clients)
+
+
 def submit_simulation(
     app: Path,
     work: Path,
@@ -102,15 +131,20 @@ def submit_simulation(
     clients: int,
     client_cpus: int,
     out: TextIO | None = None,
+    supernodes: int | None = None,
 ) -> SubmittedRun:
-    """``flwr run`` the staged app on the SuperLink of ``env``'s Flower home."""
+    """``flwr run`` the staged app on the SuperLink of ``env``'s Flower home, on
+    ``supernodes`` simulated SuperNodes (default one per client) that host the
+    ``clients`` clients between them."""
+    nodes = min(supernodes or clients, clients)
+    overrides = {**overrides, "virtual-clients": clients if nodes < clients else 0}
     run_config = Path(tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=work)[1])
     run_config.write_text(tomli_w.dumps(overrides))
     argv = [
         str(FLWR), "run", str(app), CONNECTION_NAME, "--stream",
         "--run-config", str(run_config),
         "--federation-config",
-        f"num-supernodes={clients} client-resources-num-cpus={client_cpus}",
+        f"num-supernodes={nodes} client-resources-num-cpus={client_cpus}",
     ]  # fmt: skip
     return SubmittedRun(argv, env, work, CONNECTION_NAME, out)
 
@@ -143,7 +177,10 @@ def run_on_superlink(
     cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
     rounds = cfg.num_rounds
     launched_at, started = launched or (time.time(), time.monotonic())
-    run = submit_simulation(app, work, env, overrides, args.clients, args.client_cpus, out)
+    run = submit_simulation(
+        app, work, env, overrides, args.clients, args.client_cpus, out,
+        simulated_nodes(args),
+    )  # fmt: skip
     end = follow_run(
         run, started + args.timeout, interrupt=interrupt, kill_grace=SIMULATION_KILL_S
     )

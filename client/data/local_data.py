@@ -229,7 +229,10 @@ def _cached_arrays(recipe: ShardRecipe, folder: str) -> dict[str, np.ndarray]:
         log.debug("shard of partition %d read from %s", recipe.partition_id, root / key)
         return arrays
     arrays = build_arrays(recipe)
-    if _hashed(tuple(Path(p) for p, _ in recipe.sources), False) != recipe.sources:
+    # The run's dataset files are checked as their key was made (once per file state
+    # in this process); a node's own data is hashed again.
+    again = _hashed(tuple(Path(p) for p, _ in recipe.sources), recipe.data_path is None)
+    if again != recipe.sources:
         log.warning("a data file changed while its shard was built; not caching it")
         return arrays
     try:

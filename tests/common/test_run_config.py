@@ -52,6 +52,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "grad-sample-mode": [0, "fastest"],
     "reproducible-noise": [0, "true", 1.0],
     "torch-threads": [1.5, 0, 257],
+    "virtual-clients": [1.5, -1, 10_000_001, "12"],
     "results-dir": [0, None],
     "export-compression": [8, "INT8", "int4", "prune", True],
     "update-compression": [4, "INT4", "int3", "int16", "float32", "", True],

@@ -1,0 +1,111 @@
+"""privfed beside Apple's pfl-research on one client-level workload, in one run.
+
+Runs the peer (:mod:`simulations.bench.pfl_peer`, in pfl's own venv) and then
+privfed's ``simulations.run`` on the same workload (``fmnist-client-eps3`` with the
+tanh CNN on pixels, z 0.7129), one after the other on this machine, and prints one
+Markdown table: per-round seconds (median of rounds 2..T), launch to exit, accuracy
+after the last round, and privfed's time per round over pfl's.
+
+    python -m simulations.bench.peer_comparison --pfl-python /tmp/pflvenv/bin/python
+    python -m simulations.bench.peer_comparison --pfl-python ... --simulated-nodes 2 10000
+
+``--simulated-nodes`` lists the privfed configurations to time (SuperNodes for the
+10,000 clients; docs/simulation.md, 'Virtual clients'); 10000 is one per client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+PEER = REPO / "simulations" / "bench" / "pfl_peer.py"
+NOISE = 0.7129
+
+
+def _pfl(python: str, rounds: int) -> dict[str, Any]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [python, str(PEER), "--rounds", str(rounds), "--noise-multiplier", str(NOISE)],
+        capture_output=True, text=True, timeout=1800, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"pfl peer failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
+    out = json.loads(line)
+    out["launch_to_exit"] = time.monotonic() - started
+    return out
+
+
+def _privfed(rounds: int, nodes: int, results: Path) -> dict[str, Any]:
+    argv = [
+        sys.executable, "-m", "simulations.run", "--preset", "fmnist-client-eps3",
+        "--rounds", str(rounds), "--set", "features='pixels'",
+        "--noise-multiplier", str(NOISE), "--simulated-nodes", str(nodes),
+        "--results-dir", str(results),
+    ]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.run(
+        argv, cwd=REPO, capture_output=True, text=True, timeout=3600, check=False
+    )
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"privfed failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    rounds_ = [json.loads(x) for x in (results / "rounds.jsonl").read_text().splitlines()]
+    summary = json.loads((results / "summary.json").read_text())
+    per_round = [r["seconds"] for r in rounds_[1:]] or [rounds_[0]["seconds"]]
+    return {
+        "per_round_median": statistics.median(per_round),
+        "launch_to_exit": seconds,
+        "accuracy": rounds_[-1]["central"]["accuracy"],
+        "epsilon": summary.get("client_level", {}).get("epsilon"),
+        "orchestration_median": statistics.median(
+            r["timing_seconds"]["orchestration"] for r in rounds_[1:] or rounds_
+        ),
+        "central_evaluation_median": statistics.median(
+            r["timing_seconds"]["central_evaluation"] for r in rounds_[1:] or rounds_
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both, print the table."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pfl-python", required=True, help="python of a venv with pfl 0.6.0")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--simulated-nodes", type=int, nargs="+", default=[2])
+    args = p.parse_args(argv)
+    peer = _pfl(args.pfl_python, args.rounds)
+    rows = [
+        "| system | per round (median, rounds 2..T) | × pfl | launch to exit | "
+        "accuracy after the last round |",
+        "|---|---|---|---|---|",
+        f"| pfl 0.6.0 | {peer['per_round_median_s']:.3f} s | 1.00 | "
+        f"{peer['launch_to_exit']:.1f} s | {peer['accuracy'][-1]:.2%} |",
+    ]
+    for nodes in args.simulated_nodes:
+        with tempfile.TemporaryDirectory(prefix="privfed-peer-") as work:
+            ours = _privfed(args.rounds, nodes, Path(work) / "run")
+        ratio = ours["per_round_median"] / peer["per_round_median"]
+        rows.append(
+            f"| privfed, {nodes} simulated SuperNodes | {ours['per_round_median']:.3f} s "
+            f"(orchestration {ours['orchestration_median']:.3f} s, central evaluation "
+            f"{ours['central_evaluation_median']:.3f} s) | {ratio:.2f} | "
+            f"{ours['launch_to_exit']:.1f} s | {ours['accuracy']:.2%} (ε "
+            f"{ours['epsilon']}) |"
+        )
+    print("\n".join(rows), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
