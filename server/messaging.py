@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message, Metadata, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
@@ -112,7 +112,24 @@ class CountingGrid(Grid):
             node = self._destination.get(reply.metadata.reply_to_message_id, -1)
             if node >= 0 and node != int(reply.metadata.src_node_id):
                 self.unavailable[node] = reply.error.reason
-        return replies
+        return [self._readdressed(reply) for reply in replies]
+
+    def _readdressed(self, reply: Message) -> Message:
+        """A Flower error reply made on a node's behalf, from that node: the round's
+        outcomes, warnings and ``rounds.jsonl`` then name the node, not the SuperLink."""
+        if not reply.has_error():
+            return reply
+        node = self._destination.get(reply.metadata.reply_to_message_id, -1)
+        meta = reply.metadata
+        if node < 0 or node == int(meta.src_node_id):
+            return reply
+        metadata = Metadata(
+            run_id=meta.run_id, message_id=meta.message_id, src_node_id=node,
+            dst_node_id=meta.dst_node_id, reply_to_message_id=meta.reply_to_message_id,
+            group_id=meta.group_id, created_at=meta.created_at, ttl=meta.ttl,
+            message_type=meta.message_type,
+        )  # fmt: skip
+        return Message(error=reply.error, metadata=metadata)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

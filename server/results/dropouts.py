@@ -48,7 +48,8 @@ def dropouts(
     its partition (when it ever said) and reason, in node order.
 
     ``unavailable`` holds the errors Flower's SuperLink replied on a node's behalf
-    (``CountingGrid.unavailable``): their outcomes carry the SuperLink's node ID.
+    (``CountingGrid.unavailable``, which also readdresses those replies to the node):
+    a node without an outcome of its own gets one from it.
     """
     by_node = {o.node_id: o for o in outcomes}
     for node, reason in (unavailable or {}).items():

@@ -181,9 +181,13 @@ def test_counting_grid_names_the_node_flowers_error_answers_for() -> None:
         )  # fmt: skip
         messages.append(Message(RecordDict(), metadata=meta))
     grid.push_messages(messages)
-    grid.pull_messages(["m0", "m1"])
+    (reply,) = grid.pull_messages(["m0", "m1"])
     assert grid.unavailable == {14: UNAVAILABLE}
     assert grid.up == {}
+    # The reply comes from node 14, so the round's warning and outcome name node 14,
+    # not the SuperLink (node 1) that wrote it.
+    assert int(reply.metadata.src_node_id) == 14 and reply.error.reason == UNAVAILABLE
+    assert reply.metadata.reply_to_message_id == "m1"
 
 
 def test_secure_aggregation_rounds_and_their_drop_out_stages(tmp_path: Path) -> None:
