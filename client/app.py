@@ -34,6 +34,7 @@ from client.privacy.policy import (
 )
 from client.secure_aggregation.handlers import ClientSteps, secagg_stage
 from client.training.dp_training import train_non_private, train_private
+from client.training.vectorised import train_or_take
 from client.virtual_clients import discovery, group_handler
 from common.audit.gradient_canaries import gradient_canaries, white_box_applies
 from common.config import RunConfig
@@ -313,7 +314,15 @@ def _clipped_change(
     generator = round_generator(
         reproducible_seed(cfg.seed, shard.partition_id, server_round)
     )
-    train_non_private(model, shard.x_train, shard.y_train, cfg, generator)
+    train_or_take(  # its group's batched training (client/training/vectorised.py), if any
+        model,
+        shard.x_train,
+        shard.y_train,
+        cfg,
+        generator,
+        shard.partition_id,
+        server_round,
+    )
     after = model.state_dict()
     change = [v.detach().numpy() - b for v, b in zip(after.values(), before, strict=True)]
     clipped = clip_update(change, clip_norm)
@@ -373,7 +382,7 @@ for _stage in Stage:
 
 
 # -- a simulated SuperNode hosting many clients (client/virtual_clients.py) ---------
-app.train(GROUP_ACTION)(group_handler(lambda msg, context: app(msg, context)))
+app.train(GROUP_ACTION)(group_handler(lambda msg, context: app(msg, context), _model_from))
 app.evaluate(GROUP_ACTION)(group_handler(lambda msg, context: app(msg, context)))
 app.query(DISCOVERY_TYPE.split(".")[1])(discovery)
 

@@ -18,10 +18,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 
+from client.data.local_data import ClientShard, load_client_shard
+from client.node_settings import NodeSettings
+from client.training import vectorised
+from common.atomic_files import deferred_sync
 from common.config import RunConfig
+from common.data.checks import DatasetError
+from common.privacy.randomness import reproducible_seed, round_generator
+from common.wire.reply_fields import ARRAYS_KEY
 from common.wire.virtual_group import (
     HOSTED_KEY,
     Entry,
@@ -30,9 +38,13 @@ from common.wire.virtual_group import (
     unpack,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger("privfed.client")
 
 Handler = Callable[[Message, Context], Message]
+ModelFrom = Callable[[Message, RunConfig, ClientShard], "torch.nn.Module"]
 STATE_PREFIX = "vc"  # context.state key "vc<partition>/<key>": a virtual client's record
 # Flower's code for an exception raised by a ClientApp (flwr ErrorCode, 1.42)
 CLIENT_APP_RAISED_EXCEPTION = 2
@@ -97,8 +109,46 @@ def _instruction(group: Message, entry: Entry) -> Message:
     return Message(content=entry.content, metadata=metadata)
 
 
-def group_handler(run_one: Handler) -> Handler:
-    """A handler for group messages that runs ``run_one`` (the ClientApp) per entry."""
+def _precompute(
+    msg: Message, entries: list[Entry], context: Context, total: int, model_from: ModelFrom
+) -> None:
+    """Client-level rounds: train the group's clients at once (vectorised.py), for
+    each client's own handler to take after its checks. Anything unusual (another
+    mode, another model per client, a model vmap cannot batch, a shard that fails to
+    load) leaves the clients to train one by one, as the handler then does."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    plain = [e for e in entries if e.message_type == "train" and e.content is not None]
+    if not (vectorised.ENABLED and cfg.is_client_level and not cfg.secure_aggregation):
+        return
+    if len(plain) < 2 or len({id(e.content[ARRAYS_KEY]) for e in plain}) != 1:
+        return
+    server_round = int(plain[0].content["config"]["server-round"])
+    try:
+        shards = [
+            load_client_shard(
+                cfg, NodeSettings(e.partition_id, total).in_results(cfg.results_dir)
+            )
+            for e in plain
+        ]
+    except DatasetError:
+        return  # the failing client's own handler reports it
+    model = model_from(_instruction(msg, plain[0]), cfg, shards[0])
+    if not vectorised.can_vectorise(model):
+        return
+    generators = [
+        round_generator(reproducible_seed(cfg.seed, e.partition_id, server_round))
+        for e in plain
+    ]  # as _clipped_change draws them
+    vectorised.precompute(
+        model, [e.partition_id for e in plain], server_round,
+        [(s.x_train, s.y_train) for s in shards], cfg, generators,
+    )  # fmt: skip
+
+
+def group_handler(run_one: Handler, model_from: ModelFrom | None = None) -> Handler:
+    """A handler for group messages that runs ``run_one`` (the ClientApp) per entry;
+    with ``model_from`` (the ClientApp's global-model builder), a client-level round's
+    local training is batched over the group first."""
 
     def run(msg: Message, context: Context) -> Message:
         hosted, total = _hosting(context)
@@ -109,34 +159,48 @@ def group_handler(run_one: Handler) -> Handler:
                 f"the server sent partitions {stray[:5]} to the SuperNode hosting "
                 f"{hosted.start}::{hosted.step} of {total}; refused, nothing trained"
             )
-        states = _split_state(context.state)
-        replies = []
-        for entry in entries:
-            pid = entry.partition_id
-            own = RecordDict(states.get(pid, {}))  # type: ignore[arg-type]
-            sub = Context(
-                run_id=context.run_id,
-                node_id=entry.node_id,
-                node_config={"partition-id": pid, "num-partitions": total},
-                state=own,
-                run_config=context.run_config,
-            )
-            try:
-                reply = run_one(_instruction(msg, entry), sub)
-            except Exception as exc:  # as Flower reports a ClientApp's exception
-                log.exception("virtual client %d: %s failed", pid, entry.message_type)
-                reason = str(type(exc)) + ":<'" + str(exc) + "'>"
-                error = Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-                replies.append(_reply_entry(entry, None, error))
-                continue
-            _store_state(context.state, pid, states.get(pid, {}), sub.state)
-            if reply.has_error():
-                replies.append(_reply_entry(entry, None, reply.error))
-            else:
-                replies.append(_reply_entry(entry, reply.content, None))
-        return Message(pack(replies), reply_to=msg)
+        try:
+            if model_from is not None:
+                _precompute(msg, entries, context, total, model_from)
+            with deferred_sync():  # every client's ledger on disk before the reply
+                reply = _run_each(msg, context, entries, total, run_one)
+            return reply
+        finally:
+            vectorised.forget()
 
     return run
+
+
+def _run_each(
+    msg: Message, context: Context, entries: list[Entry], total: int, run_one: Handler
+) -> Message:
+    """Each entry through the ClientApp with its own context; one group reply."""
+    states = _split_state(context.state)
+    replies = []
+    for entry in entries:
+        pid = entry.partition_id
+        own = RecordDict(states.get(pid, {}))  # type: ignore[arg-type]
+        sub = Context(
+            run_id=context.run_id,
+            node_id=entry.node_id,
+            node_config={"partition-id": pid, "num-partitions": total},
+            state=own,
+            run_config=context.run_config,
+        )
+        try:
+            reply = run_one(_instruction(msg, entry), sub)
+        except Exception as exc:  # as Flower reports a ClientApp's exception
+            log.exception("virtual client %d: %s failed", pid, entry.message_type)
+            reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+            error = Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+            replies.append(_reply_entry(entry, None, error))
+            continue
+        _store_state(context.state, pid, states.get(pid, {}), sub.state)
+        if reply.has_error():
+            replies.append(_reply_entry(entry, None, reply.error))
+        else:
+            replies.append(_reply_entry(entry, reply.content, None))
+    return Message(pack(replies), reply_to=msg)
 
 
 def _reply_entry(entry: Entry, content: RecordDict | None, error: Error | None) -> Entry:
