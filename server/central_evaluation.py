@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from flwr.app import ArrayRecord
 
@@ -26,4 +28,10 @@ class CentralEvaluator:
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
         """Loss and the task's metrics (common.tasks.scoring) of ``arrays``."""
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate_task(self.task, self.model, self.x_test, self.y_test)
+        # Every core while it runs: the clients wait for the next round meanwhile.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, os.cpu_count() or 1))
+        try:
+            return evaluate_task(self.task, self.model, self.x_test, self.y_test)
+        finally:
+            torch.set_num_threads(threads)

@@ -50,6 +50,7 @@ SHARD_CODE = (
     "common.data.checks",
     "common.data.datasets",
     "common.data.features",
+    "common.data.scattering_port",
     "common.data.idx",
     "common.data.local_files",
     "common.data.partitioning",

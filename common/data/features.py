@@ -75,6 +75,8 @@ def compute_features(kind: str, x: torch.Tensor) -> torch.Tensor:
         )
     if len(x) == 0:
         return torch.zeros(0, *SCATTERING_SHAPE)
-    front = scattering_front()
+    from common.data.scattering_port import fast_front  # it imports this module
+
+    front = fast_front()  # kymatio's transform, 4x faster on a client's few images
     with torch.no_grad():
         return torch.cat([front(chunk) for chunk in x.split(_CHUNK)])

@@ -15,9 +15,9 @@ With ``features = "scattering"``, ``model.ts`` (462 kB) is the kymatio front tra
 in front of the linear model: 159 kB of float32 weights, 89 kB of float32 wavelet
 filters, and 203 kB of traced code with its debug records (the trace unrolls every
 FFT path). Measured: int8 weights behind the same trace give 346 kB (1.3x smaller);
-so the variants script :class:`ScriptedScattering`, an exact port of kymatio's
-scattering loop (13 kB of code), which with float32 filters gives 150 kB (3.1x) and
-with the filters stored float16, as here, 105 kB (4.4x).
+so the variants script :class:`common.data.scattering_port.ScriptedScattering`, an
+exact port of kymatio's scattering loop (13 kB of code), which with float32 filters
+gives 150 kB (3.1x) and with the filters stored float16, as here, 105 kB (4.4x).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from torch.ao.quantization.observer import PerChannelMinMaxObserver
 from torch.nn.utils import prune
 
 from common.config import EXPORT_COMPRESSIONS
-from common.data.features import SCATTERING_GROUPS, ScatteringFront
+from common.data.features import ScatteringFront
+from common.data.scattering_port import ScriptedScattering
 
 PRUNE_AMOUNT = 0.5  # share of each Linear/Conv2d weight zeroed by "int8+prune"
 VARIANT_FILES = {
@@ -64,90 +65,6 @@ def quiet_quantisation_warnings() -> Iterator[None]:
         # it, while one raised inside torch.jit.load would go straight to stderr.
         torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.qint8)
         yield
-
-
-class ScriptedScattering(nn.Module):
-    """kymatio's 2-D scattering (and the group norm of ``ScatteringFront``), scriptable.
-
-    Same padding, filters, periodisation and channel order as
-    ``kymatio.scattering2d.core.scattering2d`` for J=2, L angles, order 2. The
-    filters are buffers in ``filter_dtype`` (float16 halves the largest part of a
-    compressed file), widened to float32 on each call and pre-divided by the number
-    of Fourier blocks each one's periodisation averages, so that it only sums.
-    """
-
-    def __init__(self, front: ScatteringFront, filter_dtype: torch.dtype) -> None:
-        super().__init__()
-        kymatio = front._scattering[0]
-        js = [int(p["j"]) for p in kymatio.psi]
-        self.angles = len(js) // 2
-        if (
-            kymatio.J != 2
-            or kymatio.max_order != 2
-            or js != [0] * self.angles + [1] * self.angles
-        ):
-            raise ValueError(
-                "ScriptedScattering ports kymatio's J=2, order-2 scattering only"
-            )
-        self.chunk = 16  # images per FFT batch: buffers past the CPU cache ran 3-10x slower
-        self.groups = SCATTERING_GROUPS
-        self.pad = [int(p) for p in kymatio.pad.padding_module.padding]
-        phi = [torch.from_numpy(level).to(filter_dtype) for level in kymatio.phi["levels"]]
-        self.register_buffer("phi0", phi[0])
-        self.register_buffer("phi1", phi[1])
-        psi = [torch.from_numpy(p["levels"][0]) for p in kymatio.psi]
-        self.register_buffer("psi", torch.stack(psi).to(filter_dtype))
-
-    @staticmethod
-    def _periodise(x: torch.Tensor) -> torch.Tensor:
-        """Sum of the 2x2 Fourier blocks: subsampling by 2 in space (times 4)."""
-        h, w = x.shape[-2] // 2, x.shape[-1] // 2
-        return x[..., :h, :w] + x[..., h:, :w] + x[..., :h, w:] + x[..., h:, w:]
-
-    @staticmethod
-    def _modulus_fft(u: torch.Tensor) -> torch.Tensor:
-        """Fourier transform of the modulus of a band-passed signal given in Fourier."""
-        z = torch.fft.ifft2(u)
-        return torch.fft.fft2(torch.sqrt(z.real * z.real + z.imag * z.imag))
-
-    def _low_pass(self, u: torch.Tensor, phi: torch.Tensor, times: int) -> torch.Tensor:
-        """Averaged coefficients: low-pass, subsample by 2**times, back to space, unpad."""
-        v = u * phi
-        for _ in range(times):
-            v = self._periodise(v)
-        return torch.fft.ifft2(v).real[..., 1:-1, 1:-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, 1, H, W)`` normalised images to group-normalised coefficients."""
-        phi0 = self.phi0.float() / 16.0  # periodised 4x4 (twice 2x2) wherever used
-        phi1 = self.phi1.float() / 4.0
-        psi = self.psi.float()
-        fine, coarse = psi[: self.angles], psi[self.angles :] / 4.0  # coarse: 2x2
-        parts = [self._scatter(p, phi0, phi1, fine, coarse) for p in x.split(self.chunk)]
-        return torch.cat(parts)
-
-    def _scatter(
-        self,
-        x: torch.Tensor,
-        phi0: torch.Tensor,
-        phi1: torch.Tensor,
-        fine: torch.Tensor,
-        coarse: torch.Tensor,
-    ) -> torch.Tensor:
-        """One chunk; all wavelets of a scale in one batched FFT (kymatio loops)."""
-        n = x.shape[0]
-        u0 = torch.fft.fft2(F.pad(x, self.pad, mode="reflect")[:, 0])
-        u1_fine = self._modulus_fft(u0[:, None] * fine)
-        u1_coarse = self._modulus_fft(self._periodise(u0[:, None] * coarse))
-        # second order: every fine path through every coarse wavelet (n1 outer)
-        u2 = self._modulus_fft(self._periodise(u1_fine[:, :, None] * coarse))
-        coefficients = [
-            self._low_pass(u0, phi0, 2)[:, None],
-            self._low_pass(u1_fine, phi0, 2),
-            self._low_pass(u1_coarse, phi1, 1),
-            self._low_pass(u2, phi1, 1).reshape(n, self.angles * self.angles, 7, 7),
-        ]
-        return F.group_norm(torch.cat(coefficients, 1), self.groups)
 
 
 class Int8WeightConv2d(nn.Module):
