@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,20 +31,33 @@ PEER = REPO / "simulations" / "bench" / "pfl_peer.py"
 NOISE = 0.7129
 
 
+def _run(argv: list[str], timeout: float) -> tuple[int, str, str]:
+    """Run ``argv`` from the repository; on any exit of ours (SIGTERM, Ctrl-C, the
+    timeout) the child gets SIGTERM (a privfed run then stops what it started)."""
+    proc = subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+    return proc.returncode, out, err
+
+
 def _pfl(python: str, rounds: int) -> dict[str, Any]:
     started = time.monotonic()
-    proc = subprocess.run(
+    code, out, err = _run(
         [python, str(PEER), "--rounds", str(rounds), "--noise-multiplier", str(NOISE)],
-        capture_output=True, text=True, timeout=1800, check=False,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"pfl peer failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-        )
-    line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
-    out = json.loads(line)
-    out["launch_to_exit"] = time.monotonic() - started
-    return out
+        1800,
+    )
+    if code != 0:
+        raise SystemExit(f"pfl peer failed (exit {code}):\n{err[-3000:]}")
+    line = [x for x in out.splitlines() if x.startswith("{")][-1]
+    figures: dict[str, Any] = json.loads(line)
+    figures["launch_to_exit"] = time.monotonic() - started
+    return figures
 
 
 def _privfed(rounds: int, nodes: int, results: Path) -> dict[str, Any]:
@@ -54,12 +68,10 @@ def _privfed(rounds: int, nodes: int, results: Path) -> dict[str, Any]:
         "--results-dir", str(results),
     ]  # fmt: skip
     started = time.monotonic()
-    proc = subprocess.run(
-        argv, cwd=REPO, capture_output=True, text=True, timeout=3600, check=False
-    )
+    code, out, _ = _run(argv, 3600)
     seconds = time.monotonic() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"privfed failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    if code != 0:
+        raise SystemExit(f"privfed failed (exit {code}):\n{out[-3000:]}")
     rounds_ = [json.loads(x) for x in (results / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((results / "summary.json").read_text())
     per_round = [r["seconds"] for r in rounds_[1:]] or [rounds_[0]["seconds"]]
@@ -77,6 +89,10 @@ def _privfed(rounds: int, nodes: int, results: Path) -> dict[str, Any]:
     }
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through _run, which stops the child
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both, print the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -84,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--simulated-nodes", type=int, nargs="+", default=[2])
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     peer = _pfl(args.pfl_python, args.rounds)
     rows = [
         "| system | per round (median, rounds 2..T) | × pfl | launch to exit | "
@@ -92,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         f"| pfl 0.6.0 | {peer['per_round_median_s']:.3f} s | 1.00 | "
         f"{peer['launch_to_exit']:.1f} s | {peer['accuracy'][-1]:.2%} |",
     ]
+    print("\n".join(rows), flush=True)
     for nodes in args.simulated_nodes:
         with tempfile.TemporaryDirectory(prefix="privfed-peer-") as work:
             ours = _privfed(args.rounds, nodes, Path(work) / "run")
-        ratio = ours["per_round_median"] / peer["per_round_median"]
+        ratio = ours["per_round_median"] / peer["per_round_median_s"]
         rows.append(
             f"| privfed, {nodes} simulated SuperNodes | {ours['per_round_median']:.3f} s "
             f"(orchestration {ours['orchestration_median']:.3f} s, central evaluation "
@@ -103,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{ours['launch_to_exit']:.1f} s | {ours['accuracy']:.2%} (ε "
             f"{ours['epsilon']}) |"
         )
-    print("\n".join(rows), flush=True)
+        print(rows[-1], flush=True)
     return 0
 
 
