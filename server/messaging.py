@@ -49,22 +49,11 @@ def content_bytes(content: RecordDict) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
-class CountingGrid(Grid):
-    """A grid that counts the serialised content bytes (:func:`content_bytes`) of every
-    message it pushes (down, by destination node) and every reply it pulls (up, by
-    source node); everything else is the wrapped grid's. A reply that is an error
-    carries no content and counts nothing.
-
-    Flower's own error replies (a node stopped heartbeating, a message expired) come
-    from the SuperLink's node ID, not the node's: :attr:`unavailable` names the
-    node each one answers for (by the message it replies to), with its reason."""
+class WrappedGrid(Grid):
+    """A grid that passes everything to the grid it wraps; subclasses change some."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.down: dict[int, int] = {}
-        self.up: dict[int, int] = {}
-        self.unavailable: dict[int, str] = {}
-        self._destination: dict[str, int] = {}  # message ID -> node
 
     def set_run(self, run: Run) -> None:
         """As the wrapped grid."""
@@ -89,6 +78,38 @@ class CountingGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         """As the wrapped grid."""
         return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """As the wrapped grid."""
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """As the wrapped grid."""
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push and collect the replies (:func:`exchange`, polled briskly)."""
+        return exchange(self, messages, math.inf if timeout is None else timeout)
+
+
+class CountingGrid(WrappedGrid):
+    """A grid that counts the serialised content bytes (:func:`content_bytes`) of every
+    message it pushes (down, by destination node) and every reply it pulls (up, by
+    source node); everything else is the wrapped grid's. A reply that is an error
+    carries no content and counts nothing.
+
+    Flower's own error replies (a node stopped heartbeating, a message expired) come
+    from the SuperLink's node ID, not the node's: :attr:`unavailable` names the
+    node each one answers for (by the message it replies to), with its reason."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.down: dict[int, int] = {}
+        self.up: dict[int, int] = {}
+        self.unavailable: dict[int, str] = {}
+        self._destination: dict[str, int] = {}  # message ID -> node
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Count, then push."""
@@ -130,12 +151,6 @@ class CountingGrid(Grid):
             message_type=meta.message_type,
         )  # fmt: skip
         return Message(error=reply.error, metadata=metadata)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Push and collect the replies (:func:`exchange`), counting both."""
-        return exchange(self, messages, math.inf if timeout is None else timeout)
 
     def facts(self) -> dict[str, Any]:
         """Per node up and down: how many nodes, median and largest per node, total."""

@@ -10,14 +10,12 @@ into one reply per virtual client, with that client's node ID. Everything above 
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from common.wire.virtual_group import (
     DISCOVERY_TYPE,
@@ -29,7 +27,7 @@ from common.wire.virtual_group import (
     unpack,
     virtual_node_id,
 )
-from server.messaging import exchange
+from server.messaging import WrappedGrid, exchange
 
 DISCOVERY_TIMEOUT_S = 120.0  # a simulated SuperNode answers at once, or is broken
 
@@ -38,13 +36,13 @@ class VirtualGridError(RuntimeError):
     """The SuperNodes do not host the run's virtual clients between them."""
 
 
-class VirtualGrid(Grid):
+class VirtualGrid(WrappedGrid):
     """Wraps the simulation's grid; see the module docstring."""
 
     def __init__(self, grid: Grid, virtual_clients: int) -> None:
         if virtual_clients < 1:
             raise ValueError("virtual_clients must be >= 1")
-        self.grid = grid
+        super().__init__(grid)
         self.total = virtual_clients
         self._real: tuple[int, ...] = ()
         self._host: dict[int, int] = {}  # virtual node ID -> SuperNode ID
@@ -52,27 +50,6 @@ class VirtualGrid(Grid):
         self._group_of: dict[str, str] = {}  # virtual message ID -> group message ID
         self._instruction: dict[str, Entry] = {}  # virtual message ID -> its entry
         self._replies: dict[str, Message] = {}  # unpacked, not yet pulled
-
-    # -- as the wrapped grid -----------------------------------------------------
-    def set_run(self, run: Run) -> None:
-        """As the wrapped grid."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """As the wrapped grid."""
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """As the wrapped grid (the destination is a virtual client's node ID)."""
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     # -- who is there ------------------------------------------------------------
     def get_node_ids(self) -> Iterable[int]:
@@ -194,12 +171,6 @@ class VirtualGrid(Grid):
             self._replies[got.message_id] = _reply(
                 entry, group_reply, got.content, got.error, src=entry.node_id
             )
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Push and collect the replies."""
-        return exchange(self, messages, math.inf if timeout is None else timeout)
 
 
 def _reply(
