@@ -8,9 +8,10 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.config import RunConfig
-from common.data.datasets import load_dataset
+from common.data.datasets import load_test_split
 from common.data.features import compute_features
 from common.tasks.models import build_model
+from common.tasks.registry import get_task
 from common.tasks.scoring import evaluate_task
 
 
@@ -19,11 +20,11 @@ class CentralEvaluator:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.task = cfg.task
-        data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
-        self.x_test = compute_features(cfg.features, torch.from_numpy(data.x_test))
-        self.y_test = torch.from_numpy(data.y_test)
-        self.num_classes = data.num_classes
-        self.model = build_model(cfg.task, data.num_classes, features=cfg.features)
+        x_test, y_test = load_test_split(cfg.task, cfg.data_dir, cfg.seed)
+        self.x_test = compute_features(cfg.features, torch.from_numpy(x_test))
+        self.y_test = torch.from_numpy(y_test)
+        self.num_classes = get_task(cfg.task).num_classes
+        self.model = build_model(cfg.task, self.num_classes, features=cfg.features)
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
         """Loss and the task's metrics (common.tasks.scoring) of ``arrays``."""

@@ -244,8 +244,9 @@ def _cached_arrays(recipe: ShardRecipe, folder: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-# One entry per shard this process serves: a Ray worker serves several nodes.
-@lru_cache(maxsize=32)
+# One entry per shard this process serves: a Ray worker serves several nodes, and a
+# SuperNode with virtual clients loads each shard of a group twice (virtual_clients.py).
+@lru_cache(maxsize=128)
 def _shard(recipe: ShardRecipe, cache_folder: str | None) -> ClientShard:
     arrays = _cached_arrays(recipe, cache_folder) if cache_folder else build_arrays(recipe)
     return ClientShard(

@@ -152,6 +152,16 @@ def load_raw_training_sites(
     return x, y, sites
 
 
+@lru_cache(maxsize=2)
+def load_test_split(name: str, data_dir: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The test split, preprocessed, and its int64 labels (what the server scores on):
+    ``load_dataset(...)``'s ``x_test``/``y_test`` without reading the training split
+    (60,000 images to decode and normalise for Fashion-MNIST)."""
+    task = get_task(name)
+    x, y = task.raw("test", data_dir, seed)
+    return task.preprocess(x), y
+
+
 @lru_cache(maxsize=4)
 def load_dataset(name: str, data_dir: str, seed: int) -> DatasetArrays:
     """Load (once per process) the dataset a run config names."""

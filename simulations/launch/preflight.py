@@ -14,7 +14,7 @@ import warnings
 
 from common.audit.canaries import canary_plan, inserts_canary_records
 from common.config import ConfigError, RunConfig
-from common.data.datasets import DatasetError, load_dataset
+from common.data.datasets import DatasetError, load_raw_training_sites
 from common.data.partitioning import (
     PartitionError,
     PartitionSpec,
@@ -24,22 +24,24 @@ from common.data.partitioning import (
 from common.ledger.privacy_ledger import PrivacyLedger
 from common.privacy.dp_sgd_plan import plan_dp_sgd_round
 from common.privacy.round_decision import decide_round, delta_allows_record_release
+from common.tasks.registry import get_task
 
 
 def partition_sizes(cfg: RunConfig, num_partitions: int) -> list[int]:
     """Training records of each partition, as its client would split them."""
-    try:
-        data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
+    try:  # labels and sites only: nothing to preprocess (as a client reads them)
+        _, y_train, sites = load_raw_training_sites(cfg.task, cfg.data_dir, cfg.seed)
     except DatasetError as exc:
         raise ConfigError(str(exc)) from None
-    if num_partitions > len(data.y_train):
+    if num_partitions > len(y_train):
         raise ConfigError(
-            f"--clients {num_partitions}: more clients than the {len(data.y_train)} "
+            f"--clients {num_partitions}: more clients than the {len(y_train)} "
             f"training records of task {cfg.task}; every client needs at least one"
         )
     spec = PartitionSpec.for_run(cfg, num_partitions)
+    num_classes = get_task(cfg.task).num_classes
     try:
-        shards = partition_indices(data.y_train, spec, data.num_classes, data.sites_train)
+        shards = partition_indices(y_train, spec, num_classes, sites)
     except PartitionError as exc:
         raise ConfigError(str(exc)) from None
     except ValueError as exc:  # e.g. flwr-datasets' Dirichlet gives up on α
@@ -76,8 +78,8 @@ def check_federation(cfg: RunConfig, num_partitions: int) -> None:
     """
     sizes = partition_sizes(cfg, num_partitions)
     if inserts_canary_records(cfg):  # audit-canaries must fit the training pool
-        data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
-        canary_plan(cfg.seed, cfg.audit_canaries, data.y_train, data.num_classes)
+        _, y_train, _ = load_raw_training_sites(cfg.task, cfg.data_dir, cfg.seed)
+        canary_plan(cfg.seed, cfg.audit_canaries, y_train, get_task(cfg.task).num_classes)
     if not cfg.is_private:
         return
     for pid, n in enumerate(sizes):
