@@ -72,7 +72,9 @@ def _supernodes(cfg: RunConfig, count: int = SUPERNODES, **node: Any) -> dict[in
 
 def _run(tmp_path: Path, grouped: bool, mode: str) -> tuple[list[dict], Path]:
     out = tmp_path / f"{mode}-{'grouped' if grouped else 'plain'}"
-    cfg = _cfg(out, grouped, mode)
+    # Sample-level rounds also evaluate on every client's local test split.
+    evaluation = {"fraction-evaluate": 1.0, "local-test-fraction": 0.2}
+    cfg = _cfg(out, grouped, mode, **(evaluation if mode == "sample" else {}))
     if grouped:
         grid: Any = VirtualGrid(InProcessGrid(_supernodes(cfg)), CLIENTS)
     else:  # one node per client, with the node IDs the virtual clients get
@@ -102,6 +104,9 @@ def test_grouped_run_equals_one_supernode_per_client(tmp_path: Path, mode: str) 
         )
         assert ours == theirs and ours, a["round"]
         assert all(status == "trained" for _, _, status in ours)
+        assert (a["federated_evaluation"] is not None) == (mode == "sample")
+        if mode == "sample":  # the same scores, averaged in another reply order
+            assert a["federated_evaluation"] == pytest.approx(b["federated_evaluation"])
     digest = [
         hashlib.sha256((o / "model.pt").read_bytes()).hexdigest() for o in (g_out, p_out)
     ]
