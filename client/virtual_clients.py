@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+import torch
 from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 
 from client.data.local_data import ClientShard, load_client_shard
@@ -38,13 +38,10 @@ from common.wire.virtual_group import (
     unpack,
 )
 
-if TYPE_CHECKING:
-    import torch
-
 log = logging.getLogger("privfed.client")
 
 Handler = Callable[[Message, Context], Message]
-ModelFrom = Callable[[Message, RunConfig, ClientShard], "torch.nn.Module"]
+ModelFrom = Callable[[Message, RunConfig, ClientShard], torch.nn.Module]
 STATE_PREFIX = "vc"  # context.state key "vc<partition>/<key>": a virtual client's record
 # Flower's code for an exception raised by a ClientApp (flwr ErrorCode, 1.42)
 CLIENT_APP_RAISED_EXCEPTION = 2
@@ -132,6 +129,7 @@ def _precompute(
         ]
     except DatasetError:
         return  # the failing client's own handler reports it
+    torch.set_num_threads(cfg.torch_threads)  # as each client's handler sets it
     model = model_from(_instruction(msg, plain[0]), cfg, shards[0])
     if not vectorised.can_vectorise(model):
         return
@@ -139,10 +137,18 @@ def _precompute(
         round_generator(reproducible_seed(cfg.seed, e.partition_id, server_round))
         for e in plain
     ]  # as _clipped_change draws them
-    vectorised.precompute(
-        model, [e.partition_id for e in plain], server_round,
-        [(s.x_train, s.y_train) for s in shards], cfg, generators,
-    )  # fmt: skip
+    try:
+        vectorised.precompute(
+            model, [e.partition_id for e in plain], server_round,
+            [(s.x_train, s.y_train) for s in shards], cfg, generators,
+        )  # fmt: skip
+    except Exception as exc:  # e.g. a user's loss that torch.func cannot batch
+        vectorised.forget()
+        log.warning(
+            "task %s: batched training of %d virtual clients failed (%s: %s); "
+            "they train one by one",
+            cfg.task, len(plain), type(exc).__name__, exc,
+        )  # fmt: skip
 
 
 def group_handler(run_one: Handler, model_from: ModelFrom | None = None) -> Handler:

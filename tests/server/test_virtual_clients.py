@@ -220,3 +220,26 @@ def test_a_failed_supernode_fails_each_of_its_clients_by_name(tmp_path: Path) ->
     errors = [r for r in replies if r.has_error()]
     assert len(errors) == 4  # partitions 0, 3, 6, 9
     assert sorted(grid.unavailable) == [virtual_node_id(p) for p in (0, 3, 6, 9)]
+
+
+def test_a_loss_that_cannot_be_batched_trains_one_by_one_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Batched training is only a faster path: when torch.func fails on it, each
+    client trains alone, to the same model, and the log says why."""
+    import client.training.vectorised as vectorised
+
+    def broken(*_args: Any, **_kwargs: Any) -> list[Any]:
+        raise RuntimeError("vmap: data-dependent control flow")
+
+    plain, p_out = _run(tmp_path / "a", False, "client")
+    monkeypatch.setattr(vectorised, "train_many", broken)
+    with caplog.at_level("WARNING", logger="privfed.client"):
+        grouped, g_out = _run(tmp_path / "b", True, "client")
+    assert "they train one by one" in caplog.text and "data-dependent" in caplog.text
+    assert [r["clients_trained"] for r in grouped] == [r["clients_trained"] for r in plain]
+    digest = [
+        hashlib.sha256((o / "model.pt").read_bytes()).hexdigest() for o in (g_out, p_out)
+    ]
+    assert digest[0] == digest[1]
+    assert not vectorised._PRECOMPUTED
