@@ -36,6 +36,7 @@ from simulations.deployment.faults import (
 )
 from simulations.deployment.front_proxy import ProxyError
 from simulations.deployment.netns import LabView, NetLab, capability_problem, leftovers
+from simulations.deployment.supernode_heartbeat import interval as heartbeat_interval
 from simulations.launch.options import add_run_options, resolve_clients
 from simulations.launch.processes import (
     become_subreaper,
@@ -65,6 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--fault-seed", type=int, help="default: --seed (else 42)")
     p.add_argument("--baseline", type=Path, help="a fault-free run's results folder")
+    p.add_argument(
+        "--kill-heartbeat",
+        type=heartbeat_interval,
+        metavar="S",
+        help="the heartbeat interval (10 s or more) that nodes only ever killed declare; "
+        "the SuperLink gives up a killed node's message and re-admits it after 2 x S "
+        "(default: Flower's 30 s). Nodes that must ride out a freeze, partition or "
+        "proxy fault keep 30 s",
+    )
     p.add_argument("--inner-lab", type=Path, help=argparse.SUPPRESS)
     return resolve_clients(p.parse_args(argv))
 

@@ -243,7 +243,7 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             idle = {i: tree_rss(h.process.pid) for i, h in dep.nodes.items()}
             # Flower's own cost of a node that waits: SuperNode + SuperExec polling
             # (after their start-up has settled).
-            time.sleep(5.0)
+            time.sleep(args.settle_seconds)
             idle0 = sum(_nodes_cpu(dep))
             time.sleep(args.idle_seconds)
             idle1 = sum(_nodes_cpu(dep))
@@ -369,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--idle-seconds", type=float, default=10.0,
         help="measure the waiting nodes' own CPU this long before the run",
+    )  # fmt: skip
+    p.add_argument(
+        "--settle-seconds", type=float, default=5.0,
+        help="let the admitted nodes' start-up settle this long before --idle-seconds",
     )  # fmt: skip
     p.add_argument("--messages-out", type=Path, help="also save every message's record")
     p.add_argument("--no-bytes", action="store_true", help="skip the bytes measurement")

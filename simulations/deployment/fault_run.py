@@ -118,13 +118,22 @@ class FaultRun:
         superlink = f"{self.lab.server.address}:{PROXY_PORT}"
         return NodeHost(host.prefix, host.address, superlink)
 
+    def heartbeat_of(self, i: int) -> float | None:
+        """``--kill-heartbeat`` for a node the schedule only ever kills, else None
+        (Flower's 30 s: a shorter one would take a partitioned node offline)."""
+        kinds = {f.kind for f in self.schedule.faults if i in f.nodes}
+        return getattr(self.args, "kill_heartbeat", None) if kinds == {"kill"} else None
+
     def start_nodes(self, dep: LocalDeployment) -> None:
         """Every SuperNode in its namespace (registered first), waited for."""
         for i in range(self.args.clients):
             config = {"partition-id": i, "num-partitions": self.args.clients,
                       "state-dir": str(self.state_root / f"node-{i}")}  # fmt: skip
             key = dep.node_key(i)
-            dep.start_supernode(i, config, key, wait=False, host=self.node_host(i))
+            dep.start_supernode(
+                i, config, key, wait=False, host=self.node_host(i),
+                heartbeat_interval=self.heartbeat_of(i),
+            )  # fmt: skip
         for i in range(self.args.clients):
             dep.wait_ready(i)
         print(

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +39,7 @@ from simulations.deployment.front_proxy import (
     wait_front_proxy,
 )
 from simulations.deployment.health import wait_serving
+from simulations.deployment.supernode_heartbeat import MODULE as HEARTBEAT_SUPERNODE
 from simulations.launch.flower_env import CONNECTION_NAME, flower_environment, stage_app
 from simulations.launch.flwr_run import SubmittedRun
 from simulations.launch.processes import (
@@ -52,6 +54,9 @@ BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 120.0
 # Printed by flower-supernode once the SuperLink has activated (admitted) the node.
 ADMITTED_MARK = "SuperNode ID:"
+# Between refused re-admissions of a restarted node (each try starts a SuperNode,
+# about 1 CPU-second): the node gets in at most this long after its heartbeat lapses.
+RESTART_RETRY_S = 1.0
 
 
 class SuperNodeRefused(RuntimeError):
@@ -144,6 +149,7 @@ class SuperNodeHandle:
     health: str
     extra_env: dict[str, str] = field(default_factory=dict)
     host: NodeHost | None = None
+    heartbeat_interval: float | None = None
 
 
 @dataclass
@@ -279,6 +285,7 @@ class LocalDeployment:
         wait: bool = True,
         extra_env: dict[str, str] | None = None,
         host: NodeHost | None = None,
+        heartbeat_interval: float | None = None,
     ) -> SuperNodeHandle:
         """Start SuperNode ``index``; by default it uses the deployment's security.
 
@@ -286,6 +293,9 @@ class LocalDeployment:
         SuperLink has admitted it (see :meth:`wait_ready`). ``extra_env`` is added
         to the node's environment (benchmarks put a probe first on its ``PATH``).
         ``host`` runs it on a host of its own (the fault harness's namespaces).
+        ``heartbeat_interval`` (seconds, at least 10) replaces the 30 s that Flower's
+        SuperNode declares (``supernode_heartbeat``): if the node crashes, the
+        SuperLink gives up its message and re-admits it after 2 x this, not 60 s.
         """
         insecure = (not self.spec.secure) if insecure is None else insecure
         if host is None:
@@ -295,9 +305,15 @@ class LocalDeployment:
         else:
             health = f"{host.address}:{host.health_port}"
             runtime, superlink = ("127.0.0.1", host.runtime_port), host.superlink
+        binary = (
+            [sys.executable, "-m", HEARTBEAT_SUPERNODE,
+             "--heartbeat-interval", str(heartbeat_interval)]
+            if heartbeat_interval is not None
+            else [str(BIN / "flower-supernode")]
+        )  # fmt: skip
         argv = [
             *(host.prefix if host else ()),
-            str(BIN / "flower-supernode"),
+            *binary,
             "--superlink", superlink,
             # its own runtime API (default 127.0.0.1:9094 collides)
             "--host", runtime[0], "--port", str(runtime[1]),
@@ -322,8 +338,9 @@ class LocalDeployment:
         )  # fmt: skip
         self._started.append(proc)
         handle = SuperNodeHandle(
-            index, proc, node_config, key, health, extra_env or {}, host
-        )
+            index, proc, node_config, key, health, extra_env or {}, host,
+            heartbeat_interval,
+        )  # fmt: skip
         self.nodes[index] = handle
         if wait:
             self.wait_ready(index)
@@ -358,7 +375,8 @@ class LocalDeployment:
         """Start SuperNode ``index`` again with its key, node config and state.
 
         After a crash the SuperLink still counts the node online until its
-        heartbeat lapses (up to 2 x 30 s), and refuses to activate it again
+        heartbeat lapses (up to 2 x its declared interval, 30 s unless
+        ``heartbeat_interval`` was given), and refuses to activate it again
         before then (the SuperNode exits with code 305). Retry until it is in.
         """
         old = self.nodes[index]
@@ -366,7 +384,7 @@ class LocalDeployment:
         while True:
             handle = self.start_supernode(
                 index, old.node_config, old.key, wait=False, extra_env=old.extra_env,
-                host=old.host,
+                host=old.host, heartbeat_interval=old.heartbeat_interval,
             )  # fmt: skip
             try:
                 self.wait_ready(index, max(deadline - time.monotonic(), 1.0))
@@ -378,7 +396,7 @@ class LocalDeployment:
                         f"SuperNode {index} was not re-admitted within {timeout:.0f} s; "
                         f"its log ends with:\n{handle.process.log_tail()}"
                     ) from None
-                time.sleep(3)
+                time.sleep(RESTART_RETRY_S)
 
     def problem(self) -> str | None:
         """Why the run cannot go on (the SuperLink or its front proxy died), or None."""
@@ -428,8 +446,16 @@ class LocalDeployment:
         ``flower-superexec --parent-pid <pid>`` behind for a few seconds; with
         this process as subreaper it is one of our descendants and is stopped too.
         """
+        servers = [p for p in (self.proxy, self.superlink) if p is not None]
+        others = [p for p in reversed(self._started) if p not in servers]
+        # Each SuperNode takes about a second to leave the SuperLink and stop:
+        # stopped side by side, while the SuperLink and nginx still serve them.
+        if others:
+            with ThreadPoolExecutor(len(others)) as pool:
+                list(pool.map(lambda proc: proc.stop(), others))
         for proc in reversed(self._started):
-            proc.stop()
+            if proc in servers:
+                proc.stop()
         ours = {str(proc.pid) for proc in self._started}
         stop_processes([p for p in descendants() if _flower_parent_pid(p) in ours])
 

@@ -404,7 +404,11 @@ def test_killed_node_continues_its_ledger_and_corrupt_ledger_fails_closed(
     deployment.start_superlink()
     for i in range(3):
         config = {"partition-id": i, "num-partitions": 3, "state-dir": str(states[i])}
-        deployment.start_supernode(i, config, deployment.node_key(i))
+        # Node 2, the one killed, declares Flower's least heartbeat interval: the
+        # SuperLink gives up its in-flight message and re-admits it after 20 s, not 60.
+        deployment.start_supernode(
+            i, config, deployment.node_key(i), heartbeat_interval=10.0 if i == 2 else None
+        )
     flwr_run = deployment.run_app(run_config, APP_DIR)
     try:
         _wait_for_round(results, 1)

@@ -15,7 +15,9 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -33,6 +35,7 @@ from tests.helpers.process_watch import (
     start_script,
     watching,
 )
+from tests.helpers.runs_ahead import RunsAhead, runs_ahead
 
 pytestmark = pytest.mark.e2e
 
@@ -191,12 +194,10 @@ def _release_in_flight_round(state_dir: Path, server_round: int, run_id: int) ->
     store_ledger(context, ledger.extended(server_round, sigma, q, per_round, run_id), node)
 
 
-def test_deployment_resume_keeps_a_node_ledger_that_holds_the_interrupted_round(
-    tmp_path: Path,
-) -> None:
-    """TLS deployment killed after round 1 of 2; node 0 had stored round 2: resumed,
-    its ε never drops, round 2 counts once per release (killed run, rerun)."""
-    results = tmp_path / "run"
+def _deployment_killed_and_resumed(folder: Path) -> dict[str, Any]:
+    """Kill a 2-round TLS deployment after round 1, give node 0 the interrupted
+    round's release if the kill came before it stored it, and resume."""
+    results = folder / "run"
     args = ["--clients", "2", "--rounds", "2", "--noise-multiplier", "1.0",
             "--results-dir", str(results)]  # fmt: skip
     kill_when_rounds("simulations.deploy", args, results, 1)
@@ -206,9 +207,36 @@ def test_deployment_resume_keeps_a_node_ledger_that_holds_the_interrupted_round(
     if 2 not in json.loads(ledger_file.read_text())["rounds"]:  # the kill came earlier
         _release_in_flight_round(node_0, 2, killed_run)
     before = PrivacyLedger.from_json(ledger_file.read_text())
-    assert before.rounds == (1, 2)
-
     code, out, watch = run_watched(["--resume", str(results)], module="simulations.deploy")
+    return {"results": results, "killed_run": killed_run, "ledger_file": ledger_file,
+            "before": before, "code": code, "out": out, "watch": watch}  # fmt: skip
+
+
+DEPLOYMENT_TEST = (
+    "test_deployment_resume_keeps_a_node_ledger_that_holds_the_interrupted_round"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ahead(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunsAhead]:
+    """The deployment's kill and resume start with the module, beside the
+    simulation's (each a federation of its own, with its own processes)."""
+    runs = {DEPLOYMENT_TEST: _deployment_killed_and_resumed}
+    with runs_ahead(request, tmp_path_factory, runs) as started:
+        yield started
+
+
+def test_deployment_resume_keeps_a_node_ledger_that_holds_the_interrupted_round(
+    ahead: RunsAhead, tmp_path: Path
+) -> None:
+    """TLS deployment killed after round 1 of 2; node 0 had stored round 2: resumed,
+    its ε never drops, round 2 counts once per release (killed run, rerun)."""
+    run = ahead.result(DEPLOYMENT_TEST, _deployment_killed_and_resumed, tmp_path)
+    results, killed_run, ledger_file = run["results"], run["killed_run"], run["ledger_file"]
+    before, code, out, watch = run["before"], run["code"], run["out"], run["watch"]
+    assert before.rounds == (1, 2)  # node 0 holds the interrupted round
     assert code == 0, out[-4000:]
     assert "TLS + SuperNode authentication" in out
     assert_all_gone(watch)

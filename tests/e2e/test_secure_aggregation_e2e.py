@@ -8,6 +8,7 @@ recomputed here, the summary block, and every process gone afterwards.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,13 @@ from client.privacy.ledger_store import LEDGER_FILE
 from client.privacy.policy import POLICY_FILE, PrivacyPolicy
 from common.ledger.privacy_ledger import PrivacyLedger
 from common.secure_aggregation.skellam_accounting import SkellamRound, composed_epsilon
-from tests.helpers.process_watch import assert_all_gone, assert_loopback_only, run_watched
+from tests.helpers.process_watch import (
+    Watch,
+    assert_all_gone,
+    assert_loopback_only,
+    run_watched,
+)
+from tests.helpers.runs_ahead import RunsAhead, runs_ahead
 
 pytestmark = pytest.mark.e2e
 
@@ -80,11 +87,8 @@ def test_secure_aggregation_simulation_20_clients(tmp_path: Path) -> None:
     assert_all_gone(watch)
 
 
-def test_secure_aggregation_tls_deployment_three_supernodes(tmp_path: Path) -> None:
-    """TLS + SuperNode auth, 3 SuperNodes, q = 1: every round sums all three uploads;
-    each node's own record-level ledger records the rounds as releases without
-    record-level DP (its client-level ε is the federation's)."""
-    results = tmp_path / "run"
+def _tls_deployment_run(folder: Path) -> tuple[int, str, Watch, Path]:
+    results = folder / "run"
     code, out, watch = run_watched(
         [
             "--clients", "3", "--rounds", "2", "--privacy-mode", "client",
@@ -93,6 +97,31 @@ def test_secure_aggregation_tls_deployment_three_supernodes(tmp_path: Path) -> N
         ],
         module="simulations.deploy",
     )  # fmt: skip
+    return code, out, watch, results
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ahead(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunsAhead]:
+    """The deployment (10 protocol stages of 3 ClientApp processes) starts with the
+    module, beside the simulation."""
+    runs = {"test_secure_aggregation_tls_deployment_three_supernodes": _tls_deployment_run}
+    with runs_ahead(request, tmp_path_factory, runs) as started:
+        yield started
+
+
+def test_secure_aggregation_tls_deployment_three_supernodes(
+    ahead: RunsAhead, tmp_path: Path
+) -> None:
+    """TLS + SuperNode auth, 3 SuperNodes, q = 1: every round sums all three uploads;
+    each node's own record-level ledger records the rounds as releases without
+    record-level DP (its client-level ε is the federation's)."""
+    code, out, watch, results = ahead.result(
+        "test_secure_aggregation_tls_deployment_three_supernodes",
+        _tls_deployment_run,
+        tmp_path,
+    )
     assert code == 0, out[-4000:]
     assert "TLS + SuperNode authentication" in out
     rounds, summary, ledger = _read(results)

@@ -6,6 +6,8 @@ import csv
 import json
 import re
 import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,13 @@ from common.ledger.privacy_ledger import epsilon_of_history
 from server.results.outcome import Outcome
 from tests.helpers.docs import results_python_snippet
 from tests.helpers.process_watch import (
+    Watch,
     assert_all_gone,
     assert_loopback_only,
     run_watched,
     signal_after,
 )
+from tests.helpers.runs_ahead import RunsAhead, runs_ahead
 
 pytestmark = pytest.mark.e2e
 
@@ -149,22 +153,27 @@ def test_reproducible_noise_runs_are_identical_and_say_they_are_not_private(
     """reproducible-noise = true: the log, config.json and summary.json all say so,
     and two runs with the default codec (int4, stochastic rounding) write identical
     accuracies and ε to rounds.jsonl."""
-    runs = []
-    for name in ("a", "b"):
-        results = tmp_path / name
-        code, out, watch = run_watched(
+    runs = [tmp_path / name for name in ("a", "b")]
+
+    # The two runs are independent federations (own SuperLink, ports, Ray), so they
+    # run side by side: each spends much of its time waiting, not computing.
+    def run(results: Path) -> tuple[int, str, Watch]:
+        return run_watched(
             ["--clients", "3", "--rounds", "2", "--set", "reproducible-noise=true",
              "--results-dir", str(results)]
         )  # fmt: skip
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        done = list(pool.map(run, runs))
+    statement = "noise reproducible from the seed: not private against the server"
+    for results, (code, out, watch) in zip(runs, done, strict=True):
         assert code == 0, out[-4000:]
         assert_all_gone(watch)
-        runs.append(results)
-    statement = "noise reproducible from the seed: not private against the server"
-    assert f"reproducible-noise = true: {statement}" in out
-    assert f"[privfed] WARNING: {statement}" in out
-    assert json.loads((results / "config.json").read_text())["noise"] == statement
-    summary = json.loads((results / "summary.json").read_text())
-    assert summary["noise"] == statement and summary["noise_reproducible"] is True
+        assert f"reproducible-noise = true: {statement}" in out
+        assert f"[privfed] WARNING: {statement}" in out
+        assert json.loads((results / "config.json").read_text())["noise"] == statement
+        summary = json.loads((results / "summary.json").read_text())
+        assert summary["noise"] == statement and summary["noise_reproducible"] is True
     first, second = (_figures(results) for results in runs)
     assert len(first) == 2 and all(len(clients) == 3 for _, _, clients in first)
     assert all(r["message_bytes"]["update_encoding"] == "int4" for r in _rounds(runs[0]))
@@ -283,22 +292,40 @@ def test_serverapp_failure_leaves_a_failed_summary_and_exit_1(tmp_path: Path) ->
     assert_all_gone(watch)
 
 
-def test_sweep_runs_every_point_on_one_superlink(tmp_path: Path) -> None:
+def _sweep_run(folder: Path) -> tuple[int, str, Watch, Path]:
+    code, out, watch = run_watched(
+        ["--epsilons", "4", "8", "--partitioners", "iid", "--clients", "2",
+         "--rounds", "1", "--no-reference", "--out", str(folder)],
+        module="simulations.sweep",
+    )  # fmt: skip
+    return code, out, watch, folder
+
+
+SWEEP_TEST = "test_sweep_runs_every_point_on_one_superlink"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ahead(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunsAhead]:
+    """The sweep (two runs on one SuperLink) starts with the module, beside the
+    other tests' runs: each is a federation of its own."""
+    with runs_ahead(request, tmp_path_factory, {SWEEP_TEST: _sweep_run}) as runs:
+        yield runs
+
+
+def test_sweep_runs_every_point_on_one_superlink(ahead: RunsAhead, tmp_path: Path) -> None:
     """A two-point sweep: one SuperLink for both runs, each with its own results
     folder and summary, a table and plot, the launch time per run, and nothing left
     running after (the SuperLink is stopped by PID)."""
-    code, out, watch = run_watched(
-        ["--epsilons", "4", "8", "--partitioners", "iid", "--clients", "2",
-         "--rounds", "1", "--no-reference", "--out", str(tmp_path)],
-        module="simulations.sweep",
-    )  # fmt: skip
+    code, out, watch, swept = ahead.result(SWEEP_TEST, _sweep_run, tmp_path)
     assert code == 0, out[-4000:]
     superlinks = [n for n in watch.names if n.endswith("flower-superlink")]
     assert len(superlinks) == 1, watch.names
-    table = list(csv.DictReader((tmp_path / "sweep.csv").read_text().splitlines()))
+    table = list(csv.DictReader((swept / "sweep.csv").read_text().splitlines()))
     assert [r["name"] for r in table] == ["eps4-iid-seed0", "eps8-iid-seed0"]
     for row in table:
-        summary = json.loads((tmp_path / row["name"] / "summary.json").read_text())
+        summary = json.loads((swept / row["name"] / "summary.json").read_text())
         assert summary["status"] == row["status"] == "completed"
         assert (
             float(row["max_epsilon"])
@@ -306,9 +333,9 @@ def test_sweep_runs_every_point_on_one_superlink(tmp_path: Path) -> None:
             <= float(row["target_epsilon"])
         )
         assert 0 < float(row["launch_to_round_1_seconds"]) < 120
-        assert "[privfed] results:" in (tmp_path / f"{row['name']}.log").read_text()
-    assert "| 8 | iid | 0 |" in (tmp_path / "sweep.md").read_text()
-    assert (tmp_path / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
+        assert "[privfed] results:" in (swept / f"{row['name']}.log").read_text()
+    assert "| 8 | iid | 0 |" in (swept / "sweep.md").read_text()
+    assert (swept / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
     assert "s per run amortised over 2 runs" in out
     assert_loopback_only(watch)
     assert_all_gone(watch)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from client.privacy.ledger_store import LEDGER_FILE
 from common.ledger.privacy_ledger import PrivacyLedger, epsilon_of_history
-from tests.helpers.process_watch import assert_all_gone, run_watched
+from tests.helpers.process_watch import Watch, assert_all_gone, run_watched
+from tests.helpers.runs_ahead import RunsAhead, runs_ahead
 
 pytestmark = pytest.mark.e2e
 
@@ -72,13 +74,37 @@ def test_example_task_trains_in_a_simulation(copied_task: Path, tmp_path: Path) 
     assert_all_gone(watch)
 
 
-def test_example_task_trains_in_a_two_node_deployment(
-    copied_task: Path, tmp_path: Path
-) -> None:
-    results = tmp_path / "dep"
+def _deployment_run(folder: Path) -> tuple[int, str, Watch, Path]:
+    """The example in a folder of its own, on this run's PYTHONPATH only (a run that
+    starts ahead must not depend on the environment of the test beside it)."""
+    code_dir = folder / "user-code"
+    code_dir.mkdir()
+    shutil.copy(EXAMPLE, code_dir / "my_task.py")
+    results = folder / "dep"
     code, out, watch = run_watched(
-        [*ARGS, "--results-dir", str(results)], timeout=300, module="simulations.deploy"
-    )
+        [*ARGS, "--results-dir", str(results)], timeout=300, module="simulations.deploy",
+        env={"PYTHONPATH": str(code_dir)},
+    )  # fmt: skip
+    return code, out, watch, results
+
+
+DEPLOYMENT_TEST = "test_example_task_trains_in_a_two_node_deployment"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ahead(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunsAhead]:
+    """The deployment starts with the module, beside the simulation."""
+    with runs_ahead(request, tmp_path_factory, {DEPLOYMENT_TEST: _deployment_run}) as runs:
+        yield runs
+
+
+def test_example_task_trains_in_a_two_node_deployment(
+    ahead: RunsAhead, tmp_path: Path
+) -> None:
+    code, out, watch, results = ahead.result(DEPLOYMENT_TEST, _deployment_run, tmp_path)
+    assert REPO not in results.parents
     assert code == 0, out[-4000:]
     rounds = _check_epsilons(results)
     for client in rounds[-1]["clients"]:  # each node's ledger on disk says the same

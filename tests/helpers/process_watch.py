@@ -18,6 +18,9 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# The scripts each thread started: what a run started ahead (runs_ahead.py) stops
+# if its test never comes to take it.
+STARTED_BY_THREAD: dict[int, list[subprocess.Popen[str]]] = {}
 
 
 @dataclass
@@ -39,7 +42,9 @@ def watch_tree(root: psutil.Process, watch: Watch, stop: threading.Event) -> Non
             try:
                 if proc.pid not in watch.pids:
                     watch.pids[proc.pid] = proc.create_time()
-                    watch.names.add(" ".join(proc.cmdline()[:2]) or proc.name())
+                # Every time: a child seen between fork and exec still shows its
+                # parent's command line (more often on a busy machine).
+                watch.names.add(" ".join(proc.cmdline()[:2]) or proc.name())
                 for conn in proc.net_connections(kind="inet"):
                     if conn.status == psutil.CONN_LISTEN:
                         watch.listening.add((conn.laddr.ip, conn.laddr.port, proc.name()))
@@ -55,12 +60,16 @@ def _default_sigint() -> None:
 
 
 def start_script(
-    module: str, args: list[str], own_group: bool = False
+    module: str,
+    args: list[str],
+    own_group: bool = False,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     """Start ``python -m module args``; ``own_group``: as a terminal's foreground
-    job, the leader of its own process group (see :func:`signal_after`)."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.Popen(
+    job, the leader of its own process group (see :func:`signal_after`); ``env``:
+    variables set for the script beyond this process's own."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
+    proc = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=env,
@@ -70,6 +79,8 @@ def start_script(
         preexec_fn=_default_sigint,
         process_group=0 if own_group else None,
     )
+    STARTED_BY_THREAD.setdefault(threading.get_ident(), []).append(proc)
+    return proc
 
 
 @contextmanager
@@ -90,9 +101,12 @@ def watching(proc: subprocess.Popen[str]) -> Iterator[Watch]:
 
 
 def run_watched(
-    args: list[str], timeout: float = 600, module: str = "simulations.run"
+    args: list[str],
+    timeout: float = 600,
+    module: str = "simulations.run",
+    env: dict[str, str] | None = None,
 ) -> tuple[int, str, Watch]:
-    proc = start_script(module, args)
+    proc = start_script(module, args, env=env)
     with watching(proc) as watch:
         out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out, watch

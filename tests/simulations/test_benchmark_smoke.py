@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.runs_ahead import RunsAhead, runs_ahead
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,14 +71,33 @@ def test_secure_aggregation_benchmark_smoke() -> None:
     assert float(row.split("|")[6].strip().rstrip("×")) <= 1.5, row
 
 
+def _deployment_bench(_folder: Path) -> str:
+    return _run(
+        "simulations.bench.deployment", "--clients", "1", "--rounds", "1",
+        "--settle-seconds", "0", "--idle-seconds", "1",
+    )  # fmt: skip
+
+
+DEPLOYMENT_TEST = "test_deployment_benchmark_smoke"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ahead(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunsAhead]:
+    """The deployment benchmark (a real SuperLink and SuperNode, mostly waiting)
+    starts with the module, beside the in-process benchmarks (no timing asserted)."""
+    with runs_ahead(
+        request, tmp_path_factory, {DEPLOYMENT_TEST: _deployment_bench}
+    ) as runs:
+        yield runs
+
+
 @pytest.mark.e2e
-def test_deployment_benchmark_smoke() -> None:
+def test_deployment_benchmark_smoke(ahead: RunsAhead, tmp_path: Path) -> None:
     """The deployment benchmark measures RSS, bytes and each message's phases (from
     inside its flwr-clientapp process) on one real SuperNode."""
-    out = _run(
-        "simulations.bench.deployment", "--clients", "1", "--rounds", "1",
-        "--idle-seconds", "1",
-    )  # fmt: skip
+    out = ahead.result(DEPLOYMENT_TEST, _deployment_bench, tmp_path)
     assert "status completed" in out
     assert "| bytes down per round per client" in out and "MiB |" in out
     assert "| messages by type | train: 1 |" in out
