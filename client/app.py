@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.data.local_data import ClientShard, load_client_shard
+from client.failure_replies import data_refusal, deployed, sanitised
 from client.node_settings import NodeSettings
 from client.privacy.ledger_store import (
     ledger_lock,
@@ -106,63 +106,13 @@ def _refuse(msg: Message, shard: ClientShard, reason: str, detail: str = "") -> 
     return _send(msg, TrainReport.policy_refused(shard.partition_id, reason))
 
 
-def _deployed(context: Context) -> bool:
-    """A real device: its data and policy are its owner's, not the server's."""
-    return "state-dir" in context.node_config or "data-path" in context.node_config
-
-
-Handler = Callable[[Message, Context], Message]
-
-
-def _partition_id(context: Context) -> int:
-    pid = context.node_config.get("partition-id", -1)
-    return pid if isinstance(pid, int) else -1
-
-
-def _data_refusal(
-    msg: Message,
-    context: Context,
-    exc: DatasetError,
-    failed: Callable[[int, str], TrainReport | EvaluateReport],
-) -> Message:
-    """Bad data: refuse before the ledger is read; values and rows stay in the log."""
-    log.error("refusing the %s message: %s", msg.metadata.message_type, exc)
-    report = failed(_partition_id(context), exc.public_reason)
-    return Message(report.to_content(), reply_to=msg)
-
-
-def _sanitised(handler: Handler, failed: Callable[[int, str], RecordDict]) -> Handler:
-    """On a device, no exception text leaves the node.
-
-    Flower would send an exception's message to the server, and a loader's or
-    planner's message can name record counts or values. A device replies with
-    the exception's type only and logs the rest; a simulation (whose owner holds
-    every shard) lets the exception through for debugging.
-    """
-
-    def run(msg: Message, context: Context) -> Message:
-        try:
-            return handler(msg, context)
-        except Exception as exc:
-            if not _deployed(context):
-                raise
-            log.exception("could not answer the %s message", msg.metadata.message_type)
-            reason = (
-                f"{type(exc).__name__} on the node; the details stay in its log "
-                "(they may describe the local data)"
-            )
-            return Message(failed(_partition_id(context), reason), reply_to=msg)
-
-    return run
-
-
 def _train(msg: Message, context: Context) -> Message:
     """Train one round, unless the node's policy or its ε budget forbids it."""
     started = time.perf_counter()
     try:
         cfg, node, shard = _setup(context)
     except DatasetError as exc:
-        return _data_refusal(msg, context, exc, TrainReport.data_error)
+        return data_refusal(msg, context, exc, TrainReport.data_error)
     pid = shard.partition_id
     server_round = int(msg.content["config"]["server-round"])
     try:
@@ -170,7 +120,7 @@ def _train(msg: Message, context: Context) -> Message:
     except PolicyError as exc:
         return _refuse(msg, shard, str(exc))
     refusal = policy.refusal_for_run(cfg)
-    if refusal is None and cfg.audit != "off" and _deployed(context):
+    if refusal is None and cfg.audit != "off" and deployed(context):
         refusal = (
             f"run config key 'audit': {cfg.audit!r} plants canaries, which only a "
             "simulation may do; a deployed node trains only with audit = 'off'"
@@ -368,7 +318,7 @@ def _train_client_level(
     return Message(report.to_content(update), reply_to=msg)
 
 
-train = app.train()(_sanitised(_train, lambda pid, why: _node_error(pid, why)))
+train = app.train()(sanitised(_train, lambda pid, why: _node_error(pid, why)))
 
 
 def _node_error(pid: int, why: str) -> RecordDict:
@@ -378,7 +328,7 @@ def _node_error(pid: int, why: str) -> RecordDict:
 # -- secure aggregation with distributed DP (client/secure_aggregation/handlers.py) --
 _SECAGG_STEPS = ClientSteps.late_bound(globals())  # each looked up when it runs
 for _stage in Stage:
-    app.train(_stage.value)(_sanitised(secagg_stage(_stage, _SECAGG_STEPS), _node_error))
+    app.train(_stage.value)(sanitised(secagg_stage(_stage, _SECAGG_STEPS), _node_error))
 
 
 # -- a simulated SuperNode hosting many clients (client/virtual_clients.py) ---------
@@ -392,7 +342,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
     try:
         cfg, node, shard = _setup(context)
     except DatasetError as exc:
-        return _data_refusal(msg, context, exc, EvaluateReport.data_error)
+        return data_refusal(msg, context, exc, EvaluateReport.data_error)
     try:
         policy = load_policy(cfg, node.state_dir)
     except PolicyError as exc:
@@ -410,7 +360,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
             f"partition {shard.partition_id} has no local test split "
             f"(local-test-fraction={cfg.local_test_fraction}); nothing to evaluate"
         )
-    if _deployed(context) and len(shard.x_test) < MIN_TEST_RECORDS:
+    if deployed(context) and len(shard.x_test) < MIN_TEST_RECORDS:
         reason = (
             f"run config key 'local-test-fraction' leaves fewer than {MIN_TEST_RECORDS} "
             "local test records; metrics of so few records would describe single records"
@@ -424,5 +374,5 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 
 evaluate = app.evaluate()(
-    _sanitised(_evaluate, lambda pid, why: EvaluateReport.node_error(pid, why).to_content())
+    sanitised(_evaluate, lambda pid, why: EvaluateReport.node_error(pid, why).to_content())
 )

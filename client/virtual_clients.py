@@ -23,6 +23,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 
 from client.data.local_data import ClientShard, load_client_shard
+from client.failure_replies import Handler, deployed
 from client.node_settings import NodeSettings
 from client.training import vectorised
 from common.atomic_files import deferred_sync
@@ -40,7 +41,6 @@ from common.wire.virtual_group import (
 
 log = logging.getLogger("privfed.client")
 
-Handler = Callable[[Message, Context], Message]
 ModelFrom = Callable[[Message, RunConfig, ClientShard], torch.nn.Module]
 STATE_PREFIX = "vc"  # context.state key "vc<partition>/<key>": a virtual client's record
 # Flower's code for an exception raised by a ClientApp (flwr ErrorCode, 1.42)
@@ -55,7 +55,7 @@ class VirtualClientError(ValueError):
 def _hosting(context: Context) -> tuple[range, int]:
     """The partitions this SuperNode hosts, and the run's number of virtual clients."""
     config = dict(context.node_config)
-    if "state-dir" in config or "data-path" in config:
+    if deployed(context):
         raise VirtualClientError(
             "a SuperNode with its own data or state-dir is one client; virtual "
             "clients exist only in a simulation (run config key 'virtual-clients')"

@@ -22,6 +22,7 @@ from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 
+from client.failure_replies import data_refusal, partition_id
 from client.node_settings import NodeSettings
 from client.privacy.ledger_store import (
     ledger_lock,
@@ -57,8 +58,6 @@ class ClientSteps:
 
     setup: Callable[[Context], tuple[RunConfig, NodeSettings, Any]]
     send: Callable[[Message, TrainReport], Message]
-    partition_id: Callable[[Context], int]
-    data_refusal: Callable[[Message, Context, DatasetError, Any], Message]
     clipped_change: Callable[..., tuple[list[str], Any, Any]]
 
     def __post_init__(self) -> None:
@@ -67,14 +66,14 @@ class ClientSteps:
 
     @classmethod
     def late_bound(cls, namespace: dict[str, Any]) -> ClientSteps:
-        """The app module's ``_setup``, ``_send``, ``_partition_id``,
-        ``_data_refusal`` and ``_clipped_change``, each looked up in ``namespace``
-        when it runs (so a test that replaces one in the module is obeyed)."""
+        """The app module's ``_setup``, ``_send`` and ``_clipped_change``, each
+        looked up in ``namespace`` when it runs (so a test that replaces one in the
+        module is obeyed)."""
 
         def step(name: str) -> Callable[..., Any]:
             return lambda *args: namespace[name](*args)
 
-        names = ("_setup", "_send", "_partition_id", "_data_refusal", "_clipped_change")
+        names = ("_setup", "_send", "_clipped_change")
         return cls(*(step(n) for n in names))
 
 
@@ -105,7 +104,7 @@ def secagg_stage(stage: Stage, steps: ClientSteps) -> Handler:
         cfg = RunConfig.from_run_config(context.run_config)
         node = NodeSettings.from_node_config(dict(context.node_config))
         node = node.in_results(cfg.results_dir)
-        pid = steps.partition_id(context)
+        pid = partition_id(context)
         try:
             policy = load_policy(cfg, node.state_dir)
             refusal = secagg_refusal(cfg, policy)
@@ -157,7 +156,7 @@ def masked_update(
         cfg, node, shard = steps.setup(context)
     except DatasetError as exc:
         secagg_stages.forget(context)
-        return steps.data_refusal(msg, context, exc, TrainReport.data_error)
+        return data_refusal(msg, context, exc, TrainReport.data_error)
     held = secagg_stages.receive_shares(context, record)
     if msg.content["config"].get(CLIP_NORM_KEY) != held.setup.plan.clip_norm:
         raise ProtocolError(
