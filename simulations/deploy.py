@@ -30,7 +30,7 @@ import tomli_w
 from client.privacy.policy import POLICY_FILE, PolicyError, PrivacyPolicy
 from common.atomic_files import atomic_write_bytes
 from common.config import ConfigError, RunConfig
-from server.results.outcome import Outcome, summary_written_since
+from server.results.outcome import Outcome, serverapp_settled
 from simulations.deployment.certificates import (
     CertificateError,
     add_certificate_options,
@@ -219,7 +219,7 @@ def run_deployment(args: argparse.Namespace) -> int:
                 started + args.timeout,
                 _watchdog(dep, args.clients),
                 serverapp_grace=SERVERAPP_STOP_GRACE_S,
-                serverapp_done=lambda: summary_written_since(results_dir, launched_at),
+                serverapp_done=lambda: serverapp_settled(results_dir, launched_at),
             )
     except KeyboardInterrupt as exc:  # before the run was submitted, or while stopping
         end = interrupted(exc)

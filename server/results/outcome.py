@@ -174,6 +174,22 @@ def summary_written_since(out_dir: Path, launched_at: float) -> bool:
     return summary is not None and not _finished_before(summary, launched_at)
 
 
+def serverapp_settled(out_dir: Path, launched_at: float) -> bool:
+    """After ``flwr stop``: nothing more will come from the run's ServerApp.
+
+    It finished (``summary.json`` written since ``launched_at``), or it never began
+    the run (no ``config.json`` written since then, which a ServerApp writes first):
+    stopped before it fetched its run, it would wait out the launcher's grace and
+    write nothing, so the launcher stops it at once and summarises the run itself.
+    """
+    if summary_written_since(out_dir, launched_at):
+        return True
+    try:
+        return (out_dir / "config.json").stat().st_mtime < launched_at
+    except OSError:
+        return True
+
+
 def _finished_before(summary: dict[str, Any], launched_at: float) -> bool:
     finished = summary.get("finished_at")
     return isinstance(finished, str) and (

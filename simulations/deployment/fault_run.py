@@ -25,7 +25,7 @@ import tomli_w
 
 from client.privacy.policy import POLICY_FILE
 from common.config import RunConfig
-from server.results.outcome import Outcome, close_run, summary_written_since
+from server.results.outcome import Outcome, close_run, serverapp_settled
 from simulations.deploy import SERVERAPP_STOP_GRACE_S, write_node_policy
 from simulations.deployment.certificates import default_ca_dir, ensure_tls_files
 from simulations.deployment.faults import Fault, FaultSchedule
@@ -176,7 +176,7 @@ class FaultRun:
         end = follow_run(
             dep.submit(run_config, APP_DIR), deadline, self._watchdog(dep),
             serverapp_grace=SERVERAPP_STOP_GRACE_S,
-            serverapp_done=lambda: summary_written_since(self.results_dir, launched_at),
+            serverapp_done=lambda: serverapp_settled(self.results_dir, launched_at),
         )  # fmt: skip
         self.phases.append(
             {

@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError, RunConfig
-from server.results.outcome import Outcome, close_run, summary_written_since
+from server.results.outcome import (
+    Outcome,
+    close_run,
+    serverapp_settled,
+    summary_written_since,
+)
 from server.results.run_folder import ResultsWriter, write_summary
 from simulations.deployment.local import DeploymentSpec
 from simulations.launch.flower_env import flower_environment
@@ -90,6 +95,20 @@ def test_summary_written_since(tmp_path: Path) -> None:
     write_summary(tmp_path, {"status": "failed", "stop_reason": "x"})
     assert summary_written_since(tmp_path, time.time() - 60)
     assert not summary_written_since(tmp_path, time.time() + 60)
+
+
+def test_a_serverapp_that_never_began_its_run_is_not_waited_for(tmp_path: Path) -> None:
+    """After `flwr stop`, the launcher waits for the ServerApp's own summary only if
+    the ServerApp began this run (wrote config.json since the launch): one stopped
+    before it fetched its run writes nothing and would hold the launcher its whole
+    grace (30 s)."""
+    launched = time.time()
+    assert serverapp_settled(tmp_path, launched)  # nothing written: it never began
+    (tmp_path / "config.json").write_text("{}")
+    assert not serverapp_settled(tmp_path, launched - 60)  # began, no summary yet
+    assert serverapp_settled(tmp_path, launched + 60)  # a config.json of an old run
+    write_summary(tmp_path, {"status": "interrupted", "stop_reason": "x"})
+    assert serverapp_settled(tmp_path, launched - 60)  # began and finished
 
 
 def test_ray_address_option_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
