@@ -10,19 +10,21 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-# Debian packages the tests use: real Fashion-MNIST IDX files (offline) and nginx, which
-# fronts the SuperLink in secure deployments (simulations/deployment/front_proxy.py).
+# Debian packages the tests use: real Fashion-MNIST IDX files (offline), nginx, which
+# fronts the SuperLink in secure deployments (simulations/deployment/front_proxy.py), and
+# python3-pattern, whose test corpora hold the movie-review sentences of task 'sentiment'.
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 NGINX := $(firstword $(shell command -v nginx 2>/dev/null) $(wildcard /usr/sbin/nginx))
+PATTERN_CORPORA := /usr/share/doc/python3-pattern/test/corpora
 SYSTEM_PACKAGES := $(if $(wildcard $(FASHION_MNIST_DIR)),,dataset-fashion-mnist) \
-	$(if $(NGINX),,nginx)
+	$(if $(NGINX),,nginx) $(if $(wildcard $(PATTERN_CORPORA)),,python3-pattern)
 
 .PHONY: run deploy test lint format clean system-packages
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,tabular]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,tabular,text]"
 	touch $(STAMP)
 
 # Installed with apt-get when we are root; otherwise one line says what to install.

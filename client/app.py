@@ -44,7 +44,7 @@ from common.privacy.randomness import integer_generator, reproducible_seed, roun
 from common.privacy.round_decision import decide_round
 from common.privacy.update_clipping import ClippedUpdate, clip_update
 from common.secure_aggregation.protocol import Stage
-from common.tasks.models import build_model
+from common.tasks.models import build_run_model
 from common.tasks.scoring import evaluate_task
 from common.wire.reply import EvaluateReport, TrainReport
 from common.wire.reply_fields import ARRAYS_KEY, CLIP_NORM_KEY
@@ -64,7 +64,7 @@ def _setup(context: Context) -> tuple[RunConfig, NodeSettings, ClientShard]:
 
 
 def _model_from(msg: Message, cfg: RunConfig, shard: ClientShard) -> torch.nn.Module:
-    model = build_model(cfg.task, shard.num_classes, features=cfg.features)
+    model = build_run_model(cfg, shard.num_classes)
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
     return model
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -162,7 +163,35 @@ RULES: dict[str, _Rule] = {
         float, lambda v: v >= 0, "a number >= 0 (0 = 4·C/√D, docs/run-keys.md)"
     ),
     "secagg-timeout": _Rule(float, lambda v: v > 0, "a number of seconds > 0"),
+    # Read only by tasks whose model takes them (Task.model_keys): the text tasks.
+    "lora-rank": _Rule(
+        int,
+        lambda v: 0 <= v <= 512,
+        "an integer in [0, 512] (0 = frozen encoder, head only)",
+    ),
+    "lora-alpha": _Rule(float, lambda v: 0 < v <= 4096, "a number in (0, 4096]"),
+    "lora-target-modules": _Rule(
+        str,
+        lambda v: _module_names(v) is not None,
+        "comma-separated module names, e.g. 'query,value' (dotted paths allowed)",
+    ),
 }
+
+
+def _module_names(value: str) -> tuple[str, ...] | None:
+    """``"query, value"`` -> ``("query", "value")``; ``None`` if any name is malformed."""
+    names = tuple(part.strip() for part in value.split(","))
+    pattern = r"[A-Za-z_][\w]*(\.[A-Za-z_0-9][\w]*)*"
+    ok = names and all(re.fullmatch(pattern, name) for name in names)
+    return names if ok and len(set(names)) == len(names) else None
+
+
+def lora_target_modules(value: str) -> tuple[str, ...]:
+    """The module names run key ``lora-target-modules`` lists (already checked)."""
+    names = _module_names(value)
+    if names is None:
+        raise ConfigError(f"run config key 'lora-target-modules': got {value!r}")
+    return names
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -244,6 +273,9 @@ class RunConfig:
     secagg_modulus_range: int = 65536
     secagg_clipping_range: float = 0.0
     secagg_timeout: float = 300.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_target_modules: str = "query,value"
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -19,7 +19,7 @@ from common.audit.canaries import inserts_canary_records
 from common.audit.gradient_canaries import white_box_applies
 from common.config import RunConfig, noise_statement
 from common.tasks.model_checks import check_task_model
-from common.tasks.models import build_model, count_parameters
+from common.tasks.models import build_run_model, count_parameters
 from common.tasks.registry import get_task, is_task_reference
 from server.central_evaluation import CentralEvaluator
 from server.checks.ledger_witness import LedgerWitness
@@ -185,9 +185,7 @@ def main(grid: Grid, context: Context) -> None:
             from server.audit.privacy_audit import check_canaries
 
             check_canaries(cfg)  # a bad audit-canaries fails before round 1
-        model = build_model(
-            cfg.task, evaluator.num_classes, seed=cfg.seed, features=cfg.features
-        )
+        model = build_run_model(cfg, evaluator.num_classes, seed=cfg.seed)
         initial = resume.arrays if resume else ArrayRecord(model.state_dict())
         strategy = make_strategy(
             cfg, out_dir, int(context.run_id), witness=LedgerWitness.beside(out_dir)

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord
 from common.config import RunConfig
 from common.data.datasets import load_test_split
 from common.data.features import compute_features
-from common.tasks.models import build_model
+from common.tasks.models import build_run_model
 from common.tasks.registry import get_task
 from common.tasks.scoring import evaluate_task
 
@@ -24,7 +24,7 @@ class CentralEvaluator:
         self.x_test = compute_features(cfg.features, torch.from_numpy(x_test))
         self.y_test = torch.from_numpy(y_test)
         self.num_classes = get_task(cfg.task).num_classes
-        self.model = build_model(cfg.task, self.num_classes, features=cfg.features)
+        self.model = build_run_model(cfg, self.num_classes)
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
         """Loss and the task's metrics (common.tasks.scoring) of ``arrays``."""

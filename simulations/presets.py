@@ -68,6 +68,19 @@ _TABULAR = {
     "local-test-fraction": 0.0, "fraction-evaluate": 0.0,
 }  # fmt: skip
 
+# DP LoRA on MiniLM over Pang & Lee's sentences (docs/text.md; BENCHMARKS.md "Text").
+_SENTIMENT_LORA_EPS8 = {
+    "task": "sentiment", "partitioner": "iid", "privacy-mode": "sample",
+    "grad-sample-mode": "hooks",  # the text tasks' per-sample path (Opacus hooks)
+    "num-rounds": 5, "local-epochs": 2,
+    "batch-size": 256,  # expected Poisson batch: q = 1/7 on a 1,600-sentence shard
+    "learning-rate": 0.1, "momentum": 0.9, "max-grad-norm": 1.0,
+    "target-epsilon": 8.0, "noise-multiplier": 0.0, "delta": 1e-5,
+    "lora-rank": 8, "lora-alpha": 16.0, "lora-target-modules": "query,value",
+    "update-compression": "none",  # 298 kB of float32 adapters and head per reply
+    "torch-threads": 2, "local-test-fraction": 0.0, "fraction-evaluate": 0.0,
+}  # fmt: skip
+
 PRESETS: Mapping[str, Preset] = MappingProxyType(
     {
         "fmnist-eps3": Preset(
@@ -112,6 +125,15 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             "sample-level ε ≤ 1 (δ 1e-5): logistic regression, DP-SGD B 256, lr 1, C 1, "
             "10 rounds x 5 epochs",
             MappingProxyType({**_TABULAR, "task": "nwtco", "learning-rate": 1.0}),
+            clients=2,
+        ),
+        "sentiment-lora-eps8": Preset(
+            "Pang & Lee movie-review sentences over 2 clients (IID), per-client "
+            "sample-level ε ≤ 8 (δ 1e-5): MiniLM frozen, LoRA r 8 on query/value and a "
+            "linear head trained with DP-SGD (Opacus hooks), B 256, lr 0.1, momentum "
+            "0.9, C 1, 5 rounds x 2 epochs; only adapters and head travel (needs "
+            "the text extra and python3-pattern)",
+            MappingProxyType(_SENTIMENT_LORA_EPS8),
             clients=2,
         ),
     }

@@ -57,8 +57,12 @@ SHARD_CODE = (
     "common.tasks.preprocessing",
     "common.tasks.registry",
     "common.tasks.task",
+    "common.tasks.text",  # the text tasks' reader and tokenisation
 )
-SHARD_LIBRARIES = ("numpy", "torch", "scikit-learn", "flwr-datasets", "datasets", "kymatio")
+SHARD_LIBRARIES = (
+    "numpy", "torch", "scikit-learn", "flwr-datasets", "datasets", "kymatio",
+    "tokenizers", "transformers",  # a text task's shard is its tokenizer's output
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,8 @@ def direct_mode_problem(model: nn.Module) -> str | None:
 def private_model_problem(model: nn.Module, grad_sample_mode: str | None) -> str | None:
     """Why ``model`` cannot be trained privately (``grad_sample_mode`` for DP-SGD,
     ``None`` for client-level DP); ``None`` if it can."""
-    buffers = [n for n, _ in model.named_buffers()]
+    sent = set(model.state_dict())  # a frozen encoder's buffers stay on each node
+    buffers = [n for n, _ in model.named_buffers() if n in sent]
     if buffers:  # BatchNorm's running statistics, say: sent without noise
         return (
             f"buffer {buffers[0]!r} is refused under DP: buffers (such as BatchNorm's "
@@ -115,11 +116,11 @@ def check_task_model(cfg: RunConfig) -> None:
     Builds the model once (torch), so callers are the launchers and the ServerApp,
     not config parsing.
     """
-    from common.tasks.models import build_model
+    from common.tasks.models import build_run_model
 
     if cfg.privacy_unit is None:
         return
-    model = build_model(cfg.task, features=cfg.features)
+    model = build_run_model(cfg)
     problem = private_model_problem(model, cfg.grad_sample_mode if cfg.is_private else None)
     if problem:
         raise ConfigError(

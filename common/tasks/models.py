@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,11 +88,14 @@ def build_model(
     num_classes: int | None = None,
     seed: int | None = None,
     features: str = "pixels",
+    options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """The model of ``task`` (a Task or a ``task`` run-key value) for input
     ``features``, seeded when ``seed`` is given. ``num_classes`` defaults to the task's.
+    ``options``: the run keys in the task's ``model_keys`` (their defaults if absent).
     """
     task = get_task(task)
+    kwargs = model_options(task, options)
     if features not in task.features:
         raise ValueError(
             f"run config keys 'features' and 'task': task {task.name!r} takes "
@@ -98,7 +103,29 @@ def build_model(
         )
     if seed is not None:
         torch.manual_seed(seed)
-    return task.model(task.num_classes if num_classes is None else num_classes, features)
+    return task.model(
+        task.num_classes if num_classes is None else num_classes, features, **kwargs
+    )
+
+
+def model_options(
+    task: str | Task, run_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The keyword arguments of ``task``'s model builder: its ``model_keys`` from
+    ``run_config`` (run keys with dashes), else their defaults."""
+    task = get_task(task)
+    if not task.model_keys:
+        return {}
+    defaults = RunConfig().to_run_config()
+    given = run_config or {}
+    return {key.replace("-", "_"): given.get(key, defaults[key]) for key in task.model_keys}
+
+
+def build_run_model(
+    cfg: RunConfig, num_classes: int | None = None, seed: int | None = None
+) -> nn.Module:
+    """The model of run ``cfg``: its task, features and model keys (``lora-rank``...)."""
+    return build_model(cfg.task, num_classes, seed, cfg.features, cfg.to_run_config())
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -108,4 +135,4 @@ def count_parameters(model: nn.Module) -> int:
 
 def model_dimension(cfg: RunConfig) -> int:
     """Trainable parameters of the run's model."""
-    return count_parameters(build_model(cfg.task, features=cfg.features))
+    return count_parameters(build_run_model(cfg))

@@ -129,6 +129,15 @@ class Task:
         Fixed feature maps its records suit (``scattering``: 28x28 images only).
     natural_sites
         The training reader returns a site per record (``partitioner = "sites"``).
+    model_keys
+        Run keys (``lora-rank``, say) the model builder takes as keyword arguments,
+        named with underscores: ``model(num_classes, features, lora_rank=8)``. Every
+        process builds the model from the same run config, so its shapes agree.
+
+    A model may send less than its whole state: one whose ``state_dict`` holds only
+    its trainable parameters (:class:`common.tasks.exchanged_state.TrainableState`,
+    a LoRA text model) rebuilds the frozen rest from local files in every process,
+    so the server and the clients exchange, average and store the adapters alone.
     """
 
     name: str
@@ -144,14 +153,16 @@ class Task:
     natural_sites: bool = False
     missing_data_hint: str = ""  # how to get the files when none are found
     default_data_dir: Path | None = None  # where a system package puts them, if any
+    model_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Imported late: common.config reads tasks.
-        from common.config import FEATURE_MAPS, GRAD_SAMPLE_MODES
+        from common.config import FEATURE_MAPS, GRAD_SAMPLE_MODES, RULES
 
         object.__setattr__(self, "class_labels", tuple(self.class_labels))
         object.__setattr__(self, "grad_sample_modes", tuple(self.grad_sample_modes))
         object.__setattr__(self, "features", tuple(self.features))
+        object.__setattr__(self, "model_keys", tuple(self.model_keys))
         image = isinstance(self.preprocessing, ImagePreprocessing)
         problems = {
             "name": not isinstance(self.name, str)
@@ -174,6 +185,7 @@ class Task:
                 "scattering" in self.features
                 and not (image and self.preprocessing.side == SCATTERING_SIDE)
             ),
+            "model_keys": not set(self.model_keys) <= set(RULES),
         }
         bad = [field for field, wrong in problems.items() if wrong]
         if bad:

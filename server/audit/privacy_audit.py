@@ -31,7 +31,7 @@ from common.audit.canaries import (
 from common.config import RunConfig
 from common.data.datasets import load_dataset
 from common.data.features import compute_features
-from common.tasks.models import build_model
+from common.tasks.models import build_run_model
 
 ONE_RUN_METHOD = "steinke-nasr-jagielski-2023 one-run"
 # Smallest number of guesses tried; the grid then doubles up to all m canaries.
@@ -235,10 +235,10 @@ def audit_sample_level(
     """Score the run's canaries (common/audit/canaries.py) with the final global weights."""
     data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
     plan = canary_plan(cfg.seed, cfg.audit_canaries, data.y_train, data.num_classes)
-    model = build_model(cfg.task, data.num_classes, features=cfg.features)
+    model = build_run_model(cfg, data.num_classes)
     model.load_state_dict(state_dict)
     # the server's round-1 weights (server/app.py builds them from the seed alike)
-    initial = build_model(cfg.task, data.num_classes, seed=cfg.seed, features=cfg.features)
+    initial = build_run_model(cfg, data.num_classes, seed=cfg.seed)
     x = compute_features(cfg.features, torch.from_numpy(data.x_train[plan.indices]))
     labels = torch.from_numpy(plan.labels)
     scores = canary_scores(model, x, labels) - canary_scores(initial, x, labels)

@@ -14,7 +14,7 @@ from common.atomic_files import atomic_write_bytes
 from common.config import ConfigError, RunConfig
 from common.data.datasets import load_dataset
 from common.data.features import ScatteringFront
-from common.tasks.models import build_model, count_parameters
+from common.tasks.models import build_run_model
 from common.tasks.registry import get_task, is_task_reference
 from server.export.compression import (
     VARIANT_FILES,
@@ -25,8 +25,33 @@ from server.export.compression import (
 )
 
 
-def _to_torchscript(model: torch.nn.Module, cfg: RunConfig) -> torch.jit.ScriptModule:
+def _export_form(
+    model: torch.nn.Module, cfg: RunConfig
+) -> tuple[torch.nn.Module, torch.Tensor | None]:
+    """The module written to disk and, for one that is traced, its example input.
+
+    A model with ``export_module`` (a LoRA text model: adapters merged into the
+    frozen encoder, common/tasks/text_models.py) is traced, as transformers'
+    encoders cannot be scripted; any other model is scripted.
+    """
+    if hasattr(model, "export_module"):
+        length = get_task(cfg.task).input_shape[-1]
+        return model.export_module(), model.example_input(length)
+    return model, None
+
+
+def _trace(module: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.jit.trace(module.eval(), example, check_trace=False)
+
+
+def _to_torchscript(
+    model: torch.nn.Module, cfg: RunConfig, example: torch.Tensor | None = None
+) -> torch.jit.ScriptModule:
     """Script the model; a feature map is traced in front, so it takes raw images."""
+    if example is not None:
+        return _trace(model, example)
     if cfg.features == "pixels":
         return torch.jit.script(model)
     side = get_task(cfg.task).preprocessing.side  # type: ignore[union-attr]  # 28x28 only
@@ -45,16 +70,20 @@ def check_exportable(cfg: RunConfig) -> None:
     """
     if not is_task_reference(cfg.task):
         return
-    model = build_model(cfg.task, features=cfg.features).eval()
+    model, example = _export_form(build_run_model(cfg).eval(), cfg)
     step = "TorchScript (model.ts)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.script(model)
+            _to_torchscript(model, cfg, example)
             if cfg.export_compression != "none":
                 step = f"export-compression {cfg.export_compression!r}"
                 with quiet_quantisation_warnings():
-                    script_variant(compress(model, cfg.export_compression), None)
+                    compressed = compress(model, cfg.export_compression)
+                    if example is None:
+                        script_variant(compressed, None)
+                    else:
+                        _trace(compressed, example)
     except Exception as exc:
         raise ConfigError(
             f"run config keys 'task' and 'export-compression': the model of task "
@@ -79,9 +108,10 @@ def export_model(
     Every file written is scored on the server's test set as saved, so the accuracy
     in ``model.json`` is what ``client.predict`` gets from that file.
     """
-    model = build_model(cfg.task, features=cfg.features)
+    model = build_run_model(cfg)
     model.load_state_dict(arrays.to_torch_state_dict())
-    model.eval()
+    model, example = _export_form(model.eval(), cfg)
+    parameters = sum(p.numel() for p in model.parameters())  # all, frozen ones too
     task = get_task(cfg.task)
     front = ScatteringFront(task.input_shape[-1]) if cfg.features != "pixels" else None
     ts_path = out_dir / VARIANT_FILES["float32"]
@@ -89,13 +119,14 @@ def export_model(
         # TorchScript is deprecated in favour of torch.export, but it is what
         # runs on CPU-only edge installs without the model's Python code.
         warnings.simplefilter("ignore", DeprecationWarning)
-        _save(_to_torchscript(model, cfg), ts_path)
+        _save(_to_torchscript(model, cfg, example), ts_path)
     written = {"float32": (ts_path, model)}
     if cfg.export_compression != "none":
         compressed = compress(model, cfg.export_compression)
         path = out_dir / VARIANT_FILES[cfg.export_compression]
         with quiet_quantisation_warnings():
-            _save(script_variant(compressed, front), path)
+            traced = _trace(compressed, example) if example is not None else None
+            _save(traced or script_variant(compressed, front), path)
         written[cfg.export_compression] = (path, compressed)
     data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
     test_set = (torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
@@ -105,9 +136,7 @@ def export_model(
     torch.set_num_threads(cfg.torch_threads)
     try:
         reports = {
-            name: describe(
-                name, path, eager, test_set, count_parameters(model), front is not None
-            )
+            name: describe(name, path, eager, test_set, parameters, front is not None)
             for name, (path, eager) in written.items()
         }
     finally:

@@ -70,6 +70,9 @@ BAD_VALUES: dict[str, list[Any]] = {
     "secagg-modulus-range": [100, 2**7, 2**33, 65536.0, True],
     "secagg-clipping-range": [-1.0, "0", float("inf")],
     "secagg-timeout": [0, -1.0, "60"],
+    "lora-rank": [-1, 513, 8.0, True, "8"],
+    "lora-alpha": [0.0, -1.0, 5000.0, "16"],
+    "lora-target-modules": ["", "query,", "query,query", "9layer", "a b", 1],
 }
 
 
