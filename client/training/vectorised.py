@@ -67,7 +67,8 @@ def train_many(
     from torch.func import functional_call, grad_and_value, vmap
 
     loss_fn = get_task(cfg.task).loss_function()
-    start = {k: v.detach() for k, v in model.named_parameters()}
+    # Only what plain SGD would move: a frozen parameter gets no gradient there.
+    start = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     model.train()
 
     def loss_of(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
@@ -159,5 +160,6 @@ def train_or_take(
         return train_non_private(model, x, y, cfg, generator)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(trained.state[name])
+            if name in trained.state:  # the trained ones; frozen ones stay as loaded
+                p.copy_(trained.state[name])
     return TrainOutcome(mean_loss=trained.mean_loss, history=())

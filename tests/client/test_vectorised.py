@@ -86,6 +86,31 @@ def test_the_handler_takes_its_own_precomputed_weights_once() -> None:
     assert not vectorised._PRECOMPUTED
 
 
+def test_frozen_parameters_stay_as_they_were() -> None:
+    """A task may freeze layers: plain SGD leaves them, and so must the batched path."""
+    cfg = _cfg("digits", 0.9, 2, 8)
+    model = build_model("digits", 10, seed=1)
+    first = next(model.parameters())
+    first.requires_grad_(False)
+    frozen = first.detach().clone()
+    shards = _shards("digits", [16, 16])
+    batched = vectorised.train_many(
+        model, shards, cfg, [torch.Generator().manual_seed(s) for s in (1, 2)]
+    )
+    for (x, y), seed, got in zip(shards, (1, 2), batched, strict=True):
+        alone = build_model("digits", 10, seed=1)
+        next(alone.parameters()).requires_grad_(False)
+        train_non_private(alone, x, y, cfg, torch.Generator().manual_seed(seed))
+        assert torch.equal(next(alone.parameters()).detach(), frozen)
+        mine = build_model("digits", 10, seed=1)
+        vectorised._PRECOMPUTED[(0, 1)] = got
+        vectorised.train_or_take(mine, x, y, cfg, torch.Generator(), 0, 1)
+        for p, q in zip(mine.parameters(), alone.parameters(), strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
+        assert torch.equal(next(mine.parameters()).detach(), frozen)
+    vectorised.forget()
+
+
 def test_models_with_state_or_randomness_are_not_batched() -> None:
     assert vectorised.can_vectorise(build_model("digits", 10, seed=0))
     assert not vectorised.can_vectorise(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
