@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 
 from common.atomic_files import atomic_write_bytes
 from common.config import ConfigError, RunConfig
-from common.data.datasets import load_dataset
+from common.data.datasets import load_test_split
 from common.data.features import ScatteringFront
 from common.tasks.models import build_run_model
 from common.tasks.registry import get_task, is_task_reference
@@ -128,8 +128,8 @@ def export_model(
             traced = _trace(compressed, example) if example is not None else None
             _save(traced or script_variant(compressed, front), path)
         written[cfg.export_compression] = (path, compressed)
-    data = load_dataset(cfg.task, cfg.data_dir, cfg.seed)
-    test_set = (torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
+    x_test, y_test = load_test_split(cfg.task, cfg.data_dir, cfg.seed)
+    test_set = (torch.from_numpy(x_test), torch.from_numpy(y_test))
     threads = torch.get_num_threads()
     # The run's thread count (the ServerApp sets it too): the traced kymatio front is
     # thousands of small ops, which ran 10x slower with 2 threads on a busy 2-core host.

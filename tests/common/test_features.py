@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord
 
 from common.config import ConfigError, RunConfig
-from common.data.datasets import DatasetArrays
 from common.data.features import SCATTERING_SHAPE, ScatteringFront, compute_features
 from common.tasks.fashion_mnist import DEFAULT_DIR as DEFAULT_FASHION_MNIST_DIR
 from common.tasks.models import build_model, count_parameters
@@ -78,16 +78,14 @@ def test_exported_model_takes_raw_images(
     """model.ts includes the scattering front: client.predict needs no privfed code."""
 
     # The export scores each saved variant on the server's test set through the
-    # traced scattering front: 15 s for all 10,000 images, plus 5 s to preprocess
-    # the training split it does not use. Nothing here reads that score, so it is
-    # taken on the first 256 real test images.
-    def first_test_images(name: str, data_dir: str, seed: int) -> DatasetArrays:
+    # traced scattering front: 15 s for all 10,000 images. Nothing here reads that
+    # score, so it is taken on the first 256 real test images.
+    def first_test_images(name: str, data_dir: str, seed: int) -> tuple[Any, Any]:
         task = get_task(name)
         x, y = task.raw("test", data_dir, seed)
-        x, y = task.preprocess(x[:256]), y[:256]
-        return DatasetArrays(task.name, x, y, x, y, task.num_classes)
+        return task.preprocess(x[:256]), y[:256]
 
-    monkeypatch.setattr(torchscript, "load_dataset", first_test_images)
+    monkeypatch.setattr(torchscript, "load_test_split", first_test_images)
     cfg = RunConfig(task="fashion-mnist", features="scattering")
     model = build_model("fashion-mnist", seed=4, features="scattering").eval()
     export_model(ArrayRecord(model.state_dict()), cfg, tmp_path, {"round": 1})
