@@ -32,6 +32,7 @@ from client.privacy.policy import (
     PrivacyPolicy,
     load_policy,
 )
+from client.privacy.resent_reply import request_digest, store_reply, stored_reply
 from client.secure_aggregation.handlers import ClientSteps, secagg_stage
 from client.training.dp_training import train_non_private, train_private
 from client.training.vectorised import train_or_take
@@ -181,6 +182,15 @@ def _train_private(
     """One DP-SGD round planned from public numbers only (see records_for_planning)."""
     pid = shard.partition_id
     server_round = int(msg.content["config"]["server-round"])
+    digest = request_digest(msg, context.run_config)
+    resent = stored_reply(node.ledger_dir, digest, server_round, ledger)
+    if resent is not None:  # a resumed server asks again: nothing new is released
+        log.info(
+            "partition %d: round %d asked again with the same model and settings; "
+            "re-sending the update already charged (ε %.3f unchanged)",
+            pid, server_round, ledger.epsilon(),
+        )  # fmt: skip
+        return Message(resent, reply_to=msg)
     records = len(shard.x_train)
     planned = policy.records_for_planning(records)
     try:
@@ -236,7 +246,9 @@ def _train_private(
     shown = ledger if policy.release_ledger else None
     report = TrainReport.trained(pid, planned, shown, seconds)
     report = report.with_fingerprint(reported_fingerprint(context, node))
-    return _send(msg, report, model, cfg.update_compression, replay)
+    reply = _send(msg, report, model, cfg.update_compression, replay)
+    store_reply(node.ledger_dir, digest, server_round, ledger, reply.content)
+    return reply
 
 
 def _clipped_change(

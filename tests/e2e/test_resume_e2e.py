@@ -15,7 +15,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from flwr.app import Context, RecordDict
 
 from client.node_settings import NodeSettings
 from client.privacy.ledger_store import load_ledger, store_ledger
+from client.privacy.resent_reply import JOURNAL_FILE
 from common.ledger.privacy_ledger import PrivacyLedger, epsilon_of_history
 from common.tasks.models import build_model
 from server.results.checkpoint import CHECKPOINT_FILE, arrays_digest, read_checkpoint
@@ -48,22 +49,42 @@ def _ledger_rounds(node_dir: Path) -> list[int]:
     return json.loads((node_dir / "privacy-ledger.json").read_text())["rounds"]
 
 
+def _has_rounds(results: Path, rounds: int) -> Callable[[], bool]:
+    path = results / "rounds.jsonl"
+    return lambda: path.exists() and len(path.read_text().splitlines()) >= rounds
+
+
+def _journal_round(node_dir: Path) -> int | None:
+    """The round of the reply a node keeps for a repeat of its last request."""
+    try:
+        head = (node_dir / JOURNAL_FILE).read_bytes().partition(b"\n")[0]
+        return int(json.loads(head)["round"])
+    except (OSError, ValueError, KeyError):
+        return None  # absent, or caught half-renamed: not yet
+
+
 def kill_when_rounds(
     module: str, args: list[str], results: Path, rounds: int, timeout: float = 600
 ) -> str:
     """Run a script; once ``rounds`` lines are in rounds.jsonl, SIGKILL it and every
     descendant by PID (the whole federation dies at once, as on a power cut)."""
+    return kill_when(module, args, _has_rounds(results, rounds), timeout)
+
+
+def kill_when(
+    module: str, args: list[str], ready: Callable[[], bool], timeout: float = 600
+) -> str:
+    """Run a script; once ``ready()``, SIGKILL it and every descendant by PID."""
     proc = start_script(module, args)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
     reader.start()
-    path = results / "rounds.jsonl"
     deadline = time.monotonic() + timeout
     with watching(proc) as watch:
-        while not (path.exists() and len(path.read_text().splitlines()) >= rounds):
+        while not ready():
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail("".join(lines)[-4000:])
-            time.sleep(0.05)
+            time.sleep(0.01)
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]
         for p in tree:
             try:
@@ -86,9 +107,10 @@ def kill_when_rounds(
 def _check_ledgers(
     ledger_files: list[Path], last: dict, killed_at: int, spent_in_flight: set[int]
 ) -> None:
-    """Every ledger holds rounds 1..4 once, except a node that had stored the
-    in-flight round before the kill: that release counts twice (killed run, rerun),
-    which spends the budget of round 4, so it refuses round 4 as budget-exhausted."""
+    """Every ledger holds rounds 1..4 once (a node that had stored the in-flight
+    round and kept its reply re-sends it), except a node that had stored the round
+    but not its reply: that release counts twice (killed run, rerun), which spends
+    the budget of round 4, so it refuses round 4 as budget-exhausted."""
     by_partition = {c["partition_id"]: c for c in last["clients"]}
     for path in ledger_files:
         ledger = json.loads(path.read_text())
@@ -133,16 +155,18 @@ def test_simulation_killed_after_round_2_resumes_to_round_4(tmp_path: Path) -> N
     fresh = build_model("digits", seed=42).state_dict()
     assert any((saved.model[k] != fresh[k]).any() for k in fresh)  # trained, not init
     round_2_eps = {c["partition_id"]: c["epsilon"] for c in _rounds(results)[1]["clients"]}
-    # A node may have stored round 3 before the kill; make node 0 always have, so
-    # that both cases are checked whenever the kill lands.
+    # A node may have stored round 3 before the kill; make node 0 always have, and
+    # without its reply (as if killed between the two writes), so that a second
+    # charge is checked whenever the kill lands.
     nodes = results / "nodes"
     killed_run = saved.runs[0]["run_id"]
     if 3 not in _ledger_rounds(nodes / "partition-0"):
         _release_in_flight_round(nodes / "partition-0", 3, killed_run)
+    (nodes / "partition-0" / JOURNAL_FILE).unlink(missing_ok=True)
     spent_in_flight = {
         int(path.name.removeprefix("partition-"))
         for path in nodes.glob("partition-*")
-        if 3 in _ledger_rounds(path)
+        if 3 in _ledger_rounds(path) and _journal_round(path) != 3
     }
     assert 0 in spent_in_flight
 
@@ -195,17 +219,17 @@ def _release_in_flight_round(state_dir: Path, server_round: int, run_id: int) ->
 
 
 def _deployment_killed_and_resumed(folder: Path) -> dict[str, Any]:
-    """Kill a 2-round TLS deployment after round 1, give node 0 the interrupted
-    round's release if the kill came before it stored it, and resume."""
+    """Kill a 2-round TLS deployment the moment node 0 has charged round 2 and kept
+    its reply (before the round can complete), and resume."""
     results = folder / "run"
     args = ["--clients", "2", "--rounds", "2", "--noise-multiplier", "1.0",
             "--results-dir", str(results)]  # fmt: skip
-    kill_when_rounds("simulations.deploy", args, results, 1)
-    killed_run = read_checkpoint(results).runs[0]["run_id"]
     node_0 = results / "nodes" / "node-0"
+    kill_when("simulations.deploy", args, lambda: _journal_round(node_0) == 2)
+    checkpoint = read_checkpoint(results)
+    assert checkpoint.round == 1, "round 2 completed before the kill"
+    killed_run = checkpoint.runs[0]["run_id"]
     ledger_file = node_0 / "privacy-ledger.json"
-    if 2 not in json.loads(ledger_file.read_text())["rounds"]:  # the kill came earlier
-        _release_in_flight_round(node_0, 2, killed_run)
     before = PrivacyLedger.from_json(ledger_file.read_text())
     code, out, watch = run_watched(["--resume", str(results)], module="simulations.deploy")
     return {"results": results, "killed_run": killed_run, "ledger_file": ledger_file,
@@ -231,8 +255,9 @@ def ahead(
 def test_deployment_resume_keeps_a_node_ledger_that_holds_the_interrupted_round(
     ahead: RunsAhead, tmp_path: Path
 ) -> None:
-    """TLS deployment killed after round 1 of 2; node 0 had stored round 2: resumed,
-    its ε never drops, round 2 counts once per release (killed run, rerun)."""
+    """TLS deployment killed in round 2 of 2 once node 0 had stored round 2 and kept
+    its reply: the resumed server asks round 2 again, node 0 re-sends that update,
+    and its ledger counts round 2 once (in the killed run)."""
     run = ahead.result(DEPLOYMENT_TEST, _deployment_killed_and_resumed, tmp_path)
     results, killed_run, ledger_file = run["results"], run["killed_run"], run["ledger_file"]
     before, code, out, watch = run["before"], run["code"], run["out"], run["watch"]
@@ -243,18 +268,20 @@ def test_deployment_resume_keeps_a_node_ledger_that_holds_the_interrupted_round(
     rounds = _rounds(results)
     assert [r["round"] for r in rounds] == [1, 2]
     after = PrivacyLedger.from_json(ledger_file.read_text())
-    assert after.rounds == (1, 2, 2)  # the killed run's round 2 and its rerun
-    assert after.runs[:2] == (killed_run, killed_run) and after.runs[2] != killed_run
-    assert after.epsilon() > before.epsilon()  # kept, never reduced
-    reported = {c["partition_id"]: c for c in rounds[-1]["clients"]}
-    assert reported[0]["epsilon"] == pytest.approx(after.epsilon(), rel=1e-12)
-    assert reported[0]["epsilon"] == pytest.approx(
+    assert after == before  # re-sent: nothing new spent, nothing rewritten
+    assert after.rounds == (1, 2) and after.runs == (killed_run, killed_run)
+    resumed = {c["partition_id"]: c for c in rounds[-1]["clients"]}
+    assert resumed[0]["status"] == "trained"
+    assert resumed[0]["epsilon"] == pytest.approx(after.epsilon(), rel=1e-12)
+    assert resumed[0]["epsilon"] == pytest.approx(
         dp_accounting_rdp([list(h) for h in after.history()], 1e-5), rel=3e-3
     )
     node_1 = PrivacyLedger.from_json(
         (results / "nodes/node-1/privacy-ledger.json").read_text()
     )
-    assert node_1.rounds in ((1, 2), (1, 2, 2))  # (1, 2, 2) if it too stored round 2
+    # Once, in one run or the other; (1, 2, 2) only if the kill fell between its
+    # ledger's write and its reply's (a second charge, never a free update).
+    assert node_1.rounds in ((1, 2), (1, 2, 2))
     summary = json.loads((results / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
     assert len({r["run_id"] for r in summary["runs"]}) == 2
