@@ -76,7 +76,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "proxy fault keep 30 s",
     )
     p.add_argument("--inner-lab", type=Path, help=argparse.SUPPRESS)
-    return resolve_clients(p.parse_args(argv))
+    return _resumed_shape(resolve_clients(p.parse_args(argv)))
+
+
+def _resumed_shape(args: argparse.Namespace) -> argparse.Namespace:
+    """A resumed soak starts as many hosts as the run has nodes, and plans its faults
+    over the run's rounds, unless ``--nodes`` / ``--rounds`` say otherwise."""
+    if not args.resume:
+        return args
+    config_file = Path(args.resume).expanduser() / "config.json"
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))["run_config"]
+        nodes, rounds = int(saved["min-available-nodes"]), int(saved["num-rounds"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"--resume {args.resume}: {config_file} is missing or unreadable ({exc})"
+        ) from None
+    if args.clients is None:
+        args.clients = nodes
+    if args.rounds is None:
+        args.rounds = rounds
+    return args
 
 
 def schedule_of(args: argparse.Namespace) -> FaultSchedule:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from common.config import ConfigError
 from simulations.deployment.faults import (
     Fault,
     FaultSchedule,
@@ -193,3 +194,20 @@ def test_proxy_rules_are_checked_naming_the_key(tmp_path: Path) -> None:
         read_rules(path)
     with pytest.raises(ValueError, match="delay_ms"):
         Rule(delay_ms=-1)
+
+
+def test_a_resumed_soak_starts_the_runs_own_nodes_and_rounds(tmp_path: Path) -> None:
+    """`soak --resume DIR` without --nodes starts as many hosts as the run had, and
+    plans faults over its rounds; an unreadable folder is refused naming the file."""
+    from simulations import soak
+
+    run = {"min-available-nodes": 20, "num-rounds": 10}
+    (tmp_path / "config.json").write_text(json.dumps({"run_config": run}))
+    args = soak.parse_args(["--resume", str(tmp_path)])
+    assert (args.clients, args.rounds) == (20, 10)
+    args = soak.parse_args(["--resume", str(tmp_path), "--rounds", "12"])
+    assert (args.clients, args.rounds) == (20, 12)
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError, match=str(missing / "config.json")):
+        soak.parse_args(["--resume", str(missing)])
+    assert soak.main(["--resume", str(missing)]) == 2
