@@ -8,7 +8,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ if TYPE_CHECKING:  # Opacus' engine is imported only by the modes that use it
     from torch.utils.data import DataLoader
 
 PHYSICAL_BATCH = 256  # larger Poisson batches run in chunks (faster on CPU)
+# Modes whose batches, noise and accounting are privfed's own loop (_train_direct);
+# the others run through Opacus' make_private (_train_opacus).
+PRIVFED_LOOP_MODES = ("direct", "ghost")
 
 
 class AccountingMismatch(RuntimeError):
@@ -68,7 +71,7 @@ def train_private(
     """
     if canaries and cfg.grad_sample_mode != "direct":
         raise ValueError("gradient canaries are planted on the 'direct' path only")
-    if cfg.grad_sample_mode == "direct":
+    if cfg.grad_sample_mode in PRIVFED_LOOP_MODES:
         mean_loss, steps = _train_direct(
             model, x, y, cfg, plan, noise_multiplier, generator, canaries
         )
@@ -83,6 +86,43 @@ def train_private(
     return TrainOutcome(mean_loss=mean_loss, history=history)
 
 
+class _BatchClipper(Protocol):
+    def clipped_batch(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[dict[nn.Parameter, torch.Tensor], float]: ...
+
+    def close(self) -> None: ...
+
+
+class _DirectClipper:
+    """:class:`PerSampleClipper` behind the batch interface ``ghost`` shares."""
+
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], max_grad_norm: float
+    ) -> None:
+        self.clipper = PerSampleClipper(model)
+        self.model, self.loss_fn, self.max_grad_norm = model, loss_fn, max_grad_norm
+
+    def clipped_batch(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[dict[nn.Parameter, torch.Tensor], float]:
+        loss = self.loss_fn(self.model(x), y, reduction="sum")
+        return self.clipper.clipped_sums(loss, self.max_grad_norm), loss.item()
+
+    def close(self) -> None:
+        self.clipper.close()
+
+
+def _batch_clipper(
+    mode: str, model: nn.Module, loss_fn: Callable[..., torch.Tensor], max_grad_norm: float
+) -> _BatchClipper:
+    if mode == "ghost":  # imports Opacus
+        from client.training.ghost_clipping import GhostClipper
+
+        return GhostClipper(model, loss_fn, max_grad_norm)
+    return _DirectClipper(model, loss_fn, max_grad_norm)
+
+
 def _train_direct(
     model: nn.Module,
     x: torch.Tensor,
@@ -93,7 +133,11 @@ def _train_direct(
     generator: torch.Generator,
     canaries: Sequence[int] = (),
 ) -> tuple[float, int]:
-    """DP-SGD with :class:`PerSampleClipper`: Opacus' sampling, clipping and noise.
+    """DP-SGD in privfed's loop: Opacus' sampling, clipping and noise arithmetic.
+
+    The clipped sums come from :class:`PerSampleClipper` (mode ``direct``) or from
+    Opacus' ghost clipping (:mod:`client.training.ghost_clipping`, mode ``ghost``);
+    batches, noise and steps are the same for both.
 
     Each step draws a Poisson batch (every example in with probability
     ``plan.sampler_rate``), sums per-sample clipped gradients, adds N(0, (σC)²) per
@@ -102,8 +146,8 @@ def _train_direct(
     still takes a noise-only step. The noise is drawn as Opacus' ``secure_mode``
     draws it (:func:`gaussian_noise`). Returns the mean loss and the steps taken.
     """
-    clipper = PerSampleClipper(model)
     loss_fn = get_task(cfg.task).loss_function()
+    clipper = _batch_clipper(cfg.grad_sample_mode, model, loss_fn, cfg.max_grad_norm)
     optimizer = _plain_sgd(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     expected_batch = plan.expected_batch_size
@@ -126,10 +170,10 @@ def _train_direct(
             sums: dict[nn.Parameter, torch.Tensor] = {}
             # Clipping is per sample, so chunks sum exactly; an empty batch has none.
             for chunk in batch.split(PHYSICAL_BATCH) if len(batch) else ():
-                loss = loss_fn(model(x[chunk]), y[chunk], reduction="sum")
-                for p, summed in clipper.clipped_sums(loss, cfg.max_grad_norm).items():
+                chunk_sums, chunk_loss = clipper.clipped_batch(x[chunk], y[chunk])
+                for p, summed in chunk_sums.items():
                     sums[p] = sums[p] + summed if p in sums else summed
-                total += loss.item()
+                total += chunk_loss
                 count += len(chunk)
             for k in sampled.nonzero().flatten().tolist():  # a canary's gradient: C·e_j
                 i, offset = planted[k]

@@ -148,7 +148,7 @@ class Task:
     list_sources: SourceLister = _no_sources
     loss: LossFunction | None = None
     metrics: str = "multiclass"
-    grad_sample_modes: tuple[str, ...] = ("direct", "hooks", "ew", "functorch")
+    grad_sample_modes: tuple[str, ...] = ("direct", "hooks", "ew", "functorch", "ghost")
     features: tuple[str, ...] = ("pixels",)
     natural_sites: bool = False
     missing_data_hint: str = ""  # how to get the files when none are found

@@ -94,7 +94,7 @@ def test_a_task_with_impossible_facts_is_refused() -> None:
         {"features": ("pixels", "scattering")},
         {"class_labels": ("0",)},
         {"metrics": "binary"},
-        {"grad_sample_modes": ("ghost",)},
+        {"grad_sample_modes": ("fastest",)},
         {"model": None},
     ):
         with pytest.raises(ValueError, match="task 'digits': invalid"):

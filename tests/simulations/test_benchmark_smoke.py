@@ -40,7 +40,7 @@ def test_dp_overhead_benchmark_smoke() -> None:
         "simulations.bench.dp_overhead", "--dataset", "digits", "--examples", "200",
         "--batch-sizes", "32", "--repeats", "1",
     )  # fmt: skip
-    for mode in ("non-private", "direct", "hooks", "ew", "functorch"):
+    for mode in ("non-private", "direct", "ghost", "hooks", "ew", "functorch"):
         assert f"| {mode} |" in out
 
 
