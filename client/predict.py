@@ -2,6 +2,12 @@
 
     python -m client.predict RESULTS/model.ts images.npz         # arrays 'x' (and 'y')
     python -m client.predict RESULTS/model-int8.ts images.csv    # pixels (+ 'label')
+    python -m client.predict RESULTS/model.ts texts.csv          # 'text' (+ 'label')
+
+A text model (``model.json`` has ``tokenizer``) reads raw text from a CSV with a
+``text`` column, and an optional ``label`` column of class names or indices; it
+tokenises with the exported ``tokenizer.json`` beside the model, which needs the
+``tokenizers`` package (:mod:`client.predict_text`). An ``.npz`` gives it token ids.
 
 Any exported variant (``model.ts`` float32, ``model-int8.ts``,
 ``model-int8-pruned.ts``) runs with the same command and output. Reads
@@ -23,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+_CHUNK = 256  # examples per forward call
 
 
 def _read_input(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -62,6 +70,9 @@ def model_input(meta: dict[str, Any], raw: np.ndarray) -> np.ndarray:
     arithmetic as :mod:`common.tasks.preprocessing`. A ``model.json`` from before
     tasks had a preprocessing description holds ``normalisation`` (pixels) instead.
     """
+    if "tokenizer" in meta:  # token ids: the text task's function is just float32
+        length = int(meta["tokenizer"]["max_length"])
+        return np.asarray(raw, dtype=np.float32).reshape(-1, length)
     prep = meta.get("preprocessing") or {"kind": "image", **meta["normalisation"]}
     kind = prep["kind"]
     if kind == "callable":  # the task's own function: its module must be installed here
@@ -80,14 +91,33 @@ def model_input(meta: dict[str, Any], raw: np.ndarray) -> np.ndarray:
     raise ValueError(f"model.json: unknown preprocessing kind {kind!r}")
 
 
+def read_records(
+    meta: dict[str, Any], model_path: Path, input_path: Path
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The model's float32 input and the labels (if any) of ``input_path``."""
+    if "tokenizer" in meta and input_path.suffix == ".csv":  # raw text
+        from client.predict_text import read_text_csv, text_input
+
+        texts, labels = read_text_csv(input_path, meta["classes"])
+        return text_input(model_path, meta["tokenizer"], texts), labels
+    x, labels = _read_input(input_path)
+    return model_input(meta, x), labels
+
+
 def predict(
     model_path: Path, input_path: Path
 ) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     """Class indices, probabilities, class names and the variant loaded."""
+    classes, probs, names, variant, _ = _predict(model_path, input_path)
+    return classes, probs, names, variant
+
+
+def _predict(
+    model_path: Path, input_path: Path
+) -> tuple[np.ndarray, np.ndarray, list[str], str, np.ndarray | None]:
     meta = json.loads(model_path.with_name("model.json").read_text())
     variant, _ = model_variant(meta, model_path)
-    x, _ = _read_input(input_path)
-    x = model_input(meta, x)
+    x, labels = read_records(meta, model_path, input_path)
     with warnings.catch_warnings():
         # TorchScript and quantised tensors are deprecated in torch 2.13; the
         # notices are for model authors, not for a device running a model.
@@ -96,9 +126,10 @@ def predict(
             _spend_quantised_tensor_notice()
         model = torch.jit.load(str(model_path), map_location="cpu")
         model.eval()
-        with torch.no_grad():
-            probs = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
-    return probs.argmax(axis=1), probs.max(axis=1), meta["classes"], variant
+        with torch.no_grad():  # in chunks: a transformer's attention grows with N
+            chunks = torch.from_numpy(x).split(_CHUNK)
+            probs = torch.cat([torch.softmax(model(c), dim=1) for c in chunks]).numpy()
+    return probs.argmax(axis=1), probs.max(axis=1), meta["classes"], variant, labels
 
 
 def _spend_quantised_tensor_notice() -> None:
@@ -116,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "model", type=Path, help="model.ts or a compressed variant (model.json beside it)"
     )
-    parser.add_argument("input", type=Path, help=".npz with 'x' or .csv of pixels")
+    parser.add_argument(
+        "input", type=Path, help=".npz with 'x', .csv of pixels, or .csv of 'text'"
+    )
     args = parser.parse_args(argv)
     try:
-        classes, probs, names, variant = predict(args.model, args.input)
-        _, labels = _read_input(args.input)
+        classes, probs, names, variant, labels = _predict(args.model, args.input)
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -58,6 +58,7 @@ SHARD_CODE = (
     "common.tasks.registry",
     "common.tasks.task",
     "common.tasks.text",  # the text tasks' reader and tokenisation
+    "common.tasks.text_device",  # a text task's node-local CSV
 )
 SHARD_LIBRARIES = (
     "numpy", "torch", "scikit-learn", "flwr-datasets", "datasets", "kymatio",
@@ -100,7 +101,7 @@ class ShardRecipe:
     def for_node(cls, cfg: RunConfig, node: NodeSettings) -> ShardRecipe:
         """The recipe of this node's shard, with its files hashed (checked by path)."""
         if node.data_path is not None:
-            files = local_sources(node.data_path)
+            files = local_sources(node.data_path, cfg.task)  # text: + tokenizer files
             common = {"data_path": node.data_path}
         else:
             assert node.partition_id is not None and node.num_partitions is not None

@@ -4,6 +4,9 @@ Images are raw pixels in the run dataset's native range (its task's pixel scale:
 0..16 for digits, 0..255 for the 28x28 sets), shaped ``(N, H, W)``, ``(N, 1, H, W)``
 or ``(N, H*W)``; labels are integers ``0..num_classes-1``. They are normalised
 exactly like the server's data.
+
+A text task's ``.csv`` is texts and labels laid out as the task's own CSV
+(:mod:`common.tasks.text_device`), tokenised with the task's tokenizer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,13 @@ import numpy as np
 from common.data.checks import DataFileError, reader_said
 from common.data.datasets import checked_raw, normalise_images
 from common.data.idx import IDX_FILES, read_idx_pair
+from common.tasks.registry import get_task
+from common.tasks.text_device import (
+    local_text_rule,
+    local_text_sources,
+    read_local_texts,
+    text_reader,
+)
 
 LABEL_COLUMN = "label"
 CSV_FIRST_RECORD_LINE = 2  # line 1 is the header
@@ -78,11 +88,17 @@ def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
 _TRAIN_IDX = (IDX_FILES["x_train"], IDX_FILES["y_train"])
 
 
-def local_sources(path_text: str) -> tuple[Path, ...]:
+def local_sources(path_text: str, task: str | None = None) -> tuple[Path, ...]:
     """The files :func:`load_local_arrays` reads for ``data-path``: one ``.npz`` or
-    ``.csv``, or an IDX folder's two training files. A path that is none of these
+    ``.csv``, or an IDX folder's two training files (a text task's ``.csv``: with the
+    tokenizer's files, which shape its token ids). A path that is none of these
     fails here, with the error the loader gives."""
     path = Path(path_text).expanduser()
+    reader = text_reader(get_task(task)) if task is not None else None
+    if reader is not None and path.suffix == ".csv":
+        if not path.is_file():
+            raise DataFileError(path, "does not exist", local_text_rule(reader))
+        return local_text_sources(reader, path)
     if path.is_dir():
         files = tuple(path / name for name in _TRAIN_IDX)
         for f in files:
@@ -105,8 +121,12 @@ def load_local_arrays(path_text: str, task: str) -> tuple[np.ndarray, np.ndarray
     Every value is checked first (:mod:`common.data.checks`); a failure is a
     :class:`~common.data.checks.DataFileError` naming the file and the record.
     """
-    files = local_sources(path_text)
+    files = local_sources(path_text, task)
     path = files[0]
+    reader = text_reader(get_task(task))
+    if reader is not None and path.suffix == ".csv":  # texts: tokenised, then float ids
+        ids, labels = read_local_texts(reader, path)
+        return normalise_images(task, ids), labels
     if len(files) == 2:  # an IDX folder
         x, y = read_idx_pair(task, *files)
         path = files[0].parent

@@ -1,4 +1,10 @@
-"""Export the global model for on-device inference: TorchScript plus metadata."""
+"""Export the global model for on-device inference: TorchScript plus metadata.
+
+``model.json`` records, per variant, its size, accuracy on the server's test set
+and median latency per example (:mod:`server.export.latency`); a text task's
+tokenizer is written beside the model (``tokenizer.json``) so a device predicts
+on raw text (:mod:`common.tasks.text_device`).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from common.data.datasets import load_test_split
 from common.data.features import ScatteringFront
 from common.tasks.models import build_run_model
 from common.tasks.registry import get_task, is_task_reference
+from common.tasks.text_device import export_tokenizer, text_reader
 from server.export.compression import (
     VARIANT_FILES,
     compress,
@@ -23,6 +30,7 @@ from server.export.compression import (
     quiet_quantisation_warnings,
     script_variant,
 )
+from server.export.latency import latency_method, median_latency_ms
 
 
 def _export_form(
@@ -141,7 +149,14 @@ def export_model(
         }
     finally:
         torch.set_num_threads(threads)
+    latency = {
+        name: median_latency_ms(path, test_set[0][:1])
+        for name, (path, _) in written.items()
+    }
     spec = task.export_spec()  # labels, shapes and preprocessing: the task's facts
+    reader = text_reader(task)
+    if reader is not None:  # raw text on a device: the training tokenizer, beside
+        spec["tokenizer"] = export_tokenizer(reader, out_dir)
     meta = {
         "format": "privfed-torchscript/1",
         "task": cfg.task,
@@ -150,9 +165,13 @@ def export_model(
         "note": spec["preprocessing"]["note"],
         "export_compression": cfg.export_compression,
         "variants": {
-            name: report.as_json(None if name == "float32" else reports["float32"])
+            name: {
+                **report.as_json(None if name == "float32" else reports["float32"]),
+                "latency_ms_per_example": latency[name],
+            }
             for name, report in reports.items()
         },
+        "latency": latency_method(),
         **extra,
     }
     meta_path = out_dir / "model.json"

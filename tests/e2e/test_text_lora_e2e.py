@@ -166,6 +166,8 @@ def test_two_rounds_of_dp_lora_send_only_adapters(
     model_json = json.loads((out / "model.json").read_text())
     assert set(model_json["variants"]) == {"float32", "int8"}
     assert model_json["preprocessing"]["kind"] == "callable"
+    assert (out / model_json["tokenizer"]["file"]).is_file()  # raw text on a device
+    assert all(v["latency_ms_per_example"] > 0 for v in model_json["variants"].values())
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").open()]
     assert len(rounds) == 2 and all(r["message_bytes"] for r in rounds)
 
