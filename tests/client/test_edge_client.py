@@ -19,6 +19,7 @@ from client.data.shard_cache import CACHE_DIR
 from client.node_settings import NodeConfigError, NodeSettings
 from client.privacy.ledger_store import LEDGER_FILE, LOCK_FILE, RECORD_FILE
 from client.privacy.policy import POLICY_FILE
+from client.privacy.resent_reply import JOURNAL_FILE
 from client.show_ledger import main as show_ledger
 from common.config import RunConfig
 from common.data.datasets import DatasetError, load_arrays
@@ -155,7 +156,7 @@ def test_disk_ledger_survives_fresh_processes(tmp_path: Path) -> None:
     one_shot = PrivacyLedger("rdp", cfg.delta).extended(1, 1.0, rate, steps)
     assert eps[2] == pytest.approx(one_shot.epsilon())
     assert sorted(p.name for p in state.iterdir()) == sorted(
-        [LEDGER_FILE, RECORD_FILE, LOCK_FILE, POLICY_FILE, CACHE_DIR]
+        [LEDGER_FILE, RECORD_FILE, LOCK_FILE, POLICY_FILE, CACHE_DIR, JOURNAL_FILE]
     )
 
 

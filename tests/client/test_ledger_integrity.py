@@ -21,6 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
 from client.privacy.ledger_store import LEDGER_FILE, RECORD_FILE
+from client.privacy.resent_reply import JOURNAL_FILE
 from common.config import RunConfig
 from common.ledger.chain import WITNESS_HEAD_KEY, WITNESS_LENGTH_KEY, LedgerFingerprint
 from common.ledger.privacy_ledger import PrivacyLedger
@@ -232,6 +233,7 @@ def test_diverged_ledgers_within_a_run_are_an_error(
     assert _train(run, 1).status is Status.TRAINED
     fork = tmp_path / "fork"
     shutil.copytree(state, fork)
+    (fork / JOURNAL_FILE).unlink()  # else the fork re-sends round 1 instead of training
     assert _train(run, 2).status is Status.TRAINED
     assert _train(_context(fork, run_id=2), 1).status is Status.TRAINED  # the other branch
     for name in (LEDGER_FILE, RECORD_FILE):
