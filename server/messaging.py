@@ -7,12 +7,46 @@ import math
 import statistics
 import time
 from collections.abc import Iterable, Sequence
+from logging import WARNING
 from typing import Any
 
 from flwr.app import Message, Metadata, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 from flwr.supercore.run import Run
+
+PUSH_ATTEMPTS = 4  # a push that Flower's session mix-up broke, tried again
+PUSH_BACKOFF_S = 2.0  # seconds before the second attempt, doubling after
+
+
+def push_again_on_session_loss(grid: Grid, messages: list[Message]) -> list[str]:
+    """``grid.push_messages``, pushed again when Flower loses the push session.
+
+    Flower 1.42's ServerApp retries a ``PushMessages`` call whose connection failed;
+    on a loaded SuperLink the first call can still arrive after the retry, take over
+    the messages' push session, and the objects then pushed under the retry's
+    session are refused (``ObjectPushError``: "the push session may have expired or
+    been replaced"), which ended whole runs here (docs/faults.md). Pushing the same
+    messages again is safe: their IDs are their content's, the SuperLink keeps one
+    copy of each, and only the objects it still lacks are asked for.
+    """
+    for attempt in range(1, PUSH_ATTEMPTS + 1):
+        try:
+            return list(grid.push_messages(messages))
+        except ObjectPushError as exc:
+            if attempt == PUSH_ATTEMPTS:
+                raise
+            wait = PUSH_BACKOFF_S * 2 ** (attempt - 1)
+            log(
+                WARNING,
+                "[privfed] pushing %d messages failed (%s); pushing them again in "
+                "%.0f s (attempt %d of %d)",
+                len(messages), exc, wait, attempt + 1, PUSH_ATTEMPTS,
+            )  # fmt: skip
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def exchange(
@@ -117,7 +151,7 @@ class CountingGrid(WrappedGrid):
         for message in messages:
             node = int(message.metadata.dst_node_id)
             self.down[node] = self.down.get(node, 0) + content_bytes(message.content)
-        ids = list(self.grid.push_messages(messages))
+        ids = push_again_on_session_loss(self.grid, messages)
         for message, message_id in zip(messages, ids, strict=False):
             self._destination[message_id] = int(message.metadata.dst_node_id)
         return ids
