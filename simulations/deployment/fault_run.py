@@ -27,7 +27,14 @@ from client.privacy.policy import POLICY_FILE
 from common.config import RunConfig
 from server.results.outcome import Outcome, close_run, serverapp_settled
 from simulations.deploy import SERVERAPP_STOP_GRACE_S, write_node_policy
-from simulations.deployment.certificates import default_ca_dir, ensure_tls_files
+from simulations.deployment.certificates import (
+    TLS_FILES,
+    TlsFiles,
+    certificate_sans,
+    default_ca_dir,
+    ensure_tls_files,
+    server_san,
+)
 from simulations.deployment.faults import Fault, FaultSchedule
 from simulations.deployment.front_proxy import accepts, nginx_binary
 from simulations.deployment.injector import FaultInjector, rounds_recorded
@@ -83,7 +90,7 @@ class FaultRun:
         for i in range(self.args.clients):
             write_node_policy(self.state_root / f"node-{i}", self.cfg, sizes[i])
         nginx_binary()
-        ensure_tls_files(self.certs, self.ca_dir, [self.lab.server.address])
+        self._certificates_for_this_lab()
         if self.cfg.secure_aggregation:
             for i in range(self.args.clients):
                 ensure_node_identity(
@@ -94,6 +101,32 @@ class FaultRun:
             f"identities in {self.results_dir}; logs in {self.work}",
             flush=True,
         )
+
+    def _certificates_for_this_lab(self) -> None:
+        """TLS files whose server certificate names this lab's server address.
+
+        A resumed soak runs in a new lab, at a new address, so the certificate its
+        first run issued names the old one: the harness issues new TLS files from
+        the same CA (the nodes trust the CA, not one certificate). Anything else a
+        reused folder lacks is refused by :func:`ensure_tls_files`, naming it.
+        """
+        address = self.lab.server.address
+        files = TlsFiles.in_folder(self.certs)
+        moved = (
+            self.args.resume is not None
+            and files.server_cert.exists()
+            and not (self.certs / "ca.key").exists()
+            and server_san(address) not in certificate_sans(files.server_cert)
+        )
+        if moved:
+            for name in TLS_FILES:
+                (self.certs / name).unlink(missing_ok=True)
+            print(
+                f"[soak] resumed in a new lab: new server certificate for {address} "
+                f"from the CA in {self.ca_dir}",
+                flush=True,
+            )
+        ensure_tls_files(self.certs, self.ca_dir, [address])
 
     def start_server(self, dep: LocalDeployment) -> None:
         """SuperLink and nginx on this host's loopback, the fault proxy on the lab."""

@@ -211,3 +211,35 @@ def test_a_node_identity_is_an_ed25519_key_the_deployment_ca_certifies(
     public = verify_certificate(trusted.identity.certificate, trusted.ca_certificate)
     assert verify_signature(public, trusted.identity.sign(message), message)
     assert not verify_signature(public, other.identity.sign(message), message)
+
+
+def test_a_resumed_soak_in_a_new_lab_gets_a_certificate_for_its_new_address(
+    tmp_path: Path,
+) -> None:
+    """A resumed soak's lab has a new server address: the harness issues new TLS
+    files from the same CA; a fresh run, or a folder holding a CA key, is refused."""
+    from types import SimpleNamespace
+
+    from simulations.deployment.fault_run import FaultRun
+
+    ca, certs = tmp_path / "ca", tmp_path / "run" / "certs"
+    ensure_tls_files(certs, ca, ["10.1.0.2"])
+    run = object.__new__(FaultRun)  # only what the certificate step reads
+    run.lab = SimpleNamespace(server=SimpleNamespace(address="10.2.0.2"))
+    run.certs, run.ca_dir = certs, ca
+    run.args = SimpleNamespace(resume=None)
+    with pytest.raises(CertificateError, match="does not name 10.2.0.2"):
+        run._certificates_for_this_lab()
+    run.args = SimpleNamespace(resume=str(tmp_path / "run"))
+    run._certificates_for_this_lab()
+    sans = certificate_sans(certs / "server.pem")
+    assert server_san("10.2.0.2") in sans and server_san("10.1.0.2") not in sans
+    assert (certs / "ca.crt").read_bytes() == (ca / "ca.crt").read_bytes()
+    server = x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())
+    ca_cert = x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes())
+    server.verify_directly_issued_by(ca_cert)  # the nodes' trust still holds
+    run.lab = SimpleNamespace(server=SimpleNamespace(address="10.3.0.2"))
+    (certs / "ca.key").write_bytes(b"not here")
+    with pytest.raises(CertificateError, match="ca.key"):
+        run._certificates_for_this_lab()  # never emptied: refused, naming the key
+    assert (certs / "server.pem").exists()
