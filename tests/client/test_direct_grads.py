@@ -15,6 +15,7 @@ from common.config import RunConfig
 from common.privacy.dp_sgd_plan import RoundPlan, plan_dp_sgd_round
 from common.privacy.randomness import round_generator
 from common.tasks.models import DigitsMLP, TanhCNN28
+from tests.helpers.per_example import per_example_grads
 
 
 def _odd_conv_net() -> nn.Module:
@@ -41,15 +42,6 @@ MODELS = {
 }
 
 
-def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list:
-    grads = []
-    for i in range(len(x)):
-        model.zero_grad()
-        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    return grads
-
-
 @pytest.mark.parametrize("clip_quantile", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_clipped_sums_equal_per_example_autograd(name: str, clip_quantile: float) -> None:
@@ -58,7 +50,7 @@ def test_clipped_sums_equal_per_example_autograd(name: str, clip_quantile: float
     torch.manual_seed(3)
     model = factory()
     x, y = torch.randn(*shape), torch.randint(0, 5, (shape[0],))
-    grads = _per_example_grads(model, x, y)
+    grads = per_example_grads(model, x, y)
     norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in grads])
     clip = float(torch.quantile(norms, clip_quantile)) if clip_quantile else 1e-3
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)

@@ -17,6 +17,7 @@ from common.errors import ConfigError
 from common.privacy.dp_sgd_plan import RoundPlan, plan_dp_sgd_round
 from common.privacy.randomness import round_generator
 from common.tasks.models import DigitsMLP, TanhCNN28
+from tests.helpers.per_example import per_example_grads
 
 
 def _linear() -> nn.Module:
@@ -28,16 +29,6 @@ MODELS = {
     "linear": (_linear, (8, 1, 8, 8)),
     "digits-mlp": (DigitsMLP, (8, 1, 8, 8)),
 }
-
-
-def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list:
-    grads = []
-    for i in range(len(x)):
-        model.zero_grad()
-        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    model.zero_grad()
-    return grads
 
 
 def _hooks_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list:
@@ -73,9 +64,7 @@ def test_ghost_clipped_sum_equals_the_reference(
     torch.manual_seed(3)
     model = factory()
     x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
-    grads = (_per_example_grads if reference == "per-example" else _hooks_grads)(
-        model, x, y
-    )
+    grads = (per_example_grads if reference == "per-example" else _hooks_grads)(model, x, y)
     expected = _clipped_sum(grads, clip)
 
     clipper = GhostClipper(model, F.cross_entropy, clip)

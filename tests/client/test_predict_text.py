@@ -34,13 +34,7 @@ from common.tasks.text import EncoderFiles, TextCsv, tokenised  # noqa: E402
 from server.export.compression import compress  # noqa: E402
 from server.export.torchscript import export_model  # noqa: E402
 from tests.helpers.device import PREDICT_THEN_CHECK_IMPORTS  # noqa: E402
-from tests.helpers.tiny_text import (  # noqa: E402
-    MAX_LENGTH,
-    TASK_MODULE,
-    write_corpus,
-    write_encoder,
-    write_task_module,
-)
+from tests.helpers.tiny_text import MAX_LENGTH, importable_tiny_task  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "tiny_text_predict"  # its own name: other test files import a tiny_text too
@@ -58,11 +52,7 @@ TEXTS = [
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """An exported tiny text model (float32 and int8) and the model it came from."""
     root = tmp_path_factory.mktemp("tiny-text-predict")
-    encoder = write_encoder(root / "encoder")
-    write_task_module(root / "code", encoder, write_corpus(root / "texts.csv"))
-    (root / "code" / f"{TASK_MODULE}.py").rename(root / "code" / f"{MODULE}.py")
-    sys.path.insert(0, str(root / "code"))
-    try:
+    with importable_tiny_task(root, MODULE, "texts.csv") as encoder:
         cfg = RunConfig(
             task=f"{MODULE}:TASK", grad_sample_mode="hooks", lora_rank=4,
             lora_alpha=8.0, lora_target_modules="query,value", export_compression="int8",
@@ -81,8 +71,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         out.mkdir()
         export_model(ArrayRecord(model.state_dict()), cfg, out, {"round": 1})
         yield {"out": out, "model": model, "ids": ids}
-    finally:
-        sys.path.remove(str(root / "code"))
 
 
 def _write_texts(path: Path, rows: list[tuple[str, str]], header=("label", "text")):

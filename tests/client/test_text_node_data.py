@@ -8,7 +8,6 @@ its shard in the node's state folder. A tiny random BERT stands in for MiniLM.
 from __future__ import annotations
 
 import csv
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,10 +32,8 @@ from tests.helpers.device import device_context, write_policy  # noqa: E402
 from tests.helpers.messages import train_message  # noqa: E402
 from tests.helpers.tiny_text import (  # noqa: E402
     MAX_LENGTH,
-    TASK_MODULE,
+    importable_tiny_task,
     write_corpus,
-    write_encoder,
-    write_task_module,
 )
 
 MODULE = "tiny_text_node"  # its own name: other test files import a tiny_text too
@@ -47,14 +44,8 @@ TASK = f"{MODULE}:TASK"
 def encoder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The tiny task importable as ``tiny_text_node:TASK``; yields its encoder."""
     root = tmp_path_factory.mktemp("tiny-text-node")
-    folder = write_encoder(root / "encoder")
-    write_task_module(root / "code", folder, write_corpus(root / "server.csv"))
-    (root / "code" / f"{TASK_MODULE}.py").rename(root / "code" / f"{MODULE}.py")
-    sys.path.insert(0, str(root / "code"))
-    try:
+    with importable_tiny_task(root, MODULE, "server.csv") as folder:
         yield folder
-    finally:
-        sys.path.remove(str(root / "code"))
 
 
 def _write(path: Path, rows: list[list[str]]) -> Path:

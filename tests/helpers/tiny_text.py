@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import csv
 import random
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 POSITIVE = ("good", "great", "fine", "lovely", "superb", "brilliant", "warm", "fun")
@@ -70,3 +73,17 @@ def write_task_module(folder: Path, encoder: Path, corpus: Path) -> str:
         ")\n"
     )
     return f"{TASK_MODULE}:TASK"
+
+
+@contextmanager
+def importable_tiny_task(root: Path, module: str, corpus_name: str) -> Iterator[Path]:
+    """The tiny task importable as ``<module>:TASK`` (its own module name: other test
+    files import a tiny text task too) while the block runs; yields its encoder."""
+    encoder = write_encoder(root / "encoder")
+    write_task_module(root / "code", encoder, write_corpus(root / corpus_name))
+    (root / "code" / f"{TASK_MODULE}.py").rename(root / "code" / f"{module}.py")
+    sys.path.insert(0, str(root / "code"))
+    try:
+        yield encoder
+    finally:
+        sys.path.remove(str(root / "code"))
