@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    Metadata,
+    RecordDict,
+)
 
 from common.config import RunConfig
 from simulations.launch.in_process_federation import delivered
@@ -40,3 +48,14 @@ def make_context(
         state=RecordDict(),
         run_config=cfg.to_run_config(),
     )
+
+
+def pushed_instruction(dst_node_id: int, content: RecordDict | None = None) -> Message:
+    """A train instruction as the ServerApp hands it to its grid: from the SuperLink
+    (node 1), not yet given a message ID."""
+    meta = Metadata(
+        run_id=1, message_id="", src_node_id=1, dst_node_id=dst_node_id,
+        reply_to_message_id="", group_id="", message_type=MessageType.TRAIN,
+        created_at=0.0, ttl=10.0,
+    )  # fmt: skip
+    return Message(content if content is not None else RecordDict(), metadata=meta)

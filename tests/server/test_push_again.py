@@ -6,11 +6,12 @@ import logging
 from typing import Any
 
 import pytest
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 import server.messaging as messaging
 from server.messaging import PUSH_ATTEMPTS, CountingGrid
+from tests.helpers.messages import pushed_instruction
 
 
 class _LosingGrid:
@@ -32,15 +33,7 @@ def _content() -> RecordDict:
 
 
 def _messages() -> list[Message]:
-    out = []
-    for node in (13, 14):
-        meta = Metadata(
-            run_id=7, message_id="", src_node_id=1, dst_node_id=node,
-            reply_to_message_id="", group_id="", message_type="train",
-            created_at=0.0, ttl=10.0,
-        )  # fmt: skip
-        out.append(Message(_content(), metadata=meta))
-    return out
+    return [pushed_instruction(13, _content()), pushed_instruction(14, _content())]
 
 
 @pytest.fixture(autouse=True)

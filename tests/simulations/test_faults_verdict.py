@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Error, Message, Metadata, RecordDict
+from flwr.app import Error, Message, Metadata
 
 from client.privacy.ledger_store import LEDGER_FILE
 from common.ledger.privacy_ledger import PrivacyLedger
@@ -15,6 +15,7 @@ from server.messaging import CountingGrid
 from server.results.client_outcomes import ClientOutcome
 from server.results.dropouts import count_dropouts, dropouts, dropouts_text
 from simulations.deployment.verdict import node_verdict, soak_verdict, verdict_text
+from tests.helpers.messages import pushed_instruction
 
 UNAVAILABLE = "Error: Node Unavailable — The destination node failed to report a heartbeat"
 
@@ -172,15 +173,7 @@ class _FakeGrid:
 def test_counting_grid_names_the_node_flowers_error_answers_for() -> None:
     fake = _FakeGrid()
     grid = CountingGrid(fake)  # type: ignore[arg-type]
-    messages = []
-    for node in (13, 14):
-        meta = Metadata(
-            run_id=1, message_id="", src_node_id=1, dst_node_id=node,
-            reply_to_message_id="", group_id="", message_type="train",
-            created_at=0.0, ttl=10.0,
-        )  # fmt: skip
-        messages.append(Message(RecordDict(), metadata=meta))
-    grid.push_messages(messages)
+    grid.push_messages([pushed_instruction(13), pushed_instruction(14)])
     (reply,) = grid.pull_messages(["m0", "m1"])
     assert grid.unavailable == {14: UNAVAILABLE}
     assert grid.up == {}
