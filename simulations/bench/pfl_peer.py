@@ -13,8 +13,13 @@ per round, 6 local SGD steps (3 epochs of batch 3 at lr 0.5), each update clippe
 C = 1, Gaussian noise z·C on the sum (``CentrallyAppliedPrivacyMechanism``), server
 SGD with momentum 0.9, the 26,010-parameter tanh CNN, central evaluation on the
 10,000 test images every round. Prints one JSON line: per-round seconds (median
-over rounds 2..T), launch to exit, accuracy after each round. It imports nothing
-from privfed (only numpy, torch and pfl), so it runs in pfl's venv.
+over rounds 2..T), launch to exit, accuracy after each round, peak RSS. It imports
+nothing from privfed (only numpy, torch and pfl), so it runs in pfl's venv.
+
+``--records FILE.npz`` runs a tabular workload instead: the encoded records and the
+clients' shards privfed itself uses (written by ``simulations.bench.scale
+--pfl-python``), a zero-initialised logistic regression, and the same local and
+central settings (``--local-epochs``, ``--batch-size``, ``--cohort``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -52,16 +58,10 @@ def load(part: str) -> tuple[np.ndarray, np.ndarray]:
     return ((x - MEAN) / STD)[:, None], y
 
 
-class TanhCNN(nn.Module):
-    """privfed's TanhCNN28 (Papernot et al. 2021), with pfl's loss/metrics hooks."""
+class _PflModel(nn.Module):
+    """``self.net`` with the loss and metrics hooks pfl's PyTorchModel calls."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 8, stride=2, padding=2), nn.Tanh(), nn.MaxPool2d(2, 1),
-            nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1),
-            nn.Flatten(), nn.Linear(32 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10),
-        )  # fmt: skip
+    net: nn.Module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -84,13 +84,69 @@ class TanhCNN(nn.Module):
         return {"loss": Weighted(loss, len(x)), "accuracy": Weighted(correct, len(x))}
 
 
+class TanhCNN(_PflModel):
+    """privfed's TanhCNN28 (Papernot et al. 2021)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 8, stride=2, padding=2), nn.Tanh(), nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1),
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10),
+        )  # fmt: skip
+
+
+class Logistic(_PflModel):
+    """privfed's zero-initialised logistic regression (``tabular_models``)."""
+
+    def __init__(self, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.net = nn.Linear(num_features, num_classes)
+        nn.init.zeros_(self.net.weight)
+        nn.init.zeros_(self.net.bias)
+
+
+Shards = dict[int, list[np.ndarray]]
+
+
+def image_workload(args: argparse.Namespace) -> tuple[Shards, list[np.ndarray], nn.Module]:
+    """Fashion-MNIST: ``--clients`` shards of ``--records`` images, the tanh CNN."""
+    x, y = load("train")
+    order = np.random.default_rng(args.seed).permutation(len(x))[
+        : args.clients * args.records
+    ]
+    shards = {
+        u: [x[order[u * args.records : (u + 1) * args.records]],
+            y[order[u * args.records : (u + 1) * args.records]]]
+        for u in range(args.clients)
+    }  # fmt: skip
+    return shards, list(load("t10k")), TanhCNN()
+
+
+def records_workload(path: Path) -> tuple[Shards, list[np.ndarray], nn.Module]:
+    """privfed's encoded records and shards, as written to ``path``."""
+    data = np.load(path)
+    x, y = data["x_train"], data["y_train"]
+    bounds = data["shard_offsets"]
+    indices = data["shard_indices"]
+    shards = {
+        u: [x[indices[bounds[u] : bounds[u + 1]]], y[indices[bounds[u] : bounds[u + 1]]]]
+        for u in range(len(bounds) - 1)
+    }
+    classes = int(data["num_classes"])
+    return shards, [data["x_test"], data["y_test"]], Logistic(x.shape[1], classes)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the peer and print its figures as one JSON line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--clients", type=int, default=10_000)
-    p.add_argument("--records", type=int, default=6, help="records per client")
+    p.add_argument("--records", default="6", help="records per client, or an .npz")
     p.add_argument("--cohort", type=int, default=100)
+    p.add_argument("--local-epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=3)
+    p.add_argument("--learning-rate", type=float, default=0.5)
     p.add_argument("--noise-multiplier", type=float, default=0.7129)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -109,16 +165,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    x, y = load("train")
-    order = np.random.default_rng(args.seed).permutation(len(x))[
-        : args.clients * args.records
-    ]
-    shards = {
-        u: [x[order[u * args.records : (u + 1) * args.records]],
-            y[order[u * args.records : (u + 1) * args.records]]]
-        for u in range(args.clients)
-    }  # fmt: skip
-    x_test, y_test = load("t10k")
+    if args.records.endswith(".npz"):
+        shards, (x_test, y_test), net = records_workload(Path(args.records))
+    else:
+        args.records = int(args.records)
+        shards, (x_test, y_test), net = image_workload(args)
     training = FederatedDataset.from_slices(
         shards, get_user_sampler("random", list(shards))
     )
@@ -128,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     backend = SimulatedBackend(
         training_data=training, val_data=None, postprocessors=[mechanism]
     )
-    net = TanhCNN()
     model = PyTorchModel(
         model=net,
         local_optimizer_create=torch.optim.SGD,
@@ -149,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluation = CentralEvaluationCallback(
         Dataset(raw_data=[x_test, y_test]),
-        model_eval_params=NNEvalHyperParams(local_batch_size=10_000),
+        model_eval_params=NNEvalHyperParams(local_batch_size=min(len(x_test), 10_000)),
         frequency=1,
     )
     params = NNAlgorithmParams(
@@ -157,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         train_cohort_size=args.cohort, val_cohort_size=None,
     )  # fmt: skip
     train = NNTrainHyperParams(
-        local_learning_rate=0.5, local_num_epochs=3, local_batch_size=3
+        local_learning_rate=args.learning_rate,
+        local_num_epochs=args.local_epochs,
+        local_batch_size=args.batch_size,
     )
     begun = time.monotonic()
     FederatedAveraging().run(
@@ -175,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 "round_seconds": [round(r, 3) for r in rounds],
                 "launch_to_exit_s": round(time.monotonic() - STARTED, 2),
                 "accuracy": accuracy,
+                "clients": len(shards),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             }
         )
     )

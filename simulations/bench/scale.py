@@ -8,16 +8,23 @@ the results that every sampled client trained and every ledger is cumulative.
 
     python -m simulations.bench.scale --clients 10000 --per-round 100 --rounds 5
     python -m simulations.bench.scale --client-level --clients 60000 --per-round 600
+    python -m simulations.bench.scale --client-level --dataset flights \
+        --clients 100000 --per-round 1000 --pfl-python /tmp/pflvenv/bin/python
 
 ``--client-level`` runs the ``fmnist-client-eps3`` recipe instead (tanh CNN on
 pixels, z 0.7129, Poisson q = per-round / clients, δ = 1 / (10·clients)): every
-client the server instructs must train.
+client the server instructs must train. On a tabular task (``flights``: 261,876
+training records, enough for 100,000 clients) it runs the same local and central
+settings with the task's logistic regression. ``--pfl-python`` then also runs Apple's
+pfl (:mod:`simulations.bench.pfl_peer`, in its own venv) on the very same records and
+shards, cohort = per-round, and prints its row beside privfed's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,10 +34,21 @@ from pathlib import Path
 
 import psutil
 
-from common.tasks.registry import task_names
+from common.tasks.registry import get_task, task_names
 from simulations.launch.processes import process_tree
 
 REPO = Path(__file__).resolve().parents[2]
+PEER = REPO / "simulations" / "bench" / "pfl_peer.py"
+NOISE = 0.7129  # the issue's z (peer_comparison's)
+SEED = 42  # the run config's default seed: the shards privfed's clients get
+# fmnist-client-eps3's local and central settings, for a task without a preset of its own
+_CLIENT_LEVEL_KEYS = (
+    "--partitioner", "iid", "--privacy-mode", "client", "--local-epochs", "3",
+    "--batch-size", "3", "--learning-rate", "0.5", "--momentum", "0.0",
+    "--set", "clipping='fixed'", "--set", "client-clip-norm=1.0",
+    "--set", "server-learning-rate=1.0", "--set", "server-momentum=0.9",
+    "--set", "local-test-fraction=0.0", "--set", "fraction-evaluate=0.0",
+)  # fmt: skip
 
 
 def tree_memory(pid: int) -> tuple[int, int]:
@@ -62,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default="", help="the dataset's files (run key data-dir)")
     p.add_argument("--client-level", action="store_true", help="see the module docstring")
     p.add_argument("--simulated-nodes", type=int, help="as simulations.run's option")
+    p.add_argument("--pfl-python", help="python of a venv with pfl 0.6.0 (tabular tasks)")
     args = p.parse_args(argv)
+    if args.pfl_python and not (args.client_level and _is_tabular(args.dataset)):
+        p.error(
+            "--pfl-python needs --client-level on a tabular task (flights, lending-club, "
+            "nwtco); the Fashion-MNIST peer is simulations.bench.peer_comparison"
+        )
     results = Path(tempfile.mkdtemp(prefix="privfed-scale-")) / "run"
     common = [
         sys.executable, "-m", "simulations.run", "--clients", str(args.clients),
@@ -71,9 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         *(["--simulated-nodes", str(args.simulated_nodes)] if args.simulated_nodes else []),
     ]  # fmt: skip
     if args.client_level:
+        recipe = (
+            ("--task", args.dataset, *_CLIENT_LEVEL_KEYS)
+            if _is_tabular(args.dataset)
+            else ("--preset", "fmnist-client-eps3", "--set", "features='pixels'")
+        )
         argv_run = [
-            *common, "--preset", "fmnist-client-eps3", "--set", "features='pixels'",
-            "--noise-multiplier", "0.7129", "--delta", str(0.1 / args.clients),
+            *common, *recipe,
+            "--noise-multiplier", str(NOISE), "--delta", str(0.1 / args.clients),
             "--set", f"client-sampling-rate={args.per_round / args.clients}",
         ]  # fmt: skip
     else:
@@ -118,12 +147,69 @@ def main(argv: list[str] | None = None) -> int:
         for r in rounds
         for c in r["clients"]
     )
-    print("| clients | per round | rounds | trained per round | ledgers cumulative "
-          "| peak total RSS | peak total PSS | wall |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.clients} | {args.per_round} | {len(rounds)} | {trained} | {ledgers_ok} "
-          f"| {peak / 1e9:.2f} GB | {peak_pss / 1e9:.2f} GB | {wall:.0f} s |")  # fmt: skip
-    return 0 if code == 0 and all_sampled_trained and ledgers_ok else 1
+    per_round = statistics.median(r["seconds"] for r in rounds[1:] or rounds)
+    central = rounds[-1].get("central", {})
+    quality = ", ".join(
+        f"{k} {central[k]:.4f}" for k in ("accuracy", "auroc") if k in central
+    )
+    print("| system | clients | per round | rounds | trained per round | ledgers "
+          "cumulative | peak total RSS | peak total PSS | per round (median, 2..T) "
+          "| after the last round | wall |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| privfed | {args.clients} | {args.per_round} | {len(rounds)} | {trained} "
+          f"| {ledgers_ok} | {peak / 1e9:.2f} GB | {peak_pss / 1e9:.2f} GB "
+          f"| {per_round:.2f} s | {quality} | {wall:.0f} s |", flush=True)  # fmt: skip
+    ok = code == 0 and all_sampled_trained and ledgers_ok
+    if args.pfl_python:
+        peer = _pfl(args, results.parent / "records.npz")
+        print(f"| pfl 0.6.0 | {peer['clients']} | {args.per_round} (fixed cohort) "
+              f"| {peer['rounds']} | — | — | {peer['peak_rss_bytes'] / 1e9:.2f} GB | — "
+              f"| {peer['per_round_median_s']:.2f} s | accuracy {peer['accuracy'][-1]:.4f} "
+              f"| {peer['launch_to_exit_s']:.0f} s |")  # fmt: skip
+        print(f"privfed / pfl per round: {per_round / peer['per_round_median_s']:.2f}")
+    return 0 if ok else 1
+
+
+def _is_tabular(task_name: str) -> bool:
+    return len(get_task(task_name).input_shape) == 1
+
+
+def write_records(task_name: str, data_dir: str, clients: int, npz: Path) -> None:
+    """Write the training records, privfed's IID shards of them over ``clients``
+    (the run's seed) and the central test set to ``npz``, for the peer to read."""
+    import numpy as np
+
+    from common.data.partitioning import PartitionSpec, partition_indices
+
+    task = get_task(task_name)
+    x, y, _ = task.raw_with_sites("train", data_dir, SEED)
+    x_test, y_test = task.raw("test", data_dir, SEED)
+    shards = partition_indices(
+        np.asarray(y), PartitionSpec("iid", clients, SEED), task.num_classes
+    )
+    offsets = np.cumsum([0, *(len(s) for s in shards)])
+    np.savez(
+        npz, x_train=np.asarray(x, np.float32), y_train=np.asarray(y, np.int64),
+        x_test=np.asarray(x_test, np.float32), y_test=np.asarray(y_test, np.int64),
+        shard_offsets=offsets, shard_indices=np.concatenate(shards),
+        num_classes=task.num_classes,
+    )  # fmt: skip
+
+
+def _pfl(args: argparse.Namespace, npz: Path) -> dict[str, object]:
+    """Run pfl on privfed's own records and IID shards (``npz``), cohort per-round."""
+    write_records(args.dataset, args.data_dir, args.clients, npz)
+    argv = [
+        args.pfl_python, str(PEER), "--records", str(npz), "--rounds", str(args.rounds),
+        "--cohort", str(args.per_round), "--noise-multiplier", str(NOISE),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=7200)
+    if proc.returncode != 0:
+        tail = proc.stderr[-3000:]
+        raise SystemExit(f"pfl peer failed (exit {proc.returncode}):\n{tail}")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
+    figures: dict[str, object] = json.loads(line)
+    return figures
 
 
 if __name__ == "__main__":

@@ -125,5 +125,5 @@ def test_scale_benchmark_smoke() -> None:
         "simulations.bench.scale", "--clients", "20", "--per-round", "5",
         "--rounds", "1", "--dataset", "digits",
     )  # fmt: skip
-    row = next(line for line in out.splitlines() if line.startswith("| 20 |"))
-    assert "| [5] | True |" in row and "GB |" in row
+    row = next(line for line in out.splitlines() if line.startswith("| privfed | 20 |"))
+    assert "| [5] | True |" in row and "GB |" in row and "accuracy 0." in row
