@@ -8,6 +8,7 @@ import signal
 import pytest
 
 from common.config import RunConfig
+from common.privacy.calibration_cache import CACHE_ENV as CALIBRATION_CACHE_ENV
 from simulations.deployment.certificates import CA_DIR_ENV
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -27,6 +28,13 @@ signal.signal(signal.SIGTERM, _terminate)
 def digits_cfg() -> RunConfig:
     """A small private digits config."""
     return RunConfig(num_rounds=3, target_epsilon=8.0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """σ calibrations are remembered for the session (every script it starts
+    inherits the folder), never in the user's own cache."""
+    os.environ[CALIBRATION_CACHE_ENV] = str(tmp_path_factory.mktemp("privfed-cache"))
 
 
 @pytest.fixture(autouse=True, scope="session")

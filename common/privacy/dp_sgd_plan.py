@@ -70,9 +70,26 @@ def calibrate_gaussian_noise_multiplier(
 
     Opacus' ``get_noise_multiplier`` with its tolerance capped at 0.2 % of the target;
     for RDP without the opacus package init (see
-    :mod:`common.privacy.accountants.opacus_rdp`).
+    :mod:`common.privacy.accountants.opacus_rdp`). Remembered on this machine and
+    checked by the accountant before reuse (:mod:`common.privacy.calibration_cache`).
     """
+    from common.privacy.accountants.registry import ACCOUNTANTS
+    from common.privacy.calibration_cache import remembered_sigma
+
     tolerance = min(0.01, 0.002 * target_epsilon)
-    return get_accountant(accountant).noise_multiplier(
-        target_epsilon, delta, sample_rate, total_steps, tolerance
+    chosen = get_accountant(accountant)
+    inputs = {
+        "target_epsilon": target_epsilon, "delta": delta, "sample_rate": sample_rate,
+        "steps": total_steps, "tolerance": tolerance, "accountant": accountant,
+    }  # fmt: skip
+    return remembered_sigma(
+        inputs,
+        ACCOUNTANTS.get(accountant),
+        target_epsilon,
+        calibrate=lambda: chosen.noise_multiplier(
+            target_epsilon, delta, sample_rate, total_steps, tolerance
+        ),
+        epsilon_at=lambda sigma: chosen.epsilon(
+            ((sigma, sample_rate, total_steps),), delta
+        ),
     )
