@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 
-from client.data.local_data import ClientShard, load_client_shard
+from client.data.local_data import ClientShard, load_client_shard, shards_kept_for_group
 from client.failure_replies import Handler, deployed
 from client.node_settings import NodeSettings
 from client.training import vectorised
@@ -166,11 +166,11 @@ def group_handler(run_one: Handler, model_from: ModelFrom | None = None) -> Hand
                 f"{hosted.start}::{hosted.step} of {total}; refused, nothing trained"
             )
         try:
-            if model_from is not None:
-                _precompute(msg, entries, context, total, model_from)
-            with deferred_sync():  # every client's ledger on disk before the reply
-                reply = _run_each(msg, context, entries, total, run_one)
-            return reply
+            with shards_kept_for_group():  # loaded by _precompute, again by each handler
+                if model_from is not None:
+                    _precompute(msg, entries, context, total, model_from)
+                with deferred_sync():  # every client's ledger on disk before the reply
+                    return _run_each(msg, context, entries, total, run_one)
         finally:
             vectorised.forget()
 

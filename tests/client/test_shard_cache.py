@@ -221,3 +221,32 @@ def test_code_or_library_changes_change_the_key(
     monkeypatch.undo()
     monkeypatch.setattr(local_data, "_code_fingerprint", lambda task_code: "other code")
     assert recipe.cache_key() != key
+
+
+def test_a_group_message_reads_each_shard_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a group message (batched training, then each client's handler) a shard
+    is read from the node's cache once, however large the group; after it, again."""
+    from client.data.local_data import shards_kept_for_group
+
+    reads: list[str] = []
+    real = local_data._cached_arrays
+
+    def counting(recipe: ShardRecipe, folder: str) -> dict[str, np.ndarray]:
+        reads.append(folder)
+        return real(recipe, folder)
+
+    monkeypatch.setattr(local_data, "_cached_arrays", counting)
+    cfg = RunConfig(results_dir=str(tmp_path))
+    nodes = [
+        NodeSettings(partition_id=p, num_partitions=200).in_results(cfg.results_dir)
+        for p in range(0, 200, 1)
+    ]
+    local_data._shard.cache_clear()
+    with shards_kept_for_group():
+        first = [load_client_shard(cfg, n) for n in nodes]  # more than _shard's memo
+        second = [load_client_shard(cfg, n) for n in nodes]
+    assert len(reads) == 200 and all(a is b for a, b in zip(first, second, strict=True))
+    load_client_shard(cfg, nodes[0])  # the group is over: its shards are gone
+    assert len(reads) == 201

@@ -135,3 +135,24 @@ def test_local_split_is_deterministic_disjoint_and_complete() -> None:
     assert np.array_equal(train, again[0]) and np.array_equal(test, again[1])
     with pytest.raises(PartitionError, match="too few"):
         split_local(shard[:0], 0.5, seed=0, partition_id=4)
+
+
+def test_partitions_of_frozen_labels_reuse_their_bytes_and_mutable_ones_do_not() -> None:
+    """The memo behind a node's 1,000 partition lookups a round: the same shards for
+    the same frozen labels; labels that can still change are read afresh each time."""
+    from common.data.partitioning import _labels_bytes
+
+    frozen = np.arange(100, dtype=np.int64) % 3
+    frozen.setflags(write=False)
+    spec = PartitionSpec("iid", 7, seed=3)
+    first = partition_indices(frozen, spec, 3)
+    assert _labels_bytes(frozen) is _labels_bytes(frozen)
+    again = partition_indices(frozen, spec, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+
+    mutable = np.zeros(100, dtype=np.int64)
+    view = mutable[:]
+    view.setflags(write=False)  # read-only view of memory that can still change
+    assert _labels_bytes(view) is not _labels_bytes(view)
+    mutable[:50] = 1
+    assert _labels_bytes(view) == mutable.tobytes()  # read afresh, never a stale copy
