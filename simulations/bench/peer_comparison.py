@@ -79,7 +79,7 @@ def _privfed(rounds: int, nodes: int, results: Path) -> dict[str, Any]:
         "per_round_median": statistics.median(per_round),
         "launch_to_exit": seconds,
         "accuracy": rounds_[-1]["central"]["accuracy"],
-        "epsilon": summary.get("client_level", {}).get("epsilon"),
+        "epsilon": summary.get("epsilon_text", "no ε in summary.json"),
         "orchestration_median": statistics.median(
             r["timing_seconds"]["orchestration"] for r in rounds_[1:] or rounds_
         ),
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| privfed, {nodes} simulated SuperNodes | {ours['per_round_median']:.3f} s "
             f"(orchestration {ours['orchestration_median']:.3f} s, central evaluation "
             f"{ours['central_evaluation_median']:.3f} s) | {ratio:.2f} | "
-            f"{ours['launch_to_exit']:.1f} s | {ours['accuracy']:.2%} (ε "
-            f"{ours['epsilon']}) |"
+            f"{ours['launch_to_exit']:.1f} s | {ours['accuracy']:.2%} "
+            f"({ours['epsilon']}) |"
         )
         print(rows[-1], flush=True)
     return 0
