@@ -2,7 +2,9 @@
 
 For a 100-round ledger (one history entry per round: every round a distinct
 (σ, q), the worst case; and the usual case of one merged (σ, q)), times the ε a
-client reports after its latest round, interleaving the two methods.
+client reports after its latest round, interleaving the two methods. Then the cost
+of a σ calibration at a small shard's rate (q 1/3, as a 10-client digits run's
+nodes), made afresh and remembered (:mod:`common.privacy.calibration_cache`).
 
     python -m simulations.bench.accountant --repeats 7
 """
@@ -10,7 +12,9 @@ client reports after its latest round, interleaving the two methods.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -19,6 +23,8 @@ from opacus.accountants import RDPAccountant
 
 from common.ledger.privacy_ledger import PrivacyLedger
 from common.privacy.accountants.rdp import _rdp_per_step
+from common.privacy.calibration_cache import CACHE_ENV
+from common.privacy.dp_sgd_plan import calibrate_gaussian_noise_multiplier
 
 DELTA = 1e-5
 
@@ -66,7 +72,30 @@ def main(argv: list[str] | None = None) -> int:
         cells = [statistics.median(x) * 1000 for x in (full, cold, warm)]
         row = f"| {name} | {cells[0]:.1f} ms | {cells[1]:.1f} ms | {cells[2]:.2f} ms"
         print(f"{row} | {same} |")
+    _calibrations(args.repeats)
     return 0
+
+
+def _calibrations(repeats: int) -> None:
+    """σ for ε 8 over 15 steps at q 1/3: bisected afresh, then remembered and checked."""
+
+    def calibrate() -> float:
+        return calibrate_gaussian_noise_multiplier(8.0, DELTA, 1 / 3, 15, "rdp")
+
+    fresh, remembered, sigmas = [], [], set()
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            os.environ[CACHE_ENV] = folder
+            _rdp_per_step.cache_clear()
+            fresh.append(_time(calibrate))
+            _rdp_per_step.cache_clear()
+            remembered.append(_time(calibrate))
+            sigmas.add(calibrate())
+    print("\n| σ calibration (q 1/3, 15 steps, ε 8) | afresh | remembered | same σ |")
+    print("|---|---|---|---|")
+    cells = [statistics.median(x) * 1000 for x in (fresh, remembered)]
+    print(f"| median of {repeats} | {cells[0]:.0f} ms | {cells[1]:.0f} ms "
+          f"| {len(sigmas) == 1} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -46,12 +46,11 @@ def _run(argv: list[str], timeout: float) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def _pfl(python: str, rounds: int) -> dict[str, Any]:
+def run_peer(python: str, *args: str, timeout: float = 1800) -> dict[str, Any]:
+    """Run :mod:`simulations.bench.pfl_peer` with ``python`` (pfl's venv) and ``args``;
+    its JSON figures, plus ``launch_to_exit`` as seen from here."""
     started = time.monotonic()
-    code, out, err = _run(
-        [python, str(PEER), "--rounds", str(rounds), "--noise-multiplier", str(NOISE)],
-        1800,
-    )
+    code, out, err = _run([python, str(PEER), *args], timeout)
     if code != 0:
         raise SystemExit(f"pfl peer failed (exit {code}):\n{err[-3000:]}")
     line = [x for x in out.splitlines() if x.startswith("{")][-1]
@@ -101,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--simulated-nodes", type=int, nargs="+", default=[2])
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
-    peer = _pfl(args.pfl_python, args.rounds)
+    peer = run_peer(
+        args.pfl_python, "--rounds", str(args.rounds), "--noise-multiplier", str(NOISE)
+    )
     rows = [
         "| system | per round (median, rounds 2..T) | × pfl | launch to exit | "
         "accuracy after the last round |",

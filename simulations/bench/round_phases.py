@@ -1,13 +1,16 @@
 """Where a client-level round's time goes, phase by phase, with virtual clients.
 
 Runs the ``fmnist-client-eps3`` workload (tanh CNN on pixels, z 0.7129, 10,000 clients
-on 2 simulated SuperNodes) in this process: the real ServerApp round loop and
+on 2 simulated SuperNodes), or with ``--task flights`` the same recipe over 100,000
+clients of the flights records (``simulations.bench.scale``'s, q 0.01, δ 1e-6, the
+task's logistic regression), in this process: the real ServerApp round loop and
 ``VirtualGrid`` over the real ClientApp, without Flower's transport. Each phase
 is timed by wrapping the function that does it (measurement only: the wrapped
 function runs unchanged). Prints the milliseconds per client of each client-side
 phase over rounds 2..T, and each round's training exchange and central evaluation.
 
     python -m simulations.bench.round_phases --rounds 6
+    python -m simulations.bench.round_phases --rounds 5 --task flights
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from flwr.supercore.task_identity import TaskIdentity
 import client.app as client_app
 import client.training.vectorised as vectorised
 import client.virtual_clients as virtual_clients
+import server.messaging as messaging
 from common.config import RunConfig
 from common.tasks.models import build_model
+from common.tasks.registry import get_task
 from server.app import make_strategy
 from server.central_evaluation import CentralEvaluator
 from server.federation_loop import run_rounds
@@ -37,7 +42,23 @@ from server.virtual_grid import VirtualGrid
 from simulations.launch.in_process_federation import InProcessGrid
 from simulations.presets import PRESETS
 
-CLIENTS, SUPERNODES = 10_000, 2
+SUPERNODES = 2
+# (clients, run config) of each workload; flights as simulations.bench.scale runs it
+WORKLOADS: dict[str, tuple[int, dict[str, Any]]] = {
+    "fashion-mnist": (
+        10_000, {**PRESETS["fmnist-client-eps3"].run_config, "features": "pixels"}
+    ),
+    "flights": (
+        100_000,
+        {
+            "task": "flights", "partitioner": "iid", "privacy-mode": "client",
+            "local-epochs": 3, "batch-size": 3, "learning-rate": 0.5, "momentum": 0.0,
+            "clipping": "fixed", "client-clip-norm": 1.0, "server-learning-rate": 1.0,
+            "server-momentum": 0.9, "client-sampling-rate": 0.01, "delta": 1e-6,
+            "local-test-fraction": 0.0, "fraction-evaluate": 0.0,
+        },
+    ),
+}  # fmt: skip
 # (module, function, label): the phases a group's clients go through
 PHASES = (
     (vectorised, "precompute", "batched local training"),
@@ -47,6 +68,7 @@ PHASES = (
     (client_app, "_setup", "handler: config, node, shard lookup"),
     (client_app.UpdateCodec, "encode", "handler: update encoded"),
     (virtual_clients, "_run_each", "every handler, in all"),
+    (messaging, "content_bytes", "server: message bytes counted"),
 )
 
 
@@ -70,14 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the rounds and print the tables."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--task", choices=sorted(WORKLOADS), default="fashion-mnist")
     args = p.parse_args(argv)
+    clients, workload = WORKLOADS[args.task]
     for key, value in {"_run_id": 7, "_node_id": 1, "_task_id": 1}.items():
         setattr(TaskIdentity, key, value)  # what a ServerApp process has
     out = Path(tempfile.mkdtemp(prefix="privfed-phases-")) / "run"
     raw = {
-        **PRESETS["fmnist-client-eps3"].run_config, "features": "pixels",
-        "noise-multiplier": 0.7129, "target-epsilon": 0.0, "num-rounds": args.rounds,
-        "virtual-clients": CLIENTS, "results-dir": str(out),
+        **workload, "noise-multiplier": 0.7129, "target-epsilon": 0.0,
+        "num-rounds": args.rounds, "virtual-clients": clients, "results-dir": str(out),
     }  # fmt: skip
     cfg = RunConfig.from_run_config(raw)
     supernodes = {
@@ -89,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         for g in range(SUPERNODES)
     }  # fmt: skip
     evaluator = CentralEvaluator(cfg)
-    initial = ArrayRecord(build_model(cfg.task, 10, seed=cfg.seed).state_dict())
+    classes = get_task(cfg.task).num_classes
+    initial = ArrayRecord(build_model(cfg.task, classes, seed=cfg.seed).state_dict())
     totals: dict[str, float] = defaultdict(float)
     calls: Counter[str] = Counter()
     for owner, name, label in PHASES:
@@ -105,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         calls["evaluations"] += 1
         return scores
 
-    grid = VirtualGrid(InProcessGrid(supernodes), CLIENTS)
+    grid = VirtualGrid(InProcessGrid(supernodes), clients)
     run_rounds(
         grid, cfg, make_strategy(cfg, out), initial, central, ResultsWriter(out, cfg), 0.0
     )

@@ -31,15 +31,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from common.tasks.registry import get_task, task_names
+from simulations.bench.peer_comparison import NOISE, run_peer
 from simulations.launch.processes import process_tree
 
 REPO = Path(__file__).resolve().parents[2]
-PEER = REPO / "simulations" / "bench" / "pfl_peer.py"
-NOISE = 0.7129  # the issue's z (peer_comparison's)
 SEED = 42  # the run config's default seed: the shards privfed's clients get
 # fmnist-client-eps3's local and central settings, for a task without a preset of its own
 _CLIENT_LEVEL_KEYS = (
@@ -196,20 +196,14 @@ def write_records(task_name: str, data_dir: str, clients: int, npz: Path) -> Non
     )  # fmt: skip
 
 
-def _pfl(args: argparse.Namespace, npz: Path) -> dict[str, object]:
+def _pfl(args: argparse.Namespace, npz: Path) -> dict[str, Any]:
     """Run pfl on privfed's own records and IID shards (``npz``), cohort per-round."""
     write_records(args.dataset, args.data_dir, args.clients, npz)
-    argv = [
-        args.pfl_python, str(PEER), "--records", str(npz), "--rounds", str(args.rounds),
+    return run_peer(
+        args.pfl_python, "--records", str(npz), "--rounds", str(args.rounds),
         "--cohort", str(args.per_round), "--noise-multiplier", str(NOISE),
-    ]  # fmt: skip
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=7200)
-    if proc.returncode != 0:
-        tail = proc.stderr[-3000:]
-        raise SystemExit(f"pfl peer failed (exit {proc.returncode}):\n{tail}")
-    line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
-    figures: dict[str, object] = json.loads(line)
-    return figures
+        timeout=7200,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

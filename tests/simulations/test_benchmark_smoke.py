@@ -32,6 +32,8 @@ def test_accountant_benchmark_smoke() -> None:
         if line.startswith("| distinct") or line.startswith("| one")
     ]
     assert len(rows) == 2 and all(row.rstrip().endswith("| True |") for row in rows)
+    (calibration,) = [line for line in out.splitlines() if line.startswith("| median of")]
+    assert calibration.rstrip().endswith("| True |")  # the remembered σ is the same σ
 
 
 def test_dp_overhead_benchmark_smoke() -> None:
