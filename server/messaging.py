@@ -77,10 +77,28 @@ def exchange(
     return replies
 
 
+_SIZES: dict[str, int] = {}  # object ID -> deflated size, for objects sent to many
+_SIZES_KEPT = 4096
+
+
 def content_bytes(content: RecordDict) -> int:
     """Serialised size of a message's content: Flower sends a message as the tree of
-    its objects (records, arrays, chunks), each deflated to bytes."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+    its objects (records, arrays, chunks), each deflated to bytes.
+
+    An object's ID is the SHA-256 of its deflated bytes, so a size found once is
+    reused for every message that carries the same object: the round's model goes
+    to 1,000 virtual clients, and deflating it for each cost most of 0.6 ms a client.
+    """
+    total = 0
+    for object_id, obj in get_all_nested_objects(content).items():
+        size = _SIZES.get(object_id)
+        if size is None:
+            size = len(obj.deflate())
+            if len(_SIZES) >= _SIZES_KEPT:
+                _SIZES.clear()
+            _SIZES[object_id] = size
+        total += size
+    return total
 
 
 class WrappedGrid(Grid):
