@@ -38,7 +38,7 @@ from client.training.dp_training import train_non_private, train_private
 from client.training.vectorised import train_or_take
 from client.virtual_clients import discovery, group_handler
 from common.audit.gradient_canaries import gradient_canaries, white_box_applies
-from common.config import RunConfig
+from common.config import RunConfig, run_config_of
 from common.data.checks import DatasetError
 from common.ledger.privacy_ledger import LedgerError, PrivacyLedger
 from common.privacy.randomness import integer_generator, reproducible_seed, round_generator
@@ -57,7 +57,7 @@ app = ClientApp()
 
 
 def _setup(context: Context) -> tuple[RunConfig, NodeSettings, ClientShard]:
-    cfg = RunConfig.from_run_config(context.run_config)
+    cfg = run_config_of(context.run_config)
     node = NodeSettings.from_node_config(dict(context.node_config))
     node = node.in_results(cfg.results_dir)  # a simulated ledger outlives the run
     torch.set_num_threads(cfg.torch_threads)

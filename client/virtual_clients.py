@@ -27,7 +27,7 @@ from client.failure_replies import Handler, deployed
 from client.node_settings import NodeSettings
 from client.training import vectorised
 from common.atomic_files import deferred_sync
-from common.config import RunConfig
+from common.config import RunConfig, run_config_of
 from common.data.checks import DatasetError
 from common.privacy.randomness import reproducible_seed, round_generator
 from common.wire.reply_fields import ARRAYS_KEY
@@ -60,7 +60,7 @@ def _hosting(context: Context) -> tuple[range, int]:
             "a SuperNode with its own data or state-dir is one client; virtual "
             "clients exist only in a simulation (run config key 'virtual-clients')"
         )
-    total = RunConfig.from_run_config(context.run_config).virtual_clients
+    total = run_config_of(context.run_config).virtual_clients
     first, step = config.get("partition-id"), config.get("num-partitions")
     if total < 1 or not isinstance(first, int) or not isinstance(step, int):
         raise VirtualClientError(
@@ -113,7 +113,7 @@ def _precompute(
     each client's own handler to take after its checks. Anything unusual (another
     mode, another model per client, a model vmap cannot batch, a shard that fails to
     load) leaves the clients to train one by one, as the handler then does."""
-    cfg = RunConfig.from_run_config(context.run_config)
+    cfg = run_config_of(context.run_config)
     plain = [e for e in entries if e.message_type == "train" and e.content is not None]
     if not (vectorised.ENABLED and cfg.is_client_level and not cfg.secure_aggregation):
         return

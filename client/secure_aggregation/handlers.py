@@ -34,7 +34,7 @@ from client.privacy.ledger_store import (
 from client.privacy.policy import PolicyError, PrivacyPolicy, load_policy
 from client.secure_aggregation import stages as secagg_stages
 from client.secure_aggregation.exposure import record_verified_release
-from common.config import RunConfig
+from common.config import RunConfig, run_config_of
 from common.data.checks import DatasetError
 from common.ledger.privacy_ledger import LedgerError
 from common.secure_aggregation.identity import (
@@ -101,7 +101,7 @@ def secagg_stage(stage: Stage, steps: ClientSteps) -> Handler:
     """One stage's handler: the node's policy first, then the protocol step."""
 
     def handle(msg: Message, context: Context) -> Message:
-        cfg = RunConfig.from_run_config(context.run_config)
+        cfg = run_config_of(context.run_config)
         node = NodeSettings.from_node_config(dict(context.node_config))
         node = node.in_results(cfg.results_dir)
         pid = partition_id(context)

@@ -202,3 +202,21 @@ def test_secure_aggregation_refuses_what_it_cannot_distribute(key: str, value: A
     with pytest.raises(ConfigError) as info:
         RunConfig.from_run_config({**base, key: value})
     assert "'secure-aggregation'" in str(info.value) and f"'{key}'" in str(info.value)
+
+
+def test_a_run_config_is_parsed_once_per_process_and_checked_every_time() -> None:
+    """run_config_of shares one frozen RunConfig per distinct config (a SuperNode asks
+    once per virtual client); a bad config is refused at every call, never kept."""
+    from common.config import run_config_of
+
+    raw = RunConfig(num_rounds=3).to_run_config()
+    first = run_config_of(raw)
+    assert first == RunConfig.from_run_config(raw)
+    assert run_config_of(dict(reversed(list(raw.items())))) is first  # order-free
+    other = run_config_of({**raw, "num-rounds": 4})
+    assert other is not first and other.num_rounds == 4
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="num-rounds"):
+            run_config_of({**raw, "num-rounds": 0})
+    with pytest.raises(ConfigError, match="unknown run config key"):
+        run_config_of({**raw, "no-such-key": ["a", "list"]})  # unhashable: parsed anyway
