@@ -37,6 +37,7 @@ from simulations.deployment.faults import (
 from simulations.deployment.front_proxy import ProxyError
 from simulations.deployment.netns import LabView, NetLab, capability_problem, leftovers
 from simulations.deployment.supernode_heartbeat import interval as heartbeat_interval
+from simulations.deployment.supernode_heartbeat import patience as task_patience
 from simulations.launch.options import add_run_options, resolve_clients
 from simulations.launch.processes import (
     become_subreaper,
@@ -74,6 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the SuperLink gives up a killed node's message and re-admits it after 2 x S "
         "(default: Flower's 30 s). Nodes that must ride out a freeze, partition or "
         "proxy fault keep 30 s",
+    )
+    p.add_argument(
+        "--task-patience",
+        type=task_patience,
+        metavar="S",
+        help="how long every node's ClientApp processes may take to start before "
+        "the node gives up their message (default: Flower's fixed 30 s, which 20 "
+        "nodes' ClientApps at once on 2 cores exceed: docs/faults.md)",
     )
     p.add_argument("--inner-lab", type=Path, help=argparse.SUPPRESS)
     return _resumed_shape(resolve_clients(p.parse_args(argv)))

@@ -166,6 +166,7 @@ class FaultRun:
             dep.start_supernode(
                 i, config, key, wait=False, host=self.node_host(i),
                 heartbeat_interval=self.heartbeat_of(i),
+                task_patience=getattr(self.args, "task_patience", None),
             )  # fmt: skip
         for i in range(self.args.clients):
             dep.wait_ready(i)

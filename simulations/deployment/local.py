@@ -39,7 +39,7 @@ from simulations.deployment.front_proxy import (
     wait_front_proxy,
 )
 from simulations.deployment.health import wait_serving
-from simulations.deployment.supernode_heartbeat import MODULE as HEARTBEAT_SUPERNODE
+from simulations.deployment.supernode_heartbeat import wrapper_args as supernode_wrapper
 from simulations.launch.flower_env import CONNECTION_NAME, flower_environment, stage_app
 from simulations.launch.flwr_run import SubmittedRun
 from simulations.launch.processes import (
@@ -150,6 +150,7 @@ class SuperNodeHandle:
     extra_env: dict[str, str] = field(default_factory=dict)
     host: NodeHost | None = None
     heartbeat_interval: float | None = None
+    task_patience: float | None = None
 
 
 @dataclass
@@ -286,6 +287,7 @@ class LocalDeployment:
         extra_env: dict[str, str] | None = None,
         host: NodeHost | None = None,
         heartbeat_interval: float | None = None,
+        task_patience: float | None = None,
     ) -> SuperNodeHandle:
         """Start SuperNode ``index``; by default it uses the deployment's security.
 
@@ -296,6 +298,8 @@ class LocalDeployment:
         ``heartbeat_interval`` (seconds, at least 10) replaces the 30 s that Flower's
         SuperNode declares (``supernode_heartbeat``): if the node crashes, the
         SuperLink gives up its message and re-admits it after 2 x this, not 60 s.
+        ``task_patience`` (seconds, at least 30) is how long its ClientApp processes
+        may take to start (``supernode_heartbeat``; Flower's 30 s otherwise).
         """
         insecure = (not self.spec.secure) if insecure is None else insecure
         if host is None:
@@ -305,12 +309,8 @@ class LocalDeployment:
         else:
             health = f"{host.address}:{host.health_port}"
             runtime, superlink = ("127.0.0.1", host.runtime_port), host.superlink
-        binary = (
-            [sys.executable, "-m", HEARTBEAT_SUPERNODE,
-             "--heartbeat-interval", str(heartbeat_interval)]
-            if heartbeat_interval is not None
-            else [str(BIN / "flower-supernode")]
-        )  # fmt: skip
+        wrapper = supernode_wrapper(heartbeat_interval, task_patience)
+        binary = wrapper or [str(BIN / "flower-supernode")]
         argv = [
             *(host.prefix if host else ()),
             *binary,
@@ -339,7 +339,7 @@ class LocalDeployment:
         self._started.append(proc)
         handle = SuperNodeHandle(
             index, proc, node_config, key, health, extra_env or {}, host,
-            heartbeat_interval,
+            heartbeat_interval, task_patience,
         )  # fmt: skip
         self.nodes[index] = handle
         if wait:
@@ -385,6 +385,7 @@ class LocalDeployment:
             handle = self.start_supernode(
                 index, old.node_config, old.key, wait=False, extra_env=old.extra_env,
                 host=old.host, heartbeat_interval=old.heartbeat_interval,
+                task_patience=old.task_patience,
             )  # fmt: skip
             try:
                 self.wait_ready(index, max(deadline - time.monotonic(), 1.0))

@@ -1,4 +1,4 @@
-"""``flower-supernode`` declaring a heartbeat interval of its own.
+"""``flower-supernode`` declaring a heartbeat interval, or a ClientApp patience, of its own.
 
 Flower 1.42's SuperNode always declares 30 s, and the SuperLink keeps a node online
 until 2 x the declared interval has passed without a heartbeat. A node that crashed
@@ -14,6 +14,15 @@ heartbeat pace, which follows it) set to ``--heartbeat-interval``:
 A shorter interval means a crash is noticed sooner, and a node cut off for longer than
 2 x the interval is taken offline: use it for nodes that may crash, not for ones that
 must ride out a network partition.
+
+``--task-patience S`` is the other fixed 30 s: a SuperNode starts a ``flwr-clientapp``
+process per message with a task token that lapses 30 s after it is handed out (60 s
+after each heartbeat), and the process sends its first heartbeat only once Python and
+Flower are imported. A node short of CPU (20 nodes' ClientApps at once on 2 cores, a
+slow edge device) loses the token, every later call of that process is refused
+("Runtime task-token authentication failed") and its reply never leaves. With S the
+token lasts S seconds (2 x S after each heartbeat); a ClientApp that died is then
+given up after up to 2 x S instead of 60 s.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
 
 # What ``local.py`` starts instead of ``flower-supernode`` when given an interval.
 MODULE = "simulations.deployment.supernode_heartbeat"
+TASK_PATIENCE_MIN = 30.0  # Flower's own: a patience only ever lengthens it
 
 
 def interval(text: str) -> float:
@@ -38,20 +48,54 @@ def interval(text: str) -> float:
     return value
 
 
-def main(argv: list[str] | None = None) -> int | None:
-    """Set the interval, then run ``flower-supernode`` with the remaining arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--heartbeat-interval", type=interval, required=True)
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+def patience(text: str) -> float:
+    """A ClientApp task patience, in seconds: at least Flower's own 30 s."""
+    value = float(text)
+    if not TASK_PATIENCE_MIN <= value <= HEARTBEAT_MAX_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"a task patience runs from Flower's {TASK_PATIENCE_MIN:g} s to "
+            f"{HEARTBEAT_MAX_INTERVAL} s, got {text}"
+        )
+    return value
 
-    # Both modules copied Flower's constant at import; each uses it for one thing: the
-    # interval the node declares (activation, heartbeats) and the sender's pace.
+
+def wrapper_args(
+    heartbeat_interval: float | None, task_patience: float | None
+) -> list[str]:
+    """The command that starts a SuperNode with these settings instead of the stock
+    ``flower-supernode`` (empty when both are Flower's own)."""
+    if heartbeat_interval is None and task_patience is None:
+        return []
+    args = [sys.executable, "-m", MODULE]
+    if heartbeat_interval is not None:
+        args += ["--heartbeat-interval", str(heartbeat_interval)]
+    if task_patience is not None:
+        args += ["--task-patience", str(task_patience)]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    """Set the interval and patience, then run ``flower-supernode`` with the rest."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--heartbeat-interval", type=interval)
+    parser.add_argument("--task-patience", type=patience)
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.heartbeat_interval is None and args.task_patience is None:
+        parser.error("give --heartbeat-interval, --task-patience or both")
+
+    # Each module copied Flower's constant at import and uses it for one thing: the
+    # interval the node declares (activation, heartbeats), the sender's pace, and the
+    # lifetime of its ClientApps' task tokens.
+    import flwr.supercore.corestate.in_memory_corestate as tasks
     import flwr.supercore.heartbeat as sender
     import flwr.supernode.fleet_http_connection as connection
     from flwr.supernode.cli import flower_supernode
 
-    connection.HEARTBEAT_DEFAULT_INTERVAL = args.heartbeat_interval
-    sender.HEARTBEAT_DEFAULT_INTERVAL = args.heartbeat_interval
+    if args.heartbeat_interval is not None:
+        connection.HEARTBEAT_DEFAULT_INTERVAL = args.heartbeat_interval
+        sender.HEARTBEAT_DEFAULT_INTERVAL = args.heartbeat_interval
+    if args.task_patience is not None:
+        tasks.HEARTBEAT_DEFAULT_INTERVAL = args.task_patience
     sys.argv = ["flower-supernode", *rest]
     return flower_supernode()
 

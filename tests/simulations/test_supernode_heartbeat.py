@@ -1,11 +1,13 @@
-"""A SuperNode that declares its own heartbeat interval (simulations/deployment)."""
+"""A SuperNode that declares its own heartbeat interval or ClientApp patience."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import flwr.supercore.corestate.in_memory_corestate as tasks
 import flwr.supercore.heartbeat as sender
 import flwr.supernode.cli as supernode_cli
 import flwr.supernode.fleet_http_connection as connection
@@ -55,6 +57,7 @@ def test_only_a_node_given_an_interval_runs_the_wrapper(tmp_path: Path) -> None:
     try:
         plain = dep.start_supernode(0, {}, wait=False)
         fast = dep.start_supernode(1, {}, wait=False, heartbeat_interval=10.0)
+        patient = dep.start_supernode(2, {}, wait=False, task_patience=120.0)
         assert plain.process.popen.args[0].endswith("flower-supernode")
         args = fast.process.popen.args
         assert args[1:5] == [
@@ -64,5 +67,59 @@ def test_only_a_node_given_an_interval_runs_the_wrapper(tmp_path: Path) -> None:
             "10.0",
         ]
         assert fast.heartbeat_interval == 10.0
+        assert patient.process.popen.args[1:5] == [
+            "-m",
+            supernode_heartbeat.MODULE,
+            "--task-patience",
+            "120.0",
+        ]
+        assert (patient.task_patience, patient.heartbeat_interval) == (120.0, None)
     finally:
         dep.close()
+
+
+def _token_alive_after(seconds: float, clock: list[datetime]) -> bool:
+    """Flower's own SuperNode state: a ClientApp task claimed, then ``seconds`` with
+    no heartbeat (the process still importing); is its token still accepted?"""
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    state = InMemoryNodeState(InMemoryObjectStore())
+    task_id = state.create_task("clientapp", run_id=1)
+    assert task_id is not None
+    token = state.claim_task(task_id)
+    assert token is not None and state.get_task_by_token(token) is not None
+    clock[0] += timedelta(seconds=seconds)
+    return state.get_task_by_token(token) is not None
+
+
+def test_a_task_patience_keeps_a_slow_clientapp_s_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower gives a ClientApp process 30 s to send its first heartbeat; with
+    --task-patience 120 its token outlives 45 s and lapses after 120 s. The node's
+    own heartbeat interval is left as Flower's."""
+    clock = [datetime.now(UTC)]
+    monkeypatch.setattr(tasks, "now", lambda: clock[0])
+    monkeypatch.setattr(tasks, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    monkeypatch.setattr(connection, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    monkeypatch.setattr(sender, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    assert _token_alive_after(29, clock) and not _token_alive_after(45, clock)
+
+    monkeypatch.setattr(supernode_cli, "flower_supernode", lambda: 0)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert supernode_heartbeat.main(["--task-patience", "120", "--insecure"]) == 0
+    assert sys.argv == ["flower-supernode", "--insecure"]
+    assert _token_alive_after(45, clock) and _token_alive_after(119, clock)
+    assert not _token_alive_after(121, clock)
+    assert connection.HEARTBEAT_DEFAULT_INTERVAL == sender.HEARTBEAT_DEFAULT_INTERVAL == 30
+
+
+def test_a_patience_only_lengthens_flower_s_and_one_setting_is_needed() -> None:
+    assert supernode_heartbeat.patience("30") == 30.0
+    for bad in ("29", "1801"):
+        with pytest.raises(argparse.ArgumentTypeError, match="from Flower's 30 s"):
+            supernode_heartbeat.patience(bad)
+    with pytest.raises(SystemExit) as refused:
+        supernode_heartbeat.main(["--insecure"])
+    assert refused.value.code == 2
