@@ -37,26 +37,23 @@ MODULE = "simulations.deployment.supernode_heartbeat"
 TASK_PATIENCE_MIN = 30.0  # Flower's own: a patience only ever lengthens it
 
 
+def _seconds(text: str, low: float, high: float, what: str) -> float:
+    value = float(text)
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{what} from {low:g} to {high:g} s, got {text}")
+    return value
+
+
 def interval(text: str) -> float:
     """A heartbeat interval the SuperLink accepts, in seconds."""
-    value = float(text)
-    if not HEARTBEAT_MIN_INTERVAL <= value <= HEARTBEAT_MAX_INTERVAL:
-        raise argparse.ArgumentTypeError(
-            f"the SuperLink accepts heartbeat intervals from {HEARTBEAT_MIN_INTERVAL} "
-            f"to {HEARTBEAT_MAX_INTERVAL} s, got {text}"
-        )
-    return value
+    what = "the SuperLink accepts heartbeat intervals"
+    return _seconds(text, HEARTBEAT_MIN_INTERVAL, HEARTBEAT_MAX_INTERVAL, what)
 
 
 def patience(text: str) -> float:
     """A ClientApp task patience, in seconds: at least Flower's own 30 s."""
-    value = float(text)
-    if not TASK_PATIENCE_MIN <= value <= HEARTBEAT_MAX_INTERVAL:
-        raise argparse.ArgumentTypeError(
-            f"a task patience runs from Flower's {TASK_PATIENCE_MIN:g} s to "
-            f"{HEARTBEAT_MAX_INTERVAL} s, got {text}"
-        )
-    return value
+    what = "a task patience runs, Flower's own the shortest,"
+    return _seconds(text, TASK_PATIENCE_MIN, HEARTBEAT_MAX_INTERVAL, what)
 
 
 def wrapper_args(

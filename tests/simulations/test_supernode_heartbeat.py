@@ -118,7 +118,9 @@ def test_a_task_patience_keeps_a_slow_clientapp_s_token(
 def test_a_patience_only_lengthens_flower_s_and_one_setting_is_needed() -> None:
     assert supernode_heartbeat.patience("30") == 30.0
     for bad in ("29", "1801"):
-        with pytest.raises(argparse.ArgumentTypeError, match="from Flower's 30 s"):
+        with pytest.raises(
+            argparse.ArgumentTypeError, match="Flower's own the shortest, from 30 to 1800 s"
+        ):
             supernode_heartbeat.patience(bad)
     with pytest.raises(SystemExit) as refused:
         supernode_heartbeat.main(["--insecure"])
