@@ -83,14 +83,21 @@ def _calibrations(repeats: int) -> None:
         return calibrate_gaussian_noise_multiplier(8.0, DELTA, 1 / 3, 15, "rdp")
 
     fresh, remembered, sigmas = [], [], set()
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory() as folder:
-            os.environ[CACHE_ENV] = folder
-            _rdp_per_step.cache_clear()
-            fresh.append(_time(calibrate))
-            _rdp_per_step.cache_clear()
-            remembered.append(_time(calibrate))
-            sigmas.add(calibrate())
+    before = os.environ.get(CACHE_ENV)
+    try:
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory() as folder:
+                os.environ[CACHE_ENV] = folder  # an empty cache for each repeat
+                _rdp_per_step.cache_clear()
+                fresh.append(_time(calibrate))
+                _rdp_per_step.cache_clear()
+                remembered.append(_time(calibrate))
+                sigmas.add(calibrate())
+    finally:  # never leave the variable naming a deleted folder
+        if before is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = before
     print("\n| σ calibration (q 1/3, 15 steps, ε 8) | afresh | remembered | same σ |")
     print("|---|---|---|---|")
     cells = [statistics.median(x) * 1000 for x in (fresh, remembered)]
