@@ -40,6 +40,7 @@ from server.results.outcome import Outcome
 from simulations.launch.dealer import trusted_dealer
 from simulations.launch.flower_env import (
     flower_environment,
+    install_app,
     simulation_superlink,
     stage_app,
     write_connection,
@@ -265,6 +266,7 @@ def run_grid(
         with simulation_superlink(env, work) as superlink:
             write_connection(flwr_home, superlink.address)
             link = SweepLink(env, work, stage_app(APP_DIR, work))
+            install_app(link.app, [flwr_home])  # points side by side race otherwise
             setup = time.time() - started
             print(f"[sweep] SuperLink on {superlink.address} ({setup:.1f} s)", flush=True)
             try:

@@ -40,7 +40,12 @@ from simulations.deployment.front_proxy import (
 )
 from simulations.deployment.health import wait_serving
 from simulations.deployment.supernode_heartbeat import wrapper_args as supernode_wrapper
-from simulations.launch.flower_env import CONNECTION_NAME, flower_environment, stage_app
+from simulations.launch.flower_env import (
+    CONNECTION_NAME,
+    flower_environment,
+    install_app,
+    stage_app,
+)
 from simulations.launch.flwr_run import SubmittedRun
 from simulations.launch.processes import (
     ManagedProcess,
@@ -329,7 +334,7 @@ class LocalDeployment:
             argv += ["--auth-supernode-private-key", str(key.private_key)]
         # Its own FLWR_HOME, as on a separate machine: each ClientApp process
         # installs the FAB there, and installs into a shared folder could race.
-        home = self.spec.work_dir / f"supernode-{index}-home"
+        home = self._node_home(index)
         home.mkdir(exist_ok=True)
         env = {**flower_environment(home), **(extra_env or {})}
         proc = ManagedProcess(
@@ -413,8 +418,13 @@ class LocalDeployment:
         """SuperNodes that were started and have exited since."""
         return [h for h in self.nodes.values() if not h.process.running()]
 
+    def _node_home(self, index: int) -> Path:
+        return self.spec.work_dir / f"supernode-{index}-home"
+
     def _run_argv(self, run_config_file: Path, app_dir: Path) -> list[str]:
         staged = stage_app(app_dir, Path(tempfile.mkdtemp(dir=self.spec.work_dir)))
+        # Runs submitted side by side would race to install the same FAB.
+        install_app(staged, [self._flwr_home, *map(self._node_home, self.nodes)])
         return [
             str(BIN / "flwr"), "run", str(staged), CONNECTION_NAME, "--stream",
             "--run-config", str(run_config_file),

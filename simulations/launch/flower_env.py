@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,31 @@ def stage_app(app_dir: Path, dest: Path) -> Path:
     for package in APP_PACKAGES:
         shutil.copytree(app_dir / package, staged / package, ignore=ignore)
     return staged
+
+
+def install_app(staged: Path, homes: Iterable[Path]) -> list[Path]:
+    """Install the staged app's FAB into each FLWR_HOME before runs are submitted.
+
+    Flower 1.42 installs a FAB in place, not atomically (``validate_and_install``
+    in ``flwr/cli/install.py``: create the folder, then copy into it), and a
+    process that finds the folder already there uses it. FAB builds are
+    deterministic, so runs of the same app submitted side by side (a sweep, or
+    several runs on one deployment) install into the same folder at once, and
+    one of them can start before ``pyproject.toml`` is copied and exit with
+    code 201 ("Cannot find pyproject.toml"). Installed here first, in one
+    process, the folder is complete before any Flower process looks. The FAB is
+    built with the function ``flwr run`` uses, so the hash, and the folder, match.
+    Returns the install folder under each home.
+    """
+    from flwr.cli.build import build_fab_from_disk  # imported when used: flwr.cli is slow
+    from flwr.cli.install import install_from_fab
+
+    fab = build_fab_from_disk(staged)
+    installed = []
+    for home in homes:
+        with contextlib.redirect_stdout(io.StringIO()):  # Flower's "Successfully ..."
+            installed.append(install_from_fab(fab, install_dir=home, skip_prompt=True))
+    return installed
 
 
 def flower_environment(flwr_home: Path, ray_address: str | None = None) -> dict[str, str]:
