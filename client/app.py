@@ -11,6 +11,7 @@ import logging
 import math
 import time
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -35,7 +36,7 @@ from client.privacy.policy import (
 from client.privacy.resent_reply import request_digest, store_reply, stored_reply
 from client.secure_aggregation.handlers import ClientSteps, secagg_stage
 from client.training.dp_training import train_non_private, train_private
-from client.training.vectorised import train_or_take
+from client.training.vectorised import take_change
 from client.virtual_clients import discovery, group_handler
 from common.audit.gradient_canaries import gradient_canaries, white_box_applies
 from common.config import RunConfig, run_config_of
@@ -271,26 +272,27 @@ def _clipped_change(
     clip_norm = msg.content["config"].get(CLIP_NORM_KEY)
     if not isinstance(clip_norm, float) or not 0 < clip_norm < math.inf:
         raise ValueError(f"instruction config {CLIP_NORM_KEY!r} must be a float > 0")
+    taken = take_change(shard.partition_id, server_round)  # its group's batched run
+    keys, change = taken or _trained_change(msg, cfg, shard, server_round)
+    clipped = clip_update(change, clip_norm)
+    ledger = ledger.extended_non_private(server_round, int(context.run_id))
+    store_ledger(context, ledger, node)  # persisted before the update leaves
+    return keys, clipped, ledger
+
+
+def _trained_change(
+    msg: Message, cfg: RunConfig, shard: ClientShard, server_round: int
+) -> tuple[list[str], list[np.ndarray]]:
+    """Plain local SGD from the global model; the change, for every state key."""
     model = _model_from(msg, cfg, shard)
     before = [p.detach().numpy().copy() for p in model.state_dict().values()]
     generator = round_generator(
         reproducible_seed(cfg.seed, shard.partition_id, server_round)
     )
-    train_or_take(  # its group's batched training (client/training/vectorised.py), if any
-        model,
-        shard.x_train,
-        shard.y_train,
-        cfg,
-        generator,
-        shard.partition_id,
-        server_round,
-    )
+    train_non_private(model, shard.x_train, shard.y_train, cfg, generator)
     after = model.state_dict()
     change = [v.detach().numpy() - b for v, b in zip(after.values(), before, strict=True)]
-    clipped = clip_update(change, clip_norm)
-    ledger = ledger.extended_non_private(server_round, int(context.run_id))
-    store_ledger(context, ledger, node)  # persisted before the update leaves
-    return list(after), clipped, ledger
+    return list(after), change
 
 
 def _train_client_level(

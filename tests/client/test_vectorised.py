@@ -9,6 +9,7 @@ a step, would change what the server clips and noises.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -65,25 +66,40 @@ def test_batched_training_equals_one_by_one(
         assert got.mean_loss == pytest.approx(outcome.mean_loss, rel=1e-5)
 
 
-def test_the_handler_takes_its_own_precomputed_weights_once() -> None:
+def _change(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    return [v.detach().numpy() - start[k].numpy() for k, v in model.state_dict().items()]
+
+
+def test_the_handler_takes_its_own_precomputed_change_once() -> None:
     cfg = _cfg("digits", 0.0, 1, 8)
     model = build_model("digits", 10, seed=1)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     shards = _shards("digits", [16, 16])
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
     vectorised.precompute(model, [4, 7], 3, shards, cfg, gens)
     try:
+        taken = vectorised.take_change(7, 3)
+        assert taken is not None
+        keys, change = taken
+        assert keys == list(model.state_dict())
+        # The same numbers as the one-by-one path: load, copy the trained in, subtract.
         mine = build_model("digits", 10, seed=1)
-        vectorised.train_or_take(mine, *shards[1], cfg, torch.Generator(), 7, 3)
-        expected = vectorised.train_many(
+        trained = vectorised.train_many(
             model, shards, cfg, [torch.Generator().manual_seed(s) for s in (1, 2)]
         )[1]
-        for name, p in mine.named_parameters():
-            torch.testing.assert_close(p.detach(), expected.state[name])
+        with torch.no_grad():
+            for name, p in mine.named_parameters():
+                p.copy_(trained.state[name])
+        for got, expected in zip(change, _change(mine, start), strict=True):
+            np.testing.assert_array_equal(got, expected)
+            assert np.any(got != 0)  # it trained
         # Taken once: a second call (another round's instruction) trains afresh.
-        assert (7, 3) not in vectorised._PRECOMPUTED and (4, 3) in vectorised._PRECOMPUTED
+        assert vectorised.take_change(7, 3) is None
+        assert vectorised.take_change(4, 3) is not None
+        assert vectorised.take_change(4, 4) is None  # another round's: never this one
     finally:
         vectorised.forget()
-    assert not vectorised._PRECOMPUTED
+    assert not vectorised._PRECOMPUTED and not vectorised._START
 
 
 def test_frozen_parameters_stay_as_they_were() -> None:
@@ -92,23 +108,23 @@ def test_frozen_parameters_stay_as_they_were() -> None:
     model = build_model("digits", 10, seed=1)
     first = next(model.parameters())
     first.requires_grad_(False)
-    frozen = first.detach().clone()
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     shards = _shards("digits", [16, 16])
-    batched = vectorised.train_many(
-        model, shards, cfg, [torch.Generator().manual_seed(s) for s in (1, 2)]
-    )
-    for (x, y), seed, got in zip(shards, (1, 2), batched, strict=True):
-        alone = build_model("digits", 10, seed=1)
-        next(alone.parameters()).requires_grad_(False)
-        train_non_private(alone, x, y, cfg, torch.Generator().manual_seed(seed))
-        assert torch.equal(next(alone.parameters()).detach(), frozen)
-        mine = build_model("digits", 10, seed=1)
-        vectorised._PRECOMPUTED[(0, 1)] = got
-        vectorised.train_or_take(mine, x, y, cfg, torch.Generator(), 0, 1)
-        for p, q in zip(mine.parameters(), alone.parameters(), strict=True):
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
-        assert torch.equal(next(mine.parameters()).detach(), frozen)
-    vectorised.forget()
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    vectorised.precompute(model, [0, 1], 1, shards, cfg, gens)
+    try:
+        for pid, ((x, y), seed) in enumerate(zip(shards, (1, 2), strict=True)):
+            alone = build_model("digits", 10, seed=1)
+            next(alone.parameters()).requires_grad_(False)
+            train_non_private(alone, x, y, cfg, torch.Generator().manual_seed(seed))
+            taken = vectorised.take_change(pid, 1)
+            assert taken is not None
+            _, change = taken
+            assert not np.any(change[0])  # the frozen parameter: no change at all
+            for got, expected in zip(change, _change(alone, start), strict=True):
+                np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    finally:
+        vectorised.forget()
 
 
 def test_models_with_state_or_randomness_are_not_batched() -> None:
