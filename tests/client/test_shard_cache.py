@@ -30,6 +30,7 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> list[ShardRecipe]:
 
     monkeypatch.setattr(local_data, "build_arrays", counting)
     monkeypatch.setattr(local_data, "CHEAP_SHARD_S", 0.0)  # every shard is cached
+    monkeypatch.setattr(local_data, "_CHEAP", set())  # no family known cheap yet
     local_data._shard.cache_clear()
     return built
 
@@ -259,10 +260,22 @@ def test_a_cheap_simulated_partition_is_rebuilt_not_written(
     """A partition built faster than CHEAP_SHARD_S is built at every message and never
     written (the same shard each time); a node's own data is cached however fast."""
     monkeypatch.setattr(local_data, "CHEAP_SHARD_S", 3600.0)  # every build is cheap
+    looked: list[str] = []
+    read_entry = local_data.shard_cache.read_entry
+    monkeypatch.setattr(
+        local_data.shard_cache, "read_entry",
+        lambda root, key, names: (looked.append(key), read_entry(root, key, names))[1],
+    )  # fmt: skip
     cfg = RunConfig(results_dir=str(tmp_path), local_test_fraction=0.25)
     node = NodeSettings(partition_id=2, num_partitions=5).in_results(cfg.results_dir)
     first, again = _fresh(cfg, node), _fresh(cfg, node)
     assert len(builds) == 2 and _same(first, again)
+    # Known cheap after the first build: the cache is not even looked in again,
+    # for this partition or another of the same run's dataset.
+    other = NodeSettings(partition_id=3, num_partitions=5).in_results(cfg.results_dir)
+    _fresh(cfg, other)
+    assert len(looked) == 1 and len(builds) == 3
+    builds.pop()
     cache = tmp_path / "nodes" / "partition-2" / CACHE_DIR
     assert not cache.exists() or not any(cache.iterdir())
     device = _device(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,38 @@ def test_the_block_syncs_even_when_it_fails(tmp_path: Path, calls: list[str]) ->
         atomic_write_bytes(tmp_path / "p.json", b"written")
         raise RuntimeError("a client's handler failed")
     assert calls == ["sync"] and (tmp_path / "p.json").read_bytes() == b"written"
+
+
+def test_a_leftover_temp_name_is_never_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crashed process with this PID left its temp file: the write draws another
+    name, leaves the leftover alone, and still lands whole with its mode."""
+    monkeypatch.setattr(atomic_files, "_TEMP_NUMBERS", iter([7, 8]))
+    leftover = tmp_path / f".f.json.{os.getpid()}-{threading.get_ident()}-7"
+    leftover.write_bytes(b"half a ledger")
+    atomic_write_bytes(tmp_path / "f.json", b"whole", mode=0o600)
+    assert (tmp_path / "f.json").read_bytes() == b"whole"
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o600
+    assert leftover.read_bytes() == b"half a ledger"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [leftover.name, "f.json"]
+    atomic_write_bytes(tmp_path / "f.json", b"again")  # the next number is free
+    assert (tmp_path / "f.json").read_bytes() == b"again"
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_missing_folder_is_made_and_a_failed_write_leaves_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "new" / "deeper" / "f.json"
+    atomic_write_bytes(target, b"one")
+    assert target.read_bytes() == b"one"
+
+    def broken(*_args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic_files.os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"two")
+    assert target.read_bytes() == b"one"
+    assert [p.name for p in target.parent.iterdir()] == ["f.json"]
