@@ -41,6 +41,7 @@ from simulations.deployment.certificates import (
 from simulations.deployment.front_proxy import ProxyError, nginx_binary
 from simulations.deployment.local import DeploymentSpec, LocalDeployment
 from simulations.deployment.node_identity import ensure_node_identity
+from simulations.deployment.supernode_heartbeat import patience as task_patience
 from simulations.launch.flwr_run import follow_run
 from simulations.launch.options import (
     APP_DIR,
@@ -78,6 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_certificate_options(p)
     p.add_argument("--state-root", type=Path, help="default: <results-dir>/nodes")
     p.add_argument("--insecure", action="store_true", help="plaintext, no auth (debug)")
+    p.add_argument(
+        "--task-patience",
+        type=task_patience,
+        metavar="S",
+        help="how long each node's ClientApp process may take to start before the "
+        "node gives up its message (default: Flower's fixed 30 s, which many nodes' "
+        "ClientApps starting at once on a few cores exceed: docs/faults.md)",
+    )
     return resolve_clients(p.parse_args(argv))
 
 
@@ -208,7 +217,9 @@ def run_deployment(args: argparse.Namespace) -> int:
                     "num-partitions": args.clients,
                     "state-dir": str(state_root / f"node-{i}"),
                 }
-                dep.start_supernode(i, node_config, key, wait=False)
+                dep.start_supernode(
+                    i, node_config, key, wait=False, task_patience=args.task_patience
+                )
             for i in range(args.clients):
                 dep.wait_ready(i)
             print(f"[privfed] {args.clients} SuperNodes serving and admitted", flush=True)

@@ -13,6 +13,7 @@ import flwr.supernode.cli as supernode_cli
 import flwr.supernode.fleet_http_connection as connection
 import pytest
 
+import simulations.deploy as deploy
 from simulations.deployment import supernode_heartbeat
 from simulations.deployment.local import DeploymentSpec, LocalDeployment
 
@@ -125,3 +126,48 @@ def test_a_patience_only_lengthens_flower_s_and_one_setting_is_needed() -> None:
     with pytest.raises(SystemExit) as refused:
         supernode_heartbeat.main(["--insecure"])
     assert refused.value.code == 2
+
+
+class _Started(Exception):
+    """The fake deployment's signal that the launcher reached its nodes."""
+
+
+def test_deploy_gives_every_node_the_task_patience(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``simulations.deploy --task-patience`` reaches each SuperNode it starts, and
+    without it each keeps Flower's own (None)."""
+    started: list[tuple[int, float | None]] = []
+
+    class FakeDeployment:
+        address = port = control_address = "127.0.0.1:0"
+
+        def __init__(self, spec: DeploymentSpec) -> None:
+            pass
+
+        def __enter__(self) -> FakeDeployment:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def start_superlink(self) -> None:
+            pass
+
+        def start_supernode(self, index: int, *_a: object, **kw: object) -> None:
+            started.append((index, kw.get("task_patience")))  # type: ignore[arg-type]
+            if index == 1:
+                raise _Started
+
+    monkeypatch.setattr(deploy, "LocalDeployment", FakeDeployment)
+    monkeypatch.setattr(deploy, "become_subreaper", lambda: None)
+    monkeypatch.setattr(deploy, "install_signal_handlers", lambda: None)
+    for extra, expected in ((["--task-patience", "120"], 120.0), ([], None)):
+        started.clear()
+        argv = ["--nodes", "2", "--rounds", "1", "--insecure", *extra,
+                "--results-dir", str(tmp_path / f"r{len(extra)}")]  # fmt: skip
+        with pytest.raises(_Started):
+            deploy.run_deployment(deploy.parse_args(argv))
+        assert started == [(0, expected), (1, expected)]
+    with pytest.raises(SystemExit):
+        deploy.parse_args(["--task-patience", "10"])  # below Flower's own 30 s
