@@ -38,8 +38,9 @@ from simulations.deployment.certificates import (
     ensure_tls_files,
     server_sans,
 )
+from simulations.deployment.deployment_spec import DeploymentSpec
 from simulations.deployment.front_proxy import ProxyError, nginx_binary
-from simulations.deployment.local import DeploymentSpec, LocalDeployment
+from simulations.deployment.local import LocalDeployment
 from simulations.deployment.node_identity import ensure_node_identity
 from simulations.deployment.supernode_heartbeat import patience as task_patience
 from simulations.launch.flwr_run import follow_run

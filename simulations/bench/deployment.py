@@ -57,7 +57,8 @@ from common.tasks.registry import task_names
 from server.messaging import content_bytes
 from simulations.bench.clientapp_probe import PHASES, install_probe, read_messages
 from simulations.deploy import write_node_policy
-from simulations.deployment.local import DeploymentSpec, LocalDeployment
+from simulations.deployment.deployment_spec import DeploymentSpec
+from simulations.deployment.local import LocalDeployment
 from simulations.launch.flower_env import flower_environment
 from simulations.launch.options import APP_DIR, pyproject_defaults
 from simulations.launch.preflight import partition_sizes

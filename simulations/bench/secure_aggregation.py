@@ -284,7 +284,8 @@ def dropout(nodes: int, rounds: int, stage: str) -> int:
     from common.config import RunConfig
     from simulations.deploy import write_node_policy
     from simulations.deployment.certificates import default_ca_dir
-    from simulations.deployment.local import DeploymentSpec, LocalDeployment
+    from simulations.deployment.deployment_spec import DeploymentSpec
+    from simulations.deployment.local import LocalDeployment
     from simulations.deployment.node_identity import ensure_node_identity
     from simulations.launch.options import APP_DIR, pyproject_defaults
     from simulations.launch.processes import become_subreaper, descendants, stop_processes

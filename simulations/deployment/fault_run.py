@@ -35,10 +35,11 @@ from simulations.deployment.certificates import (
     ensure_tls_files,
     server_san,
 )
+from simulations.deployment.deployment_spec import DeploymentSpec, NodeHost
 from simulations.deployment.faults import Fault, FaultSchedule
 from simulations.deployment.front_proxy import accepts, nginx_binary
 from simulations.deployment.injector import FaultInjector, rounds_recorded
-from simulations.deployment.local import DeploymentSpec, LocalDeployment, NodeHost
+from simulations.deployment.local import LocalDeployment
 from simulations.deployment.netns import LabView
 from simulations.deployment.node_identity import ensure_node_identity
 from simulations.launch.flwr_run import follow_run

@@ -11,7 +11,6 @@ when the deployment closes.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import subprocess
 import sys
@@ -27,11 +26,15 @@ import psutil
 import tomli_w
 
 from simulations.deployment.certificates import (
-    LOOPBACK_SANS,
     NodeKey,
     TlsFiles,
     ensure_node_key,
     ensure_tls_files,
+)
+from simulations.deployment.deployment_spec import (
+    DeploymentSpec,
+    NodeHost,
+    SuperNodeHandle,
 )
 from simulations.deployment.front_proxy import (
     ProxyPorts,
@@ -82,80 +85,6 @@ def _flower_parent_pid(proc: psutil.Process) -> str | None:
 def node_config_text(values: dict[str, Any]) -> str:
     """``--node-config`` text: space-separated ``key=value`` with TOML values."""
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
-
-
-def _loopback(host: str, what: str) -> str:
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return host
-    except ValueError:
-        pass
-    raise ValueError(
-        f"{what} must be a loopback IP address (127.0.0.0/8, ::1), got {host!r}"
-    )
-
-
-@dataclass(frozen=True)
-class DeploymentSpec:
-    """Where a deployment keeps its files, whether it is secure, and its addresses.
-
-    ``ca_dir`` is where the CA's key lives (default: ``default_ca_dir()``).
-    ``server_host`` is where the SuperLink and nginx listen, the address nodes
-    are given; ``node_host`` is where each SuperNode serves its own runtime API
-    and health service. Both are loopback addresses: on Linux every 127.x.y.z
-    is, so two of them stand in for two hosts. ``server_sans`` are the names the
-    server certificate must carry beyond the loopback ones; a secure deployment's
-    ``server_host`` must be one of them (or a loopback name).
-    """
-
-    work_dir: Path
-    certs_dir: Path
-    secure: bool = True
-    ca_dir: Path | None = None
-    server_host: str = "127.0.0.1"
-    node_host: str = "127.0.0.1"
-    server_sans: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.work_dir.is_absolute() or not self.certs_dir.is_absolute():
-            raise ValueError("deployment folders must be absolute paths")
-        _loopback(self.server_host, "server_host")
-        _loopback(self.node_host, "node_host")
-        named = {*LOOPBACK_SANS, *self.server_sans}
-        if self.secure and self.server_host not in named:
-            raise ValueError(
-                f"server_host {self.server_host}: the server certificate must name the "
-                f"address nodes use; add it to server_sans ({list(self.server_sans)})"
-            )
-
-
-@dataclass(frozen=True)
-class NodeHost:
-    """A SuperNode on a host of its own (a network namespace, ``netns.py``): the
-    command prefix that runs there, its address (its health service binds it), and
-    the SuperLink address it dials from there. Its runtime API binds that host's
-    own loopback, so fixed ports cannot collide."""
-
-    prefix: tuple[str, ...]
-    address: str
-    superlink: str
-    health_port: int = 9095
-    runtime_port: int = 9094
-
-
-@dataclass
-class SuperNodeHandle:
-    """A running SuperNode and how it was started (to restart it the same way)."""
-
-    index: int
-    process: ManagedProcess
-    node_config: dict[str, Any]
-    key: NodeKey | None
-    health: str
-    extra_env: dict[str, str] = field(default_factory=dict)
-    host: NodeHost | None = None
-    heartbeat_interval: float | None = None
-    task_patience: float | None = None
 
 
 @dataclass

@@ -34,10 +34,10 @@ from simulations.deployment.certificates import (
     ensure_node_key,
     ensure_tls_files,
 )
+from simulations.deployment.deployment_spec import DeploymentSpec
 from simulations.deployment.local import (
     ADMITTED_MARK,
     BIN,
-    DeploymentSpec,
     LocalDeployment,
     SuperNodeRefused,
 )

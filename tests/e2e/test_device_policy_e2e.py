@@ -25,7 +25,8 @@ from opacus.accountants import RDPAccountant
 from client.privacy.ledger_store import LEDGER_FILE
 from client.privacy.policy import POLICY_FILE
 from common.ledger.privacy_ledger import PrivacyLedger, epsilon_of_history
-from simulations.deployment.local import DeploymentSpec, LocalDeployment
+from simulations.deployment.deployment_spec import DeploymentSpec
+from simulations.deployment.local import LocalDeployment
 from simulations.launch.options import APP_DIR
 from simulations.launch.processes import become_subreaper, descendants, stop_processes
 from tests.helpers.process_watch import (

@@ -20,7 +20,7 @@ from server.results.outcome import (
     summary_written_since,
 )
 from server.results.run_folder import ResultsWriter, write_summary
-from simulations.deployment.local import DeploymentSpec
+from simulations.deployment.deployment_spec import DeploymentSpec
 from simulations.launch.flower_env import flower_environment
 from simulations.launch.flwr_run import Interrupt
 from simulations.launch.options import ray_address, resolve_ray_address

@@ -15,7 +15,8 @@ import pytest
 
 import simulations.deploy as deploy
 from simulations.deployment import supernode_heartbeat
-from simulations.deployment.local import DeploymentSpec, LocalDeployment
+from simulations.deployment.deployment_spec import DeploymentSpec
+from simulations.deployment.local import LocalDeployment
 
 
 def test_only_intervals_the_superlink_accepts() -> None:
