@@ -23,6 +23,7 @@ for ``reproducible-noise`` (research only; the results then say it is not privat
 from __future__ import annotations
 
 import math
+import os
 import random
 import secrets
 from collections.abc import Sequence
@@ -37,7 +38,22 @@ from common.privacy.update_clipping import clip_update
 
 
 def poisson_cohort(node_ids: Sequence[int], rate: float, rng: random.Random) -> list[int]:
-    """Each node independently with probability ``rate``; the cohort may be empty."""
+    """Each node independently with probability ``rate``; the cohort may be empty.
+
+    With OS entropy (:class:`random.SystemRandom`) the n uniforms come from one
+    ``os.urandom`` read instead of n, one system call each (0.1-0.3 s a round over
+    100,000 nodes). Each is a 53-bit fraction, as ``SystemRandom.random`` makes it,
+    so the draw has the same distribution; a seeded generator keeps its sequence.
+    """
+    if isinstance(rng, random.SystemRandom):
+        words = np.frombuffer(os.urandom(8 * len(node_ids)), dtype=np.uint64)
+        # The top 53 bits of each word over 2^53: exact in float64, uniform on [0, 1).
+        uniforms = (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        return [
+            node
+            for node, keep in zip(node_ids, (uniforms < rate).tolist(), strict=True)
+            if keep
+        ]
     return [node for node in node_ids if rng.random() < rate]
 
 

@@ -44,6 +44,7 @@ from server.app import make_strategy, summarise
 from server.checks.federation_ledger import LEDGER_FILE, FederationLedger
 from server.federation_loop import epsilon_text, run_rounds
 from server.results.run_folder import ResultsWriter
+from server.strategies import client_level_dp
 from server.strategies.client_level import ClientLevelFedAvg
 from server.strategies.client_level_dp import ClientLevelAggregator, poisson_cohort
 from simulations.launch.in_process_federation import InProcessGrid
@@ -273,14 +274,22 @@ def test_count_noise_too_small_to_split_is_refused_naming_the_key(tmp_path: Path
 
 
 # == 3. Poisson client selection ====================================================
-def test_poisson_cohorts_have_rate_q_and_binomial_sizes() -> None:
+@pytest.mark.parametrize("source", ["seeded", "os-entropy"])
+def test_poisson_cohorts_have_rate_q_and_binomial_sizes(
+    source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """2000 rounds over 60 nodes at q = 0.05: rate q, sizes Binomial(60, q), empties.
 
     Flower's fixed-size ``random.sample`` would give a variance of 0; a cohort that
-    drew nodes in a correlated way would fail the per-node and size tests.
+    drew nodes in a correlated way would fail the per-node and size tests. The OS
+    entropy path (one ``os.urandom`` read a round) is fed seeded bytes here, so that
+    the statistical checks cannot fail by chance.
     """
     n, q, rounds = 60, 0.05, 2000
-    rng = random.Random(20240601)
+    rng: random.Random = random.Random(20240601)
+    if source == "os-entropy":
+        monkeypatch.setattr(client_level_dp.os, "urandom", rng.randbytes)
+        rng = random.SystemRandom()
     nodes = list(range(100, 100 + n))
     cohorts = [poisson_cohort(nodes, q, rng) for _ in range(rounds)]
     sizes = np.array([len(c) for c in cohorts])
@@ -299,6 +308,33 @@ def test_poisson_cohorts_have_rate_q_and_binomial_sizes() -> None:
     expected = rounds * np.append(pmf, 1 - pmf.sum())
     assert stats.chisquare(observed, expected).pvalue > 1e-3
     assert observed[0] > 0  # empty cohorts happen (P = 0.95^60 ≈ 4.6 %)
+
+
+def test_os_entropy_cohort_is_one_read_of_53_bit_fractions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The OS entropy path reads 8 bytes a node in one call and keeps a node when the
+    top 53 bits of its word, over 2^53, are below q (as ``SystemRandom.random() < q``):
+    at q = 1/2 the word just below one half is kept and one half itself is not."""
+    half = 2**52  # 0.5 · 2^53
+    words = [(half - 1) << 11, half << 11, 0, (2**53 - 1) << 11 | 0x7FF]
+    reads: list[int] = []
+
+    def urandom(size: int) -> bytes:
+        reads.append(size)
+        return np.array(words[: size // 8], dtype=np.uint64).tobytes()
+
+    monkeypatch.setattr(client_level_dp.os, "urandom", urandom)
+    assert poisson_cohort([11, 12, 13, 14], 0.5, random.SystemRandom()) == [11, 13]
+    assert reads == [32]
+    assert poisson_cohort([], 0.5, random.SystemRandom()) == []
+    # Real entropy: all or none at the extremes, and a fresh draw each round.
+    monkeypatch.undo()
+    nodes = list(range(1000))
+    assert poisson_cohort(nodes, 1.0, random.SystemRandom()) == nodes
+    assert poisson_cohort(nodes, 0.0, random.SystemRandom()) == []
+    draws = {tuple(poisson_cohort(nodes, 0.5, random.SystemRandom())) for _ in range(3)}
+    assert len(draws) == 3
 
 
 def test_strategy_instructs_a_poisson_cohort_each_round(tmp_path: Path) -> None:
