@@ -29,12 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.config import (
-    PARTITIONERS,
-    PRIVACY_MODES,
-    ConfigError,
-    RunConfig,
-)
+from common.config import ConfigError, RunConfig
+from common.run_keys import PARTITIONERS, PRIVACY_MODES
 from common.tasks.registry import task_names
 from server.results.outcome import Outcome
 from simulations.launch.dealer import trusted_dealer

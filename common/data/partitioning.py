@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.config import PARTITIONERS
+from common.run_keys import PARTITIONERS
 
 if TYPE_CHECKING:  # imported lazily: a node with its own data never needs them
     from flwr_datasets.partitioner.partitioner import Partitioner

@@ -157,7 +157,7 @@ class Task:
 
     def __post_init__(self) -> None:
         # Imported late: common.config reads tasks.
-        from common.config import FEATURE_MAPS, GRAD_SAMPLE_MODES, RULES
+        from common.run_keys import FEATURE_MAPS, GRAD_SAMPLE_MODES, RULES
 
         object.__setattr__(self, "class_labels", tuple(self.class_labels))
         object.__setattr__(self, "grad_sample_modes", tuple(self.grad_sample_modes))

@@ -306,7 +306,7 @@ class TextModel:
     def __call__(self, num_classes: int, features: str, **options: Any) -> nn.Module:
         """A fresh model; torch, transformers and peft are imported here."""
         _offline()
-        from common.config import lora_target_modules
+        from common.run_keys import lora_target_modules
         from common.tasks.text_models import lora_text_classifier
 
         return lora_text_classifier(

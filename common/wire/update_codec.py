@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from common.config import UPDATE_COMPRESSIONS
+from common.run_keys import UPDATE_COMPRESSIONS
 
 ENCODED_ARRAY = "encoded"  # the one array of an encoded change's ArrayRecord
 

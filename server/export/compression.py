@@ -37,9 +37,9 @@ from torch.ao.quantization import quantize_dynamic
 from torch.ao.quantization.observer import PerChannelMinMaxObserver
 from torch.nn.utils import prune
 
-from common.config import EXPORT_COMPRESSIONS
 from common.data.features import ScatteringFront
 from common.data.scattering_port import ScriptedScattering
+from common.run_keys import EXPORT_COMPRESSIONS
 
 PRUNE_AMOUNT = 0.5  # share of each Linear/Conv2d weight zeroed by "int8+prune"
 VARIANT_FILES = {

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from common.config import EXPORT_COMPRESSIONS, RunConfig
+from common.config import RunConfig
 from common.data.datasets import load_dataset, normalisation
 from common.data.features import ScatteringFront
+from common.run_keys import EXPORT_COMPRESSIONS
 from common.tasks.models import build_model
 from server.export.compression import (
     VARIANT_FILES,

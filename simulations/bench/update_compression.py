@@ -73,7 +73,8 @@ def bytes_rows(models: list[str]) -> list[dict[str, Any]]:
     """One row per (model, encoding)."""
     import numpy as np
 
-    from common.config import UPDATE_COMPRESSIONS, RunConfig
+    from common.config import RunConfig
+    from common.run_keys import UPDATE_COMPRESSIONS
     from common.wire.reply_fields import COMPRESSED_CHANGE_KEY
     from common.wire.update_codec import UpdateCodec
     from server.messaging import content_bytes

@@ -25,7 +25,8 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.config import AGGREGATIONS, RunConfig
+from common.config import RunConfig
+from common.run_keys import AGGREGATIONS
 from common.tasks.models import build_model
 from server.app import make_strategy
 from server.central_evaluation import CentralEvaluator

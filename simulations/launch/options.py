@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.config import ACCOUNTANTS, PRIVACY_MODES, ConfigError, RunConfig, check_key
+from common.config import ConfigError, RunConfig
 from common.data.datasets import DatasetError
 from common.privacy.client_level_plan import plan_client_level
+from common.run_keys import ACCOUNTANTS, PRIVACY_MODES, check_key
 from common.secure_aggregation.plan import secagg_noise_multiplier
 from common.tasks.model_checks import check_task_model
 from common.tasks.models import model_dimension

@@ -12,10 +12,11 @@ from torch import nn
 
 from client.training.dp_training import train_private
 from client.training.ghost_clipping import GhostClipper
-from common.config import GRAD_SAMPLE_MODES, RunConfig
+from common.config import RunConfig
 from common.errors import ConfigError
 from common.privacy.dp_sgd_plan import RoundPlan, plan_dp_sgd_round
 from common.privacy.randomness import round_generator
+from common.run_keys import GRAD_SAMPLE_MODES
 from common.tasks.models import DigitsMLP, TanhCNN28
 from tests.helpers.per_example import per_example_grads
 

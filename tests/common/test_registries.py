@@ -15,14 +15,7 @@ from common.aggregation_rules import (
     aggregation_names,
     register_aggregation_rule,
 )
-from common.config import (
-    ACCOUNTANTS,
-    AGGREGATIONS,
-    PRIVACY_MODES,
-    ConfigError,
-    RunConfig,
-    noise_statement,
-)
+from common.config import ConfigError, RunConfig, noise_statement
 from common.ledger.privacy_ledger import LedgerError, PrivacyLedger, epsilon_of_history
 from common.privacy.accountants import rdp
 from common.privacy.accountants.registry import (
@@ -44,6 +37,7 @@ from common.privacy.modes import (
     register_privacy_mode,
 )
 from common.registry import Registry, UnknownName
+from common.run_keys import ACCOUNTANTS, AGGREGATIONS, PRIVACY_MODES
 
 HISTORY = [(1.1, 0.01, 500)]
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from common.config import RULES, ConfigError, RunConfig, check_key
+from common.config import ConfigError, RunConfig
+from common.run_keys import RULES, check_key
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULTS = RunConfig().to_run_config()

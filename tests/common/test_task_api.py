@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from client.predict import model_input
-from common.config import ConfigError, RunConfig, check_key
+from common.config import ConfigError, RunConfig
 from common.data.datasets import load_arrays
 from common.data.partitioning import PartitionError, PartitionSpec, partition_indices
+from common.run_keys import check_key
 from common.tasks.model_checks import check_task_model, private_model_problem
 from common.tasks.preprocessing import (
     AffinePreprocessing,

@@ -23,8 +23,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 
 import server.app as server_app
-from common.config import UPDATE_COMPRESSIONS, RunConfig
+from common.config import RunConfig
 from common.privacy.randomness import integer_generator
+from common.run_keys import UPDATE_COMPRESSIONS
 from common.tasks.models import build_model
 from common.wire.reply_fields import COMPRESSED_CHANGE_KEY, COMPRESSED_UPDATE_KEY, Status
 from common.wire.update_codec import (

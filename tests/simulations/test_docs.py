@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import tomllib
 
-from common.config import RULES, RunConfig
+from common.config import RunConfig
+from common.run_keys import RULES
 from tests.helpers.docs import DOCS, README, REPO, doc, section
 
 
