@@ -47,8 +47,8 @@ deploy: $(STAMP) system-packages
 	$(PY) -m simulations.deploy $(ARGS)
 
 # Test modules run on PYTEST_WORKERS processes (pytest-xdist), a module's tests on one
-# worker: end-to-end runs mostly wait on processes, so two workers use 2 cores better
-# than one. PYTEST_WORKERS=0 runs everything in this process, in order.
+# worker: one process keeps about 1.2 of 2 cores busy, two keep both (993 s against
+# 1,230 s, BENCHMARKS.md). PYTEST_WORKERS=0 runs everything in this process, in order.
 PYTEST_WORKERS ?= 2
 test: $(STAMP) system-packages
 	$(PY) -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)

@@ -156,7 +156,7 @@ class Task:
     model_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # Imported late: common.config reads tasks.
+        # Imported late: common.run_keys reads tasks.
         from common.run_keys import FEATURE_MAPS, GRAD_SAMPLE_MODES, RULES
 
         object.__setattr__(self, "class_labels", tuple(self.class_labels))
