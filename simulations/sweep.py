@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -57,6 +58,7 @@ from simulations.launch.processes import (
     install_signal_handlers,
     stop_processes,
 )
+from simulations.launch.ray_head import ray_for_runs
 from simulations.launch.sweep_report import (
     plot,
     print_amortised,
@@ -240,7 +242,7 @@ def run_grid(
     ]
     if secure:  # secure aggregation's node identities, dealt by this launcher
         trusted_dealer(env, work, max(secure))
-    print(f"[sweep] Flower home and logs: {work}; Ray: {describe_ray(ray)}", flush=True)
+    print(f"[sweep] Flower home and logs: {work}", flush=True)
     interrupt = Interrupt()
     futures: list[Future[PointResult]] = []
     finished: dict[str, PointResult] = {}  # by point name, as each point returns
@@ -259,12 +261,25 @@ def run_grid(
     started = time.time()
     pool = ThreadPoolExecutor(max_workers=args.jobs)
     try:
-        with simulation_superlink(env, work) as superlink:
+        # One Ray for every point; side by side, each point gets the CPUs a run
+        # alone would (Ray's CPUs are what it schedules by, not a limit on cores).
+        cpus = (os.cpu_count() or 1) * args.jobs
+        with (
+            ray_for_runs(env, work, ray, cpus) as head,
+            simulation_superlink(env, work) as superlink,
+        ):
             write_connection(flwr_home, superlink.address)
             link = SweepLink(env, work, stage_app(APP_DIR, work))
             install_app(link.app, [flwr_home])  # points side by side race otherwise
+            if head is not None:
+                head.wait_ready()
             setup = time.time() - started
-            print(f"[sweep] SuperLink on {superlink.address} ({setup:.1f} s)", flush=True)
+            ray_text = describe_ray(ray) if head is None else head.describe()
+            print(
+                f"[sweep] SuperLink on {superlink.address}; Ray: {ray_text}, for every "
+                f"point ({setup:.1f} s)",
+                flush=True,
+            )
             try:
                 for pt, (opts, over) in zip(points, checked, strict=True):
                     futures.append(
@@ -279,7 +294,8 @@ def run_grid(
                 interrupt.set(exc.args[0] if exc.args else "SIGINT (Ctrl-C)")
                 print(f"[sweep] interrupted ({interrupt.how}); stopping", flush=True)
                 interrupt.wait_for_runs()
-            print_amortised(setup, [finished[p.name] for p in points if p.name in finished])
+            done = [finished[p.name] for p in points if p.name in finished]
+            print_amortised(setup, done, time.time() - started)
     except KeyboardInterrupt as exc:
         interrupt.set(exc.args[0] if exc.args else "SIGINT (Ctrl-C)")
     finally:

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
     from simulations.sweep import PointResult
 
 
-def print_amortised(setup: float, rows: list[PointResult]) -> None:
-    """Launch to round 1 per run, with the SuperLink's start shared among the runs."""
+def print_amortised(setup: float, rows: list[PointResult], wall: float) -> None:
+    """Launch to round 1 per run, with the start of the SuperLink and Ray shared
+    among the runs, and the sweep's whole wall time per run (``wall``: from the
+    sweep's start until its last point returned)."""
     launches = [r.launch_to_round_1_seconds for r in rows]
     seen = [x for x in launches if x is not None]
     if not seen:
@@ -26,8 +28,9 @@ def print_amortised(setup: float, rows: list[PointResult]) -> None:
     amortised = (setup + sum(seen)) / len(seen)
     print(
         f"[sweep] launch to round 1: {amortised:.1f} s per run amortised over "
-        f"{len(seen)} runs (SuperLink start {setup:.1f} s once; per run median "
-        f"{statistics.median(seen):.1f} s: {', '.join(f'{x:.1f}' for x in seen)})",
+        f"{len(seen)} runs (SuperLink and Ray start {setup:.1f} s once; per run median "
+        f"{statistics.median(seen):.1f} s: {', '.join(f'{x:.1f}' for x in seen)}); "
+        f"{wall / len(rows):.1f} s of the sweep's wall time per run",
         flush=True,
     )
 

@@ -315,13 +315,16 @@ def ahead(
 
 
 def test_sweep_runs_every_point_on_one_superlink(ahead: RunsAhead, tmp_path: Path) -> None:
-    """A two-point sweep: one SuperLink for both runs, each with its own results
-    folder and summary, a table and plot, the launch time per run, and nothing left
-    running after (the SuperLink is stopped by PID)."""
+    """A two-point sweep: one SuperLink and one private Ray head for both runs, each
+    run with its own results folder and summary, a table and plot, the launch time
+    per run, and nothing left running after (both are stopped by PID)."""
     code, out, watch, swept = ahead.result(SWEEP_TEST, _sweep_run, tmp_path)
     assert code == 0, out[-4000:]
     superlinks = [n for n in watch.names if n.endswith("flower-superlink")]
     assert len(superlinks) == 1, watch.names
+    gcs = [pid for pid, name in watch.programs.items() if name == "gcs_server"]
+    assert len(gcs) == 1, watch.programs  # Ray started once, not once per point
+    assert re.search(r"Ray: a private Ray head on 127\.0\.0\.1:\d+ \(\d+ CPUs\)", out)
     table = list(csv.DictReader((swept / "sweep.csv").read_text().splitlines()))
     assert [r["name"] for r in table] == ["eps4-iid-seed0", "eps8-iid-seed0"]
     for row in table:
@@ -337,6 +340,7 @@ def test_sweep_runs_every_point_on_one_superlink(ahead: RunsAhead, tmp_path: Pat
     assert "| 8 | iid | 0 |" in (swept / "sweep.md").read_text()
     assert (swept / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
     assert "s per run amortised over 2 runs" in out
+    assert "SuperLink and Ray start" in out and "of the sweep's wall time per run" in out
     assert_loopback_only(watch)
     assert_all_gone(watch)
 

@@ -29,6 +29,7 @@ class Watch:
 
     pids: dict[int, float] = field(default_factory=dict)  # pid -> create_time
     names: set[str] = field(default_factory=set)
+    programs: dict[int, str] = field(default_factory=dict)  # pid -> process name
     listening: set[tuple[str, int, str]] = field(default_factory=set)
 
 
@@ -45,6 +46,7 @@ def watch_tree(root: psutil.Process, watch: Watch, stop: threading.Event) -> Non
                 # Every time: a child seen between fork and exec still shows its
                 # parent's command line (more often on a busy machine).
                 watch.names.add(" ".join(proc.cmdline()[:2]) or proc.name())
+                watch.programs[proc.pid] = proc.name()
                 for conn in proc.net_connections(kind="inet"):
                     if conn.status == psutil.CONN_LISTEN:
                         watch.listening.add((conn.laddr.ip, conn.laddr.port, proc.name()))

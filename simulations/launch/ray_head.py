@@ -1,0 +1,108 @@
+"""A sweep's private Ray head on 127.0.0.1, started once for all its points.
+
+Without an address, Flower's simulation process (``flwr-simulation``) starts Ray
+itself inside ``ray.init()``: its GCS, raylet and agents come up while the ServerApp
+waits for its simulated SuperNodes, about 3 CPU-s and 4-5 s of every run's start on
+this machine. A sweep instead starts one head beside its SuperLink, and each point's
+Flower attaches to it through ``RAY_ADDRESS``, as it attaches to a cluster of
+``--ray-address`` (BENCHMARKS.md, "Sweep"). A single run keeps Flower's own start:
+a head of its own would cost more CPU (the ``ray start`` CLI and Ray's client
+server) for no shorter start.
+
+The head is the launcher's alone: its own GCS and client-server ports (Ray's
+client server would otherwise take the fixed port 10001, and a second head on the
+machine would fail), its own temp folder (so that it does not become the cluster
+another program's ``ray.init()`` finds in ``/tmp/ray``), bound to 127.0.0.1
+(``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), and stopped by PID with every process
+under it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from simulations.launch.processes import ManagedProcess, free_port, wait_until
+
+RAY_HEAD_LOG = "ray-head.log"
+_READY_LINE = "Ray runtime started."  # what `ray start` prints once the node is up
+# A head comes up in 3-5 s here; a loaded machine can take several times that.
+STARTUP_TIMEOUT_S = 120.0
+
+
+@dataclass
+class RayHead:
+    """A ``ray start --head --block`` process and the address runs attach to."""
+
+    process: ManagedProcess
+    port: int
+    cpus: int
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:<GCS port>``, what ``RAY_ADDRESS`` names."""
+        return f"127.0.0.1:{self.port}"
+
+    def describe(self) -> str:
+        """What the log says of it."""
+        return f"a private Ray head on {self.address} ({self.cpus} CPUs)"
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Return once the head serves; raise with its log if it died or timed out."""
+        wait_until(
+            lambda: _READY_LINE in self.process.log_text(),
+            timeout,
+            f"the private Ray head on {self.address} to start",
+            self.process,
+        )
+
+
+def head_argv(port: int, client_port: int, cpus: int, temp_dir: Path) -> list[str]:
+    """The ``ray start`` command line of a loopback-only head with ``cpus`` CPUs,
+    its GCS on ``port`` and Ray's client server on ``client_port``."""
+    if cpus < 1:
+        raise ValueError(f"a Ray head needs at least one CPU, got {cpus}")
+    return [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--ray-client-server-port", str(client_port),
+        "--num-cpus", str(cpus), "--include-dashboard=false",
+        "--disable-usage-stats", "--temp-dir", str(temp_dir),
+    ]  # fmt: skip
+
+
+@contextmanager
+def private_ray_head(
+    env: Mapping[str, str], work_dir: Path, cpus: int
+) -> Iterator[RayHead]:
+    """Start the head without waiting for it (:meth:`RayHead.wait_ready` does);
+    stop it and everything under it on exit."""
+    port, client_port = free_port(), free_port()
+    head_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    temp_dir = work_dir / "ray"
+    proc = ManagedProcess(
+        "ray-head", head_argv(port, client_port, cpus, temp_dir), head_env,
+        work_dir / RAY_HEAD_LOG, work_dir,
+    )  # fmt: skip
+    try:
+        yield RayHead(proc, port, cpus)
+    finally:
+        proc.stop()
+
+
+@contextmanager
+def ray_for_runs(
+    env: dict[str, str], work_dir: Path, cluster: str | None, cpus: int
+) -> Iterator[RayHead | None]:
+    """The Ray every run of this launcher uses: the running cluster ``cluster``
+    (``None`` here), else a private head of ``cpus`` CPUs whose address goes into
+    ``env`` before any Flower process is started with it."""
+    if cluster is not None:
+        yield None
+        return
+    with private_ray_head(env, work_dir, cpus) as head:
+        env["RAY_ADDRESS"] = head.address
+        yield head
