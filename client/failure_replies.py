@@ -66,3 +66,14 @@ def sanitised(handler: Handler, failed: Callable[[int, str], RecordDict]) -> Han
             return Message(failed(partition_id(context), reason), reply_to=msg)
 
     return run
+
+
+def train_failed(pid: int, why: str) -> RecordDict:
+    """The content of a training (or secure-aggregation stage) reply that could not be
+    made: a node error with ``why``."""
+    return TrainReport.node_error(pid, why).to_content()
+
+
+def evaluate_failed(pid: int, why: str) -> RecordDict:
+    """The content of an evaluation reply that could not be made."""
+    return EvaluateReport.node_error(pid, why).to_content()

@@ -44,7 +44,6 @@ from common.secure_aggregation.identity import (
     read_identity,
 )
 from common.secure_aggregation.protocol import EPSILON_KEY, SECAGG_KEY, ProtocolError, Stage
-from common.tasks.models import model_dimension
 from common.wire.reply import TrainReport
 from common.wire.reply_fields import CLIP_NORM_KEY
 
@@ -54,7 +53,8 @@ Handler = Callable[[Message, Context], Message]
 
 @dataclass(frozen=True)
 class ClientSteps:
-    """The ClientApp's own steps the stages reuse (see ``client.app``)."""
+    """The training module's steps the masked-update stage reuses (``client.app``
+    passes them in, so that the other stages never import torch)."""
 
     setup: Callable[[Context], tuple[RunConfig, NodeSettings, Any]]
     send: Callable[[Message, TrainReport], Message]
@@ -63,18 +63,6 @@ class ClientSteps:
     def __post_init__(self) -> None:
         if not all(callable(getattr(self, f)) for f in self.__dataclass_fields__):
             raise TypeError("every client step must be callable")
-
-    @classmethod
-    def late_bound(cls, namespace: dict[str, Any]) -> ClientSteps:
-        """The app module's ``_setup``, ``_send`` and ``_clipped_change``, each
-        looked up in ``namespace`` when it runs (so a test that replaces one in the
-        module is obeyed)."""
-
-        def step(name: str) -> Callable[..., Any]:
-            return lambda *args: namespace[name](*args)
-
-        names = ("_setup", "_send", "_clipped_change")
-        return cls(*(step(n) for n in names))
 
 
 def secagg_refusal(cfg: RunConfig, policy: PrivacyPolicy) -> str | None:
@@ -119,6 +107,8 @@ def secagg_stage(stage: Stage, steps: ClientSteps) -> Handler:
             if stage is Stage.MASKED_UPDATE:
                 return masked_update(msg, context, policy, record, steps)
             if stage is Stage.SETUP:
+                from common.tasks.models import model_dimension  # torch: this stage only
+
                 out = secagg_stages.setup(
                     context, int(context.node_id), record, model_dimension(cfg),
                     policy.min_noise_multiplier, node_identity(node),

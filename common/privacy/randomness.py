@@ -23,9 +23,12 @@ torch 2.13.
 from __future__ import annotations
 
 import secrets
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where used: the secure-aggregation stages need no torch
+    import torch
 
 _INTEGER_STREAM = 0x636F646563  # keeps a replayed rounding apart from torch's draws
 
@@ -37,6 +40,8 @@ def reproducible_seed(seed: int, partition_id: int, server_round: int) -> int:
 
 def round_generator(replay_seed: int | None = None) -> torch.Generator:
     """A generator for one round: OS entropy, or ``replay_seed`` when reproducible."""
+    import torch
+
     generator = torch.Generator()
     generator.manual_seed(secrets.randbits(64) if replay_seed is None else replay_seed)
     return generator
@@ -51,6 +56,8 @@ def gaussian_noise(
     draw, then sum four N(0, std²) draws and halve the sum, so the low-order bits
     of the result do not reveal a single Gaussian sample.
     """
+    import torch
+
     if std == 0:
         return torch.zeros_like(like)
     torch.normal(0.0, std, (1,), generator=generator)  # discarded, as in Opacus

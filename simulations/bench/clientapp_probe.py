@@ -4,8 +4,8 @@ On a SuperNode every message runs in a fresh ``flwr-clientapp`` process. A bench
 puts :func:`install_probe`'s folder first on the SuperNode's ``PATH``; its
 ``flwr-clientapp`` runs :func:`main`, which runs Flower's own ``flwr_clientapp()``
 unchanged and only wraps, to time them, the steps Flower calls (pull the task,
-install the FAB, import the app, call it, push the reply) and, once the app is
-imported, privfed's shard loading, feature map and training functions. At exit it
+install the FAB, import the app, call it, push the reply) and, once the app imports
+its training module, privfed's shard loading, feature map and training functions. At exit it
 appends one JSON line to ``$PRIVFED_PROBE_DIR/messages.jsonl``: each phase's CPU
 seconds (user + system, exclusive of nested phases) and wall seconds, the CPU spent
 before the first line of Python ran (interpreter start-up), the totals up to the
@@ -29,6 +29,7 @@ import resource  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
 
 PROBE_DIR_ENV = "PRIVFED_PROBE_DIR"
@@ -53,7 +54,7 @@ PHASES = (
     ("flower_import", "Flower's flwr-clientapp imports"),
     ("pull_task", "pull the task (message, context, FAB)"),
     ("fab_install", "FAB install (Flower: unzip, verify hashes)"),
-    ("app_import", "import client.app (torch, Flower app API, privfed)"),
+    ("app_import", "import client.app, and client.train_evaluate (torch) if it trains"),
     ("data", "data: load, check, partition (or read the cache)"),
     ("features", "features (ScatterNet) of the shard"),
     ("app_other", "rest of the app: policy, ledger, σ, ε, model, reply records"),
@@ -63,10 +64,10 @@ PHASES = (
 
 
 APP_PHASES = (
-    ("client.app", "load_client_shard", "data"),
+    ("client.train_evaluate", "load_client_shard", "data"),
     ("client.data.local_data", "compute_features", "features"),
-    ("client.app", "train_private", "training"),
-    ("client.app", "train_non_private", "training"),
+    ("client.train_evaluate", "train_private", "training"),
+    ("client.train_evaluate", "train_non_private", "training"),
 )
 
 
@@ -116,6 +117,24 @@ def _wrap_app(clock: PhaseClock, record: dict[str, Any]) -> None:
     record["unwrapped"] = missing
 
 
+def _time_training_import(clock: PhaseClock, record: dict[str, Any]) -> None:
+    """``client.app`` imports the training module (and torch) when a message first
+    needs it: that import counts as ``app_import``, and its phases are wrapped then."""
+    app_module = sys.modules.get("client.app")
+    if app_module is None:  # not privfed's app: nothing more to time
+        return
+    real = app_module.importlib.import_module
+
+    def import_module(name: str) -> Any:
+        if name in sys.modules:
+            return real(name)
+        module = clock.timed("app_import", real)(name)
+        _wrap_app(clock, record)
+        return module
+
+    app_module.importlib = SimpleNamespace(import_module=import_module)
+
+
 def _instrument(clock: PhaseClock, record: dict[str, Any]) -> None:
     """Wrap the steps of Flower's ``run_clientapp`` (looked up as module globals)."""
     from flwr.supernode.runtime import run_clientapp as rc
@@ -138,7 +157,7 @@ def _instrument(clock: PhaseClock, record: dict[str, Any]) -> None:
 
         def loaded(*a: Any, **kw: Any) -> Callable[..., Any]:
             client_app = load(*a, **kw)
-            _wrap_app(clock, record)
+            _time_training_import(clock, record)
             call = clock.timed("app_other", client_app)
 
             def answer(message: Any, context: Any) -> Any:

@@ -27,7 +27,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.app as client_app
+import client.train_evaluate as client_training
 import client.training.vectorised as vectorised
 import client.virtual_clients as virtual_clients
 import server.messaging as messaging
@@ -63,10 +63,10 @@ WORKLOADS: dict[str, tuple[int, dict[str, Any]]] = {
 PHASES = (
     (vectorised, "precompute", "batched local training"),
     (virtual_clients, "load_client_shard", "shard (read or built and cached)"),
-    (client_app, "_model_from", "handler: model built and loaded"),
-    (client_app, "store_ledger", "handler: ledger stored"),
-    (client_app, "_setup", "handler: config, node, shard lookup"),
-    (client_app.UpdateCodec, "encode", "handler: update encoded"),
+    (client_training, "_model_from", "handler: model built and loaded"),
+    (client_training, "store_ledger", "handler: ledger stored"),
+    (client_training, "_setup", "handler: config, node, shard lookup"),
+    (client_training.UpdateCodec, "encode", "handler: update encoded"),
     (virtual_clients, "_run_each", "every handler, in all"),
     (messaging, "content_bytes", "server: message bytes counted"),
 )

@@ -3,7 +3,7 @@
 For tests and benchmarks of the server's own logic (update validation, aggregation
 rules), where a real SuperLink would only add minutes; a run goes through
 ``simulations.run``. Each node is a simulation context (its ledger lives in
-``context.state``) that trains with :func:`client.app.train`; a node may be given a
+``context.state``) whose ClientApp (``client.app``) answers it; a node may be given a
 ``tamper`` function that rewrites its honest reply before the server sees it (a
 malicious or broken client).
 """

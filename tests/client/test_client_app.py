@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord
 from opacus.accountants import RDPAccountant
 
 import client.app as client_app
+import client.train_evaluate as client_training
 from client.privacy.ledger_store import STATE_KEY
 from common.config import RunConfig
 from common.ledger.privacy_ledger import PrivacyLedger, epsilon_of_history
@@ -91,7 +92,7 @@ def test_budget_refusal_happens_before_any_training_step(
     def forbidden(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("training ran although the budget is exhausted")
 
-    monkeypatch.setattr(client_app, "train_private", forbidden)
+    monkeypatch.setattr(client_training, "train_private", forbidden)
     reply = client_app.train(train_message(_arrays(), 4), ctx)
     assert not reply.has_error()
     report = _report(reply)

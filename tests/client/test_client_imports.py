@@ -57,10 +57,62 @@ def _heavy(modules: list[str]) -> list[str]:
 
 
 def test_importing_the_client_app_loads_no_heavy_module() -> None:
-    """``import client.app`` (what Flower does per message) pulls in none of HEAVY."""
+    """``import client.app`` (what Flower does per message) pulls in none of HEAVY,
+    nor torch: the training module is imported by the messages that train."""
     loaded = _loaded("import json, sys, client.app; print(json.dumps(sorted(sys.modules)))")
-    assert "torch" in loaded  # the check sees real imports
-    assert _heavy(loaded) == []
+    assert "flwr.clientapp" in loaded  # the check sees real imports
+    assert _heavy(loaded) == [] and "torch" not in loaded
+    assert "client.train_evaluate" not in loaded
+
+
+SECAGG_STAGES_WITHOUT_TORCH = """
+import json, sys
+
+
+class NoTorch:  # any import of torch fails the message that makes it
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"{name} imported by a secure-aggregation stage")
+
+
+sys.meta_path.insert(0, NoTorch())
+from flwr.app import ConfigRecord, RecordDict
+import client.app as client_app
+from common.config import RunConfig
+from common.secure_aggregation.protocol import SECAGG_KEY, Stage
+from common.wire.reply import TrainReport
+from tests.helpers.messages import make_context, make_message
+
+cfg = RunConfig(
+    privacy_mode="client", secure_aggregation=True, client_sampling_rate=1.0,
+    target_epsilon=0.0, noise_multiplier=1.0, delta=1e-3, results_dir=sys.argv[1],
+)
+context = make_context(cfg, 0, 3, node_id=100)
+out = {}
+for stage in (Stage.SHARE_KEYS, Stage.CONSISTENCY, Stage.UNMASK):
+    record = ConfigRecord({"stage": stage.value, "server-round": 1})
+    msg = make_message(RecordDict({SECAGG_KEY: record}), stage.message_type, 100)
+    report = TrainReport.from_content(client_app.app(msg, context).content)
+    out[stage.value] = [report.status.value, report.reason]
+print(json.dumps({"stages": out, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_secure_aggregation_key_and_check_stages_never_import_torch(tmp_path: Path) -> None:
+    """A fresh process answering a key-exchange, consistency or unmask message (three
+    of a secure-aggregation round's five) runs the node's policy, the run config and
+    the stage's own checks without torch (about 1.3 CPU-s a message): here each
+    refuses (no identity, a malformed request) with torch unimportable."""
+    loaded = _loaded(SECAGG_STAGES_WITHOUT_TORCH, str(tmp_path))
+    stages = loaded["stages"]
+    assert set(stages) == {"secagg_share_keys", "secagg_consistency", "secagg_unmask"}
+    for status, reason in stages.values():
+        assert status == "policy-refused" and reason.startswith("secure aggregation: ")
+        assert "torch" not in reason
+    assert "no usable node identity" in stages["secagg_share_keys"][1]
+    assert "'signers' must be a list of ints" in stages["secagg_unmask"][1]
+    assert "client.secure_aggregation.stages" in loaded["modules"]
+    assert "torch" not in loaded["modules"] and _heavy(loaded["modules"]) == []
 
 
 def test_a_cached_train_message_loads_no_heavy_module(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
 import client.app as client_app
+import client.train_evaluate as client_training
 from client.data.shard_cache import CACHE_DIR
 from client.node_settings import NodeConfigError, NodeSettings
 from client.privacy.ledger_store import LEDGER_FILE, LOCK_FILE, RECORD_FILE
@@ -172,7 +173,7 @@ def test_corrupt_ledger_fails_closed(
     def forbidden(*_a: object, **_k: object) -> None:
         raise AssertionError("trained despite a corrupt ledger")
 
-    monkeypatch.setattr(client_app, "train_private", forbidden)
+    monkeypatch.setattr(client_training, "train_private", forbidden)
     node = {"partition-id": 0, "num-partitions": 4, "state-dir": str(state)}
     reply = client_app.train(train_message(_arrays(), 1), _node_context(cfg, node))
     report = _report(reply)

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
+import client.train_evaluate as client_training
 from client.privacy.ledger_store import LEDGER_FILE, RECORD_FILE
 from client.privacy.resent_reply import JOURNAL_FILE
 from common.config import RunConfig
@@ -71,7 +72,7 @@ def _forbid_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*_a: object, **_k: object) -> None:
         raise AssertionError("trained on a rolled-back or deleted ledger")
 
-    monkeypatch.setattr(client_app, "train_private", forbidden)
+    monkeypatch.setattr(client_training, "train_private", forbidden)
 
 
 class _Grid:
@@ -317,7 +318,7 @@ def test_the_server_does_not_use_a_reply_behind_its_witness(
     _run(states, witness, run_id=1, rounds=2)
     shutil.rmtree(states[5])
     write_policy(states[5])
-    monkeypatch.setattr(client_app, "witnessed_in", lambda _config: None)
+    monkeypatch.setattr(client_training, "witnessed_in", lambda _config: None)
 
     ((_, outcomes),) = _run(states, witness, run_id=2, rounds=1)
     assert _status(outcomes) == {5: Status.ERROR, 6: Status.TRAINED}

@@ -16,6 +16,7 @@ import pytest
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 import client.app as client_app
+import client.train_evaluate as client_training
 from client.privacy.ledger_store import LEDGER_FILE
 from client.privacy.resent_reply import JOURNAL_FILE
 from common.config import RunConfig
@@ -53,7 +54,7 @@ def _forbid_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*_a: object, **_k: object) -> None:
         raise AssertionError("trained a round whose update is already charged")
 
-    monkeypatch.setattr(client_app, "train_private", forbidden)
+    monkeypatch.setattr(client_training, "train_private", forbidden)
 
 
 def _killed_in_round_2(state: Path) -> Message:

@@ -25,6 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 import client.app as client_app
+import client.train_evaluate as client_training
 from client.privacy.ledger_store import LEDGER_FILE
 from common.config import RunConfig
 from common.data.checks import DataFileError
@@ -301,8 +302,8 @@ def test_node_with_nan_pixels_replies_data_error_and_spends_nothing(
     def forbidden(*_a: object, **_k: object) -> None:
         raise AssertionError("the ledger was read or the node trained")
 
-    monkeypatch.setattr(client_app, "load_ledger", forbidden)
-    monkeypatch.setattr(client_app, "train_private", forbidden)
+    monkeypatch.setattr(client_training, "load_ledger", forbidden)
+    monkeypatch.setattr(client_training, "train_private", forbidden)
     arrays = ArrayRecord(build_model("digits", seed=0).state_dict())
     reply = client_app.train(train_message(arrays, 1), _context(cfg, node, 9))
     assert not reply.has_error() and "arrays" not in reply.content.array_records

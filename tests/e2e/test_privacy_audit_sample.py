@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord
 
 import client.app as client_app
+import client.train_evaluate as client_training
 from client.data.local_data import load_client_shard
 from client.node_settings import NodeSettings
 from common.audit.canaries import canary_plan, inserts_canary_records
@@ -187,7 +188,7 @@ def test_a_deployed_node_refuses_the_audit(
     def forbidden(*_a: object, **_k: object) -> None:
         raise AssertionError("trained in an audit run on a device")
 
-    monkeypatch.setattr(client_app, "train_private", forbidden)
+    monkeypatch.setattr(client_training, "train_private", forbidden)
     data = _digits_npz(tmp_path / "d.npz", 300)
     cfg = RunConfig(num_rounds=3, target_epsilon=8.0, audit="one-run", audit_canaries=10)
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())

@@ -23,7 +23,7 @@ from flwr.supercore.task_identity import TaskIdentity
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-import client.app as client_app  # noqa: E402
+import client.train_evaluate as client_training  # noqa: E402
 import server.app as server_app  # noqa: E402
 from client.privacy.ledger_store import STATE_KEY  # noqa: E402
 from common.config import RunConfig  # noqa: E402
@@ -88,7 +88,7 @@ class _Spy:
         self.replies: list[tuple[int, dict, TrainReport]] = []
         self.base_unchanged: list[bool] = []
         self.base_keys: set[str] = set()
-        train = client_app.train_private
+        train = client_training.train_private
 
         def spying(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             frozen = {
@@ -107,7 +107,7 @@ class _Spy:
             )
             return out
 
-        monkeypatch.setattr(client_app, "train_private", spying)
+        monkeypatch.setattr(client_training, "train_private", spying)
 
     def tamper(self, node: int) -> Any:
         def record(reply: Message, server_round: int) -> Message:

@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 import client.app as client_app
+import client.train_evaluate as client_training
 import client.training.dp_training as dp_training
 from client.data.local_data import load_client_shard
 from client.node_settings import NodeSettings
@@ -183,8 +184,8 @@ def test_an_exhausted_device_refuses_every_weaker_run(
     def forbidden(*_a: object, **_k: object) -> None:
         raise AssertionError("trained against the device's policy")
 
-    monkeypatch.setattr(client_app, "train_private", forbidden)
-    monkeypatch.setattr(client_app, "train_non_private", forbidden)
+    monkeypatch.setattr(client_training, "train_private", forbidden)
+    monkeypatch.setattr(client_training, "train_non_private", forbidden)
     cfg = RunConfig(**{"num_rounds": 3, "target_epsilon": 2.0, **overrides})
     initial = ArrayRecord(build_model("digits", seed=0).state_dict())
     reply = client_app.train(train_message(initial, 1), device_context(cfg, data, state))
@@ -348,7 +349,7 @@ def _edge_device(
         trained.append((args[4], args[5]))  # type: ignore[arg-type]
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(client_app, "train_private", spy)
+    monkeypatch.setattr(client_training, "train_private", spy)
     data = digits_npz(tmp_path / f"d{n}.npz", n)
     keys = {"delta": EDGE_DELTA, "epsilon-budget": 3.0, **policy}
     state = write_policy(tmp_path / f"state{n}", **keys)

@@ -336,16 +336,16 @@ def test_zero_updates_unmask_to_the_noise_of_the_survivors(
     is pure noise with the variance of 4 shares, 4·V/m, as the ledger will record."""
     import dataclasses
 
-    import client.app as client_app
+    import client.train_evaluate as client_training
 
-    honest = client_app._clipped_change
+    honest = client_training._clipped_change
 
     def zero_change(*args: Any) -> Any:
         keys, clipped, ledger = honest(*args)
         zeros = tuple(np.zeros_like(a) for a in clipped.arrays)
         return keys, dataclasses.replace(clipped, arrays=zeros), ledger
 
-    monkeypatch.setattr(client_app, "_clipped_change", zero_change)
+    monkeypatch.setattr(client_training, "_clipped_change", zero_change)
     protocol = Protocol(
         secagg_cfg(tmp_path), lost={(FIRST, Stage.MASKED_UPDATE.message_type)}
     )
