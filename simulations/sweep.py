@@ -272,7 +272,7 @@ def run_grid(
             link = SweepLink(env, work, stage_app(APP_DIR, work))
             install_app(link.app, [flwr_home])  # points side by side race otherwise
             if head is not None:
-                head.wait_ready()
+                head.wait_serving()  # each point's Ray waits for the rest
             setup = time.time() - started
             ray_text = describe_ray(ray) if head is None else head.describe()
             print(

@@ -19,6 +19,7 @@ under it.
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -50,6 +51,18 @@ class RayHead:
         """What the log says of it."""
         return f"a private Ray head on {self.address} ({self.cpus} CPUs)"
 
+    def wait_serving(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Return once the head's GCS accepts connections, the earliest a run may be
+        submitted: a driver's ``ray.init`` then waits for the head's raylet to
+        register (Ray polls for it), so the rest of the head's start overlaps the
+        run's own start. Raise with its log if it died or timed out."""
+        wait_until(
+            lambda: _accepts(self.port),
+            timeout,
+            f"the private Ray head's GCS on {self.address} to serve",
+            self.process,
+        )
+
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         """Return once the head serves; raise with its log if it died or timed out."""
         wait_until(
@@ -58,6 +71,14 @@ class RayHead:
             f"the private Ray head on {self.address} to start",
             self.process,
         )
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def head_argv(port: int, client_port: int, cpus: int, temp_dir: Path) -> list[str]:
@@ -78,7 +99,8 @@ def head_argv(port: int, client_port: int, cpus: int, temp_dir: Path) -> list[st
 def private_ray_head(
     env: Mapping[str, str], work_dir: Path, cpus: int
 ) -> Iterator[RayHead]:
-    """Start the head without waiting for it (:meth:`RayHead.wait_ready` does);
+    """Start the head without waiting for it (:meth:`RayHead.wait_serving` and
+    :meth:`RayHead.wait_ready` do);
     stop it and everything under it on exit."""
     port, client_port = free_port(), free_port()
     head_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}

@@ -58,13 +58,14 @@ def test_a_private_head_serves_on_loopback_and_is_stopped_with_its_processes(
     with ray_for_runs(env, tmp_path, None, 2) as head:
         assert head is not None
         assert env["RAY_ADDRESS"] == head.address  # what every Flower process gets
+        head.wait_serving()
+        with socket.create_connection(("127.0.0.1", head.port), timeout=5):
+            pass  # the GCS answers at the address runs are given
         head.wait_ready()
         root = psutil.Process(head.process.pid)
         tree = [root, *root.children(recursive=True)]
         names = {p.name() for p in tree}
         assert {"gcs_server", "raylet"} <= names, names
-        with socket.create_connection(("127.0.0.1", head.port), timeout=5):
-            pass  # the GCS answers at the address runs are given
         for proc in tree:
             for conn in proc.net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
@@ -81,5 +82,6 @@ def test_a_head_that_cannot_start_says_why_with_its_log(tmp_path: Path) -> None:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     with private_ray_head(env, tmp_path, 1) as head:
         with pytest.raises(RuntimeError, match="ray-head exited with code") as failed:
-            head.wait_ready(timeout=60)
+            head.wait_serving(timeout=60)
     assert str(tmp_path / RAY_HEAD_LOG) in str(failed.value)
+    assert "FileExistsError" in str(failed.value)  # the log's end, with Ray's reason
