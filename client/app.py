@@ -5,8 +5,8 @@ imports this module first, so it imports only what every message needs. Training
 evaluation and a simulated SuperNode's group of clients (:mod:`client.train_evaluate`)
 need torch, imported when such a message arrives. The secure-aggregation stages
 that only exchange keys, shares and checks (:mod:`client.secure_aggregation.handlers`)
-do not: a process that answers one never imports torch, about 1.3 of its 2.5 CPU-s
-(BENCHMARKS.md, "ClientApp message cost").
+do not: a process that answers one never imports torch, and its imports (Flower's
+and ours) take 1.5 CPU-s instead of 3.6 (BENCHMARKS.md, "ClientApp message cost").
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ print(json.dumps({"stages": out, "modules": sorted(sys.modules)}))
 def test_secure_aggregation_key_and_check_stages_never_import_torch(tmp_path: Path) -> None:
     """A fresh process answering a key-exchange, consistency or unmask message (three
     of a secure-aggregation round's five) runs the node's policy, the run config and
-    the stage's own checks without torch (about 1.3 CPU-s a message): here each
+    the stage's own checks without torch (about 2 CPU-s a message): here each
     refuses (no identity, a malformed request) with torch unimportable."""
     loaded = _loaded(SECAGG_STAGES_WITHOUT_TORCH, str(tmp_path))
     stages = loaded["stages"]
