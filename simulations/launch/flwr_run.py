@@ -36,7 +36,9 @@ SERVERAPP_PROGRAMS = ("flwr-serverapp", "flwr-simulation")
 STOP_TIMEOUT_S = 30.0  # for `flwr stop` itself
 SERVERAPP_START_S = 60.0  # for the SuperLink to start the run's ServerApp process
 STREAM_EXIT_S = 10.0  # for `flwr run --stream` to end once the run is stopped
-RUN_ID_WAIT_S = 3.0  # for the run ID line after an early interrupt
+# For the run ID line after an early interrupt, while `flwr run` is still running:
+# the run it submits must be stopped, and a loaded machine can take several seconds.
+RUN_ID_WAIT_S = 30.0
 
 
 class Interrupt:
@@ -210,8 +212,12 @@ class SubmittedRun:
         ``kill_grace`` s. So nothing writes to the results folder once this
         returns. Prints what it did.
         """
-        if self.run_id is None and self.popen.poll() is None:
-            self._seen_id.wait(RUN_ID_WAIT_S)
+        waited_until = time.monotonic() + RUN_ID_WAIT_S
+        while self.run_id is None and self.popen.poll() is None:
+            if self._seen_id.wait(0.2) or time.monotonic() > waited_until:
+                break
+        if self.run_id is None:  # it may have exited with the line not read yet
+            self._seen_id.wait(1.0)
         if self.run_id is None:
             self._say("no run ID was printed yet, so there is no run to stop")
         else:

@@ -11,8 +11,9 @@ server) for no shorter start.
 
 The head is the launcher's alone: its own GCS and client-server ports (Ray's
 client server would otherwise take the fixed port 10001, and a second head on the
-machine would fail), its own temp folder (so that it does not become the cluster
-another program's ``ray.init()`` finds in ``/tmp/ray``), bound to 127.0.0.1
+machine would fail), its own temp folder (``privfed-ray-*``, linked from the
+launcher's folder, so that it does not become the cluster another program's
+``ray.init()`` finds in ``/tmp/ray``), bound to 127.0.0.1
 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), and stopped by PID with every process
 under it.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,11 +102,16 @@ def private_ray_head(
     env: Mapping[str, str], work_dir: Path, cpus: int
 ) -> Iterator[RayHead]:
     """Start the head without waiting for it (:meth:`RayHead.wait_serving` and
-    :meth:`RayHead.wait_ready` do);
-    stop it and everything under it on exit."""
+    :meth:`RayHead.wait_ready` do); stop it and everything under it on exit.
+
+    Ray's sessions (logs and sockets) go to a short folder of their own in the
+    system's temp folder, linked from ``work_dir/ray``: a Unix socket's path may
+    not exceed 107 bytes, and Ray puts its sockets three folders below.
+    """
     port, client_port = free_port(), free_port()
     head_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    temp_dir = work_dir / "ray"
+    temp_dir = Path(tempfile.mkdtemp(prefix="privfed-ray-"))
+    (work_dir / "ray").symlink_to(temp_dir, target_is_directory=True)
     proc = ManagedProcess(
         "ray-head", head_argv(port, client_port, cpus, temp_dir), head_env,
         work_dir / RAY_HEAD_LOG, work_dir,

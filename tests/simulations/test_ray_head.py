@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from simulations.launch import ray_head
 from simulations.launch.ray_head import (
     RAY_HEAD_LOG,
     head_argv,
@@ -72,16 +73,22 @@ def test_a_private_head_serves_on_loopback_and_is_stopped_with_its_processes(
                     assert conn.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1"), conn
     alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, alive
-    assert (tmp_path / "ray").is_dir()  # its sessions stayed in the launcher's folder
+    sessions = tmp_path / "ray"  # linked from the launcher's folder, with a short path
+    assert sessions.is_symlink() and any(sessions.glob("session_*/logs/raylet.out"))
+    assert sessions.resolve().name.startswith("privfed-ray-")
 
 
-def test_a_head_that_cannot_start_says_why_with_its_log(tmp_path: Path) -> None:
-    """Its temp folder is taken by a file: ``ray start`` exits, and the wait names
-    the head, its exit code and its log instead of waiting out the timeout."""
-    (tmp_path / "ray").write_text("not a folder")
+def test_a_head_that_cannot_start_says_why_with_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its GCS port is taken: ``ray start`` exits, and the wait names the head, its
+    exit code and its log instead of waiting out the timeout."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    with private_ray_head(env, tmp_path, 1) as head:
-        with pytest.raises(RuntimeError, match="ray-head exited with code") as failed:
-            head.wait_serving(timeout=60)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(ray_head, "free_port", lambda: taken.getsockname()[1])
+        with private_ray_head(env, tmp_path, 1) as head:
+            with pytest.raises(RuntimeError, match="ray-head exited with code") as failed:
+                head.wait_ready(timeout=120)
     assert str(tmp_path / RAY_HEAD_LOG) in str(failed.value)
-    assert "FileExistsError" in str(failed.value)  # the log's end, with Ray's reason

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -22,7 +24,7 @@ from server.results.outcome import (
 from server.results.run_folder import ResultsWriter, write_summary
 from simulations.deployment.deployment_spec import DeploymentSpec
 from simulations.launch.flower_env import flower_environment
-from simulations.launch.flwr_run import Interrupt
+from simulations.launch.flwr_run import RUN_ID_WAIT_S, Interrupt, SubmittedRun
 from simulations.launch.options import ray_address, resolve_ray_address
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,3 +184,31 @@ def test_an_interrupt_waits_for_the_run_under_way_and_starts_no_other() -> None:
         assert not go
     interrupt.wait_for_runs()  # a point that did not go on is not counted
     thread.join(timeout=10)
+
+
+def test_an_early_interrupt_waits_for_the_run_id_and_stops_that_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM can land after ``flwr run`` started but before it printed the run ID
+    (it took over 3 s for a sweep's first point on a loaded machine): the launcher
+    waits for the line while ``flwr run`` is running, then stops that run, so a run
+    the SuperLink accepted is never left going."""
+    late = "import time; time.sleep(5); print('Successfully started run 4242', flush=True)"
+    stopped: list[int] = []
+    monkeypatch.setattr(
+        SubmittedRun, "_flwr_stop", lambda _self, run_id: stopped.append(run_id)
+    )
+    out = io.StringIO()
+    run = SubmittedRun([sys.executable, "-c", late], dict(os.environ), tmp_path, "x", out)
+    began = time.monotonic()
+    run.stop(kill_grace=1.0)
+    assert stopped == [4242] and run.run_id == 4242
+    assert time.monotonic() - began < RUN_ID_WAIT_S
+    assert "no run ID was printed yet" not in out.getvalue()
+
+    gone = "import sys; sys.exit(3)"  # ended without submitting: nothing to wait for
+    run = SubmittedRun([sys.executable, "-c", gone], dict(os.environ), tmp_path, "x", out)
+    began = time.monotonic()
+    run.stop(kill_grace=1.0)
+    assert stopped == [4242] and time.monotonic() - began < 10
+    assert "no run ID was printed yet, so there is no run to stop" in out.getvalue()
