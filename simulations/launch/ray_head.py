@@ -1,13 +1,13 @@
 """A sweep's private Ray head on 127.0.0.1, started once for all its points.
 
 Without an address, Flower's simulation process (``flwr-simulation``) starts Ray
-itself inside ``ray.init()``: its GCS, raylet and agents come up while the ServerApp
-waits for its simulated SuperNodes, about 3 CPU-s and 4-5 s of every run's start on
-this machine. A sweep instead starts one head beside its SuperLink, and each point's
+itself inside ``ray.init()`` and stops it at the end: about 3 CPU-s and a few seconds
+of every run. A sweep instead starts one head beside its SuperLink, and each point's
 Flower attaches to it through ``RAY_ADDRESS``, as it attaches to a cluster of
-``--ray-address`` (BENCHMARKS.md, "Sweep"). A single run keeps Flower's own start:
-a head of its own would cost more CPU (the ``ray start`` CLI and Ray's client
-server) for no shorter start.
+``--ray-address``: the whole sweep takes about 11 % less time (BENCHMARKS.md, "One
+private Ray head for the whole sweep"). A single run keeps Flower's own start: a head
+of its own would cost more CPU (the ``ray start`` CLI and Ray's client server) for no
+earlier round 1.
 
 The head is the launcher's alone: its own GCS and client-server ports (Ray's
 client server would otherwise take the fixed port 10001, and a second head on the
