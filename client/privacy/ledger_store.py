@@ -40,6 +40,7 @@ from common.ledger.chain import (
     witness_from_config,
 )
 from common.ledger.privacy_ledger import LedgerError, PrivacyLedger
+from common.wire.records import record_of
 
 log = logging.getLogger("privfed.client")
 
@@ -171,9 +172,9 @@ Copy = tuple[PrivacyLedger, LedgerChain | None]  # a ledger and its chain, if ch
 
 def _state_copy(context: Context) -> Copy | None:
     """The ledger (and its chain) this run holds in memory, if it loaded or stored one."""
-    if STATE_KEY not in context.state.config_records:
+    record = record_of(context.state, STATE_KEY, ConfigRecord)
+    if record is None:
         return None
-    record = context.state.config_records[STATE_KEY]
     ledger = PrivacyLedger.from_json(str(record["json"]))
     if "chain" not in record:  # a ledger from before hash chains, not stored since
         return ledger, None
@@ -184,7 +185,7 @@ def _remember(context: Context, ledger: PrivacyLedger, chain: LedgerChain | None
     values = {"json": ledger.to_json()}
     if chain is not None:
         values["chain"] = json.dumps(chain.to_dict())
-    context.state.config_records[STATE_KEY] = ConfigRecord(values)
+    context.state[STATE_KEY] = ConfigRecord(values)
 
 
 def _newer(

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from common.ledger.chain import REPLY_HEAD_KEY, REPLY_LENGTH_KEY, LedgerFingerprint
 from common.ledger.privacy_ledger import LedgerError, PrivacyLedger
+from common.wire.records import keys_of, record_of
 from common.wire.reply_fields import (
     _ALL_EVALUATE,
     _ALL_TRAIN,
@@ -56,9 +57,10 @@ def _read_report(
     content: RecordDict, declared: tuple[ReplyField, ...], allowed: tuple[Status, ...]
 ) -> tuple[dict[str, Any], Status, int]:
     """The report's fields, its status and partition id, checked against ``declared``."""
-    if REPORT_KEY not in content.config_records:
+    report = record_of(content, REPORT_KEY, ConfigRecord)
+    if report is None:
         raise ReplyError(f"reply has no {REPORT_KEY!r} record")
-    raw = dict(content.config_records[REPORT_KEY])
+    raw = dict(report)
     try:
         status = Status(str(raw.get("status")))
     except ValueError:
@@ -254,7 +256,7 @@ class TrainReport:
         below_clip = raw.get("below-clip")
         if below_clip is not None and not isinstance(below_clip, bool):
             raise ReplyError(f"reply field 'below-clip' must be a bool, got {below_clip!r}")
-        present = set(content.array_records) & set(ARRAY_KEYS)
+        present = keys_of(content, ArrayRecord) & set(ARRAY_KEYS)
         masked = MASKED_KEY in present
         compressed = bool(present & set(COMPRESSED_KEYS))
         kind = arrays_key(below_clip is not None, compressed)

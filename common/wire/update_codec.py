@@ -31,9 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from common.run_keys import UPDATE_COMPRESSIONS
+from common.wire.flat_arrays import vector_array, vector_of
 
 ENCODED_ARRAY = "encoded"  # the one array of an encoded change's ArrayRecord
 
@@ -112,7 +113,7 @@ class UpdateCodec:
                 codes = _stochastic_codes(value.ravel(), lo, step, self.bits, rng)
                 parts.append(_pack(codes, self.bits))
             vector = np.concatenate([header.reshape(-1).view(np.uint8), *parts])
-        return ArrayRecord({ENCODED_ARRAY: Array(vector)})
+        return ArrayRecord({ENCODED_ARRAY: vector_array(vector)})
 
     # -- server side ------------------------------------------------------------------
     def decode(self, record: ArrayRecord, reference: Sequence[np.ndarray]) -> DecodedChange:
@@ -123,16 +124,18 @@ class UpdateCodec:
             raise CodecError(
                 f"an {self.name} change is one array {ENCODED_ARRAY!r}, got {keys}"
             )
-        try:
-            vector = record[ENCODED_ARRAY].numpy()
-        except (ValueError, TypeError) as exc:  # bytes that are not an array
-            raise CodecError(f"the encoded change does not decode: {exc}") from None
         for want in reference:
             if not np.issubdtype(want.dtype, np.floating):
                 raise CodecError(f"the model holds a {want.dtype} array; only floats")
         shapes = [tuple(a.shape) for a in reference]
         dtype = np.dtype(np.uint8 if self.quantised else np.float16)
         length = self.encoded_length(shapes)
+        vector = vector_of(record[ENCODED_ARRAY], dtype, length)
+        if vector is None:  # not the layout expected: numpy reads it, for the error
+            try:
+                vector = record[ENCODED_ARRAY].numpy()
+            except (ValueError, TypeError) as exc:  # bytes that are not an array
+                raise CodecError(f"the encoded change does not decode: {exc}") from None
         if vector.dtype != dtype or vector.shape != (length,):
             raise CodecError(
                 f"an {self.name} change for this model is {dtype}[{length}], got "

@@ -37,6 +37,7 @@ from common.config import RunConfig
 from common.ledger.privacy_ledger import PrivacyLedger
 from common.privacy.dp_sgd_plan import plan_dp_sgd_round
 from common.privacy.update_clipping import UpdateError, update_norm
+from common.wire.records import record_of
 from common.wire.reply_fields import Status, arrays_key
 from common.wire.update_codec import CodecError, UpdateCodec, apply_change
 from server.results.client_outcomes import ClientOutcome
@@ -144,9 +145,10 @@ class UpdateValidator:
         try:
             self._check_claims(server_round, outcome)
             keys, model = self._model(reference)
-            record = reply.content.array_records[
-                arrays_key(client_level, outcome.compressed)
-            ]
+            key = arrays_key(client_level, outcome.compressed)
+            record = record_of(reply.content, key, ArrayRecord)
+            if record is None:  # the reply's parser requires it: never reached
+                raise UpdateRejected(f"the reply has no {key!r} arrays")
             slack = 0.0
             if outcome.compressed:
                 codec = UpdateCodec(self.cfg.update_compression)

@@ -36,8 +36,10 @@ from common.tasks.models import build_model
 from common.tasks.registry import get_task
 from server.app import make_strategy
 from server.central_evaluation import CentralEvaluator
+from server.checks.update_validation import UpdateValidator
 from server.federation_loop import run_rounds
 from server.results.run_folder import ResultsWriter
+from server.strategies.client_level import ClientLevelFedAvg
 from server.virtual_grid import VirtualGrid
 from simulations.launch.in_process_federation import InProcessGrid
 from simulations.presets import PRESETS
@@ -69,6 +71,8 @@ PHASES = (
     (client_training.UpdateCodec, "encode", "handler: update encoded"),
     (virtual_clients, "_run_each", "every handler, in all"),
     (messaging, "content_bytes", "server: message bytes counted"),
+    (UpdateValidator, "validate", "server: reply validated"),
+    (ClientLevelFedAvg, "aggregate_train", "server: replies parsed, validated, aggregated"),
 )
 
 

@@ -15,6 +15,7 @@ from common.tasks.models import build_model
 from common.wire.reply_fields import Status
 from server.app import make_strategy
 from server.federation_loop import LoopState, RoundFailed, check_round, exchange
+from server.messaging import LOCAL_POLL_S, REMOTE_POLL_S, WrappedGrid
 from server.results.client_outcomes import ClientOutcome
 from server.strategies.private_fedavg import PrivateFedAvg
 from tests.helpers.messages import make_context, train_message
@@ -204,6 +205,34 @@ def test_exchange_collects_every_reply_without_fixed_sleeps() -> None:
     ]  # fmt: skip
     assert grid.pulls == 5
     assert time.monotonic() - started < 0.5  # Flower's HttpGrid would sleep 12 s
+
+
+class _TimedGrid(_SlowGrid):
+    """A :class:`_SlowGrid` that notes when each pull came."""
+
+    def __init__(self, ready: list[int], in_process: bool) -> None:
+        super().__init__(ready)
+        self.times: list[float] = []
+        if in_process:
+            self.state = object()  # as Flower's simulation grid holds its link state
+
+    def pull_messages(self, ids: set[str]) -> list[SimpleNamespace]:
+        self.times.append(time.monotonic())
+        return super().pull_messages(ids)
+
+
+@pytest.mark.parametrize("in_process", [True, False])
+def test_exchange_polls_a_simulations_link_state_more_often(in_process: bool) -> None:
+    """A reply in a simulation's link state (this process) is pulled within 10 ms of
+    arriving; a SuperLink's grid, a network call, is pulled up to 0.1 s apart."""
+    inner = _TimedGrid([12], in_process)
+    replies = exchange(WrappedGrid(inner), [], timeout=30)  # type: ignore[arg-type]
+    assert len(replies) == 1 and inner.pulls == 12
+    longest = max(b - a for a, b in zip(inner.times, inner.times[1:], strict=False))
+    if in_process:
+        assert longest < LOCAL_POLL_S + 0.03
+    else:
+        assert REMOTE_POLL_S * 0.9 <= longest < REMOTE_POLL_S + 0.05
 
 
 def test_exchange_returns_what_came_by_the_timeout() -> None:
