@@ -19,7 +19,7 @@ PATTERN_CORPORA := /usr/share/doc/python3-pattern/test/corpora
 SYSTEM_PACKAGES := $(if $(wildcard $(FASHION_MNIST_DIR)),,dataset-fashion-mnist) \
 	$(if $(NGINX),,nginx) $(if $(wildcard $(PATTERN_CORPORA)),,python3-pattern)
 
-.PHONY: run deploy test lint format clean system-packages
+.PHONY: run deploy test lint format clean system-packages bytecode
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,17 +40,24 @@ ifneq ($(strip $(SYSTEM_PACKAGES)),)
 	fi
 endif
 
-run: $(STAMP)
+# The project's bytecode, written once: a federation starts dozens of Python processes
+# (Ray workers; a deployed SuperNode, one per message), and where PYTHONDONTWRITEBYTECODE
+# is set each compiled the modules it imports afresh (a 2-run simulation test: 59-60
+# user CPU-s without, 44-47 with; BENCHMARKS.md, "Test suite").
+bytecode: $(STAMP)
+	@$(PY) -m compileall -q -j 0 client common server simulations tests >/dev/null
+
+run: $(STAMP) bytecode
 	$(PY) -m simulations.run $(ARGS)
 
-deploy: $(STAMP) system-packages
+deploy: $(STAMP) system-packages bytecode
 	$(PY) -m simulations.deploy $(ARGS)
 
 # Test modules run on PYTEST_WORKERS processes (pytest-xdist), a module's tests on one
 # worker: one process keeps about 1.2 of 2 cores busy, two keep both (993 s against
 # 1,230 s, BENCHMARKS.md). PYTEST_WORKERS=0 runs everything in this process, in order.
 PYTEST_WORKERS ?= 2
-test: $(STAMP) system-packages
+test: $(STAMP) system-packages bytecode
 	$(PY) -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -63,3 +70,4 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+	find client common server simulations tests -name __pycache__ -prune -exec rm -rf {} +

@@ -105,7 +105,7 @@ class TrainReport:
     def __post_init__(self) -> None:
         if self.status in _REASONED and not self.reason:
             raise ReplyError(f"a {self.status.value!r} reply needs a reason")
-        _check_keys(TRAIN_FIELDS, self.status, set(self._values()))
+        _check_keys(TRAIN_FIELDS, self.status, set(self._fields()))
         if self.masked and self.below_clip is not None:
             raise ReplyError("a masked upload carries no clip bit (fixed clipping only)")
         if self.compressed and (self.masked or self.status is not Status.TRAINED):
@@ -143,6 +143,8 @@ class TrainReport:
 
     def with_fingerprint(self, fingerprint: LedgerFingerprint | None) -> TrainReport:
         """The same report, carrying the node's ledger fingerprint for the witness."""
+        if fingerprint == self.fingerprint:
+            return self  # e.g. a simulated partition's: none to report
         return dataclasses.replace(self, fingerprint=fingerprint)
 
     def with_compressed_update(self) -> TrainReport:
@@ -225,12 +227,14 @@ class TrainReport:
         return cls(Status.NODE_ERROR, partition_id, reason=reason)
 
     # -- wire form ----------------------------------------------------------------
-    def _values(self) -> dict[str, Any]:
+    def _fields(self) -> dict[str, Any]:
+        """The report's fields this reply carries; the ledger not yet as JSON (each
+        report is checked on creation, and a client's report is made up to 3 times)."""
         values = {
             "status": self.status.value,
             "partition-id": self.partition_id,
             "reason": self.reason,
-            "ledger": self.ledger.to_json() if self.ledger is not None else None,
+            "ledger": self.ledger,
             "client-seconds": self.client_seconds,
             "num-examples": self.num_examples,
             "train-loss": self.train_loss,
@@ -239,6 +243,13 @@ class TrainReport:
             **(self.fingerprint.to_reply() if self.fingerprint is not None else {}),
         }
         return {k: v for k, v in values.items() if v is not None}
+
+    def _values(self) -> dict[str, Any]:
+        """The report's wire values."""
+        values = self._fields()
+        if self.ledger is not None:
+            values["ledger"] = self.ledger.to_json()
+        return values
 
     def to_content(self, arrays: ArrayRecord | None = None) -> RecordDict:
         """The reply's RecordDict; ``arrays`` go with a ``trained`` reply only."""
