@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -129,3 +130,6 @@ def test_scale_benchmark_smoke() -> None:
     )  # fmt: skip
     row = next(line for line in out.splitlines() if line.startswith("| privfed | 20 |"))
     assert "| [5] | True |" in row and "GB |" in row and "accuracy 0." in row
+    rss, pss = (float(x) for x in re.findall(r"\| (\d+\.\d+) GB", row))
+    assert rss > pss > 0.2  # the whole tree sampled: Ray's workers hold torch
+    assert re.search(r"^memory sampler: \d+\.\d CPU-s over \d+ s$", out, re.M)
