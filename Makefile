@@ -43,7 +43,7 @@ endif
 # The project's bytecode, written once: a federation starts dozens of Python processes
 # (Ray workers; a deployed SuperNode, one per message), and where PYTHONDONTWRITEBYTECODE
 # is set each compiled the modules it imports afresh (a 2-run simulation test: 59-60
-# user CPU-s without, 44-47 with; BENCHMARKS.md, "Test suite").
+# user CPU-s without, 44-47 with; BENCHMARKS.md, "Research-speed simulation").
 bytecode: $(STAMP)
 	@$(PY) -m compileall -q -j 0 client common server simulations tests >/dev/null
 

@@ -130,10 +130,11 @@ class UpdateCodec:
         shapes = [tuple(a.shape) for a in reference]
         dtype = np.dtype(np.uint8 if self.quantised else np.float16)
         length = self.encoded_length(shapes)
-        vector = vector_of(record[ENCODED_ARRAY], dtype, length)
+        encoded = record[ENCODED_ARRAY]
+        vector = vector_of(encoded, dtype, length)
         if vector is None:  # not the layout expected: numpy reads it, for the error
             try:
-                vector = record[ENCODED_ARRAY].numpy()
+                vector = encoded.numpy()
             except (ValueError, TypeError) as exc:  # bytes that are not an array
                 raise CodecError(f"the encoded change does not decode: {exc}") from None
         if vector.dtype != dtype or vector.shape != (length,):

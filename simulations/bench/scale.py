@@ -23,7 +23,6 @@ shards, cohort = per-round, and prints its row beside privfed's.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import subprocess
@@ -133,16 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     def sample() -> None:
         """RSS every 0.2 s; PSS, and the tree's new processes, every second."""
         nonlocal peak, peak_pss, sampler_cpu
-        started, procs = time.thread_time(), []
-        for count in itertools.count():
-            if done.is_set():
-                break
+        started, procs, count = time.thread_time(), [], 0
+        while not done.is_set():
             every_second = count % PSS_EVERY == 0
             if every_second:
                 procs = process_tree(proc.pid)
             rss, pss = tree_memory(procs, with_pss=every_second)
             peak, peak_pss = max(peak, rss), max(peak_pss, pss)
-            time.sleep(SAMPLE_S)
+            count += 1
+            done.wait(SAMPLE_S)
         sampler_cpu = time.thread_time() - started
 
     sampler = threading.Thread(target=sample, daemon=True)
