@@ -24,7 +24,7 @@ from common.tasks.registry import get_task, is_task_reference
 from server.central_evaluation import CentralEvaluator
 from server.checks.ledger_witness import LedgerWitness
 from server.checks.update_validation import UpdateValidator
-from server.federation_loop import LoopResult, epsilon_text, run_rounds
+from server.federation_loop import LoopResult, run_rounds
 from server.messaging import run_bytes
 from server.results.checkpoint import (
     Checkpoint,
@@ -34,6 +34,7 @@ from server.results.checkpoint import (
 )
 from server.results.client_outcomes import partition_key
 from server.results.dropouts import count_dropouts
+from server.results.epsilon_text import epsilon_text
 from server.results.outcome import failure_summary, loop_outcome, summarise_start_failure
 from server.results.run_folder import ResultsWriter, resolve_results_dir
 from server.strategies.client_level import ClientLevelFedAvg

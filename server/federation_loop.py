@@ -20,6 +20,7 @@ from server.messaging import CountingGrid, exchange, round_bytes
 from server.results.checkpoint import Checkpoint, Checkpointer, restore_strategy
 from server.results.client_outcomes import ClientOutcome
 from server.results.dropouts import dropouts, dropouts_text
+from server.results.epsilon_text import epsilon_text
 from server.results.run_folder import ResultsWriter
 from server.strategies.private_fedavg import PrivateFedAvg
 
@@ -333,28 +334,6 @@ def _round_record(
         "nodes_keeping_ledger_private": state.unreleased() if private else None,
         "privacy_mode": cfg.privacy_mode,
     }
-
-
-def epsilon_text(record: dict[str, Any]) -> str:
-    """How a round or summary states ε: cumulative, accountant, δ, privacy unit."""
-    if record.get("privacy_mode") == "none":
-        return "non-private (no ε)"
-    eps = record["max_epsilon"]
-    if record.get("privacy_unit") == "client":
-        return (
-            f"cumulative client-level ε {eps:.3f} ({record['accountant']}, "
-            f"δ={record['delta']:g}, per client)"
-        )
-    hidden = record.get("nodes_keeping_ledger_private") or 0
-    kept = f"; {hidden} node(s) keep their ledger on the device" if hidden else ""
-    if record.get("max_epsilon_infinite"):
-        return f"max cumulative ε ∞ (a node's ledger records a release without DP){kept}"
-    if eps is None:
-        return f"no ledger released to the server{kept}"
-    return (
-        f"max cumulative ε {eps:.3f} ({record['accountant']}, δ={record['delta']:g}, "
-        f"per record){kept}"
-    )
 
 
 def _log_progress(record: dict[str, Any], cfg: RunConfig) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
-from server.federation_loop import epsilon_text
+from server.results.epsilon_text import epsilon_text
 from server.results.run_folder import (
     ROUNDS_FILE,
     SUMMARY_FILE,

@@ -8,13 +8,13 @@ import tempfile
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-import torch
-from flwr.app import ArrayRecord
+from typing import TYPE_CHECKING, Any
 
 from common.atomic_files import atomic_write_bytes
 from common.config import RunConfig, noise_statement
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
 
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -102,6 +102,8 @@ class ResultsWriter:
 
     def save_model(self, arrays: ArrayRecord) -> Path:
         """Checkpoint the global model's state_dict to ``model.pt`` atomically."""
+        import torch  # here: the launcher reads results folders without torch (1.2 s)
+
         path = self.out_dir / "model.pt"
         fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".model.pt.")
         os.close(fd)

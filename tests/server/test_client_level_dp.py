@@ -42,7 +42,8 @@ from common.wire.reply import TrainReport
 from common.wire.reply_fields import CLIP_NORM_KEY, UPDATE_KEY, Status
 from server.app import make_strategy, summarise
 from server.checks.federation_ledger import LEDGER_FILE, FederationLedger
-from server.federation_loop import epsilon_text, run_rounds
+from server.federation_loop import run_rounds
+from server.results.epsilon_text import epsilon_text
 from server.results.run_folder import ResultsWriter
 from server.strategies import client_level_dp
 from server.strategies.client_level import ClientLevelFedAvg
