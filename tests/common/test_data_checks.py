@@ -265,12 +265,11 @@ def test_server_idx_dataset_is_checked_too(tmp_path: Path) -> None:
 
 def test_embedded_digits_are_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """Even scikit-learn's digits pass the checks: a NaN there would be refused."""
-    import sklearn.datasets
-    from sklearn.utils import Bunch
+    import common.tasks.digits as digits
 
     x, y = _with_pixel(np.nan)
-    monkeypatch.setattr(sklearn.datasets, "load_digits", lambda: Bunch(images=x, target=y))
-    with pytest.raises(DataFileError, match=r"load_digits\(\): a pixel is NaN"):
+    monkeypatch.setattr(digits, "load_digits_file", lambda path: (x, y))
+    with pytest.raises(DataFileError, match=r"digits\.csv\.gz: a pixel is NaN"):
         load_arrays("digits", "", 0)
 
 
