@@ -1,7 +1,8 @@
 """Run one private federation on Flower's simulation engine, on this machine.
 
-Starts a simulation SuperLink on 127.0.0.1 (isolated FLWR_HOME; a private Ray
-instance on loopback, or the Ray cluster of ``--ray-address``), submits this app
+Starts a simulation SuperLink on 127.0.0.1 (isolated FLWR_HOME) and, beside it, a
+private Ray head on loopback (or attaches to the Ray cluster of ``--ray-address``),
+submits this app
 with ``flwr run``, streams progress, and stops every process it started by PID.
 A run that must end early (Ctrl-C, SIGTERM, SIGHUP, ``--timeout``) is stopped with
 ``flwr stop`` first. Prints the results folder.
@@ -54,11 +55,12 @@ from simulations.launch.processes import (
     install_signal_handlers,
     stop_processes,
 )
+from simulations.launch.ray_head import RayHead, ray_for_runs
 
 # A simulation's ServerApp runs in a thread of flwr-simulation, which Flower ends
 # about 15 s after `flwr stop` (its log upload is refused, it waits, then exits)
 # while the ServerApp goes on with rounds. It cannot write a summary once stopped,
-# so it is stopped at once, with its private Ray instance; the launcher summarises.
+# so it is stopped at once (its Ray workers with it); the launcher summarises.
 SIMULATION_KILL_S = 1.0
 
 
@@ -77,8 +79,8 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         help="SuperNodes the simulation engine runs; each hosts every K-th client and "
         "trains its share of a round's cohort in one message (run key "
         "'virtual-clients'; docs/simulation.md, 'Virtual clients'). Default: one per "
-        "CPU of a "
-        "private Ray instance (at most one per client); one per client on a cluster "
+        "CPU of the "
+        "private Ray head (at most one per client); one per client on a cluster "
         "(--ray-address)",
     )
     p.add_argument(
@@ -86,7 +88,7 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         type=ray_address,
         metavar="HOST:PORT",
         help="attach to this running Ray cluster (its head's address, as `ray start "
-        "--head` prints it) instead of starting a private Ray instance; default: "
+        "--head` prints it) instead of starting a private Ray head; default: "
         "$RAY_ADDRESS if set",
     )
 
@@ -99,10 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return resolve_clients(p.parse_args(argv))
 
 
-def describe_ray(address: str | None) -> str:
+def describe_ray(address: str | None, head: RayHead | None) -> str:
     """How the simulation gets its Ray cluster, for the log."""
-    if address is None:
-        return "a private Ray instance on 127.0.0.1, started for this run"
+    if head is not None:
+        return head.describe()
     return f"the running Ray cluster at {address}"
 
 
@@ -205,15 +207,23 @@ def run_federation(args: argparse.Namespace) -> int:
     if cfg.secure_aggregation:  # its node identities, dealt by this launcher
         trusted_dealer(env, work, args.clients)
     print(f"[privfed] Flower home and logs: {work}", flush=True)
-    print(f"[privfed] Ray: {describe_ray(ray)}", flush=True)
     launched_at = time.time()
     started = time.monotonic()
     end: StreamEnd | None = None  # set where the run did not get to report itself
     try:
-        with simulation_superlink(env, work) as link:
+        # A private Ray head starts beside the SuperLink: round 1 waits for the
+        # simulated nodes, whose Ray workers would otherwise wait for Flower's own
+        # ray.init() to start Ray (BENCHMARKS.md, "Launch to round 1").
+        with (
+            ray_for_runs(env, work, ray, os.cpu_count() or 1) as head,
+            simulation_superlink(env, work) as link,
+        ):
+            print(f"[privfed] Ray: {describe_ray(ray, head)}", flush=True)
             print(f"[privfed] SuperLink serving on {link.address}", flush=True)
             write_connection(flwr_home, link.address)
             app = stage_app(APP_DIR, work)
+            if head is not None:
+                head.wait_serving()  # the rest of its start overlaps the run's
             launched = (launched_at, started)  # the SuperLink's start counts
             return run_on_superlink(
                 app, work, env, overrides, args, launched=launched

@@ -274,7 +274,7 @@ def run_grid(
             if head is not None:
                 head.wait_serving()  # each point's Ray waits for the rest
             setup = time.time() - started
-            ray_text = describe_ray(ray) if head is None else head.describe()
+            ray_text = describe_ray(ray, head)
             print(
                 f"[sweep] SuperLink on {superlink.address}; Ray: {ray_text}, for every "
                 f"point ({setup:.1f} s)",

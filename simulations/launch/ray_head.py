@@ -1,13 +1,14 @@
-"""A sweep's private Ray head on 127.0.0.1, started once for all its points.
+"""The launcher's private Ray head on 127.0.0.1, started beside its SuperLink.
 
 Without an address, Flower's simulation process (``flwr-simulation``) starts Ray
 itself inside ``ray.init()`` and stops it at the end: about 3 CPU-s and a few seconds
-of every run. A sweep instead starts one head beside its SuperLink, and each point's
-Flower attaches to it through ``RAY_ADDRESS``, as it attaches to a cluster of
-``--ray-address``: the whole sweep takes about 11 % less time (BENCHMARKS.md, "One
-private Ray head for the whole sweep"). A single run keeps Flower's own start: a head
-of its own would cost more CPU (the ``ray start`` CLI and Ray's client server) for no
-earlier round 1.
+of every run, on the way to round 1 (the round loop waits for the simulated nodes to
+say which clients they host, and they answer from Ray workers). A run instead starts
+one head beside its SuperLink, and its Flower attaches to it through ``RAY_ADDRESS``,
+as it attaches to a cluster of ``--ray-address``: launch to round 1 drops by about
+1.4 s (BENCHMARKS.md, "Launch to round 1"). A sweep starts one head for all its
+points: the whole sweep takes about 11 % less time (BENCHMARKS.md, "One private Ray
+head for the whole sweep").
 
 The head is the launcher's alone: its own GCS and client-server ports (Ray's
 client server would otherwise take the fixed port 10001, and a second head on the
@@ -32,9 +33,14 @@ from simulations.launch.processes import ManagedProcess, free_port, wait_until
 
 RAY_HEAD_LOG = "ray-head.log"
 WORKER_NICENESS_ENV = "RAY_worker_niceness"  # Ray's setting; its default is 15
+PRESTART_ENV = "RAY_prestart_worker_first_driver"  # Ray's setting; its default is 1
 _READY_LINE = "Ray runtime started."  # what `ray start` prints once the node is up
 # A head comes up in 3-5 s here; a loaded machine can take several times that.
 STARTUP_TIMEOUT_S = 120.0
+# On SIGTERM `ray start --block` stops its daemons one after another, about a second
+# each (3.4 s in all here). The head keeps nothing that outlives it (its state is in
+# memory, its folder is the launcher's), so what is left after a second is killed.
+HEAD_STOP_GRACE_S = 1.0
 
 
 @dataclass
@@ -100,7 +106,10 @@ def head_argv(port: int, client_port: int, cpus: int, temp_dir: Path) -> list[st
 
 def head_env(env: Mapping[str, str]) -> dict[str, str]:
     """The head's environment: ``env`` without ``RAY_ADDRESS`` (it is the cluster),
-    and its workers at the niceness of every other process of the federation.
+    its workers at the niceness of every other process of the federation, and no
+    workers started ahead of the first driver: Flower's driver asks for workers with
+    its own environment (a ``runtime_env``), so Ray's ahead-of-time workers were never
+    used and only took CPU from the start-up.
 
     Ray lowers its workers' priority to niceness 15 by default, so that they never
     starve its own daemons. Here the workers are the ClientApps, the work itself:
@@ -109,6 +118,7 @@ def head_env(env: Mapping[str, str]) -> dict[str, str]:
     """
     out = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     out[WORKER_NICENESS_ENV] = "0"
+    out[PRESTART_ENV] = "0"
     return out
 
 
@@ -133,7 +143,7 @@ def private_ray_head(
     try:
         yield RayHead(proc, port, cpus)
     finally:
-        proc.stop()
+        proc.stop(grace=HEAD_STOP_GRACE_S)
 
 
 @contextmanager

@@ -44,9 +44,14 @@ def test_the_head_binds_loopback_ports_of_its_own_and_a_temp_folder_of_its_own(
 
 def test_the_heads_workers_run_at_the_federations_niceness_and_it_has_no_address() -> None:
     """Ray's default worker niceness 15 starved the ClientApps behind any busy
-    process (a sweep point 225 s instead of 13 s); the head is its own cluster."""
+    process (a sweep point 225 s instead of 13 s); the head is its own cluster; no
+    workers start ahead of Flower's driver, which could not use them."""
     env = head_env({"RAY_ADDRESS": "local", "PATH": "/bin", "RAY_worker_niceness": "15"})
-    assert env == {"PATH": "/bin", "RAY_worker_niceness": "0"}
+    assert env == {
+        "PATH": "/bin",
+        "RAY_worker_niceness": "0",
+        "RAY_prestart_worker_first_driver": "0",
+    }
 
 
 def test_a_given_cluster_starts_no_head_and_leaves_the_address_alone(
