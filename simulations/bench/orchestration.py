@@ -2,18 +2,27 @@
 
 Runs ``simulations.run`` on digits with 10 clients that each take one DP-SGD
 step per round (batch 512 is larger than a ~130-example shard, so the sample
-rate is 1), repeated ``--repeats`` times, and prints the medians of: launch to
-round 1 (script start to the first round's start), ServerApp start to round 1,
-and per-round orchestration (round wall time minus the slowest client's work
-and central evaluation; see ``timing_seconds`` in ``rounds.jsonl``).
+rate is 1), repeated ``--repeats`` times, and prints the medians of: command to
+round 1 (the command's start to the first round's start), launch to round 1 (what
+the launcher prints: from the SuperLink's start), ServerApp start to round 1,
+per-round orchestration (round wall time minus the slowest client's work and
+central evaluation; see ``timing_seconds`` in ``rounds.jsonl``) and the command's
+wall time.
+
+``--baseline DIR`` runs another checkout (a ``git worktree`` of an older commit,
+with a ``.venv`` of its own or a link to this one) alternately with this one, so
+that both are measured under the same load; a table per checkout.
 
     python -m simulations.bench.orchestration --clients 10 --rounds 10 --repeats 3
+    python -m simulations.bench.orchestration --clients 10 --rounds 1 --repeats 3 \
+        --baseline /tmp/privfed-032b230
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -22,28 +31,41 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+_LAUNCH = re.compile(r"launch to round 1 (\d+(?:\.\d+)?) s")
 
 
-def _one_run(args: argparse.Namespace, results: Path) -> dict[str, float]:
+def _python(checkout: Path) -> str:
+    venv = checkout / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def _one_run(args: argparse.Namespace, checkout: Path, results: Path) -> dict[str, float]:
     argv = [
-        sys.executable, "-m", "simulations.run", "--clients", str(args.clients),
+        _python(checkout), "-m", "simulations.run", "--clients", str(args.clients),
         "--rounds", str(args.rounds), "--results-dir", str(results),
         "--batch-size", "512", "--local-epochs", "1", "--target-epsilon", "8",
     ]  # fmt: skip
     launched = time.time()
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(argv, cwd=checkout, capture_output=True, text=True, timeout=900)
+    wall = time.time() - launched
     if proc.returncode != 0:
-        raise SystemExit(f"run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+        raise SystemExit(
+            f"run in {checkout} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}"
+        )
+    printed = _LAUNCH.search(proc.stdout)
+    if printed is None:
+        raise SystemExit(f"run in {checkout} printed no launch-to-round-1 time")
     rounds = [json.loads(x) for x in (results / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((results / "summary.json").read_text())
     return {
-        "launch_to_round_1": rounds[0]["started_at"] - launched,
+        "command_to_round_1": rounds[0]["started_at"] - launched,
+        "launch_to_round_1": float(printed.group(1)),
         "serverapp_to_round_1": summary["time_breakdown_seconds"]["startup_to_round_1"],
         "orchestration_per_round": summary["orchestration_seconds_per_round_median"],
         "client_compute_max": statistics.median(
             r["timing_seconds"]["client_compute_max"] for r in rounds
         ),
-        "wall": summary["wall_seconds"],
+        "command_wall": wall,
     }
 
 
@@ -53,19 +75,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="another checkout to run alternately with this one (e.g. a git worktree)",
+    )
     args = p.parse_args(argv)
+    checkouts = {"this checkout": REPO}
+    if args.baseline is not None:
+        if not (args.baseline / "simulations" / "run.py").is_file():
+            raise SystemExit(f"--baseline {args.baseline}: not a privfed checkout")
+        checkouts = {f"baseline {args.baseline}": args.baseline.resolve(), **checkouts}
     base = Path(tempfile.mkdtemp(prefix="privfed-orch-"))
-    runs = []
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
     for i in range(args.repeats):
-        runs.append(_one_run(args, base / f"run-{i}"))
-        print(f"run {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[-1].items()),
-              flush=True)  # fmt: skip
-    print(f"\n{args.clients} clients, {args.rounds} rounds, median of {args.repeats}\n")
-    print("| measure | seconds (median) | all runs |\n|---|---|---|")
-    for key in runs[0]:
-        values = [r[key] for r in runs]
-        print(f"| {key} | {statistics.median(values):.2f} | "
-              f"{', '.join(f'{v:.2f}' for v in values)} |")  # fmt: skip
+        for j, (name, checkout) in enumerate(checkouts.items()):
+            runs[name].append(_one_run(args, checkout, base / f"run-{i}-{j}"))
+            print(f"run {i + 1}, {name}: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in runs[name][-1].items()),
+                  flush=True)  # fmt: skip
+    for name, done in runs.items():
+        print(f"\n{name}: {args.clients} clients, {args.rounds} rounds, "
+              f"median of {args.repeats}\n")  # fmt: skip
+        print("| measure | seconds (median) | all runs |\n|---|---|---|")
+        for key in done[0]:
+            values = [r[key] for r in done]
+            print(f"| {key} | {statistics.median(values):.2f} | "
+                  f"{', '.join(f'{v:.2f}' for v in values)} |")  # fmt: skip
     return 0
 
 

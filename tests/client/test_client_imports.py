@@ -117,10 +117,14 @@ def test_secure_aggregation_key_and_check_stages_never_import_torch(tmp_path: Pa
 
 def test_a_cached_train_message_loads_no_heavy_module(tmp_path: Path) -> None:
     """A whole DP-SGD train message (direct mode, RDP, σ calibrated) in a fresh
-    process, once the partition's shard is cached, imports none of HEAVY."""
+    process, once the partition's shard is cached, imports none of HEAVY; nor does
+    the first, which reads and splits the digits (with numpy, not scikit-learn:
+    common/data/stratified_split.py) and caches the shard."""
     first = _loaded(TRAIN_TWICE, str(tmp_path), "1")
     assert first["status"] == "trained"
-    assert "sklearn" in first["modules"]  # the first message reads the digits
+    assert "common.tasks.digits" in first["modules"]  # the first message read the data
+    assert _heavy(first["modules"]) == []
+    assert list(tmp_path.rglob("shard-cache/*/manifest.json"))  # and cached its shard
     second = _loaded(TRAIN_TWICE, str(tmp_path), "2")
     assert second["status"] == "trained"
     assert _heavy(second["modules"]) == []
