@@ -13,9 +13,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
+from logging import WARNING
 
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore import log
 
 from common.wire.virtual_group import (
     DISCOVERY_TYPE,
@@ -57,11 +59,15 @@ class VirtualGrid(WrappedGrid):
         none while some SuperNode has not (the round loop waits for nodes)."""
         real = tuple(sorted(self.grid.get_node_ids()))
         if real != self._real:
-            self._host = self._discover(real) if real else {}
-            self._real = real
+            self._host, settled = self._discover(real) if real else ({}, True)
+            self._real = real if settled else ()  # unsettled: ask again next time
         return list(self._host)
 
-    def _discover(self, real: tuple[int, ...]) -> dict[int, int]:
+    def _discover(self, real: tuple[int, ...]) -> tuple[dict[int, int], bool]:
+        """Each virtual client's SuperNode, and whether that answer is settled for
+        these SuperNodes: it is not when one did not reply in time (a busy machine
+        still starting its Ray workers), so the next call asks again rather than
+        waiting for a change in the SuperNodes that may never come."""
         asked = [
             Message(
                 RecordDict({"config": ConfigRecord({"virtual-clients": self.total})}),
@@ -71,6 +77,16 @@ class VirtualGrid(WrappedGrid):
             for node in real
         ]
         replies = exchange(self.grid, asked, DISCOVERY_TIMEOUT_S)
+        if len(replies) < len(real):
+            silent = sorted(set(real) - {int(r.metadata.src_node_id) for r in replies})
+            log(
+                WARNING,
+                "SuperNodes %s did not say which clients they host within %g s; "
+                "asking again",
+                silent,
+                DISCOVERY_TIMEOUT_S,
+            )
+            return {}, False
         host: dict[int, int] = {}
         for reply in replies:
             if reply.has_error():
@@ -80,8 +96,8 @@ class VirtualGrid(WrappedGrid):
                 )
             said = reply.content.config_records[HOSTED_KEY]
             first, step, total = int(said["first"]), int(said["step"]), int(said["total"])
-            if step > len(real):
-                return {}  # a SuperNode of the simulation has not registered yet
+            if step > len(real):  # a SuperNode has not registered yet: asked when it has
+                return {}, True
             if total != self.total or step != len(real):
                 raise VirtualGridError(
                     f"SuperNode {reply.metadata.src_node_id} hosts partitions "
@@ -92,9 +108,11 @@ class VirtualGrid(WrappedGrid):
                 if virtual_node_id(pid) in host:
                     raise VirtualGridError(f"partition {pid} is hosted twice")
                 host[virtual_node_id(pid)] = int(reply.metadata.src_node_id)
-        if len(host) != self.total:
-            return {}  # some SuperNode did not answer yet: not ready
-        return dict(sorted(host.items()))
+        if len(host) != self.total:  # cannot happen once every SuperNode answered
+            raise VirtualGridError(
+                f"the SuperNodes host {len(host)} of the run's {self.total} virtual clients"
+            )
+        return dict(sorted(host.items())), True
 
     # -- messages ----------------------------------------------------------------
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

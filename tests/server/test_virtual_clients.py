@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,14 @@ from common.config import RunConfig
 from common.tasks.models import build_model
 from common.wire.virtual_group import (
     DISCOVERY_TYPE,
+    HOSTED_KEY,
     Entry,
     group_type,
     pack,
     unpack,
     virtual_node_id,
 )
+from server import virtual_grid
 from server.app import make_strategy
 from server.federation_loop import run_rounds
 from server.messaging import CountingGrid, content_bytes
@@ -169,6 +172,45 @@ def test_the_grid_shows_one_node_per_client_and_refuses_others(tmp_path: Path) -
     wrong = VirtualGrid(InProcessGrid(_supernodes(cfg)), CLIENTS + 1)
     with pytest.raises(VirtualGridError, match="13 virtual clients on 3 SuperNodes"):
         list(wrong.get_node_ids())
+
+
+def test_a_supernode_silent_at_first_is_asked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SuperNode that does not answer the first question in time (its Ray worker
+    still starting on a busy machine) is asked again by the next call, not waited
+    for until the node-wait timeout; one that names partitions off its stride is
+    refused by name."""
+    monkeypatch.setattr(virtual_grid, "DISCOVERY_TIMEOUT_S", 0.2)
+    cfg = _cfg(tmp_path / "r", True, "sample")
+    asked: list[int] = []
+
+    def lost_once(node: int, message_type: str) -> bool:
+        if message_type != DISCOVERY_TYPE:
+            return False
+        asked.append(node)
+        return node == 1001 and asked.count(1001) == 1
+
+    grid = VirtualGrid(InProcessGrid(_supernodes(cfg), lost=lost_once), CLIENTS)
+    with caplog.at_level(logging.WARNING):
+        assert list(grid.get_node_ids()) == []
+    assert "SuperNodes [1001] did not say which clients they host" in caplog.text
+    assert list(grid.get_node_ids()) == [virtual_node_id(p) for p in range(CLIENTS)]
+    assert asked.count(1001) == 2 and asked.count(1000) == 2
+    assert list(grid.get_node_ids()) == [virtual_node_id(p) for p in range(CLIENTS)]
+    assert len(asked) == 6  # settled: not asked a third time
+
+    class OffStride(InProcessGrid):
+        def pull_messages(self, ids: Any) -> list[Message]:
+            out = super().pull_messages(ids)
+            for reply in out:
+                if int(reply.metadata.src_node_id) == 1002:
+                    reply.content.config_records[HOSTED_KEY]["first"] = 5
+            return out
+
+    bad = VirtualGrid(OffStride(_supernodes(cfg)), CLIENTS)
+    with pytest.raises(VirtualGridError, match="host 11 of the run's 12 virtual clients"):
+        list(bad.get_node_ids())
 
 
 def test_the_shared_global_model_travels_once(tmp_path: Path) -> None:
