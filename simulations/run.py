@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -56,6 +57,7 @@ from simulations.launch.processes import (
     stop_processes,
 )
 from simulations.launch.ray_head import RayHead, ray_for_runs
+from simulations.launch.warm_flwr import WarmFlwr, WarmFlwrPool
 
 # A simulation's ServerApp runs in a thread of flwr-simulation, which Flower ends
 # about 15 s after `flwr stop` (its log upload is refused, it waits, then exits)
@@ -134,6 +136,7 @@ def submit_simulation(
     client_cpus: int,
     out: TextIO | None = None,
     supernodes: int | None = None,
+    warm: WarmFlwr | None = None,
 ) -> SubmittedRun:
     """``flwr run`` the staged app on the SuperLink of ``env``'s Flower home, on
     ``supernodes`` simulated SuperNodes (default one per client) that host the
@@ -148,7 +151,7 @@ def submit_simulation(
         "--federation-config",
         f"num-supernodes={nodes} client-resources-num-cpus={client_cpus}",
     ]  # fmt: skip
-    return SubmittedRun(argv, env, work, CONNECTION_NAME, out)
+    return SubmittedRun(argv, env, work, CONNECTION_NAME, out, warm)
 
 
 @dataclass(frozen=True)
@@ -168,12 +171,14 @@ def run_on_superlink(
     out: TextIO | None = None,
     interrupt: Interrupt | None = None,
     launched: tuple[float, float] | None = None,
+    pool: WarmFlwrPool | None = None,
 ) -> RunReport:
     """One run on a running simulation SuperLink: submit, follow, stop it if it
     must end early (``flwr stop``, then its process), and report its results.
 
     ``launched`` is when the launch began (Unix and monotonic time; default: now),
-    from which ``--timeout`` and the launch-to-round-1 time count.
+    from which ``--timeout`` and the launch-to-round-1 time count. ``pool`` gives
+    the submission a ``flwr`` started ahead (:mod:`simulations.launch.warm_flwr`).
     """
     results_dir = Path(overrides["results-dir"])
     cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
@@ -181,7 +186,7 @@ def run_on_superlink(
     launched_at, started = launched or (time.time(), time.monotonic())
     run = submit_simulation(
         app, work, env, overrides, args.clients, args.client_cpus, out,
-        simulated_nodes(args),
+        simulated_nodes(args), pool.take() if pool is not None else None,
     )  # fmt: skip
     end = follow_run(
         run, started + args.timeout, interrupt=interrupt, kill_grace=SIMULATION_KILL_S
@@ -214,8 +219,10 @@ def run_federation(args: argparse.Namespace) -> int:
         # A private Ray head starts beside the SuperLink: round 1 waits for the
         # simulated nodes, whose Ray workers would otherwise wait for Flower's own
         # ray.init() to start Ray (BENCHMARKS.md, "Launch to round 1").
+        # `flwr run` imports its CLI while the SuperLink starts (warm_flwr.py).
         with (
             ray_for_runs(env, work, ray, os.cpu_count() or 1) as head,
+            closing(WarmFlwrPool(env, work, submissions=1)) as pool,
             simulation_superlink(env, work) as link,
         ):
             print(f"[privfed] Ray: {describe_ray(ray, head)}", flush=True)
@@ -226,7 +233,7 @@ def run_federation(args: argparse.Namespace) -> int:
                 head.wait_serving()  # the rest of its start overlaps the run's
             launched = (launched_at, started)  # the SuperLink's start counts
             return run_on_superlink(
-                app, work, env, overrides, args, launched=launched
+                app, work, env, overrides, args, launched=launched, pool=pool
             ).exit_code
     except KeyboardInterrupt as exc:  # before the run was submitted, or while stopping
         end = interrupted(exc)

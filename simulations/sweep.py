@@ -25,6 +25,7 @@ import tempfile
 import time
 import tomllib
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +65,7 @@ from simulations.launch.sweep_report import (
     print_amortised,
     write_table,
 )
+from simulations.launch.warm_flwr import WarmFlwrPool
 from simulations.presets import PRESETS
 from simulations.run import add_simulation_options, describe_ray, run_on_superlink
 from simulations.run import parse_args as run_options
@@ -174,6 +176,7 @@ class SweepLink:
     env: dict[str, str]
     work: Path
     app: Path
+    pool: WarmFlwrPool | None = None  # `flwr` started ahead of each point's submission
 
 
 def run_point(
@@ -189,8 +192,9 @@ def run_point(
     print(f"[sweep] start {point.name}", flush=True)
     with open(out_dir / f"{point.name}.log", "w", encoding="utf-8") as log:
         report = run_on_superlink(
-            link.app, link.work, link.env, overrides, options, log, interrupt
-        )
+            link.app, link.work, link.env, overrides, options, log, interrupt,
+            pool=link.pool,
+        )  # fmt: skip
     summary_path = results / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     status = summary.get("status", Outcome.FAILED.value)
@@ -266,10 +270,11 @@ def run_grid(
         cpus = (os.cpu_count() or 1) * args.jobs
         with (
             ray_for_runs(env, work, ray, cpus) as head,
+            closing(WarmFlwrPool(env, work, len(points), spare=args.jobs)) as warm,
             simulation_superlink(env, work) as superlink,
         ):
             write_connection(flwr_home, superlink.address)
-            link = SweepLink(env, work, stage_app(APP_DIR, work))
+            link = SweepLink(env, work, stage_app(APP_DIR, work), warm)
             install_app(link.app, [flwr_home])  # points side by side race otherwise
             if head is not None:
                 head.wait_serving()  # each point's Ray waits for the rest

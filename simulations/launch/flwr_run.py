@@ -27,6 +27,7 @@ import psutil
 from server.results.outcome import Outcome
 from simulations.launch.output import StreamEnd, interrupted
 from simulations.launch.processes import descendants, stop_processes
+from simulations.launch.warm_flwr import WarmFlwr
 
 FLWR = Path(sys.executable).parent / "flwr"
 # flwr run's line once the SuperLink has accepted the run (Flower 1.42).
@@ -99,7 +100,9 @@ def serverapp_processes() -> list[psutil.Process]:
 
 
 class SubmittedRun:
-    """One ``flwr run --stream`` process, its output copied to ``out`` as it comes.
+    """One ``flwr run --stream`` process, its output copied to ``out`` as it comes;
+    started now, or handed its command line if ``warm`` (see
+    :mod:`simulations.launch.warm_flwr`).
 
     ``serverapp`` is the process the SuperLink started for this run's ServerApp
     (``flwr-serverapp``, or ``flwr-simulation`` with the ServerApp in a thread),
@@ -117,6 +120,7 @@ class SubmittedRun:
         cwd: Path,
         connection: str,
         out: TextIO | None = None,
+        warm: WarmFlwr | None = None,
     ) -> None:
         self.env = dict(env)
         self.cwd = cwd
@@ -128,17 +132,22 @@ class SubmittedRun:
         SubmittedRun._launching.acquire()  # released once this run's is found
         try:
             before = {p.pid for p in serverapp_processes()}
-            self.popen = subprocess.Popen(
-                list(argv),
-                env=self.env,
-                cwd=cwd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                bufsize=1,
-                process_group=0,  # a terminal's Ctrl-C reaches the launcher only
-            )
+            if warm is not None:  # `flwr` started ahead, same environment and folder
+                if Path(argv[0]) != FLWR or warm.env != self.env or warm.cwd != cwd:
+                    raise ValueError("a warm flwr runs only `flwr` in its own env and cwd")
+                self.popen = warm.go(argv[1:])
+            else:
+                self.popen = subprocess.Popen(
+                    list(argv),
+                    env=self.env,
+                    cwd=cwd,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    text=True,
+                    bufsize=1,
+                    process_group=0,  # a terminal's Ctrl-C reaches the launcher only
+                )
         except BaseException:
             SubmittedRun._launching.release()
             raise
