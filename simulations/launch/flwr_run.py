@@ -26,7 +26,7 @@ import psutil
 
 from server.results.outcome import Outcome
 from simulations.launch.output import StreamEnd, interrupted
-from simulations.launch.processes import descendants, stop_processes
+from simulations.launch.processes import descendants, piped_process, stop_processes
 from simulations.launch.warm_flwr import WarmFlwr
 
 FLWR = Path(sys.executable).parent / "flwr"
@@ -137,17 +137,7 @@ class SubmittedRun:
                     raise ValueError("a warm flwr runs only `flwr` in its own env and cwd")
                 self.popen = warm.go(argv[1:])
             else:
-                self.popen = subprocess.Popen(
-                    list(argv),
-                    env=self.env,
-                    cwd=cwd,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    text=True,
-                    bufsize=1,
-                    process_group=0,  # a terminal's Ctrl-C reaches the launcher only
-                )
+                self.popen = piped_process(argv, self.env, cwd, subprocess.DEVNULL)
         except BaseException:
             SubmittedRun._launching.release()
             raise

@@ -114,6 +114,24 @@ def stop_processes(procs: Sequence[psutil.Process], grace: float = 10.0) -> list
     return [p.pid for p in survivors]
 
 
+def piped_process(
+    argv: Sequence[str], env: Mapping[str, str], cwd: Path, stdin: int
+) -> subprocess.Popen[str]:
+    """A child whose output and errors come back as text lines, in a process group of
+    its own, so that a terminal's Ctrl-C reaches the launcher only (which stops it)."""
+    return subprocess.Popen(
+        list(argv),
+        env=dict(env),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=stdin,
+        text=True,
+        bufsize=1,
+        process_group=0,
+    )
+
+
 class ManagedProcess:
     """A child process with its output in a log file, stopped with its whole tree."""
 

@@ -22,31 +22,24 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from simulations.launch.processes import piped_process
+
 GO_TIMEOUT_S = 10.0  # for the process to take its command line
 
 
 class WarmFlwr:
     """A started ``python -m simulations.launch.warm_flwr``, not yet told what to run.
 
-    Its output is piped (text, line-buffered) and it has a process group of its own,
-    as a ``flwr run`` of :class:`simulations.launch.flwr_run.SubmittedRun` has.
+    Its output is piped and it has a process group of its own
+    (:func:`simulations.launch.processes.piped_process`), as a cold ``flwr run`` has.
     """
 
     def __init__(self, env: Mapping[str, str], cwd: Path) -> None:
         self.env = dict(env)
         self.cwd = cwd
-        self.popen = subprocess.Popen(
-            # -P: nothing of the working folder on sys.path, as for the console script
-            [sys.executable, "-P", "-m", "simulations.launch.warm_flwr"],
-            env=self.env,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            process_group=0,  # a terminal's Ctrl-C reaches the launcher only
-        )
+        # -P: nothing of the working folder on sys.path, as for the console script
+        argv = [sys.executable, "-P", "-m", "simulations.launch.warm_flwr"]
+        self.popen = piped_process(argv, self.env, cwd, subprocess.PIPE)
         self.used = False
 
     def go(self, args: Sequence[str]) -> subprocess.Popen[str]:
