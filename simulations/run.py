@@ -2,8 +2,8 @@
 
 Starts a simulation SuperLink on 127.0.0.1 (isolated FLWR_HOME) and, beside it, a
 private Ray head on loopback (or attaches to the Ray cluster of ``--ray-address``),
-submits this app
-with ``flwr run``, streams progress, and stops every process it started by PID.
+submits this app with ``flwr run``, streams progress, and stops every process it
+started by PID.
 A run that must end early (Ctrl-C, SIGTERM, SIGHUP, ``--timeout``) is stopped with
 ``flwr stop`` first. Prints the results folder.
 

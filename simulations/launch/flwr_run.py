@@ -134,6 +134,7 @@ class SubmittedRun:
             before = {p.pid for p in serverapp_processes()}
             if warm is not None:  # `flwr` started ahead, same environment and folder
                 if Path(argv[0]) != FLWR or warm.env != self.env or warm.cwd != cwd:
+                    warm.release()
                     raise ValueError("a warm flwr runs only `flwr` in its own env and cwd")
                 self.popen = warm.go(argv[1:])
             else:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from simulations.launch.processes import piped_process
 
-GO_TIMEOUT_S = 10.0  # for the process to take its command line
+RELEASE_TIMEOUT_S = 10.0  # for a released process to exit
 
 
 class WarmFlwr:
@@ -63,7 +63,7 @@ class WarmFlwr:
             except BrokenPipeError:
                 pass
         try:
-            self.popen.wait(timeout=GO_TIMEOUT_S)
+            self.popen.wait(timeout=RELEASE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait(timeout=5)

@@ -75,10 +75,11 @@ def test_a_submitted_run_streams_a_warm_flwr_and_refuses_another_command(
     run.close()
     assert end.outcome is None and "exited with code 0" in end.reason
     assert "Flower version: " in out.getvalue()
-    other = WarmFlwr(env, tmp_path)
-    with pytest.raises(ValueError, match="runs only `flwr`"):
-        SubmittedRun([sys.executable, "-c", "pass"], env, tmp_path, "x", out, other)
-    with pytest.raises(ValueError, match="in its own env and cwd"):
-        SubmittedRun([str(FLWR), "--version"], env, tmp_path / "elsewhere", "x", out, other)
-    other.release()
-    assert other.popen.returncode == 0
+    for argv, cwd in (
+        ([sys.executable, "-c", "pass"], tmp_path),
+        ([str(FLWR), "--version"], tmp_path / "elsewhere"),
+    ):
+        other = WarmFlwr(env, tmp_path)
+        with pytest.raises(ValueError, match="runs only `flwr` in its own env and cwd"):
+            SubmittedRun(argv, env, cwd, "x", out, other)
+        assert other.popen.returncode == 0  # released, having run nothing
