@@ -2,12 +2,13 @@
 
 Written here for a measured reason: importing any part of scikit-learn costs a
 process 1.6 s here (it pulls in SciPy's stats), and the launcher's checks, the
-ServerApp and every client's first message split the embedded digits before they do
-anything else. :func:`stratified_split` gives the same indices as
-``sklearn.model_selection.train_test_split(..., test_size=f, random_state=seed,
-stratify=labels)`` for an integer seed, in the same order, so runs, results and
-cached shards do not change; ``tests/common/test_stratified_split.py`` compares it with
-the installed scikit-learn over many seeds, sizes and fractions.
+ServerApp and every client's first message split the embedded digits (and a tabular
+federation's records) before they do anything else. :func:`stratified_split` gives
+the same indices as ``sklearn.model_selection.train_test_split(..., test_size=f,
+random_state=seed, stratify=labels)`` for an integer seed, in the same order, so
+runs, results and cached shards do not change;
+``tests/common/test_stratified_split.py`` compares it with the installed
+scikit-learn over many seeds, sizes and fractions.
 
 The draw: the test part has ceil(f·n) records; each class gets its share of the
 training and test sizes, rounded down, and the records still missing go to the

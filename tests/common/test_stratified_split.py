@@ -86,3 +86,21 @@ def test_a_damaged_digits_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"digits\.csv\.gz: expected 65"):
         load_digits_file(bad)
     assert digits_files(get_task("digits"), "")[0].name == "digits.csv.gz"
+
+
+def test_a_tabular_federation_splits_as_scikit_learn_would() -> None:
+    """Tabular federations stratify by (label, site) with the same split."""
+    from common.data.tabular.federations import TEST_FRACTION as TABULAR_TEST
+    from common.data.tabular.federations import encode_records, load_federation
+
+    records = encode_records("nwtco")
+    assert records.sites is not None
+    strata = records.y * (int(records.sites.max()) + 1) + records.sites
+    theirs = train_test_split(
+        records.x, records.y, records.sites,
+        test_size=TABULAR_TEST, random_state=3, stratify=strata,
+    )  # fmt: skip
+    f = load_federation("nwtco", 3)
+    ours = [f.x_train, f.x_test, f.y_train, f.y_test, f.site_train, f.site_test]
+    for a, b in zip(theirs, ours, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)

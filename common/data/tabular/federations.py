@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.data.checks import DatasetError
+from common.data.stratified_split import stratified_split
 from common.data.tabular.csv_records import TabularRecords, encode_frame
 from common.data.tabular.schema import TabularSchema, load_schema
 
@@ -173,17 +174,13 @@ def load_federation(
     The split is stratified by (label, site), so every site keeps its share of each
     class in both parts. Arrays are read-only (cached and shared).
     """
-    from sklearn.model_selection import train_test_split
-
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     records = encode_records(name)
     assert records.sites is not None  # both schemas name a site column
     strata = records.y * (int(records.sites.max()) + 1) + records.sites
-    parts = train_test_split(
-        records.x, records.y, records.sites,
-        test_size=test_fraction, random_state=seed, stratify=strata,
-    )  # fmt: skip
+    train, test = stratified_split(strata, test_fraction, seed)  # scikit-learn's draw
+    parts = [a[i] for a in (records.x, records.y, records.sites) for i in (train, test)]
     for array in parts:
         array.setflags(write=False)
     x_tr, x_te, y_tr, y_te, s_tr, s_te = parts
