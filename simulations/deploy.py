@@ -81,6 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-root", type=Path, help="default: <results-dir>/nodes")
     p.add_argument("--insecure", action="store_true", help="plaintext, no auth (debug)")
     p.add_argument(
+        "--cold-clientapp",
+        action="store_true",
+        help="start every ClientApp process from scratch, as Flower's SuperNode does "
+        "(default: forked from a template that has imported Flower and torch: "
+        "docs/deployment.md)",
+    )
+    p.add_argument(
         "--task-patience",
         type=task_patience,
         metavar="S",
@@ -198,6 +205,7 @@ def run_deployment(args: argparse.Namespace) -> int:
             secure=not args.insecure,
             ca_dir=ca_dir,
             server_sans=tuple(args.server_san),
+            warm_clientapp=not args.cold_clientapp,
         )
         with LocalDeployment(spec) as dep:
             dep.start_superlink()

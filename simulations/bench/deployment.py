@@ -225,7 +225,10 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     stop = threading.Event()
     out: dict[str, Any] = {"cfg": cfg, "partitions": partitions}
     try:
-        with LocalDeployment(DeploymentSpec(work / "dep", work / "certs")) as dep:
+        # cold: the probe is the flwr-clientapp each message starts (a warm template,
+        # warm_clientapp.py, would fork Flower's own instead and bypass it)
+        spec = DeploymentSpec(work / "dep", work / "certs", warm_clientapp=False)
+        with LocalDeployment(spec) as dep:
             dep.start_superlink()
             path = flower_environment(work)["PATH"]
             extra_env = install_probe(work / "probe-bin", probe_dir, path)

@@ -33,7 +33,9 @@ class DeploymentSpec:
     and health service. Both are loopback addresses: on Linux every 127.x.y.z
     is, so two of them stand in for two hosts. ``server_sans`` are the names the
     server certificate must carry beyond the loopback ones; a secure deployment's
-    ``server_host`` must be one of them (or a loopback name).
+    ``server_host`` must be one of them (or a loopback name). ``warm_clientapp``
+    forks each node's ClientApp processes from a template that has imported Flower
+    and torch (``warm_clientapp.py``); off, they start cold, as stock Flower does.
     """
 
     work_dir: Path
@@ -43,6 +45,7 @@ class DeploymentSpec:
     server_host: str = "127.0.0.1"
     node_host: str = "127.0.0.1"
     server_sans: tuple[str, ...] = ()
+    warm_clientapp: bool = True
 
     def __post_init__(self) -> None:
         if not self.work_dir.is_absolute() or not self.certs_dir.is_absolute():

@@ -43,6 +43,7 @@ from simulations.deployment.front_proxy import (
 )
 from simulations.deployment.health import wait_serving
 from simulations.deployment.supernode_heartbeat import wrapper_args as supernode_wrapper
+from simulations.deployment.warm_clientapp import wrapper_args as warm_clientapp_wrapper
 from simulations.launch.flower_env import (
     CONNECTION_NAME,
     flower_environment,
@@ -245,6 +246,8 @@ class LocalDeployment:
             runtime, superlink = ("127.0.0.1", host.runtime_port), host.superlink
         wrapper = supernode_wrapper(heartbeat_interval, task_patience)
         binary = wrapper or [str(BIN / "flower-supernode")]
+        if self.spec.warm_clientapp:
+            binary = [*warm_clientapp_wrapper(), *binary]
         argv = [
             *(host.prefix if host else ()),
             *binary,

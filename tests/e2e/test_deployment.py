@@ -41,6 +41,8 @@ from simulations.deployment.local import (
     LocalDeployment,
     SuperNodeRefused,
 )
+from simulations.deployment.warm_clientapp import MODULE as WARM_MODULE
+from simulations.deployment.warm_clientapp import SHIM_NAME
 from simulations.launch.flower_env import flower_environment, stage_app
 from simulations.launch.options import APP_DIR, pyproject_defaults
 from simulations.launch.preflight import partition_sizes
@@ -112,6 +114,11 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
             last["epsilon"]
         )
         assert show_ledger([str(ledger_file.parent), "--json"]) == 0
+    # each node's messages ran in children of its warm template, not cold
+    templates = [c for c in watch.commands if f"-m {WARM_MODULE} -- " in c]
+    assert len(templates) >= 3, sorted(watch.commands)
+    scripts = [c for c in watch.commands if f"/{SHIM_NAME} --" in c]
+    assert len(scripts) >= 6 and all("/privfed-warm-" in c for c in scripts), scripts
     assert_loopback_only(watch)
     assert_all_gone(watch)
 
@@ -222,12 +229,13 @@ def test_superlink_and_supernodes_on_separate_host_addresses(tmp_path: Path) -> 
     """The server host (SuperLink and nginx) on 127.0.0.2 and a device host (two
     SuperNodes) on 127.0.0.3, each node with its own FLWR_HOME and state folder:
     the server certificate names 127.0.0.2, the nodes verify it, join by their
-    registered keys, and a one-round run completes."""
+    registered keys, and a one-round run completes. The nodes are Flower's stock
+    SuperNodes (``warm_clientapp=False``): every ClientApp process starts cold."""
     become_subreaper()
     before = {p.pid for p in descendants()}
     spec = DeploymentSpec(
         tmp_path / "work", tmp_path / "certs", server_host="127.0.0.2",
-        node_host="127.0.0.3", server_sans=("127.0.0.2",),
+        node_host="127.0.0.3", server_sans=("127.0.0.2",), warm_clientapp=False,
     )  # fmt: skip
     results = tmp_path / "results"
     overrides = {"num-rounds": 1, "fraction-evaluate": 0.0, "min-available-nodes": 2,
@@ -254,6 +262,7 @@ def test_superlink_and_supernodes_on_separate_host_addresses(tmp_path: Path) -> 
         for handle in dep.nodes.values():
             assert _listening_ips(handle.process.pid) == {"127.0.0.3"}
             assert f"--superlink {dep.address}" in " ".join(handle.process.popen.args)
+            assert WARM_MODULE not in " ".join(handle.process.popen.args)  # stock node
         flwr_run = dep.run_app(run_config, APP_DIR)
         try:
             out, _ = flwr_run.communicate(timeout=600)

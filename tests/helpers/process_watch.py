@@ -29,6 +29,7 @@ class Watch:
 
     pids: dict[int, float] = field(default_factory=dict)  # pid -> create_time
     names: set[str] = field(default_factory=set)
+    commands: set[str] = field(default_factory=set)  # whole command lines
     programs: dict[int, str] = field(default_factory=dict)  # pid -> process name
     listening: set[tuple[str, int, str]] = field(default_factory=set)
 
@@ -45,7 +46,9 @@ def watch_tree(root: psutil.Process, watch: Watch, stop: threading.Event) -> Non
                     watch.pids[proc.pid] = proc.create_time()
                 # Every time: a child seen between fork and exec still shows its
                 # parent's command line (more often on a busy machine).
-                watch.names.add(" ".join(proc.cmdline()[:2]) or proc.name())
+                cmdline = proc.cmdline()
+                watch.names.add(" ".join(cmdline[:2]) or proc.name())
+                watch.commands.add(" ".join(cmdline))
                 watch.programs[proc.pid] = proc.name()
                 for conn in proc.net_connections(kind="inet"):
                     if conn.status == psutil.CONN_LISTEN:

@@ -14,7 +14,7 @@ import flwr.supernode.fleet_http_connection as connection
 import pytest
 
 import simulations.deploy as deploy
-from simulations.deployment import supernode_heartbeat
+from simulations.deployment import supernode_heartbeat, warm_clientapp
 from simulations.deployment.deployment_spec import DeploymentSpec
 from simulations.deployment.local import LocalDeployment
 
@@ -54,7 +54,10 @@ def test_the_node_declares_and_paces_by_the_interval(
 def test_only_a_node_given_an_interval_runs_the_wrapper(tmp_path: Path) -> None:
     """Other nodes are the stock flower-supernode; the handle keeps the interval,
     which is how restart_supernode starts the node the same way again."""
-    dep = LocalDeployment(DeploymentSpec(tmp_path / "w", tmp_path / "c", secure=False))
+    spec = DeploymentSpec(
+        tmp_path / "w", tmp_path / "c", secure=False, warm_clientapp=False
+    )
+    dep = LocalDeployment(spec)
     dep.port = 1  # no SuperLink: the nodes only need to be started and stopped
     try:
         plain = dep.start_supernode(0, {}, wait=False)
@@ -76,6 +79,24 @@ def test_only_a_node_given_an_interval_runs_the_wrapper(tmp_path: Path) -> None:
             "120.0",
         ]
         assert (patient.task_patience, patient.heartbeat_interval) == (120.0, None)
+    finally:
+        dep.close()
+
+
+def test_a_warm_template_wraps_the_node_command_whatever_it_is(tmp_path: Path) -> None:
+    """With warm ClientApps (the default) the template's wrapper comes first and then
+    runs the node command it would otherwise be: stock or the heartbeat wrapper."""
+    dep = LocalDeployment(DeploymentSpec(tmp_path / "w", tmp_path / "c", secure=False))
+    dep.port = 1
+    try:
+        plain = dep.start_supernode(0, {}, wait=False)
+        fast = dep.start_supernode(1, {}, wait=False, heartbeat_interval=10.0)
+        prefix = [*warm_clientapp.wrapper_args()]
+        assert plain.process.popen.args[: len(prefix)] == prefix
+        assert plain.process.popen.args[len(prefix)].endswith("flower-supernode")
+        assert fast.process.popen.args[: len(prefix)] == prefix
+        rest = fast.process.popen.args[len(prefix) :]
+        assert rest[1:3] == ["-m", supernode_heartbeat.MODULE]
     finally:
         dep.close()
 

@@ -1,0 +1,244 @@
+"""ClientApp processes forked from a warm template (deployment/warm_clientapp.py).
+
+A stand-in SuperNode (a short script) is started the way local deployments start
+one, and runs ``flwr-clientapp`` by name from its ``PATH`` as Flower's SuperExec
+does. Flower's own ``flwr_clientapp()`` then runs in a child of the template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from common.privacy.randomness import round_generator
+from simulations.deployment import warm_clientapp
+from simulations.deployment.warm_clientapp import (
+    MODULE,
+    SOCKET_ENV,
+    Request,
+    _fresh_random_state,
+    wrapper_args,
+)
+
+# The stand-in SuperNode: run flwr-clientapp from PATH the way the SuperExec does,
+# and report what happened as one JSON line.
+SUPERNODE = textwrap.dedent(
+    """
+    import json, os, shutil, subprocess, sys, time
+    import psutil
+
+    me = psutil.Process()
+    report = {"socket": os.environ.get("%(env)s"), "shim": shutil.which("flwr-clientapp")}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the template is a child of this process
+        kids = [p for p in me.children() if "%(module)s" in " ".join(p.cmdline())]
+        if kids:
+            break
+        time.sleep(0.05)
+    report["template"] = kids[0].pid if kids else None
+    bogus = ["--token", "x", "--no-such-option"]
+    for name, args in (("help", ["--help"]), ("bogus", bogus)):
+        done = subprocess.run(["flwr-clientapp", *args], capture_output=True, text=True)
+        report[name] = [done.returncode, done.stdout, done.stderr]
+    print(json.dumps(report), flush=True)
+    """
+) % {"env": SOCKET_ENV, "module": MODULE}
+
+
+def _start(script: str, tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*wrapper_args(), sys.executable, "-c", script],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_clientapp_runs_forked_with_its_streams_and_exit_codes(tmp_path: Path) -> None:
+    """The node keeps the wrapper's PID; ``flwr-clientapp`` on its PATH is the script
+    in the template's private folder; Flower's CLI answers through the script's own
+    stdout/stderr with its own exit codes (0 for --help, 2 for a bad option); the
+    template ends with its node and removes its folder."""
+    node = _start(SUPERNODE, tmp_path)
+    out, err = node.communicate(timeout=120)
+    assert node.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    folder = Path(report["socket"]).parent
+    assert report["shim"] == str(folder / "flwr-clientapp")
+    assert report["template"] is not None
+    code, stdout, stderr = report["help"]
+    assert code == 0 and "usage:" in stdout and "--runtime-api-address" in stdout
+    assert "unreachable" not in stderr  # not the cold fallback
+    code, stdout, stderr = report["bogus"]
+    assert code == 2 and "unrecognized arguments: --no-such-option" in stderr
+    assert _gone(report["template"], 15), "the template outlived its SuperNode"
+    assert not folder.exists()
+
+
+def test_the_private_folder_is_the_users_alone(tmp_path: Path) -> None:
+    """The socket that starts processes as this user sits in a folder nobody else
+    may enter (mode 0700)."""
+    script = textwrap.dedent(
+        f"""
+        import os, stat, time
+        path = os.environ["{SOCKET_ENV}"]
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        print(oct(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)))
+        """
+    )
+    node = _start(script, tmp_path)
+    out, err = node.communicate(timeout=60)
+    assert node.returncode == 0, err
+    assert out.strip() == "0o700"
+
+
+def test_sigterm_to_the_script_reaches_flowers_clientapp(tmp_path: Path) -> None:
+    """A ClientApp that cannot reach its SuperNode retries; SIGTERM to the script the
+    SuperExec started stops the forked child through Flower's own handler."""
+    script = textwrap.dedent(
+        """
+        import subprocess, sys, time
+        import psutil
+        shim = subprocess.Popen(
+            ["flwr-clientapp", "--runtime-api-address", "127.0.0.1:9", "--token", "x",
+             "--insecure"], stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+            p.children() for p in psutil.Process().children() if p.pid != shim.pid
+        ):
+            time.sleep(0.1)
+        time.sleep(1.0)  # Flower's handlers are set up
+        shim.terminate()
+        _, err = shim.communicate(timeout=60)
+        print(shim.returncode, file=sys.stderr)
+        print(err, file=sys.stderr)
+        """
+    )
+    node = _start(script, tmp_path)
+    _, err = node.communicate(timeout=120)
+    assert node.returncode == 0, err
+    assert "Start `flwr-clientapp` process" in err
+    assert "Task stopped." in err  # Flower's SIGTERM handler ran in the child
+
+
+def test_an_unreachable_template_is_reported_and_the_clientapp_runs_cold(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, SOCKET_ENV: str(tmp_path / "nothing.sock")}
+    done = subprocess.run(
+        [sys.executable, "-c", f"import sys; from {MODULE} import shim_main; "
+         "sys.exit(shim_main(['--help']))"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0
+    assert "unreachable" in done.stderr and "cold" in done.stderr
+    assert "usage:" in done.stdout
+
+
+def test_the_template_refuses_to_hold_the_apps_own_modules(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower reuses an imported ``client.app`` instead of the FAB's: never preload it."""
+    monkeypatch.setattr(warm_clientapp, "PRELOAD", ("common.config",))
+    with pytest.raises(RuntimeError, match="app's own modules"):
+        warm_clientapp._preload()
+
+
+def test_requests_are_validated() -> None:
+    req = Request(("--help",), "/tmp", {"A": "1"})
+    assert Request.decode(req.encode()) == req
+    with pytest.raises(ValueError, match="cwd"):
+        Request(("--help",), "relative", {})
+    with pytest.raises(ValueError, match="malformed"):
+        Request.decode(b"{}")
+
+
+def _draws_in_forked_children(draw: object, fresh: bool) -> list[float]:
+    """What two children forked from this process each draw first."""
+    values = []
+    for _ in range(2):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.close(read)
+            if fresh:
+                _fresh_random_state()
+            os.write(write, repr(float(draw())).encode())  # type: ignore[operator]
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as fh:
+            values.append(float(fh.read()))
+        os.waitpid(pid, 0)
+    return values
+
+
+def test_forked_clientapps_do_not_share_random_state() -> None:
+    """An observer of two messages' uploads must not find the same randomness in
+    both. NumPy's global generator is copied by fork (shown without the reset) and
+    drawn again in each child; the DP noise generator is seeded from the OS CSPRNG
+    per round, so it differs without any reset."""
+    np.random.random()  # the parent's state is what a fork copies
+    same = _draws_in_forked_children(np.random.random, fresh=False)
+    assert same[0] == same[1]  # what the reset is for
+    fresh = _draws_in_forked_children(np.random.random, fresh=True)
+    assert fresh[0] != fresh[1]
+    noise = _draws_in_forked_children(
+        lambda: __import__("torch").randn(1, generator=round_generator()).item(), False
+    )
+    assert noise[0] != noise[1]
+
+
+def test_a_killed_script_takes_its_child_with_it(tmp_path: Path) -> None:
+    """The SuperExec's script is SIGKILLed (no forwarding possible): the template
+    ends the child it forked for it."""
+    script = textwrap.dedent(
+        f"""
+        import json, signal, subprocess, time
+        import psutil
+        shim = subprocess.Popen(
+            ["flwr-clientapp", "--runtime-api-address", "127.0.0.1:9", "--token", "x",
+             "--insecure"], stderr=subprocess.DEVNULL)
+        me = psutil.Process()
+        children = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not children:
+            for p in me.children():
+                if "{MODULE}" in " ".join(p.cmdline()):
+                    children = p.children()
+            time.sleep(0.1)
+        shim.send_signal(signal.SIGKILL)
+        shim.wait()
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        for p in alive:
+            p.kill()
+        print(json.dumps({{"seen": len(children), "alive": len(alive)}}))
+        """
+    )
+    node = _start(script, tmp_path)
+    out, err = node.communicate(timeout=120)
+    assert node.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report == {"seen": 1, "alive": 0}, "the forked ClientApp outlived its script"
