@@ -244,7 +244,9 @@ class LocalDeployment:
         else:
             health = f"{host.address}:{host.health_port}"
             runtime, superlink = ("127.0.0.1", host.runtime_port), host.superlink
-        wrapper = supernode_wrapper(heartbeat_interval, task_patience)
+        wrapper = supernode_wrapper(
+            heartbeat_interval, task_patience, self.spec.pull_interval
+        )
         binary = wrapper or [str(BIN / "flower-supernode")]
         if self.spec.warm_clientapp:
             binary = [*warm_clientapp_wrapper(), *binary]

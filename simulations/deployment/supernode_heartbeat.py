@@ -1,4 +1,4 @@
-"""``flower-supernode`` declaring a heartbeat interval, or a ClientApp patience, of its own.
+"""``flower-supernode`` with its own heartbeat interval, ClientApp patience or pull pace.
 
 Flower 1.42's SuperNode always declares 30 s, and the SuperLink keeps a node online
 until 2 x the declared interval has passed without a heartbeat. A node that crashed
@@ -23,18 +23,30 @@ slow edge device) loses the token, every later call of that process is refused
 ("Runtime task-token authentication failed") and its reply never leaves. With S the
 token lasts S seconds (2 x S after each heartbeat); a ClientApp that died is then
 given up after up to 2 x S instead of 60 s.
+
+``--pull-interval S`` is Flower's fixed 3 s between a node's pulls when the SuperLink
+had no message for it (``start_client_internal``: ``time.sleep(3)``). A node that has
+just sent its reply asks for the next message at once; the server is still waiting
+for the other nodes, so the node sleeps 3 s, and every stage of a round (secure
+aggregation has four) waits up to that long after its message is ready. With S the
+node asks again after S seconds, and waits for its ClientApp's reply in steps of at
+most S (Flower's 0.5 s). Each pull is one small request to the SuperLink.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from typing import Any
 
 from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
 
 # What ``local.py`` starts instead of ``flower-supernode`` when given an interval.
 MODULE = "simulations.deployment.supernode_heartbeat"
 TASK_PATIENCE_MIN = 30.0  # Flower's own: a patience only ever lengthens it
+FLOWER_PULL_S = 3.0  # Flower's idle sleep between pulls, which a pull interval replaces
+PULL_INTERVAL_MIN = 0.1
 
 
 def _seconds(text: str, low: float, high: float, what: str) -> float:
@@ -56,29 +68,58 @@ def patience(text: str) -> float:
     return _seconds(text, TASK_PATIENCE_MIN, HEARTBEAT_MAX_INTERVAL, what)
 
 
+def pull_interval(text: str) -> float:
+    """A pause between idle pulls, in seconds: shorter than Flower's own 3 s."""
+    what = "a pull interval runs"
+    return _seconds(text, PULL_INTERVAL_MIN, FLOWER_PULL_S, what)
+
+
+class PacedTime:
+    """Flower's SuperNode loop's ``time`` module, with its sleeps shortened.
+
+    The loop sleeps 3 s after an empty pull and 0.5 s between looks for a reply;
+    those become ``pull`` and ``min(0.5, pull)``. Everything else is ``time``'s.
+    """
+
+    def __init__(self, pull: float) -> None:
+        self.pull = pull
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``pull`` for Flower's idle pause, at most ``pull`` otherwise."""
+        time.sleep(self.pull if seconds == FLOWER_PULL_S else min(seconds, self.pull))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
 def wrapper_args(
-    heartbeat_interval: float | None, task_patience: float | None
+    heartbeat_interval: float | None,
+    task_patience: float | None,
+    pull: float | None = None,
 ) -> list[str]:
     """The command that starts a SuperNode with these settings instead of the stock
-    ``flower-supernode`` (empty when both are Flower's own)."""
-    if heartbeat_interval is None and task_patience is None:
+    ``flower-supernode`` (empty when all are Flower's own)."""
+    if heartbeat_interval is None and task_patience is None and pull is None:
         return []
     args = [sys.executable, "-m", MODULE]
     if heartbeat_interval is not None:
         args += ["--heartbeat-interval", str(heartbeat_interval)]
     if task_patience is not None:
         args += ["--task-patience", str(task_patience)]
+    if pull is not None:
+        args += ["--pull-interval", str(pull)]
     return args
 
 
 def main(argv: list[str] | None = None) -> int | None:
-    """Set the interval and patience, then run ``flower-supernode`` with the rest."""
+    """Set the interval, patience and pull pace; run ``flower-supernode`` with the rest."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heartbeat-interval", type=interval)
     parser.add_argument("--task-patience", type=patience)
+    parser.add_argument("--pull-interval", type=pull_interval)
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if args.heartbeat_interval is None and args.task_patience is None:
-        parser.error("give --heartbeat-interval, --task-patience or both")
+    if (args.heartbeat_interval, args.task_patience, args.pull_interval) == (None,) * 3:
+        parser.error("give --heartbeat-interval, --task-patience, --pull-interval")
 
     # Each module copied Flower's constant at import and uses it for one thing: the
     # interval the node declares (activation, heartbeats), the sender's pace, and the
@@ -86,6 +127,7 @@ def main(argv: list[str] | None = None) -> int | None:
     import flwr.supercore.corestate.in_memory_corestate as tasks
     import flwr.supercore.heartbeat as sender
     import flwr.supernode.fleet_http_connection as connection
+    import flwr.supernode.start_client_internal as node_loop
     from flwr.supernode.cli import flower_supernode
 
     if args.heartbeat_interval is not None:
@@ -93,6 +135,8 @@ def main(argv: list[str] | None = None) -> int | None:
         sender.HEARTBEAT_DEFAULT_INTERVAL = args.heartbeat_interval
     if args.task_patience is not None:
         tasks.HEARTBEAT_DEFAULT_INTERVAL = args.task_patience
+    if args.pull_interval is not None:  # the loop calls time.sleep through this name
+        node_loop.time = PacedTime(args.pull_interval)  # type: ignore[assignment]
     sys.argv = ["flower-supernode", *rest]
     return flower_supernode()
 

@@ -230,12 +230,14 @@ def test_superlink_and_supernodes_on_separate_host_addresses(tmp_path: Path) -> 
     SuperNodes) on 127.0.0.3, each node with its own FLWR_HOME and state folder:
     the server certificate names 127.0.0.2, the nodes verify it, join by their
     registered keys, and a one-round run completes. The nodes are Flower's stock
-    SuperNodes (``warm_clientapp=False``): every ClientApp process starts cold."""
+    SuperNodes (``warm_clientapp=False``, ``pull_interval=None``): every ClientApp
+    process starts cold, and an idle node pulls every 3 s."""
     become_subreaper()
     before = {p.pid for p in descendants()}
     spec = DeploymentSpec(
         tmp_path / "work", tmp_path / "certs", server_host="127.0.0.2",
         node_host="127.0.0.3", server_sans=("127.0.0.2",), warm_clientapp=False,
+        pull_interval=None,
     )  # fmt: skip
     results = tmp_path / "results"
     overrides = {"num-rounds": 1, "fraction-evaluate": 0.0, "min-available-nodes": 2,
@@ -262,7 +264,7 @@ def test_superlink_and_supernodes_on_separate_host_addresses(tmp_path: Path) -> 
         for handle in dep.nodes.values():
             assert _listening_ips(handle.process.pid) == {"127.0.0.3"}
             assert f"--superlink {dep.address}" in " ".join(handle.process.popen.args)
-            assert WARM_MODULE not in " ".join(handle.process.popen.args)  # stock node
+            assert handle.process.popen.args[0].endswith("flower-supernode")  # stock
         flwr_run = dep.run_app(run_config, APP_DIR)
         try:
             out, _ = flwr_run.communicate(timeout=600)

@@ -55,8 +55,9 @@ def test_only_a_node_given_an_interval_runs_the_wrapper(tmp_path: Path) -> None:
     """Other nodes are the stock flower-supernode; the handle keeps the interval,
     which is how restart_supernode starts the node the same way again."""
     spec = DeploymentSpec(
-        tmp_path / "w", tmp_path / "c", secure=False, warm_clientapp=False
-    )
+        tmp_path / "w", tmp_path / "c", secure=False, warm_clientapp=False,
+        pull_interval=None,
+    )  # fmt: skip
     dep = LocalDeployment(spec)
     dep.port = 1  # no SuperLink: the nodes only need to be started and stopped
     try:
@@ -93,12 +94,50 @@ def test_a_warm_template_wraps_the_node_command_whatever_it_is(tmp_path: Path) -
         fast = dep.start_supernode(1, {}, wait=False, heartbeat_interval=10.0)
         prefix = [*warm_clientapp.wrapper_args()]
         assert plain.process.popen.args[: len(prefix)] == prefix
-        assert plain.process.popen.args[len(prefix)].endswith("flower-supernode")
         assert fast.process.popen.args[: len(prefix)] == prefix
-        rest = fast.process.popen.args[len(prefix) :]
-        assert rest[1:3] == ["-m", supernode_heartbeat.MODULE]
+        for node in (plain, fast):  # the pull pace needs the wrapper on every node
+            rest = node.process.popen.args[len(prefix) :]
+            assert rest[1:3] == ["-m", supernode_heartbeat.MODULE]
+            assert rest[rest.index("--pull-interval") + 1] == "0.5"
     finally:
         dep.close()
+
+
+def test_an_idle_node_asks_again_after_the_pull_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower's loop sleeps exactly 3 s after an empty pull (checked in its source, so
+    a Flower that changes it fails here); the wrapper turns that into the interval
+    and caps the 0.5 s waits for a reply at it, leaving every other sleep alone."""
+    import inspect
+
+    import flwr.supernode.start_client_internal as node_loop
+
+    source = inspect.getsource(node_loop)
+    assert source.count("time.sleep(3)") == 1 and "time.sleep(0.5)" in source
+    seen: dict[str, object] = {}
+    slept: list[float] = []
+
+    def fake_supernode() -> int:
+        seen["time"] = node_loop.time
+        return 0
+
+    monkeypatch.setattr(supernode_cli, "flower_supernode", fake_supernode)
+    monkeypatch.setattr(node_loop, "time", node_loop.time)  # restored afterwards
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert supernode_heartbeat.main(["--pull-interval", "0.2", "--insecure"]) == 0
+    paced = seen["time"]
+    assert isinstance(paced, supernode_heartbeat.PacedTime)
+    monkeypatch.setattr(supernode_heartbeat.time, "sleep", slept.append)
+    for seconds in (3, 0.5, 0.1):
+        paced.sleep(seconds)
+    assert slept == [0.2, 0.2, 0.1]
+    assert paced.monotonic is supernode_heartbeat.time.monotonic
+    for bad in ("0.05", "3.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="from 0.1 to 3 s"):
+            supernode_heartbeat.pull_interval(bad)
+    with pytest.raises(ValueError, match="pull_interval"):
+        DeploymentSpec(Path("/w"), Path("/c"), pull_interval=5.0)
 
 
 def _token_alive_after(seconds: float, clock: list[datetime]) -> bool:
