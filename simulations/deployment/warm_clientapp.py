@@ -9,31 +9,37 @@ On a 2-core machine running several nodes that start-up is most of a round.
 
 This module starts the SuperNode with a *template* process beside it:
 
-    python -m simulations.deployment.warm_clientapp -- flower-supernode <its args>
+    python -P -m simulations.deployment.warm_clientapp -- flower-supernode <its args>
 
 1. It binds a Unix socket in a fresh private folder (mode 0700) and writes a
-   ``flwr-clientapp`` there that is put first on the SuperNode's ``PATH``.
+   ``flwr-clientapp`` there (:mod:`.warm_clientapp_script`) that goes first on the
+   SuperNode's ``PATH``.
 2. It forks the template, which imports :data:`PRELOAD` (never privfed's own
    packages: the app is always imported from the FAB the message brings) and waits.
+   It costs about 310 MB of memory for the node's lifetime.
 3. It execs the SuperNode command in its own process, so the SuperNode keeps the PID
    its launcher knows (a fault test kills a node by that PID).
 
-When the SuperExec starts ``flwr-clientapp``, that small script (:func:`shim_main`,
-standard library only) hands its command line, environment, working folder and
-standard streams to the template, which forks a child that runs Flower's own
-``flwr_clientapp()`` with them. The script waits, forwards SIGTERM/SIGINT to the
-child and exits with the child's exit code.
+For each message the script hands over its command line, environment, working
+folder and standard streams; the template forks a child that runs Flower's own
+``flwr_clientapp()`` with them, and reports the child's PID and then its exit code.
 
 Still one fresh process per message: a child is a copy of the template, which has
 imported modules and run nothing else, so no message sees another's state. Random
 state that a copy would share is drawn again in each child (Python's ``random``,
-NumPy's global generator); DP noise does not use either (it is seeded from
-:func:`secrets.randbits`, common/privacy/randomness.py). Only connections from this
-user are served (``SO_PEERCRED``), through a socket only this user can reach.
+NumPy's global generator, torch's default generator); privfed's DP noise, sampling,
+masks and rounding use none of them (``secrets`` and ``os.urandom``:
+common/privacy/randomness.py). The string hash seed stays the template's (privfed
+does not rely on it). Only this user's connections are served (``SO_PEERCRED``),
+through a socket in a folder only this user can enter; a caller that connects and
+sends nothing is dropped after :data:`REQUEST_TIMEOUT_S`.
 
 The template exits with its SuperNode (``PR_SET_PDEATHSIG``, and a check of its
-parent), and removes its folder. If it cannot be reached, the script says so on
-standard error and runs the stock ``flwr-clientapp`` instead: the same code, cold.
+parent) and then removes its folder; a folder left by a SIGKILLed one is removed by
+the next node started. If the template crashed, its folder stays, so every later
+script says on standard error that it is unreachable and runs the stock
+``flwr-clientapp`` cold. Where the template cannot work (a noexec temporary folder,
+a socket path too long), the node starts without one, saying so.
 """
 
 from __future__ import annotations
@@ -49,113 +55,38 @@ import socket
 import struct
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from simulations.deployment.warm_clientapp_script import (
+    FORWARDED,
+    MAX_REQUEST,
+    SHIM_NAME,
+    SOCKET_ENV,
+    STANDARD_STREAMS,
+    Request,
+)
+
 MODULE = "simulations.deployment.warm_clientapp"
-SOCKET_ENV = "PRIVFED_WARM_CLIENTAPP_SOCKET"
+SCRIPT_MODULE = "simulations.deployment.warm_clientapp_script"
 SOCKET_NAME = "template.sock"
-SHIM_NAME = "flwr-clientapp"
+FOLDER_PREFIX = "privfed-warm-"
 # What a ClientApp message imports that costs start-up time (third-party only).
 PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "torch", "numpy", "scipy.special")
 # The app's own packages: always imported in the child, from the FAB it pulls.
 APP_PACKAGES = ("client", "common", "server")
-MAX_REQUEST = 1 << 20  # bytes: command line + environment + folder
+REQUEST_TIMEOUT_S = 2.0  # for a connected script to send its request
+STALE_AFTER_S = 60.0  # a folder of ours this old whose socket refuses is left over
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the final NUL
 _PR_SET_PDEATHSIG = 1
-_STANDARD_STREAMS = (0, 1, 2)
-
-
-@dataclass(frozen=True)
-class Request:
-    """What a ``flwr-clientapp`` invocation hands over: everything a child needs."""
-
-    argv: tuple[str, ...]
-    cwd: str
-    env: dict[str, str]
-
-    def __post_init__(self) -> None:
-        if not all(isinstance(arg, str) for arg in self.argv):
-            raise ValueError("argv must be strings")
-        if not isinstance(self.cwd, str) or not os.path.isabs(self.cwd):
-            raise ValueError(f"cwd must be an absolute path, got {self.cwd!r}")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
-            raise ValueError("env must map strings to strings")
-
-    def encode(self) -> bytes:
-        """The request as one datagram."""
-        raw = {"argv": list(self.argv), "cwd": self.cwd, "env": self.env}
-        return json.dumps(raw).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> Request:
-        """Parse a datagram; ``ValueError`` names what is wrong."""
-        try:
-            raw = json.loads(data)
-            return cls(tuple(raw["argv"]), raw["cwd"], dict(raw["env"]))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"malformed request: {err!r}") from err
 
 
 def wrapper_args() -> list[str]:
     """The command prefix that starts a SuperNode command with a template beside it."""
-    return [sys.executable, "-P", "-m", MODULE, "--"]
-
-
-# --- the script the SuperExec starts -------------------------------------------------
-
-
-def shim_main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``flwr-clientapp`` in a child of the template; return its exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    path = os.environ.get(SOCKET_ENV, "")
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        conn.connect(path)
-        request = Request(tuple(args), os.getcwd(), dict(os.environ))
-        socket.send_fds(conn, [request.encode()], list(_STANDARD_STREAMS))
-        pid = _read_int(conn, "pid")
-    except (OSError, ValueError) as err:
-        conn.close()
-        return _cold(args, f"warm ClientApp template at {path!r} unreachable ({err})")
-
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
-    try:
-        status = _read_int(conn, "exit")
-    except (OSError, ValueError) as err:
-        print(f"warm ClientApp: lost the template ({err}); child {pid}", file=sys.stderr)
-        return 1
-    finally:
-        conn.close()
-    if status < 0:  # killed by a signal: end the same way
-        signal.signal(-status, signal.SIG_DFL)
-        os.kill(os.getpid(), -status)
-    return status
-
-
-def _read_int(conn: socket.socket, key: str) -> int:
-    data = conn.recv(256)
-    if not data:
-        raise ValueError(f"closed before sending {key!r}")
-    value = json.loads(data).get(key)
-    if not isinstance(value, int):
-        raise ValueError(f"expected {key!r}, got {data!r}")
-    return value
-
-
-def _cold(args: list[str], why: str) -> NoReturn:
-    real = Path(sys.executable).parent / SHIM_NAME
-    print(f"{why}; running {real} cold", file=sys.stderr, flush=True)
-    os.execv(str(real), [str(real), *args])
+    return [sys.executable, "-P", "-m", MODULE, "--"]  # -P: as the console script
 
 
 # --- the template ---------------------------------------------------------------------
@@ -166,17 +97,18 @@ def _write_shim(folder: Path) -> None:
     script.write_text(
         f"#!{sys.executable} -P\n"
         "import sys\n"
-        f"from {MODULE} import shim_main\n"
+        f"from {SCRIPT_MODULE} import shim_main\n"
         "sys.exit(shim_main())\n"
     )
     script.chmod(0o700)
 
 
 def _die_with_parent(parent: int) -> None:
+    """SIGTERM when the node exits (handled: the folder is removed)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # it died before the request took effect
-        os._exit(0)
+        raise SystemExit(0)
 
 
 def _preload() -> None:
@@ -201,19 +133,31 @@ class _Template:
         self.conns: dict[int, tuple[socket.socket, int]] = {}  # conn fd -> conn, pid
 
     def serve(self) -> None:
-        signal.signal(signal.SIGTERM, _exit_on_signal)  # so that the folder is removed
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         while os.getppid() == self.parent:
             for key, _ in self.selector.select(timeout=1.0):
+                # an earlier event of this batch may have closed this one's fd
                 if key.data == "accept":
                     self._accept()
-                elif key.data == "child":
+                elif key.data == "child" and key.fd in self.children:
                     self._reap(key.fd)
-                else:
+                elif key.data == "conn" and key.fd in self.conns:
                     self._hung_up(key.fd)
 
     def _accept(self) -> None:
-        conn, _ = self.listener.accept()
+        try:
+            conn, _ = self.listener.accept()
+        except OSError as err:  # e.g. out of file descriptors: this request only
+            print(f"warm ClientApp template: {err}", file=sys.stderr, flush=True)
+            return
+        try:
+            self._fork_for(conn)
+        except OSError as err:  # fork or pidfd_open failed: the script is told (EOF)
+            print(f"warm ClientApp template: {err}", file=sys.stderr, flush=True)
+            conn.close()
+
+    def _fork_for(self, conn: socket.socket) -> None:
+        conn.settimeout(REQUEST_TIMEOUT_S)  # a silent caller must not hold up the rest
         size = struct.calcsize("3i")
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size)
         _, uid, _ = struct.unpack("3i", creds)
@@ -221,8 +165,8 @@ class _Template:
         try:
             if uid != os.getuid():
                 raise PermissionError(f"refused a request from uid {uid}")
-            data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, len(_STANDARD_STREAMS))
-            if len(fds) != len(_STANDARD_STREAMS):
+            data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, len(STANDARD_STREAMS))
+            if len(fds) != len(STANDARD_STREAMS):
                 raise ValueError(f"expected 3 standard streams, got {len(fds)}")
             request = Request.decode(data)
         except (OSError, ValueError) as err:
@@ -231,11 +175,17 @@ class _Template:
                 os.close(fd)
             conn.close()
             return
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
         if pid == 0:
-            self._become_clientapp(request, fds)
+            self._become_clientapp(request, fds, conn)
         for fd in fds:
             os.close(fd)
+        conn.settimeout(None)
         pidfd = os.pidfd_open(pid)
         self.children[pidfd] = (conn, pid)
         self.conns[conn.fileno()] = (conn, pid)
@@ -265,19 +215,24 @@ class _Template:
         except ProcessLookupError:
             pass
 
-    def _become_clientapp(self, request: Request, fds: list[int]) -> NoReturn:
+    def _become_clientapp(
+        self, request: Request, fds: list[int], own: socket.socket
+    ) -> NoReturn:
         """In the forked child: become ``flwr-clientapp <argv>``; never return."""
         code: int = 1
         try:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            # the dispositions a fresh interpreter starts with
+            for signum in (signal.SIGTERM, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             self.selector.close()
             self.listener.close()
+            own.close()
             for conn, _ in self.conns.values():
                 conn.close()
             for pidfd in self.children:
                 os.close(pidfd)
-            for target, fd in zip(_STANDARD_STREAMS, fds, strict=True):
+            for target, fd in zip(STANDARD_STREAMS, fds, strict=True):
                 os.dup2(fd, target)
                 os.close(fd)
             os.chdir(request.cwd)
@@ -322,6 +277,9 @@ def _fresh_random_state() -> None:
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed()  # the legacy global generator, from OS entropy
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.seed()  # a fresh process's default generator starts from a random seed
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -335,36 +293,100 @@ def _send(conn: socket.socket, value: dict[str, int]) -> None:
         pass  # the script is gone; the child was or will be ended
 
 
+def _unusable(folder: Path) -> str | None:
+    """Why the template cannot work from ``folder``, or None."""
+    if len(str(folder / SOCKET_NAME)) > MAX_SOCKET_PATH:
+        return f"the socket path {folder / SOCKET_NAME} is too long for a Unix socket"
+    if os.statvfs(folder).f_flag & os.ST_NOEXEC:
+        return f"{folder} is on a noexec file system: the script could not be started"
+    return None
+
+
+def _remove_stale_folders(root: Path) -> None:
+    """Remove this user's folders left by templates that were killed (SIGKILL)."""
+    now = time.time()
+    for folder in root.glob(f"{FOLDER_PREFIX}*"):
+        try:
+            info = folder.stat()
+            if info.st_uid != os.getuid() or now - info.st_mtime < STALE_AFTER_S:
+                continue
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(str(folder / SOCKET_NAME))
+                continue  # a live template
+            except (ConnectionRefusedError, FileNotFoundError):
+                shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                probe.close()
+        except OSError:
+            continue
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Fork the template, then become the SuperNode command after ``--``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] != ["--"] or len(args) < 2:
-        print(f"usage: python -m {MODULE} -- <flower-supernode command>", file=sys.stderr)
+        print(
+            f"usage: python -P -m {MODULE} -- <flower-supernode command>", file=sys.stderr
+        )
         sys.exit(2)
     command = args[1:]
-    folder = Path(tempfile.mkdtemp(prefix="privfed-warm-"))  # mode 0700
+    root = Path(tempfile.gettempdir())
+    _remove_stale_folders(root)
+    folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=root))  # mode 0700
+    why = _unusable(folder)
+    if why is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"warm ClientApp: {why}; starting the node without a template",
+              file=sys.stderr, flush=True)  # fmt: skip
+        os.execvp(command[0], command)
     _write_shim(folder)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(folder / SOCKET_NAME))
     listener.listen(16)
     parent = os.getpid()
+    # held back until the template's handler is set, so a stop always removes the folder
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     if os.fork() == 0:
-        code = 0
-        try:
-            _die_with_parent(parent)
-            _preload()
-            _Template(listener, folder, parent).serve()
-        except BaseException:  # noqa: BLE001 - reported; the shims then run cold
-            traceback.print_exc()
-            code = 1
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-            os._exit(code)
+        _run_template(listener, folder, parent)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     listener.close()
     env = dict(os.environ)
     env[SOCKET_ENV] = str(folder / SOCKET_NAME)
     env["PATH"] = f"{folder}{os.pathsep}{env.get('PATH', '')}"
     os.execvpe(command[0], command, env)
+
+
+def _run_template(listener: socket.socket, folder: Path, parent: int) -> NoReturn:
+    """The template's whole life: import, serve, and remove the folder when stopped.
+
+    A crash leaves the folder, so that every later script says the template is
+    unreachable before it runs cold, rather than silently finding the stock one.
+    """
+    code, remove = 0, True
+    try:
+        for signum in FORWARDED:
+            signal.signal(signum, _exit_on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+        _close_inherited(listener.fileno())
+        _die_with_parent(parent)
+        _preload()
+        _Template(listener, folder, parent).serve()
+    except SystemExit:
+        pass  # stopped, or its node is gone
+    except BaseException:  # noqa: BLE001 - reported; the scripts then run cold
+        traceback.print_exc()
+        code, remove = 1, False
+    finally:
+        if remove:
+            shutil.rmtree(folder, ignore_errors=True)
+        os._exit(code)
+
+
+def _close_inherited(keep: int) -> None:
+    """Close what the node's launcher left open: a fresh process would not have it."""
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -22,12 +23,13 @@ import pytest
 from common.privacy.randomness import round_generator
 from simulations.deployment import warm_clientapp
 from simulations.deployment.warm_clientapp import (
+    FOLDER_PREFIX,
     MODULE,
-    SOCKET_ENV,
-    Request,
+    SCRIPT_MODULE,
     _fresh_random_state,
     wrapper_args,
 )
+from simulations.deployment.warm_clientapp_script import SOCKET_ENV, Request
 
 # The stand-in SuperNode: run flwr-clientapp from PATH the way the SuperExec does,
 # and report what happened as one JSON line.
@@ -55,9 +57,12 @@ SUPERNODE = textwrap.dedent(
 
 
 def _start(script: str, tmp_path: Path) -> subprocess.Popen[str]:
+    temp = tmp_path / "tmp"  # the template's folder goes here, not in /tmp
+    temp.mkdir(exist_ok=True)
     return subprocess.Popen(
         [*wrapper_args(), sys.executable, "-c", script],
         cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(temp)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -149,7 +154,7 @@ def test_an_unreachable_template_is_reported_and_the_clientapp_runs_cold(
 ) -> None:
     env = {**os.environ, SOCKET_ENV: str(tmp_path / "nothing.sock")}
     done = subprocess.run(
-        [sys.executable, "-c", f"import sys; from {MODULE} import shim_main; "
+        [sys.executable, "-c", f"import sys; from {SCRIPT_MODULE} import shim_main; "
          "sys.exit(shim_main(['--help']))"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -197,16 +202,23 @@ def _draws_in_forked_children(draw: object, fresh: bool) -> list[float]:
 
 def test_forked_clientapps_do_not_share_random_state() -> None:
     """An observer of two messages' uploads must not find the same randomness in
-    both. NumPy's global generator is copied by fork (shown without the reset) and
-    drawn again in each child; the DP noise generator is seeded from the OS CSPRNG
-    per round, so it differs without any reset."""
+    both. NumPy's global generator and torch's default one are copied by fork (shown
+    without the reset) and drawn again in each child; the DP noise generator is
+    seeded from the OS CSPRNG per round, so it differs without any reset."""
     np.random.random()  # the parent's state is what a fork copies
     same = _draws_in_forked_children(np.random.random, fresh=False)
     assert same[0] == same[1]  # what the reset is for
     fresh = _draws_in_forked_children(np.random.random, fresh=True)
     assert fresh[0] != fresh[1]
+    import torch
+
+    torch.rand(1)
+    same = _draws_in_forked_children(lambda: torch.rand(1).item(), fresh=False)
+    assert same[0] == same[1]
+    fresh = _draws_in_forked_children(lambda: torch.rand(1).item(), fresh=True)
+    assert fresh[0] != fresh[1]
     noise = _draws_in_forked_children(
-        lambda: __import__("torch").randn(1, generator=round_generator()).item(), False
+        lambda: torch.randn(1, generator=round_generator()).item(), fresh=False
     )
     assert noise[0] != noise[1]
 
@@ -242,3 +254,72 @@ def test_a_killed_script_takes_its_child_with_it(tmp_path: Path) -> None:
     assert node.returncode == 0, err
     report = json.loads(out.strip().splitlines()[-1])
     assert report == {"seen": 1, "alive": 0}, "the forked ClientApp outlived its script"
+
+
+def test_a_silent_caller_does_not_hold_up_the_next_message(tmp_path: Path) -> None:
+    """A connection that sends nothing is dropped after a timeout; the next
+    ``flwr-clientapp`` is forked and answers."""
+    script = textwrap.dedent(
+        f"""
+        import os, socket, subprocess, sys, time
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        path = os.environ["{SOCKET_ENV}"]
+        while True:
+            try:
+                silent.connect(path)
+                break
+            except OSError:
+                time.sleep(0.05)
+        done = subprocess.run(["flwr-clientapp", "--help"], capture_output=True,
+                              text=True, timeout=60)
+        print(done.returncode, "usage:" in done.stdout, "cold" in done.stderr)
+        """
+    )
+    node = _start(script, tmp_path)
+    out, err = node.communicate(timeout=120)
+    assert node.returncode == 0, err
+    assert out.split() == ["0", "True", "False"]
+
+
+def test_a_clientapp_killed_by_a_signal_is_reported_as_killed(tmp_path: Path) -> None:
+    """The script ends the way its child ended (SIGKILL here, e.g. the OOM killer),
+    so the SuperExec sees what a cold process would show."""
+    script = textwrap.dedent(
+        f"""
+        import signal, subprocess, time
+        import psutil
+        shim = subprocess.Popen(
+            ["flwr-clientapp", "--runtime-api-address", "127.0.0.1:9", "--token", "x",
+             "--insecure"], stderr=subprocess.DEVNULL)
+        children = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not children:
+            for p in psutil.Process().children():
+                if "{MODULE}" in " ".join(p.cmdline()):
+                    children = p.children()
+            time.sleep(0.1)
+        children[0].send_signal(signal.SIGKILL)
+        print(shim.wait(timeout=60))
+        """
+    )
+    node = _start(script, tmp_path)
+    out, err = node.communicate(timeout=120)
+    assert node.returncode == 0, err
+    assert out.strip() == str(-signal.SIGKILL)
+
+
+def test_folders_left_by_killed_templates_are_removed(tmp_path: Path) -> None:
+    """A template killed with its node (SIGKILL) cannot remove its folder: the next
+    node started removes this user's old folders whose socket nobody serves."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    stale = temp / f"{FOLDER_PREFIX}old"
+    stale.mkdir(mode=0o700)
+    (stale / "flwr-clientapp").write_text("#!/bin/sh\n")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    young = temp / f"{FOLDER_PREFIX}young"  # a node starting right now
+    young.mkdir(mode=0o700)
+    node = _start("pass", tmp_path)
+    node.communicate(timeout=60)
+    assert not stale.exists()
+    assert young.exists()
