@@ -80,6 +80,8 @@ def test_a_private_head_serves_on_loopback_and_is_stopped_with_its_processes(
         tree = [root, *root.children(recursive=True)]
         names = {p.name() for p in tree}
         assert {"gcs_server", "raylet"} <= names, names
+        commands = [" ".join(p.cmdline()) for p in tree]
+        assert not [c for c in commands if "autoscaler/_private/monitor.py" in c]
         for proc in tree:
             for conn in proc.net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
