@@ -3,7 +3,8 @@
 Runs ``simulations.deploy`` (TLS + SuperNode authentication; digits) alternately with
 the defaults (each node's ClientApp processes forked from a warm template, an idle
 node asking again after 0.5 s: docs/deployment.md) and with ``--cold-clientapp``
-(Flower's stock start of every ClientApp process), ``--repeats`` times each, and
+(Flower's stock start of every ClientApp process; the 0.5 s pull pace stays),
+``--repeats`` times each, and
 prints per variant the medians of the command's wall seconds, the CPU seconds of
 the whole process tree (user + system of every process the deployment started and
 reaped: it is their subreaper) and the mean round time from ``rounds.jsonl``.
@@ -42,8 +43,11 @@ def run_once(args: argparse.Namespace, extra: list[str], results: Path) -> dict[
         "--rounds", str(args.rounds), "--results-dir", str(results),
         "--set", "fraction-evaluate=0.0", *extra,
     ]  # fmt: skip
-    if args.secure_aggregation:
-        command += ["--set", "secure-aggregation=true"]
+    if args.secure_aggregation:  # client-level DP, every client in every round
+        command += [
+            "--privacy-mode", "client", "--target-epsilon", "8",
+            "--set", "secure-aggregation=true", "--set", "client-sampling-rate=1.0",
+        ]  # fmt: skip
     cpu0, wall0 = _children_cpu(), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     wall, cpu = time.perf_counter() - wall0, _children_cpu() - cpu0
