@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +59,19 @@ SUPERNODE = textwrap.dedent(
 ) % {"env": SOCKET_ENV, "module": MODULE}
 
 
-def _start(script: str, tmp_path: Path) -> subprocess.Popen[str]:
-    temp = tmp_path / "tmp"  # the template's folder goes here, not in /tmp
-    temp.mkdir(exist_ok=True)
+@pytest.fixture
+def temp_root() -> Iterator[Path]:
+    """Where the templates make their folders (``TMPDIR``): a short path of its own,
+    since a socket path over 107 bytes (pytest's folders can be) means no template."""
+    root = Path(tempfile.mkdtemp(prefix="pf-wc-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _start(script: str, temp: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*wrapper_args(), sys.executable, "-c", script],
-        cwd=tmp_path,
+        cwd=temp,
         env={**os.environ, "TMPDIR": str(temp)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -81,12 +91,12 @@ def _gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def test_clientapp_runs_forked_with_its_streams_and_exit_codes(tmp_path: Path) -> None:
+def test_clientapp_runs_forked_with_its_streams_and_exit_codes(temp_root: Path) -> None:
     """The node keeps the wrapper's PID; ``flwr-clientapp`` on its PATH is the script
     in the template's private folder; Flower's CLI answers through the script's own
     stdout/stderr with its own exit codes (0 for --help, 2 for a bad option); the
     template ends with its node and removes its folder."""
-    node = _start(SUPERNODE, tmp_path)
+    node = _start(SUPERNODE, temp_root)
     out, err = node.communicate(timeout=120)
     assert node.returncode == 0, err
     report = json.loads(out.strip().splitlines()[-1])
@@ -102,7 +112,7 @@ def test_clientapp_runs_forked_with_its_streams_and_exit_codes(tmp_path: Path) -
     assert not folder.exists()
 
 
-def test_the_private_folder_is_the_users_alone(tmp_path: Path) -> None:
+def test_the_private_folder_is_the_users_alone(temp_root: Path) -> None:
     """The socket that starts processes as this user sits in a folder nobody else
     may enter (mode 0700)."""
     script = textwrap.dedent(
@@ -114,13 +124,13 @@ def test_the_private_folder_is_the_users_alone(tmp_path: Path) -> None:
         print(oct(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)))
         """
     )
-    node = _start(script, tmp_path)
+    node = _start(script, temp_root)
     out, err = node.communicate(timeout=60)
     assert node.returncode == 0, err
     assert out.strip() == "0o700"
 
 
-def test_sigterm_to_the_script_reaches_flowers_clientapp(tmp_path: Path) -> None:
+def test_sigterm_to_the_script_reaches_flowers_clientapp(temp_root: Path) -> None:
     """A ClientApp that cannot reach its SuperNode retries; SIGTERM to the script the
     SuperExec started stops the forked child through Flower's own handler."""
     script = textwrap.dedent(
@@ -142,7 +152,7 @@ def test_sigterm_to_the_script_reaches_flowers_clientapp(tmp_path: Path) -> None
         print(err, file=sys.stderr)
         """
     )
-    node = _start(script, tmp_path)
+    node = _start(script, temp_root)
     _, err = node.communicate(timeout=120)
     assert node.returncode == 0, err
     assert "Start `flwr-clientapp` process" in err
@@ -223,7 +233,7 @@ def test_forked_clientapps_do_not_share_random_state() -> None:
     assert noise[0] != noise[1]
 
 
-def test_a_killed_script_takes_its_child_with_it(tmp_path: Path) -> None:
+def test_a_killed_script_takes_its_child_with_it(temp_root: Path) -> None:
     """The SuperExec's script is SIGKILLed (no forwarding possible): the template
     ends the child it forked for it."""
     script = textwrap.dedent(
@@ -249,14 +259,14 @@ def test_a_killed_script_takes_its_child_with_it(tmp_path: Path) -> None:
         print(json.dumps({{"seen": len(children), "alive": len(alive)}}))
         """
     )
-    node = _start(script, tmp_path)
+    node = _start(script, temp_root)
     out, err = node.communicate(timeout=120)
     assert node.returncode == 0, err
     report = json.loads(out.strip().splitlines()[-1])
     assert report == {"seen": 1, "alive": 0}, "the forked ClientApp outlived its script"
 
 
-def test_a_silent_caller_does_not_hold_up_the_next_message(tmp_path: Path) -> None:
+def test_a_silent_caller_does_not_hold_up_the_next_message(temp_root: Path) -> None:
     """A connection that sends nothing is dropped after a timeout; the next
     ``flwr-clientapp`` is forked and answers."""
     script = textwrap.dedent(
@@ -275,13 +285,13 @@ def test_a_silent_caller_does_not_hold_up_the_next_message(tmp_path: Path) -> No
         print(done.returncode, "usage:" in done.stdout, "cold" in done.stderr)
         """
     )
-    node = _start(script, tmp_path)
+    node = _start(script, temp_root)
     out, err = node.communicate(timeout=120)
     assert node.returncode == 0, err
     assert out.split() == ["0", "True", "False"]
 
 
-def test_a_clientapp_killed_by_a_signal_is_reported_as_killed(tmp_path: Path) -> None:
+def test_a_clientapp_killed_by_a_signal_is_reported_as_killed(temp_root: Path) -> None:
     """The script ends the way its child ended (SIGKILL here, e.g. the OOM killer),
     so the SuperExec sees what a cold process would show."""
     script = textwrap.dedent(
@@ -302,24 +312,41 @@ def test_a_clientapp_killed_by_a_signal_is_reported_as_killed(tmp_path: Path) ->
         print(shim.wait(timeout=60))
         """
     )
-    node = _start(script, tmp_path)
+    node = _start(script, temp_root)
     out, err = node.communicate(timeout=120)
     assert node.returncode == 0, err
     assert out.strip() == str(-signal.SIGKILL)
 
 
-def test_folders_left_by_killed_templates_are_removed(tmp_path: Path) -> None:
+def test_folders_left_by_killed_templates_are_removed(temp_root: Path) -> None:
     """A template killed with its node (SIGKILL) cannot remove its folder: the next
     node started removes this user's old folders whose socket nobody serves."""
-    temp = tmp_path / "tmp"
-    temp.mkdir()
+    temp = temp_root
     stale = temp / f"{FOLDER_PREFIX}old"
     stale.mkdir(mode=0o700)
     (stale / "flwr-clientapp").write_text("#!/bin/sh\n")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     young = temp / f"{FOLDER_PREFIX}young"  # a node starting right now
     young.mkdir(mode=0o700)
-    node = _start("pass", tmp_path)
+    node = _start("pass", temp_root)
     node.communicate(timeout=60)
     assert not stale.exists()
     assert young.exists()
+
+
+def test_a_socket_path_too_long_starts_the_node_without_a_template(tmp_path: Path) -> None:
+    """A temporary folder deep enough that the socket path cannot be bound: the node
+    starts stock (its ClientApps cold), and says why."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    script = f"import os; print(os.environ.get('{SOCKET_ENV}'))"
+    node = subprocess.Popen(
+        [*wrapper_args(), sys.executable, "-c", script],
+        cwd=tmp_path, env={**os.environ, "TMPDIR": str(deep)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = node.communicate(timeout=60)
+    assert node.returncode == 0, err
+    assert out.strip() == "None"
+    assert "too long for a Unix socket" in err and "without a template" in err
+    assert not list(deep.iterdir())
