@@ -124,9 +124,8 @@ def _preload() -> None:
 class _Template:
     """Serve fork requests on ``listener`` until the SuperNode (our parent) is gone."""
 
-    def __init__(self, listener: socket.socket, folder: Path, parent: int) -> None:
+    def __init__(self, listener: socket.socket, parent: int) -> None:
         self.listener = listener
-        self.folder = folder
         self.parent = parent
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, tuple[socket.socket, int]] = {}  # pidfd -> conn, pid
@@ -371,7 +370,7 @@ def _run_template(listener: socket.socket, folder: Path, parent: int) -> NoRetur
         _close_inherited(listener.fileno())
         _die_with_parent(parent)
         _preload()
-        _Template(listener, folder, parent).serve()
+        _Template(listener, parent).serve()
     except SystemExit:
         pass  # stopped, or its node is gone
     except BaseException:  # noqa: BLE001 - reported; the scripts then run cold
