@@ -16,7 +16,7 @@ This module starts the SuperNode with a *template* process beside it:
    SuperNode's ``PATH``.
 2. It forks the template, which imports :data:`PRELOAD` (never privfed's own
    packages: the app is always imported from the FAB the message brings) and waits.
-   It costs about 310 MB of memory for the node's lifetime.
+   Its memory (Flower's and torch's imports) is held for the node's lifetime.
 3. It execs the SuperNode command in its own process, so the SuperNode keeps the PID
    its launcher knows (a fault test kills a node by that PID).
 
