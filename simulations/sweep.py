@@ -271,7 +271,7 @@ def run_grid(
         with (
             ray_for_runs(env, work, ray, cpus) as head,
             closing(WarmFlwrPool(env, work, len(points), spare=args.jobs)) as warm,
-            simulation_superlink(env, work) as superlink,
+            simulation_superlink(env, work, warm=not args.cold_simulation) as superlink,
         ):
             write_connection(flwr_home, superlink.address)
             link = SweepLink(env, work, stage_app(APP_DIR, work), warm)

@@ -226,7 +226,7 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"cfg": cfg, "partitions": partitions}
     try:
         # cold: the probe is the flwr-clientapp each message starts (a warm template,
-        # warm_clientapp.py, would fork Flower's own instead and bypass it)
+        # launch/warm_template.py, would fork Flower's own instead and bypass it)
         spec = DeploymentSpec(work / "dep", work / "certs", warm_clientapp=False)
         with LocalDeployment(spec) as dep:
             dep.start_superlink()

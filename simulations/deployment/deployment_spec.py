@@ -41,7 +41,8 @@ class DeploymentSpec:
     server certificate must carry beyond the loopback ones; a secure deployment's
     ``server_host`` must be one of them (or a loopback name). ``warm_clientapp``
     forks each node's ClientApp processes from a template that has imported Flower
-    and torch (``warm_clientapp.py``); off, they start cold, as stock Flower does.
+    and torch (``launch/warm_template.py``); off, they start cold, as stock Flower
+    does.
     ``pull_interval`` is how long an idle node waits before it asks the SuperLink
     again (``supernode_heartbeat.py``; ``None``: Flower's fixed 3 s).
     """

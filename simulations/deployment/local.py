@@ -43,7 +43,6 @@ from simulations.deployment.front_proxy import (
 )
 from simulations.deployment.health import wait_serving
 from simulations.deployment.supernode_heartbeat import wrapper_args as supernode_wrapper
-from simulations.deployment.warm_clientapp import wrapper_args as warm_clientapp_wrapper
 from simulations.launch.flower_env import (
     CONNECTION_NAME,
     flower_environment,
@@ -58,6 +57,8 @@ from simulations.launch.processes import (
     stop_processes,
     wait_until,
 )
+from simulations.launch.warm_template import CLIENTAPP
+from simulations.launch.warm_template import wrapper_args as warm_wrapper
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 120.0
@@ -249,7 +250,7 @@ class LocalDeployment:
         )
         binary = wrapper or [str(BIN / "flower-supernode")]
         if self.spec.warm_clientapp:
-            binary = [*warm_clientapp_wrapper(), *binary]
+            binary = [*warm_wrapper(CLIENTAPP), *binary]
         argv = [
             *(host.prefix if host else ()),
             *binary,

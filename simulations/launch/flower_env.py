@@ -18,6 +18,7 @@ from typing import Any
 import tomli_w
 
 from simulations.launch.processes import ManagedProcess, free_port, wait_until
+from simulations.launch.warm_template import SIMULATION, wrapper_args
 
 CONNECTION_NAME = "privfed-local"
 # How often the simulation SuperLink's SuperExec asks for a new run to start
@@ -128,11 +129,20 @@ class LocalSuperLink:
 
 @contextmanager
 def simulation_superlink(
-    env: dict[str, str], work_dir: Path, startup_timeout: float = 120.0
+    env: dict[str, str],
+    work_dir: Path,
+    startup_timeout: float = 120.0,
+    warm: bool = True,
 ) -> Iterator[LocalSuperLink]:
-    """Start ``flower-superlink --simulation`` on loopback; stop it and its tree after."""
+    """Start ``flower-superlink --simulation`` on loopback; stop it and its tree after.
+
+    ``warm``: each run's ``flwr-simulation`` is forked from a template that imported
+    Flower's simulation engine, Ray and torch while the SuperLink started
+    (:mod:`simulations.launch.warm_template`); otherwise it starts cold, as stock.
+    """
     port = free_port()
     argv = [
+        *(wrapper_args(SIMULATION) if warm else ()),
         str(Path(sys.executable).parent / "flower-superlink"),
         "--insecure",
         "--simulation",

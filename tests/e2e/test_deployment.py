@@ -41,8 +41,6 @@ from simulations.deployment.local import (
     LocalDeployment,
     SuperNodeRefused,
 )
-from simulations.deployment.warm_clientapp import MODULE as WARM_MODULE
-from simulations.deployment.warm_clientapp import SHIM_NAME
 from simulations.launch.flower_env import flower_environment, stage_app
 from simulations.launch.options import APP_DIR, pyproject_defaults
 from simulations.launch.preflight import partition_sizes
@@ -51,6 +49,8 @@ from simulations.launch.processes import (
     descendants,
     stop_processes,
 )
+from simulations.launch.warm_template import CLIENTAPP
+from simulations.launch.warm_template import MODULE as WARM_MODULE
 from tests.helpers.process_watch import (
     assert_all_gone,
     assert_loopback_only,
@@ -115,9 +115,9 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
         )
         assert show_ledger([str(ledger_file.parent), "--json"]) == 0
     # each node's messages ran in children of its warm template, not cold
-    templates = [c for c in watch.commands if f"-m {WARM_MODULE} -- " in c]
+    templates = [c for c in watch.commands if f"-m {WARM_MODULE} {CLIENTAPP.name} -- " in c]
     assert len(templates) >= 3, sorted(watch.commands)
-    scripts = [c for c in watch.commands if f"/{SHIM_NAME} --" in c]
+    scripts = [c for c in watch.commands if f"/{CLIENTAPP.name} --" in c]
     assert len(scripts) >= 6 and all("/privfed-warm-" in c for c in scripts), scripts
     assert_loopback_only(watch)
     assert_all_gone(watch)

@@ -108,6 +108,10 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     snippet = results_python_snippet().replace("results/RUN", str(results))
     exec(compile(snippet, "docs/results-format.md", "exec"), {})
 
+    # the run's flwr-simulation was forked from the SuperLink's warm template: a cold
+    # start (the script exec'ing the stock one) would show the venv's flwr-simulation
+    scripts = [c for c in watch.commands if "/flwr-simulation --" in c]
+    assert scripts and all("/privfed-warm-" in c for c in scripts), sorted(watch.commands)
     assert_loopback_only(watch)
     assert_all_gone(watch)
 

@@ -14,9 +14,10 @@ import flwr.supernode.fleet_http_connection as connection
 import pytest
 
 import simulations.deploy as deploy
-from simulations.deployment import supernode_heartbeat, warm_clientapp
+from simulations.deployment import supernode_heartbeat
 from simulations.deployment.deployment_spec import DeploymentSpec
 from simulations.deployment.local import LocalDeployment
+from simulations.launch import warm_template
 
 
 def test_only_intervals_the_superlink_accepts() -> None:
@@ -92,7 +93,7 @@ def test_a_warm_template_wraps_the_node_command_whatever_it_is(tmp_path: Path) -
     try:
         plain = dep.start_supernode(0, {}, wait=False)
         fast = dep.start_supernode(1, {}, wait=False, heartbeat_interval=10.0)
-        prefix = [*warm_clientapp.wrapper_args()]
+        prefix = warm_template.wrapper_args(warm_template.CLIENTAPP)
         assert plain.process.popen.args[: len(prefix)] == prefix
         assert fast.process.popen.args[: len(prefix)] == prefix
         for node in (plain, fast):  # the pull pace needs the wrapper on every node

@@ -1,31 +1,35 @@
-"""A SuperNode whose ClientApp processes are forked from one that has already imported
-Flower and torch.
+"""Flower's per-task processes forked from a template that has already imported Flower
+and torch.
 
-A SuperNode runs every message in a fresh ``flwr-clientapp`` process (its SuperExec
-starts the console script by name from ``PATH``). Of the 2.2-3.8 CPU-s such a
-process costs, about 1.0 is Flower's own imports and 1.3 is ``import torch``; the
-message itself (pull, FAB, shard cache, a few DP-SGD steps, reply) is a few tenths.
-On a 2-core machine running several nodes that start-up is most of a round.
+Flower's SuperExec runs every task in a fresh process, starting a console script by
+name from ``PATH``: ``flwr-clientapp`` for each message a SuperNode gets,
+``flwr-simulation`` for each run a simulation SuperLink is given. Most of such a
+process's start-up is imports: of the 2.2-3.8 CPU-s a ClientApp message costs, about
+1.0 is Flower's and 1.3 is torch's; a simulation run waits about 2 s before its
+ServerApp starts. On a 2-core machine running several nodes, or a sweep of many runs,
+that start-up is most of the time.
 
-This module starts the SuperNode with a *template* process beside it:
+This module starts the SuperNode or SuperLink with a *template* process beside it:
 
-    python -P -m simulations.deployment.warm_clientapp -- flower-supernode <its args>
+    python -P -m simulations.launch.warm_template flwr-clientapp -- flower-supernode ...
+    python -P -m simulations.launch.warm_template flwr-simulation -- flower-superlink ...
 
-1. It binds a Unix socket in a fresh private folder (mode 0700) and writes a
-   ``flwr-clientapp`` there (:mod:`.warm_clientapp_script`) that goes first on the
-   SuperNode's ``PATH``.
-2. It forks the template, which imports :data:`PRELOAD` (never privfed's own
-   packages: the app is always imported from the FAB the message brings) and waits.
-   Its memory (Flower's and torch's imports) is held for the node's lifetime.
-3. It execs the SuperNode command in its own process, so the SuperNode keeps the PID
-   its launcher knows (a fault test kills a node by that PID).
+1. It binds a Unix socket in a fresh private folder (mode 0700) and writes a script
+   named for the command (:mod:`.warm_template_script`) there, which goes first on
+   the started process's ``PATH``.
+2. It forks the template, which imports the command's :attr:`WarmCommand.preload`
+   (never privfed's own packages: the app is always imported from the FAB the task
+   brings) and waits. Its memory is held for the node's or SuperLink's lifetime.
+3. It execs the given command in its own process, so that process keeps the PID its
+   launcher knows (a fault test kills a node by that PID).
 
-For each message the script hands over its command line, environment, working
-folder and standard streams; the template forks a child that runs Flower's own
-``flwr_clientapp()`` with them, and reports the child's PID and then its exit code.
+For each task the script hands over its command line, environment, working folder
+and standard streams; the template forks a child that runs Flower's own entry point
+(:attr:`WarmCommand.entry`) with them, and reports the child's PID and then its exit
+code.
 
-Still one fresh process per message: a child is a copy of the template, which has
-imported modules and run nothing else, so no message sees another's state. Random
+Still one fresh process per task: a child is a copy of the template, which has
+imported modules and run nothing else, so no task sees another's state. Random
 state that a copy would share is drawn again in each child (Python's ``random``,
 NumPy's global generator, torch's default generator); privfed's DP noise, sampling,
 masks and rounding use none of them (``secrets`` and ``os.urandom``:
@@ -34,18 +38,19 @@ does not rely on it). Only this user's connections are served (``SO_PEERCRED``),
 through a socket in a folder only this user can enter; a caller that connects and
 sends nothing is dropped after :data:`REQUEST_TIMEOUT_S`.
 
-The template exits with its SuperNode (``PR_SET_PDEATHSIG``, and a check of its
-parent) and then removes its folder; a folder left by a SIGKILLed one is removed by
-the next node started. If the template crashed, its folder stays, so every later
-script says on standard error that it is unreachable and runs the stock
-``flwr-clientapp`` cold. Where the template cannot work (a noexec temporary folder,
-a socket path too long), the node starts without one, saying so.
+The template exits with the process it was started beside (``PR_SET_PDEATHSIG``,
+and a check of its parent) and then removes its folder; a folder left by a SIGKILLed
+one is removed by the next template started. If the template crashed, its folder
+stays, so every later script says on standard error that it is unreachable and runs
+the stock command cold. Where the template cannot work (a noexec temporary folder, a
+socket path too long), the process starts without one, saying so.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import importlib
 import json
 import os
 import selectors
@@ -58,63 +63,89 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from simulations.deployment.warm_clientapp_script import (
+from simulations.launch.warm_template_script import (
     FORWARDED,
     MAX_REQUEST,
-    SHIM_NAME,
-    SOCKET_ENV,
     STANDARD_STREAMS,
     Request,
+    socket_env,
 )
 
-MODULE = "simulations.deployment.warm_clientapp"
-SCRIPT_MODULE = "simulations.deployment.warm_clientapp_script"
+MODULE = "simulations.launch.warm_template"
+SCRIPT_MODULE = "simulations.launch.warm_template_script"
 SOCKET_NAME = "template.sock"
 FOLDER_PREFIX = "privfed-warm-"
-# What a ClientApp message imports that costs start-up time (third-party only).
-PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "torch", "numpy", "scipy.special")
 # The app's own packages: always imported in the child, from the FAB it pulls.
 APP_PACKAGES = ("client", "common", "server")
+
+
+@dataclass(frozen=True)
+class WarmCommand:
+    """A Flower console script a template can stand in for."""
+
+    name: str  # what the SuperExec starts from PATH
+    entry: str  # "module:function", Flower's own entry point the child calls
+    preload: tuple[str, ...]  # what its start-up imports (third-party only)
+
+    def __post_init__(self) -> None:
+        module, _, function = self.entry.partition(":")
+        if not module or not function.isidentifier():
+            raise ValueError(f"entry must be 'module:function', got {self.entry!r}")
+
+
+CLIENTAPP = WarmCommand(
+    "flwr-clientapp",
+    "flwr.supernode.cli.flwr_clientapp:flwr_clientapp",
+    ("flwr.supernode.cli.flwr_clientapp", "torch", "numpy", "scipy.special"),
+)
+# A simulation run: Flower's simulation engine and Ray, and what the ServerApp imports.
+SIMULATION = WarmCommand(
+    "flwr-simulation",
+    "flwr.simulation.app:flwr_simulation",
+    ("flwr.simulation.app", "flwr.simulation.run_simulation", "ray", "torch", "numpy",
+     "scipy.special", "cryptography.hazmat.primitives.hashes"),
+)  # fmt: skip
+COMMANDS: dict[str, WarmCommand] = {c.name: c for c in (CLIENTAPP, SIMULATION)}
 REQUEST_TIMEOUT_S = 2.0  # for a connected script to send its request
 STALE_AFTER_S = 60.0  # a folder of ours this old whose socket refuses is left over
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the final NUL
 _PR_SET_PDEATHSIG = 1
 
 
-def wrapper_args() -> list[str]:
-    """The command prefix that starts a SuperNode command with a template beside it."""
-    return [sys.executable, "-P", "-m", MODULE, "--"]  # -P: as the console script
+def wrapper_args(command: WarmCommand) -> list[str]:
+    """The prefix that starts a command (a SuperNode's, a SuperLink's) with a
+    template for ``command`` beside it."""
+    return [sys.executable, "-P", "-m", MODULE, command.name, "--"]  # -P: as a script
 
 
 # --- the template ---------------------------------------------------------------------
 
 
-def _write_shim(folder: Path) -> None:
-    script = folder / SHIM_NAME
+def _write_shim(folder: Path, command: WarmCommand) -> None:
+    script = folder / command.name
     script.write_text(
         f"#!{sys.executable} -P\n"
         "import sys\n"
         f"from {SCRIPT_MODULE} import shim_main\n"
-        "sys.exit(shim_main())\n"
+        f"sys.exit(shim_main({command.name!r}))\n"
     )
     script.chmod(0o700)
 
 
 def _die_with_parent(parent: int) -> None:
-    """SIGTERM when the node exits (handled: the folder is removed)."""
+    """SIGTERM when the parent exits (handled: the folder is removed)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # it died before the request took effect
         raise SystemExit(0)
 
 
-def _preload() -> None:
-    import importlib
-
-    for name in PRELOAD:
+def _preload(command: WarmCommand) -> None:
+    for name in command.preload:
         importlib.import_module(name)
     leaked = sorted(name for name in sys.modules if name.split(".")[0] in APP_PACKAGES)
     if leaked:  # Flower would reuse them instead of importing the FAB's code
@@ -122,11 +153,12 @@ def _preload() -> None:
 
 
 class _Template:
-    """Serve fork requests on ``listener`` until the SuperNode (our parent) is gone."""
+    """Serve fork requests on ``listener`` until our parent (the node) is gone."""
 
-    def __init__(self, listener: socket.socket, parent: int) -> None:
+    def __init__(self, listener: socket.socket, parent: int, command: WarmCommand) -> None:
         self.listener = listener
         self.parent = parent
+        self.command = command
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, tuple[socket.socket, int]] = {}  # pidfd -> conn, pid
         self.conns: dict[int, tuple[socket.socket, int]] = {}  # conn fd -> conn, pid
@@ -143,16 +175,19 @@ class _Template:
                 elif key.data == "conn" and key.fd in self.conns:
                     self._hung_up(key.fd)
 
+    def _say(self, what: str) -> None:
+        print(f"warm {self.command.name} template: {what}", file=sys.stderr, flush=True)
+
     def _accept(self) -> None:
         try:
             conn, _ = self.listener.accept()
         except OSError as err:  # e.g. out of file descriptors: this request only
-            print(f"warm ClientApp template: {err}", file=sys.stderr, flush=True)
+            self._say(str(err))
             return
         try:
             self._fork_for(conn)
         except OSError as err:  # fork or pidfd_open failed: the script is told (EOF)
-            print(f"warm ClientApp template: {err}", file=sys.stderr, flush=True)
+            self._say(str(err))
             conn.close()
 
     def _fork_for(self, conn: socket.socket) -> None:
@@ -169,7 +204,7 @@ class _Template:
                 raise ValueError(f"expected 3 standard streams, got {len(fds)}")
             request = Request.decode(data)
         except (OSError, ValueError) as err:
-            print(f"warm ClientApp template: {err}", file=sys.stderr, flush=True)
+            self._say(str(err))
             for fd in fds:
                 os.close(fd)
             conn.close()
@@ -181,7 +216,7 @@ class _Template:
                 os.close(fd)
             raise
         if pid == 0:
-            self._become_clientapp(request, fds, conn)
+            self._become_command(request, fds, conn)
         for fd in fds:
             os.close(fd)
         conn.settimeout(None)
@@ -214,10 +249,10 @@ class _Template:
         except ProcessLookupError:
             pass
 
-    def _become_clientapp(
+    def _become_command(
         self, request: Request, fds: list[int], own: socket.socket
     ) -> NoReturn:
-        """In the forked child: become ``flwr-clientapp <argv>``; never return."""
+        """In the forked child: become ``<command> <argv>``; never return."""
         code: int = 1
         try:
             # the dispositions a fresh interpreter starts with
@@ -240,10 +275,10 @@ class _Template:
             _fresh_random_state()
             # as the console script has it: its own folder first, not the template's
             sys.path.insert(0, str(Path(sys.executable).parent))
-            sys.argv = [SHIM_NAME, *request.argv]
-            from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
-            flwr_clientapp()
+            # Flower tells its commands apart by argv[0] (its exit messages)
+            sys.argv = [self.command.name, *request.argv]
+            module, _, function = self.command.entry.partition(":")
+            getattr(importlib.import_module(module), function)()
             code = 0
         except SystemExit as done:
             code = _exit_code(done.code)
@@ -322,24 +357,25 @@ def _remove_stale_folders(root: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Fork the template, then become the SuperNode command after ``--``."""
+    """Fork the template for the named command, then become the command after ``--``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] != ["--"] or len(args) < 2:
+    if len(args) < 3 or args[1] != "--" or args[0] not in COMMANDS:
         print(
-            f"usage: python -P -m {MODULE} -- <flower-supernode command>", file=sys.stderr
+            f"usage: python -P -m {MODULE} {{{','.join(COMMANDS)}}} -- <command to start>",
+            file=sys.stderr,
         )
         sys.exit(2)
-    command = args[1:]
+    warm, command = COMMANDS[args[0]], args[2:]
     root = Path(tempfile.gettempdir())
     _remove_stale_folders(root)
     folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=root))  # mode 0700
     why = _unusable(folder)
     if why is not None:
         shutil.rmtree(folder, ignore_errors=True)
-        print(f"warm ClientApp: {why}; starting the node without a template",
+        print(f"warm {warm.name}: {why}; starting {command[0]} without a template",
               file=sys.stderr, flush=True)  # fmt: skip
         os.execvp(command[0], command)
-    _write_shim(folder)
+    _write_shim(folder, warm)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(folder / SOCKET_NAME))
     listener.listen(16)
@@ -347,16 +383,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     # held back until the template's handler is set, so a stop always removes the folder
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     if os.fork() == 0:
-        _run_template(listener, folder, parent)
+        _run_template(listener, folder, parent, warm)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     listener.close()
     env = dict(os.environ)
-    env[SOCKET_ENV] = str(folder / SOCKET_NAME)
+    env[socket_env(warm.name)] = str(folder / SOCKET_NAME)
     env["PATH"] = f"{folder}{os.pathsep}{env.get('PATH', '')}"
     os.execvpe(command[0], command, env)
 
 
-def _run_template(listener: socket.socket, folder: Path, parent: int) -> NoReturn:
+def _run_template(
+    listener: socket.socket, folder: Path, parent: int, command: WarmCommand
+) -> NoReturn:
     """The template's whole life: import, serve, and remove the folder when stopped.
 
     A crash leaves the folder, so that every later script says the template is
@@ -369,8 +407,8 @@ def _run_template(listener: socket.socket, folder: Path, parent: int) -> NoRetur
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         _close_inherited(listener.fileno())
         _die_with_parent(parent)
-        _preload()
-        _Template(listener, parent).serve()
+        _preload(command)
+        _Template(listener, parent, command).serve()
     except SystemExit:
         pass  # stopped, or its node is gone
     except BaseException:  # noqa: BLE001 - reported; the scripts then run cold
@@ -383,7 +421,7 @@ def _run_template(listener: socket.socket, folder: Path, parent: int) -> NoRetur
 
 
 def _close_inherited(keep: int) -> None:
-    """Close what the node's launcher left open: a fresh process would not have it."""
+    """Close what the launcher left open: a fresh process would not have it."""
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
 

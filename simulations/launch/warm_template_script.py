@@ -1,15 +1,16 @@
-"""The ``flwr-clientapp`` a warm template puts first on its SuperNode's ``PATH``.
+"""The script a warm template puts first on ``PATH`` under the name of Flower's command
+(``flwr-clientapp``, ``flwr-simulation``).
 
-Flower's SuperExec starts it, by name, for every message. It hands its command line,
-environment, working folder and standard streams to the template
-(:mod:`simulations.deployment.warm_clientapp`), which forks a child that runs Flower's
-own ``flwr_clientapp()`` with them; it then forwards SIGTERM, SIGINT, SIGHUP and
-SIGQUIT to that child and exits with its exit code. Standard library only: it is
-started once per message and should cost nothing.
+Flower's SuperExec starts that command by name for every task. The script hands its
+command line, environment, working folder and standard streams to the template
+(:mod:`simulations.launch.warm_template`), which forks a child that runs Flower's own
+entry point with them; it then forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to that
+child and exits with its exit code. Standard library only: it is started once per
+task and should cost nothing.
 
 If the template cannot be reached (nothing was forked), it says so on standard error
-and runs the stock ``flwr-clientapp`` cold. Once its request is sent it never does:
-a child may exist, and two processes must not run one task.
+and runs the stock command cold. Once its request is sent it never does: a child may
+exist, and two processes must not run one task.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-SOCKET_ENV = "PRIVFED_WARM_CLIENTAPP_SOCKET"
-SHIM_NAME = "flwr-clientapp"
 MAX_REQUEST = 1 << 20  # bytes: command line + environment + folder
 # for the template to fork: it accepts only once its imports are done (seconds alone,
 # longer on a starved machine); a script that gives up exits 1, never runs cold
@@ -37,9 +36,16 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 STANDARD_STREAMS = (0, 1, 2)
 
 
+def socket_env(command: str) -> str:
+    """The variable naming the socket of ``command``'s template, e.g.
+    ``PRIVFED_WARM_FLWR_CLIENTAPP_SOCKET``: one per command, so that a process
+    started under two templates (a SuperLink's, a node's) tells them apart."""
+    return "PRIVFED_WARM_" + command.upper().replace("-", "_") + "_SOCKET"
+
+
 @dataclass(frozen=True)
 class Request:
-    """What a ``flwr-clientapp`` invocation hands over: everything a child needs."""
+    """What one invocation of the command hands over: everything a child needs."""
 
     argv: tuple[str, ...]
     cwd: str
@@ -68,12 +74,13 @@ class Request:
             raise ValueError(f"malformed request: {err!r}") from err
 
 
-def shim_main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``flwr-clientapp`` in a child of the template; return its exit code."""
+def shim_main(command: str, argv: Sequence[str] | None = None) -> int:
+    """Run one ``command`` in a child of its template; return its exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    said = f"warm {command}"
     if RUNTIME_INSTALL_FLAG in args:
-        return _cold(args, f"warm ClientApp: {RUNTIME_INSTALL_FLAG} needs a fresh process")
-    path = os.environ.get(SOCKET_ENV, "")
+        return _cold(command, args, f"{said}: {RUNTIME_INSTALL_FLAG} needs a fresh process")
+    path = os.environ.get(socket_env(command), "")
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.connect(path)
@@ -81,14 +88,14 @@ def shim_main(argv: Sequence[str] | None = None) -> int:
         socket.send_fds(conn, [request.encode()], list(STANDARD_STREAMS))
     except (OSError, ValueError) as err:  # nothing was forked: the cold start is safe
         conn.close()
-        return _cold(args, f"warm ClientApp template at {path!r} unreachable ({err})")
+        return _cold(command, args, f"{said}: template at {path!r} unreachable ({err})")
     try:  # from here a child may exist: never start a second process for the task
         conn.settimeout(PID_TIMEOUT_S)
         pid = _read_int(conn, "pid")
     except (OSError, ValueError) as err:
         conn.close()
         print(
-            f"warm ClientApp: the template at {path!r} did not fork ({err})",
+            f"{said}: the template at {path!r} did not fork ({err})",
             file=sys.stderr,
         )
         return 1
@@ -105,7 +112,7 @@ def shim_main(argv: Sequence[str] | None = None) -> int:
     try:
         status = _read_int(conn, "exit")
     except (OSError, ValueError) as err:
-        print(f"warm ClientApp: lost the template ({err}); child {pid}", file=sys.stderr)
+        print(f"{said}: lost the template ({err}); child {pid}", file=sys.stderr)
         return 1
     finally:
         conn.close()
@@ -126,7 +133,7 @@ def _read_int(conn: socket.socket, key: str) -> int:
     return value
 
 
-def _cold(args: list[str], why: str) -> NoReturn:
-    real = Path(sys.executable).parent / SHIM_NAME
+def _cold(command: str, args: list[str], why: str) -> NoReturn:
+    real = Path(sys.executable).parent / command
     print(f"{why}; running {real} cold", file=sys.stderr, flush=True)
     os.execv(str(real), [str(real), *args])

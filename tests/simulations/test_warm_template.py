@@ -1,8 +1,11 @@
-"""ClientApp processes forked from a warm template (deployment/warm_clientapp.py).
+"""Flower's task processes forked from a warm template (launch/warm_template.py).
 
 A stand-in SuperNode (a short script) is started the way local deployments start
 one, and runs ``flwr-clientapp`` by name from its ``PATH`` as Flower's SuperExec
-does. Flower's own ``flwr_clientapp()`` then runs in a child of the template.
+does. Flower's own ``flwr_clientapp()`` then runs in a child of the template. The
+``flwr-simulation`` template is exercised end to end by every simulation test (the
+launcher starts its SuperLink under one); here its entry point is checked the same
+way as the ClientApp's.
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ import psutil
 import pytest
 
 from common.privacy.randomness import round_generator
-from simulations.deployment import warm_clientapp
-from simulations.deployment.warm_clientapp import (
+from simulations.launch import warm_template
+from simulations.launch.warm_template import (
+    CLIENTAPP,
     FOLDER_PREFIX,
     MODULE,
     SCRIPT_MODULE,
+    SIMULATION,
+    WarmCommand,
     _fresh_random_state,
     wrapper_args,
 )
-from simulations.deployment.warm_clientapp_script import SOCKET_ENV, Request
+from simulations.launch.warm_template_script import Request, socket_env
+
+SOCKET_ENV = socket_env(CLIENTAPP.name)
 
 # The stand-in SuperNode: run flwr-clientapp from PATH the way the SuperExec does,
 # and report what happened as one JSON line.
@@ -68,9 +76,11 @@ def temp_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _start(script: str, temp: Path) -> subprocess.Popen[str]:
+def _start(
+    script: str, temp: Path, command: WarmCommand = CLIENTAPP
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*wrapper_args(), sys.executable, "-c", script],
+        [*wrapper_args(command), sys.executable, "-c", script],
         cwd=temp,
         env={**os.environ, "TMPDIR": str(temp)},
         stdout=subprocess.PIPE,
@@ -165,7 +175,7 @@ def test_an_unreachable_template_is_reported_and_the_clientapp_runs_cold(
     env = {**os.environ, SOCKET_ENV: str(tmp_path / "nothing.sock")}
     done = subprocess.run(
         [sys.executable, "-c", f"import sys; from {SCRIPT_MODULE} import shim_main; "
-         "sys.exit(shim_main(['--help']))"],
+         "sys.exit(shim_main('flwr-clientapp', ['--help']))"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0
@@ -173,13 +183,39 @@ def test_an_unreachable_template_is_reported_and_the_clientapp_runs_cold(
     assert "usage:" in done.stdout
 
 
-def test_the_template_refuses_to_hold_the_apps_own_modules(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_template_refuses_to_hold_the_apps_own_modules() -> None:
     """Flower reuses an imported ``client.app`` instead of the FAB's: never preload it."""
-    monkeypatch.setattr(warm_clientapp, "PRELOAD", ("common.config",))
+    own = WarmCommand("flwr-clientapp", CLIENTAPP.entry, ("common.config",))
     with pytest.raises(RuntimeError, match="app's own modules"):
-        warm_clientapp._preload()
+        warm_template._preload(own)
+    with pytest.raises(ValueError, match="module:function"):
+        WarmCommand("flwr-clientapp", "flwr.supernode", ())
+
+
+def test_the_simulation_template_runs_flowers_flwr_simulation(temp_root: Path) -> None:
+    """``flwr-simulation`` on the PATH of a process started under the simulation
+    template is its script, and answers as Flower's own (its --help, exit 0), forked
+    warm, not cold; the ClientApp's variable is not set."""
+    script = textwrap.dedent(
+        f"""
+        import json, os, shutil, subprocess
+        done = subprocess.run(["flwr-simulation", "--help"], capture_output=True,
+                              text=True, timeout=120)
+        print(json.dumps({{"shim": shutil.which("flwr-simulation"),
+                           "socket": os.environ.get("{socket_env(SIMULATION.name)}"),
+                           "clientapp": os.environ.get("{SOCKET_ENV}"),
+                           "run": [done.returncode, done.stdout, done.stderr]}}))
+        """
+    )
+    node = _start(script, temp_root, SIMULATION)
+    out, err = node.communicate(timeout=180)
+    assert node.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["shim"] == str(Path(report["socket"]).parent / "flwr-simulation")
+    assert report["clientapp"] is None
+    code, stdout, stderr = report["run"]
+    assert code == 0 and "--runtime-api-address" in stdout, stderr
+    assert "unreachable" not in stderr and "cold" not in stderr
 
 
 def test_requests_are_validated() -> None:
@@ -341,7 +377,7 @@ def test_a_socket_path_too_long_starts_the_node_without_a_template(tmp_path: Pat
     deep.mkdir()
     script = f"import os; print(os.environ.get('{SOCKET_ENV}'))"
     node = subprocess.Popen(
-        [*wrapper_args(), sys.executable, "-c", script],
+        [*wrapper_args(CLIENTAPP), sys.executable, "-c", script],
         cwd=tmp_path, env={**os.environ, "TMPDIR": str(deep)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
