@@ -86,13 +86,6 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         "(--ray-address)",
     )
     p.add_argument(
-        "--cold-simulation",
-        action="store_true",
-        help="start each run's flwr-simulation process from scratch, as Flower's "
-        "SuperLink does (default: forked from a template that has imported Flower, "
-        "Ray and torch while the SuperLink started: docs/simulation.md)",
-    )
-    p.add_argument(
         "--ray-address",
         type=ray_address,
         metavar="HOST:PORT",
@@ -230,7 +223,7 @@ def run_federation(args: argparse.Namespace) -> int:
         with (
             ray_for_runs(env, work, ray, os.cpu_count() or 1) as head,
             closing(WarmFlwrPool(env, work, submissions=1)) as pool,
-            simulation_superlink(env, work, warm=not args.cold_simulation) as link,
+            simulation_superlink(env, work) as link,
         ):
             print(f"[privfed] Ray: {describe_ray(ray, head)}", flush=True)
             print(f"[privfed] SuperLink serving on {link.address}", flush=True)

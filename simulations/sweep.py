@@ -350,6 +350,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     add_simulation_options(p)
     p.add_argument(
+        "--cold-simulation",
+        action="store_true",
+        help="start each point's flwr-simulation process from scratch, as Flower's "
+        "SuperLink does (default: forked from a template that imported Flower, Ray "
+        "and torch once, while the SuperLink started: docs/simulation.md)",
+    )
+    p.add_argument(
         "--timeout",
         type=positive_seconds,
         default=3600.0,

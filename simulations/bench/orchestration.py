@@ -12,15 +12,10 @@ wall time.
 ``--baseline DIR`` runs another checkout (a ``git worktree`` of an older commit,
 with a ``.venv`` of its own or a link to this one) alternately with this one, so
 that both are measured under the same load; a table per checkout.
-``--cold-baseline`` instead alternates this checkout with itself run with
-``--cold-simulation`` (each run's ``flwr-simulation`` started cold, not forked from
-the SuperLink's warm template).
 
     python -m simulations.bench.orchestration --clients 10 --rounds 10 --repeats 3
     python -m simulations.bench.orchestration --clients 10 --rounds 1 --repeats 3 \
         --baseline /tmp/privfed-032b230
-    python -m simulations.bench.orchestration --clients 10 --rounds 1 --repeats 5 \
-        --cold-baseline
 """
 
 from __future__ import annotations
@@ -44,13 +39,11 @@ def _python(checkout: Path) -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
-def _one_run(
-    args: argparse.Namespace, checkout: Path, extra: list[str], results: Path
-) -> dict[str, float]:
+def _one_run(args: argparse.Namespace, checkout: Path, results: Path) -> dict[str, float]:
     argv = [
         _python(checkout), "-m", "simulations.run", "--clients", str(args.clients),
         "--rounds", str(args.rounds), "--results-dir", str(results),
-        "--batch-size", "512", "--local-epochs", "1", "--target-epsilon", "8", *extra,
+        "--batch-size", "512", "--local-epochs", "1", "--target-epsilon", "8",
     ]  # fmt: skip
     launched = time.time()
     proc = subprocess.run(argv, cwd=checkout, capture_output=True, text=True, timeout=900)
@@ -88,29 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="another checkout to run alternately with this one (e.g. a git worktree)",
     )
-    p.add_argument(
-        "--cold-baseline",
-        action="store_true",
-        help="run this checkout with --cold-simulation alternately with it as it is",
-    )
     args = p.parse_args(argv)
-    checkouts: dict[str, tuple[Path, list[str]]] = {"this checkout": (REPO, [])}
-    if args.baseline is not None and args.cold_baseline:
-        raise SystemExit("give --baseline or --cold-baseline, not both")
+    checkouts = {"this checkout": REPO}
     if args.baseline is not None:
         if not (args.baseline / "simulations" / "run.py").is_file():
             raise SystemExit(f"--baseline {args.baseline}: not a privfed checkout")
-        checkouts = {
-            f"baseline {args.baseline}": (args.baseline.resolve(), []),
-            **checkouts,
-        }
-    if args.cold_baseline:
-        checkouts = {"--cold-simulation": (REPO, ["--cold-simulation"]), **checkouts}
+        checkouts = {f"baseline {args.baseline}": args.baseline.resolve(), **checkouts}
     base = Path(tempfile.mkdtemp(prefix="privfed-orch-"))
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
     for i in range(args.repeats):
-        for j, (name, (checkout, extra)) in enumerate(checkouts.items()):
-            runs[name].append(_one_run(args, checkout, extra, base / f"run-{i}-{j}"))
+        for j, (name, checkout) in enumerate(checkouts.items()):
+            runs[name].append(_one_run(args, checkout, base / f"run-{i}-{j}"))
             print(f"run {i + 1}, {name}: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in runs[name][-1].items()),
                   flush=True)  # fmt: skip

@@ -132,13 +132,15 @@ def simulation_superlink(
     env: dict[str, str],
     work_dir: Path,
     startup_timeout: float = 120.0,
-    warm: bool = True,
+    warm: bool = False,
 ) -> Iterator[LocalSuperLink]:
     """Start ``flower-superlink --simulation`` on loopback; stop it and its tree after.
 
     ``warm``: each run's ``flwr-simulation`` is forked from a template that imported
-    Flower's simulation engine, Ray and torch while the SuperLink started
+    Flower's simulation engine, Ray and torch once, while the SuperLink started
     (:mod:`simulations.launch.warm_template`); otherwise it starts cold, as stock.
+    Worth it where one SuperLink serves several runs (a sweep): for a single run
+    the template's imports only move, and slow the Ray head's start beside them.
     """
     port = free_port()
     argv = [

@@ -14,6 +14,7 @@ import pytest
 
 from common.ledger.privacy_ledger import epsilon_of_history
 from server.results.outcome import Outcome
+from simulations.launch.warm_template import MODULE as WARM_MODULE
 from tests.helpers.docs import results_python_snippet
 from tests.helpers.process_watch import (
     Watch,
@@ -108,10 +109,9 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     snippet = results_python_snippet().replace("results/RUN", str(results))
     exec(compile(snippet, "docs/results-format.md", "exec"), {})
 
-    # the run's flwr-simulation was forked from the SuperLink's warm template: a cold
-    # start (the script exec'ing the stock one) would show the venv's flwr-simulation
+    # a single run starts its flwr-simulation as stock Flower does (no template)
     scripts = [c for c in watch.commands if "/flwr-simulation --" in c]
-    assert scripts and all("/privfed-warm-" in c for c in scripts), sorted(watch.commands)
+    assert scripts and not any("/privfed-warm-" in c for c in scripts), scripts
     assert_loopback_only(watch)
     assert_all_gone(watch)
 
@@ -347,6 +347,12 @@ def test_sweep_runs_every_point_on_one_superlink(ahead: RunsAhead, tmp_path: Pat
     assert (swept / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
     assert "s per run amortised over 2 runs" in out
     assert "SuperLink and Ray start" in out and "of the sweep's wall time per run" in out
+    # both points' flwr-simulation were forked from the SuperLink's warm template (one
+    # for the sweep): a cold start would show the venv's own flwr-simulation instead
+    templates = [c for c in watch.commands if f"-m {WARM_MODULE} flwr-simulation -- " in c]
+    assert len(templates) == 1, sorted(watch.commands)
+    scripts = [c for c in watch.commands if "/flwr-simulation --" in c]
+    assert len(scripts) == 2 and all("/privfed-warm-" in c for c in scripts), scripts
     assert_loopback_only(watch)
     assert_all_gone(watch)
 
