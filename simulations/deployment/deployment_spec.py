@@ -45,6 +45,10 @@ class DeploymentSpec:
     does.
     ``pull_interval`` is how long an idle node waits before it asks the SuperLink
     again (``supernode_heartbeat.py``; ``None``: Flower's fixed 3 s).
+    ``wake_superexecs``: the SuperExecs of the SuperLink and of each node are woken
+    when a task is stored instead of asking every 0.1 s (``launch/superexec_wakeup.py``);
+    off, they poll as stock Flower does. A node wakes its SuperExec through the
+    heartbeat wrapper, so ``pull_interval=None`` with it on still starts that wrapper.
     """
 
     work_dir: Path
@@ -56,6 +60,7 @@ class DeploymentSpec:
     server_sans: tuple[str, ...] = ()
     warm_clientapp: bool = True
     pull_interval: float | None = PULL_INTERVAL_S
+    wake_superexecs: bool = True
 
     def __post_init__(self) -> None:
         if self.pull_interval is not None and not (

@@ -57,6 +57,7 @@ from simulations.launch.processes import (
     stop_processes,
     wait_until,
 )
+from simulations.launch.superexec_wakeup import superlink_command
 from simulations.launch.warm_template import CLIENTAPP
 from simulations.launch.warm_template import wrapper_args as warm_wrapper
 
@@ -139,7 +140,6 @@ class LocalDeployment:
         self.port = free_port(host)
         health = self._server(free_port(host))
         argv = [
-            str(BIN / "flower-superlink"),
             "--host", host, "--port", str(self.port),
             "--isolation", "subprocess",
             "--disable-runtime-dependency-installation",
@@ -157,6 +157,11 @@ class LocalDeployment:
             ]  # fmt: skip
         else:
             argv.append("--insecure")
+        superlink = str(BIN / "flower-superlink")
+        if self.spec.wake_superexecs:
+            argv = superlink_command(superlink, argv)
+        else:
+            argv = [superlink, *argv]
         self.superlink = ManagedProcess(
             "flower-superlink", argv, self.env, self._log("superlink"), self.spec.work_dir
         )
@@ -246,8 +251,9 @@ class LocalDeployment:
             health = f"{host.address}:{host.health_port}"
             runtime, superlink = ("127.0.0.1", host.runtime_port), host.superlink
         wrapper = supernode_wrapper(
-            heartbeat_interval, task_patience, self.spec.pull_interval
-        )
+            heartbeat_interval, task_patience, self.spec.pull_interval,
+            self.spec.wake_superexecs,
+        )  # fmt: skip
         binary = wrapper or [str(BIN / "flower-supernode")]
         if self.spec.warm_clientapp:
             binary = [*warm_wrapper(CLIENTAPP), *binary]

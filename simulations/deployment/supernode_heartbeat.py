@@ -31,6 +31,10 @@ for the other nodes, so the node sleeps 3 s, and every stage of a round (secure
 aggregation has four) waits up to that long after its message is ready. With S the
 node asks again after S seconds, and waits for its ClientApp's reply in steps of at
 most S (Flower's 0.5 s). Each pull is one small request to the SuperLink.
+
+``--wake-superexec`` starts the node's SuperExec so that it is woken when the node
+stores a message, instead of asking every 0.1 s
+(:mod:`simulations.launch.superexec_wakeup`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ import time
 from typing import Any
 
 from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
+
+from simulations.launch.superexec_wakeup import wake_supernode_superexec
 
 # What ``local.py`` starts instead of ``flower-supernode`` when given an interval.
 MODULE = "simulations.deployment.supernode_heartbeat"
@@ -96,10 +102,11 @@ def wrapper_args(
     heartbeat_interval: float | None,
     task_patience: float | None,
     pull: float | None = None,
+    wake_superexec: bool = False,
 ) -> list[str]:
     """The command that starts a SuperNode with these settings instead of the stock
     ``flower-supernode`` (empty when all are Flower's own)."""
-    if heartbeat_interval is None and task_patience is None and pull is None:
+    if (heartbeat_interval, task_patience, pull) == (None,) * 3 and not wake_superexec:
         return []
     args = [sys.executable, "-m", MODULE]
     if heartbeat_interval is not None:
@@ -108,6 +115,8 @@ def wrapper_args(
         args += ["--task-patience", str(task_patience)]
     if pull is not None:
         args += ["--pull-interval", str(pull)]
+    if wake_superexec:
+        args.append("--wake-superexec")
     return args
 
 
@@ -117,9 +126,14 @@ def main(argv: list[str] | None = None) -> int | None:
     parser.add_argument("--heartbeat-interval", type=interval)
     parser.add_argument("--task-patience", type=patience)
     parser.add_argument("--pull-interval", type=pull_interval)
+    parser.add_argument("--wake-superexec", action="store_true")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if (args.heartbeat_interval, args.task_patience, args.pull_interval) == (None,) * 3:
-        parser.error("give --heartbeat-interval, --task-patience, --pull-interval")
+    settings = (args.heartbeat_interval, args.task_patience, args.pull_interval)
+    if settings == (None,) * 3 and not args.wake_superexec:
+        parser.error(
+            "give --heartbeat-interval, --task-patience, --pull-interval or "
+            "--wake-superexec"
+        )
 
     # Each module copied Flower's constant at import and uses it for one thing: the
     # interval the node declares (activation, heartbeats), the sender's pace, and the
@@ -137,6 +151,8 @@ def main(argv: list[str] | None = None) -> int | None:
         tasks.HEARTBEAT_DEFAULT_INTERVAL = args.task_patience
     if args.pull_interval is not None:  # the loop calls time.sleep through this name
         node_loop.time = PacedTime(args.pull_interval)  # type: ignore[assignment]
+    if args.wake_superexec:  # its SuperExec woken per stored message, not polling
+        wake_supernode_superexec(node_loop)
     sys.argv = ["flower-supernode", *rest]
     return flower_supernode()
 

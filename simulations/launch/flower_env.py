@@ -18,13 +18,10 @@ from typing import Any
 import tomli_w
 
 from simulations.launch.processes import ManagedProcess, free_port, wait_until
+from simulations.launch.superexec_wakeup import superlink_command
 from simulations.launch.warm_template import SIMULATION, wrapper_args
 
 CONNECTION_NAME = "privfed-local"
-# How often the simulation SuperLink's SuperExec asks for a new run to start
-# (Flower's default 1 s, i.e. 0.5 s of waiting per run on average).
-SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-SUPEREXEC_POLL_S = "0.2"
 APP_FILES = ("pyproject.toml", "README.md", "LICENSE")
 APP_PACKAGES = ("common", "client", "server")  # what the ServerApp/ClientApp import
 
@@ -88,7 +85,8 @@ def flower_environment(flwr_home: Path, ray_address: str | None = None) -> dict[
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Flower's SuperExec looks for a task to start (a ServerApp, a ClientApp message)
     # once a second by default: up to 1 s idle before each one. A tenth of a second
-    # costs a few local gRPC calls a second (Flower accepts 0.01 to 60).
+    # costs a few local requests a second (Flower accepts 0.01 to 60); SuperExecs
+    # started through launch/superexec_wakeup.py ignore it, woken per task instead.
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     env["RAY_ADDRESS"] = ray_address or "local"
     # Flower starts helpers (flower-superexec, flwr-simulation) by name from PATH.
@@ -143,18 +141,13 @@ def simulation_superlink(
     the template's imports only move, and slow the Ray head's start beside them.
     """
     port = free_port()
-    argv = [
-        *(wrapper_args(SIMULATION) if warm else ()),
-        str(Path(sys.executable).parent / "flower-superlink"),
-        "--insecure",
-        "--simulation",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+    args = [
+        "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
         "--disable-runtime-dependency-installation",
-    ]
-    env = {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_S, **env}
+    ]  # fmt: skip
+    # its SuperExec woken by each new run instead of asking 5 times a second
+    binary = str(Path(sys.executable).parent / "flower-superlink")
+    argv = [*(wrapper_args(SIMULATION) if warm else ()), *superlink_command(binary, args)]
     proc = ManagedProcess(
         "flower-superlink", argv, env, work_dir / "superlink.log", work_dir
     )

@@ -49,6 +49,7 @@ from simulations.launch.processes import (
     descendants,
     stop_processes,
 )
+from simulations.launch.superexec_wakeup import MODULE as WAKEUP_MODULE
 from simulations.launch.warm_template import CLIENTAPP
 from simulations.launch.warm_template import MODULE as WARM_MODULE
 from tests.helpers.process_watch import (
@@ -119,6 +120,11 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
     assert len(templates) >= 3, sorted(watch.commands)
     scripts = [c for c in watch.commands if f"/{CLIENTAPP.name} --" in c]
     assert len(scripts) >= 6 and all("/privfed-warm-" in c for c in scripts), scripts
+    # the SuperLink's and every node's SuperExec were woken per task, not polling
+    woken = [c for c in watch.commands if f"-m {WAKEUP_MODULE} superexec -- " in c]
+    assert len(woken) >= 4, sorted(watch.commands)
+    assert not any(c.endswith("flower-superexec") or "/flower-superexec " in c
+                   for c in watch.commands), sorted(watch.commands)  # fmt: skip
     assert_loopback_only(watch)
     assert_all_gone(watch)
 
@@ -229,15 +235,16 @@ def test_superlink_and_supernodes_on_separate_host_addresses(tmp_path: Path) -> 
     """The server host (SuperLink and nginx) on 127.0.0.2 and a device host (two
     SuperNodes) on 127.0.0.3, each node with its own FLWR_HOME and state folder:
     the server certificate names 127.0.0.2, the nodes verify it, join by their
-    registered keys, and a one-round run completes. The nodes are Flower's stock
-    SuperNodes (``warm_clientapp=False``, ``pull_interval=None``): every ClientApp
-    process starts cold, and an idle node pulls every 3 s."""
+    registered keys, and a one-round run completes. The SuperLink and the nodes are
+    Flower's stock ones (``warm_clientapp=False``, ``pull_interval=None``,
+    ``wake_superexecs=False``): every ClientApp process starts cold, an idle node
+    pulls every 3 s, and each SuperExec asks for tasks every 0.1 s."""
     become_subreaper()
     before = {p.pid for p in descendants()}
     spec = DeploymentSpec(
         tmp_path / "work", tmp_path / "certs", server_host="127.0.0.2",
         node_host="127.0.0.3", server_sans=("127.0.0.2",), warm_clientapp=False,
-        pull_interval=None,
+        pull_interval=None, wake_superexecs=False,
     )  # fmt: skip
     results = tmp_path / "results"
     overrides = {"num-rounds": 1, "fraction-evaluate": 0.0, "min-available-nodes": 2,

@@ -14,6 +14,7 @@ import pytest
 
 from common.ledger.privacy_ledger import epsilon_of_history
 from server.results.outcome import Outcome
+from simulations.launch.superexec_wakeup import MODULE as WAKEUP_MODULE
 from simulations.launch.warm_template import MODULE as WARM_MODULE
 from tests.helpers.docs import results_python_snippet
 from tests.helpers.process_watch import (
@@ -112,6 +113,9 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     # a single run starts its flwr-simulation as stock Flower does (no template)
     scripts = [c for c in watch.commands if "/flwr-simulation --" in c]
     assert scripts and not any("/privfed-warm-" in c for c in scripts), scripts
+    # the SuperLink's SuperExec was woken by the run, not asking every 0.2 s
+    assert any(f"-m {WAKEUP_MODULE} superexec -- " in c for c in watch.commands)
+    assert not any("/flower-superexec " in c for c in watch.commands)
     assert_loopback_only(watch)
     assert_all_gone(watch)
 
@@ -326,8 +330,10 @@ def test_sweep_runs_every_point_on_one_superlink(ahead: RunsAhead, tmp_path: Pat
     per run, and nothing left running after (both are stopped by PID)."""
     code, out, watch, swept = ahead.result(SWEEP_TEST, _sweep_run, tmp_path)
     assert code == 0, out[-4000:]
-    superlinks = [n for n in watch.names if n.endswith("flower-superlink")]
-    assert len(superlinks) == 1, watch.names
+    superlinks = [  # (the warm template's own command line names it too)
+        c for c in watch.commands if c.split()[1:4] == ["-m", WAKEUP_MODULE, "superlink"]
+    ]
+    assert len(superlinks) == 1, watch.commands
     gcs = [pid for pid, name in watch.programs.items() if name == "gcs_server"]
     assert len(gcs) == 1, watch.programs  # Ray started once, not once per point
     assert re.search(r"Ray: a private Ray head on 127\.0\.0\.1:\d+ \(\d+ CPUs\)", out)

@@ -57,7 +57,7 @@ def test_only_a_node_given_an_interval_runs_the_wrapper(tmp_path: Path) -> None:
     which is how restart_supernode starts the node the same way again."""
     spec = DeploymentSpec(
         tmp_path / "w", tmp_path / "c", secure=False, warm_clientapp=False,
-        pull_interval=None,
+        pull_interval=None, wake_superexecs=False,
     )  # fmt: skip
     dep = LocalDeployment(spec)
     dep.port = 1  # no SuperLink: the nodes only need to be started and stopped
@@ -100,6 +100,7 @@ def test_a_warm_template_wraps_the_node_command_whatever_it_is(tmp_path: Path) -
             rest = node.process.popen.args[len(prefix) :]
             assert rest[1:3] == ["-m", supernode_heartbeat.MODULE]
             assert rest[rest.index("--pull-interval") + 1] == "0.5"
+            assert "--wake-superexec" in rest  # its SuperExec woken per message
     finally:
         dep.close()
 
