@@ -88,6 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "docs/deployment.md)",
     )
     p.add_argument(
+        "--polling-superexecs",
+        action="store_true",
+        help="let every SuperExec ask for a task to start every 0.1 s, as Flower's "
+        "do (default: woken when its SuperLink or SuperNode stores one: "
+        "docs/deployment.md)",
+    )
+    p.add_argument(
         "--task-patience",
         type=task_patience,
         metavar="S",
@@ -206,6 +213,7 @@ def run_deployment(args: argparse.Namespace) -> int:
             ca_dir=ca_dir,
             server_sans=tuple(args.server_san),
             warm_clientapp=not args.cold_clientapp,
+            wake_superexecs=not args.polling_superexecs,
         )
         with LocalDeployment(spec) as dep:
             dep.start_superlink()

@@ -1,4 +1,5 @@
-"""A local deployment with warm ClientApp processes against the same one started cold.
+"""A local deployment with warm ClientApp processes against the same one started cold,
+or with woken SuperExecs against polling ones.
 
 Runs ``simulations.deploy`` (TLS + SuperNode authentication; digits) alternately with
 the defaults (each node's ClientApp processes forked from a warm template, an idle
@@ -12,6 +13,12 @@ reaped: it is their subreaper) and the mean round time from ``rounds.jsonl``.
     python -m simulations.bench.warm_clientapp --clients 3 --rounds 2 --repeats 3
     python -m simulations.bench.warm_clientapp --clients 3 --rounds 2 --repeats 3 \
         --secure-aggregation
+    python -m simulations.bench.warm_clientapp --clients 3 --rounds 2 --repeats 3 \
+        --baseline polling
+
+``--baseline polling`` compares the defaults with ``--polling-superexecs`` instead
+(every SuperExec asking for a task every 0.1 s, as Flower's do, rather than woken
+when one is stored: launch/superexec_wakeup.py).
 
 CPU seconds hold on a shared machine; wall seconds do not, hence the alternation.
 """
@@ -28,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = {"warm": [], "cold": ["--cold-clientapp"]}
+BASELINES = {"cold": ["--cold-clientapp"], "polling": ["--polling-superexecs"]}
 
 
 def _children_cpu() -> float:
@@ -74,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--secure-aggregation", action="store_true")
     p.add_argument("--timeout", type=float, default=900.0, help="per deployment, s")
+    p.add_argument("--baseline", choices=sorted(BASELINES), default="cold")
     args = p.parse_args(argv)
-    seen: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    variants = {"defaults": [], args.baseline: BASELINES[args.baseline]}
+    seen: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="privfed-bench-warm-") as work:
         for repeat in range(args.repeats):
-            for name, extra in VARIANTS.items():
+            for name, extra in variants.items():
                 out = Path(work) / f"{name}-{repeat}"
                 figures = run_once(args, extra, out)
                 seen[name].append(figures)
