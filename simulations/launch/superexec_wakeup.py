@@ -23,7 +23,9 @@ Here the loop is unchanged, but its pause ends as soon as there is a task to tak
 
 A wake-up sent while the SuperExec is busy stays pending and ends its next pause at
 once, so none is lost. :data:`WAKE` goes only to a child whose command line is this
-module's SuperExec: a stock one would die of it. The SuperLink, the SuperNode and
+module's SuperExec and that has blocked it (:func:`blocks_wake`): a stock one, or
+ours in its first milliseconds, would die of it; a SuperExec that has not blocked it
+yet has not asked for its first task either. The SuperLink, the SuperNode and
 Flower's code run unchanged otherwise; a test pins the lines of Flower's this
 depends on.
 """
@@ -63,6 +65,20 @@ def _is_woken_superexec(proc: psutil.Process) -> bool:
     return proc.cmdline()[1:5] == ["-m", MODULE, "superexec", "--"]
 
 
+def blocks_wake(pid: int) -> bool:
+    """Whether ``pid`` has :data:`WAKE` blocked, so that it is safe to send: until its
+    first lines ran, a fresh SuperExec would die of it (its default action). Its main
+    thread blocks it before Flower starts any thread, and never unblocks it."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("SigBlk:"):
+                    return bool(int(line.split()[1], 16) >> (WAKE - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 class Waker:
     """Sends :data:`WAKE` to this process's SuperExec, once it has one of ours."""
 
@@ -77,7 +93,8 @@ class Waker:
                     (p for p in psutil.Process().children() if _is_woken_superexec(p)),
                     None,
                 )
-            if self._child is not None:
+            # not yet blocked: it is still starting, and its first ask comes after this
+            if self._child is not None and blocks_wake(self._child.pid):
                 self._child.send_signal(WAKE)
         except (psutil.Error, OSError):
             self._child = None  # it is gone or starting; its own pause bounds the wait

@@ -84,6 +84,36 @@ def test_only_a_superexec_of_ours_is_woken() -> None:
         stock.wait()
 
 
+def test_a_superexec_is_only_woken_once_it_has_blocked_the_signal() -> None:
+    """Between its exec and its first lines a SuperExec of ours would die of the
+    signal: it is sent only once /proc shows it blocked."""
+    script = (
+        "import signal, sys, time\n"
+        "print('up', flush=True); sys.stdin.readline()\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+        "print('blocked', flush=True); time.sleep(30)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == "up\n"
+        assert not superexec_wakeup.blocks_wake(child.pid)  # still starting
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "blocked\n"
+        assert superexec_wakeup.blocks_wake(child.pid)
+        child.send_signal(superexec_wakeup.WAKE)  # what the waker then sends
+        time.sleep(0.3)
+        assert child.poll() is None  # pending, not fatal
+    finally:
+        child.kill()
+        child.wait()
+    assert not superexec_wakeup.blocks_wake(child.pid)  # gone
+
+
 def test_commands() -> None:
     assert superexec_command(["flower-superexec", "--insecure"]) == [
         sys.executable, "-m", MODULE, "superexec", "--", "--insecure",
