@@ -69,6 +69,7 @@ from simulations.launch.processes import (
     stop_processes,
     tree_rss,
 )
+from simulations.launch.superexec_wakeup import is_superexec
 from simulations.presets import PRESETS
 
 MIB = 1024 * 1024
@@ -86,7 +87,7 @@ def tree_cpu(pid: int) -> tuple[float, float]:
             t = proc.cpu_times()
             if proc.pid == pid:
                 node += t.user + t.system
-            elif "flower-superexec" in " ".join(proc.cmdline()):
+            elif is_superexec(proc.cmdline()):
                 superexec += t.user + t.system
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

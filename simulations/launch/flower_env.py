@@ -145,7 +145,7 @@ def simulation_superlink(
         "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
-    # its SuperExec woken by each new run instead of asking 5 times a second
+    # its SuperExec woken by each new run instead of asking 10 times a second
     binary = str(Path(sys.executable).parent / "flower-superlink")
     argv = [*(wrapper_args(SIMULATION) if warm else ()), *superlink_command(binary, args)]
     proc = ManagedProcess(

@@ -4,55 +4,62 @@ Beside every SuperLink and SuperNode, Flower 1.42 runs a SuperExec that asks it 
 task to start (a run's ``flwr-simulation`` or ``flwr-serverapp``, a message's
 ``flwr-clientapp``) in a loop: ``AcquireTask``, then
 ``time.sleep(FLWR_SUPEREXEC_TASK_POLL_INTERVAL)``
-(``flwr/supercore/superexec/run_superexec.py``). Each ask costs about 3.5 ms of the
-SuperExec's CPU and 8 ms of the simulation SuperLink's that answers it, so the
-interval is a trade: Flower's default 1 s starts each task up to a second late, and
-the 0.1 s our launchers set cost the test suite about a tenth of its CPU in asks
-that found nothing (BENCHMARKS.md, "SuperExecs woken, not polling").
+(``flwr/supercore/superexec/run_superexec.py``). Each ask costs both sides a few
+milliseconds of CPU (about 3.5 ms in the SuperExec, 8 ms in a simulation SuperLink),
+so the interval is a trade: Flower's default 1 s starts each task up to a second
+late, and the 0.1 s our launchers set keeps idle nodes busy asking (BENCHMARKS.md,
+"SuperExecs woken, not polling").
 
 Here the loop is unchanged, but its pause ends as soon as there is a task to take:
 
-- The SuperExec runs as ``python -m simulations.launch.superexec_wakeup superexec --
-  <its arguments>``: :data:`WAKE` (SIGUSR1) is blocked in all its threads, and the
-  pause is ``sigtimedwait(WAKE, IDLE_POLL_S)``, so it lasts until the next wake-up,
-  and never longer than Flower's default (in case a task came without one).
-- The SuperLink (``... superlink -- flower-superlink <its arguments>``) and the
-  SuperNode (:mod:`simulations.deployment.supernode_heartbeat`) start their SuperExec
-  that way, and send it :data:`WAKE` right after they stored a task: a new run
+- The SuperLink (``python -m simulations.launch.superexec_wakeup superlink --
+  flower-superlink <its arguments>``) and the SuperNode (the heartbeat wrapper's
+  ``--wake-superexec``) start their SuperExec through this module with the read end
+  of a pipe: ``... superexec --wake-fd N -- <its arguments>``.
+- They write one byte to the pipe right after they stored a task: a new run
   (``create_run``) on the SuperLink, a pulled message on the SuperNode.
+- The SuperExec's pause waits for a byte on that pipe, at most :data:`IDLE_POLL_S`
+  (Flower's default 1 s, in case a task came without one), and takes one byte per
+  pause: each stored task ends one pause, so a burst of tasks is taken one after
+  the other without waiting, and a byte written while the SuperExec was busy or
+  still starting ends its next pause at once. No wake-up is lost.
 
-A wake-up sent while the SuperExec is busy stays pending and ends its next pause at
-once, so none is lost. :data:`WAKE` goes only to a child whose command line is this
-module's SuperExec and that has blocked it (:func:`blocks_wake`): a stock one, or
-ours in its first milliseconds, would die of it; a SuperExec that has not blocked it
-yet has not asked for its first task either. The SuperLink, the SuperNode and
-Flower's code run unchanged otherwise; a test pins the lines of Flower's this
-depends on.
+The pipe is the two processes' own (inherited by the SuperExec alone, never by the
+tasks it starts); nothing else can wake it. The SuperLink, the SuperNode and Flower's
+code run unchanged otherwise; a test pins the lines of Flower's this depends on.
+Both wrapped processes show as ``python`` to ``ps -C``/``pgrep`` (their command lines
+still name ``flower-superlink`` and the SuperExec's arguments).
 """
 
 from __future__ import annotations
 
 import functools
-import signal
+import os
+import select
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 MODULE = "simulations.launch.superexec_wakeup"
-WAKE = signal.SIGUSR1
 IDLE_POLL_S = 1.0  # Flower's own default interval: never slower than stock
 SUPEREXEC = "flower-superexec"
 
 
-def superexec_command(command: Sequence[str]) -> list[str]:
-    """Flower's ``flower-superexec <args>`` command, run by this module instead."""
+def superexec_command(command: Sequence[str], wake_fd: int) -> list[str]:
+    """Flower's ``flower-superexec <args>`` command, run by this module and woken
+    through the pipe whose read end is ``wake_fd``."""
     if not command or Path(command[0]).name != SUPEREXEC:
         raise ValueError(f"not a {SUPEREXEC} command: {list(command)!r}")
-    return [sys.executable, "-m", MODULE, "superexec", "--", *command[1:]]
+    return [sys.executable, "-m", MODULE, "superexec", "--wake-fd", str(wake_fd), "--",
+            *command[1:]]  # fmt: skip
+
+
+def is_superexec(cmdline: Sequence[str]) -> bool:
+    """Whether a command line is a SuperExec's: Flower's own or one run by this module."""
+    stock = any(Path(arg).name == SUPEREXEC for arg in cmdline[:2])
+    return stock or list(cmdline[1:4]) == ["-m", MODULE, "superexec"]
 
 
 def superlink_command(superlink: str, args: Sequence[str]) -> list[str]:
@@ -61,54 +68,41 @@ def superlink_command(superlink: str, args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", MODULE, "superlink", "--", superlink, *args]
 
 
-def _is_woken_superexec(proc: psutil.Process) -> bool:
-    return proc.cmdline()[1:5] == ["-m", MODULE, "superexec", "--"]
-
-
-def blocks_wake(pid: int) -> bool:
-    """Whether ``pid`` has :data:`WAKE` blocked, so that it is safe to send: until its
-    first lines ran, a fresh SuperExec would die of it (its default action). Its main
-    thread blocks it before Flower starts any thread, and never unblocks it."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("SigBlk:"):
-                    return bool(int(line.split()[1], 16) >> (WAKE - 1) & 1)
-    except (OSError, ValueError):
-        pass
-    return False
-
-
 class Waker:
-    """Sends :data:`WAKE` to this process's SuperExec, once it has one of ours."""
+    """The write end of the SuperExec's pipe: one byte per stored task."""
 
     def __init__(self) -> None:
-        self._child: psutil.Process | None = None
+        self.fd: int | None = None
 
     def wake(self) -> None:
-        """Wake the SuperExec (if it runs yet); never raises."""
+        """End one pause of the SuperExec (if it runs yet); never raises."""
+        if self.fd is None:
+            return  # not started: its first ask comes after the task was stored
         try:
-            if self._child is None or not self._child.is_running():
-                self._child = next(
-                    (p for p in psutil.Process().children() if _is_woken_superexec(p)),
-                    None,
-                )
-            # not yet blocked: it is still starting, and its first ask comes after this
-            if self._child is not None and blocks_wake(self._child.pid):
-                self._child.send_signal(WAKE)
-        except (psutil.Error, OSError):
-            self._child = None  # it is gone or starting; its own pause bounds the wait
+            os.write(self.fd, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: thousands of wake-ups are pending already
+        except OSError:  # it is gone
+            os.close(self.fd)
+            self.fd = None
 
 
 class WakeableTime:
-    """``time`` for Flower's SuperExec loop, whose pause ends at the next wake-up."""
+    """``time`` for Flower's SuperExec loop, whose pause ends at the next byte."""
 
-    def __init__(self, idle: float = IDLE_POLL_S) -> None:
+    def __init__(self, fd: int, idle: float = IDLE_POLL_S) -> None:
+        self.fd: int | None = fd
         self.idle = idle
 
     def sleep(self, _seconds: float) -> None:
-        """Wait for :data:`WAKE` (pending or new), at most ``idle`` seconds."""
-        signal.sigtimedwait({WAKE}, self.idle)
+        """Take one byte from the pipe, waiting at most ``idle`` seconds for it."""
+        if self.fd is None:  # its parent is gone: Flower's own pause
+            time.sleep(self.idle)
+            return
+        ready, _, _ = select.select([self.fd], [], [], self.idle)
+        if ready and os.read(self.fd, 1) == b"":
+            os.close(self.fd)  # end of file: no more wake-ups will come
+            self.fd = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -131,14 +125,31 @@ def _wake_after(owner: Any, name: str, waker: Waker) -> None:
 
 class _WokenPopen:
     """``subprocess`` for a module that starts ``flower-superexec``: that command is
-    started through this module; everything else is the real ``subprocess``."""
+    started through this module with a fresh pipe, whose write end goes to
+    ``waker``; everything else is the real ``subprocess``."""
+
+    def __init__(self, waker: Waker) -> None:
+        self.waker = waker
 
     def Popen(self, command: Sequence[str], *args: Any, **kwargs: Any) -> Any:  # noqa: N802
         import subprocess
 
-        if command and Path(command[0]).name == SUPEREXEC:
-            command = superexec_command(command)
-        return subprocess.Popen(command, *args, **kwargs)
+        if not command or Path(command[0]).name != SUPEREXEC:
+            return subprocess.Popen(command, *args, **kwargs)
+        read, write = os.pipe()
+        os.set_blocking(write, False)  # a full pipe never holds up the node
+        kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), read)
+        try:
+            started = subprocess.Popen(superexec_command(command, read), *args, **kwargs)
+        except BaseException:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)
+        if self.waker.fd is not None:
+            os.close(self.waker.fd)
+        self.waker.fd = write
+        return started
 
     def __getattr__(self, name: str) -> Any:
         import subprocess
@@ -146,19 +157,21 @@ class _WokenPopen:
         return getattr(subprocess, name)
 
 
-def wake_supernode_superexec(node_loop: Any) -> None:
+def wake_supernode_superexec(node_loop: Any) -> Waker:
     """In a SuperNode process: start its SuperExec through this module, and wake it
     whenever the node stored a pulled message (``start_client_internal``)."""
-    node_loop.subprocess = _WokenPopen()
-    _wake_after(node_loop, "_pull_and_store_message", Waker())
+    waker = Waker()
+    node_loop.subprocess = _WokenPopen(waker)
+    _wake_after(node_loop, "_pull_and_store_message", waker)
+    return waker
 
 
-def _run_superexec(args: list[str]) -> int | None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {WAKE})  # before Flower starts threads
+def _run_superexec(wake_fd: int, args: list[str]) -> int | None:
     import flwr.supercore.superexec.run_superexec as loop
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
-    loop.time = WakeableTime()  # type: ignore[assignment]
+    os.set_inheritable(wake_fd, False)  # never passed on to the tasks it starts
+    loop.time = WakeableTime(wake_fd)  # type: ignore[assignment]
     sys.argv = [SUPEREXEC, *args]
     return flower_superexec()  # type: ignore[func-returns-value]
 
@@ -172,35 +185,26 @@ def _run_superlink(args: list[str]) -> int | None:
     # the module, not the function of the same name its package exports
     link = importlib.import_module("flwr.superlink.cli.flower_superlink")
     waker = Waker()
-    original = link._get_superexec_command
-
-    @functools.wraps(original)
-    def woken_command(*a: Any, **k: Any) -> list[str]:
-        return superexec_command(original(*a, **k))
-
-    link._get_superexec_command = woken_command
+    link.subprocess = _WokenPopen(waker)
     for state in (InMemoryLinkState, SqlLinkState):  # whichever --database chose
         _wake_after(state, "create_run", waker)
-    sys.argv = [args[0], *args[1:]]
+    sys.argv = list(args)
     return link.flower_superlink()  # type: ignore[func-returns-value]
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:
-    """``superexec -- <flower-superexec args>`` or ``superlink -- <flower-superlink
-    path> <args>``."""
+    """``superexec --wake-fd N -- <flower-superexec args>`` or ``superlink --
+    <flower-superlink path> <args>``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 2 or args[0] not in ("superexec", "superlink") or args[1] != "--":
-        print(f"usage: python -m {MODULE} {{superexec,superlink}} -- <arguments>",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    if args[0] == "superexec":
-        return _run_superexec(args[2:])
-    if len(args) < 3:
-        print(
-            "superlink: give the flower-superlink path and its arguments", file=sys.stderr
-        )
-        return 2
-    return _run_superlink(args[2:])
+    if args[:2] == ["superexec", "--wake-fd"] and args[2:3] != [] and args[3:4] == ["--"]:
+        if args[2].isdigit():
+            return _run_superexec(int(args[2]), args[4:])
+    elif args[:2] == ["superlink", "--"] and len(args) >= 3:
+        return _run_superlink(args[2:])
+    print(f"usage: python -m {MODULE} superexec --wake-fd N -- <its arguments>\n"
+          f"       python -m {MODULE} superlink -- <flower-superlink> <its arguments>",
+          file=sys.stderr)  # fmt: skip
+    return 2
 
 
 if __name__ == "__main__":

@@ -144,21 +144,32 @@ def _die_with_parent(parent: int) -> None:
         raise SystemExit(0)
 
 
-def _preload(command: WarmCommand) -> None:
+def _preload(command: WarmCommand) -> dict[str, str]:
+    """Import the command's modules; return the environment variables the imports set
+    (``flwr.simulation.app`` sets one for Ray), which a cold process would have too."""
+    before = dict(os.environ)
     for name in command.preload:
         importlib.import_module(name)
     leaked = sorted(name for name in sys.modules if name.split(".")[0] in APP_PACKAGES)
     if leaked:  # Flower would reuse them instead of importing the FAB's code
         raise RuntimeError(f"the template imported the app's own modules: {leaked}")
+    return {k: v for k, v in os.environ.items() if before.get(k) != v}
 
 
 class _Template:
     """Serve fork requests on ``listener`` until our parent (the node) is gone."""
 
-    def __init__(self, listener: socket.socket, parent: int, command: WarmCommand) -> None:
+    def __init__(
+        self,
+        listener: socket.socket,
+        parent: int,
+        command: WarmCommand,
+        imported_env: dict[str, str],
+    ) -> None:
         self.listener = listener
         self.parent = parent
         self.command = command
+        self.imported_env = imported_env  # what the imports set: a child sets it again
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, tuple[socket.socket, int]] = {}  # pidfd -> conn, pid
         self.conns: dict[int, tuple[socket.socket, int]] = {}  # conn fd -> conn, pid
@@ -272,6 +283,7 @@ class _Template:
             os.chdir(request.cwd)
             os.environ.clear()
             os.environ.update(request.env)
+            os.environ.update(self.imported_env)  # as its own imports would have
             _fresh_random_state()
             # as the console script has it: its own folder first, not the template's
             sys.path.insert(0, str(Path(sys.executable).parent))
@@ -407,8 +419,8 @@ def _run_template(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         _close_inherited(listener.fileno())
         _die_with_parent(parent)
-        _preload(command)
-        _Template(listener, parent, command).serve()
+        imported_env = _preload(command)
+        _Template(listener, parent, command, imported_env).serve()
     except SystemExit:
         pass  # stopped, or its node is gone
     except BaseException:  # noqa: BLE001 - reported; the scripts then run cold

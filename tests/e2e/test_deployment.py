@@ -121,7 +121,7 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
     scripts = [c for c in watch.commands if f"/{CLIENTAPP.name} --" in c]
     assert len(scripts) >= 6 and all("/privfed-warm-" in c for c in scripts), scripts
     # the SuperLink's and every node's SuperExec were woken per task, not polling
-    woken = [c for c in watch.commands if f"-m {WAKEUP_MODULE} superexec -- " in c]
+    woken = [c for c in watch.commands if f"-m {WAKEUP_MODULE} superexec --wake-fd " in c]
     assert len(woken) >= 4, sorted(watch.commands)
     assert not any(c.endswith("flower-superexec") or "/flower-superexec " in c
                    for c in watch.commands), sorted(watch.commands)  # fmt: skip

@@ -114,7 +114,7 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     scripts = [c for c in watch.commands if "/flwr-simulation --" in c]
     assert scripts and not any("/privfed-warm-" in c for c in scripts), scripts
     # the SuperLink's SuperExec was woken by the run, not asking every 0.2 s
-    assert any(f"-m {WAKEUP_MODULE} superexec -- " in c for c in watch.commands)
+    assert any(f"-m {WAKEUP_MODULE} superexec --wake-fd " in c for c in watch.commands)
     assert not any("/flower-superexec " in c for c in watch.commands)
     assert_loopback_only(watch)
     assert_all_gone(watch)

@@ -192,6 +192,26 @@ def test_the_template_refuses_to_hold_the_apps_own_modules() -> None:
         WarmCommand("flwr-clientapp", "flwr.supernode", ())
 
 
+def test_what_the_imports_set_in_the_environment_is_set_again_in_each_child() -> None:
+    """A cold ``flwr-simulation`` gets ``RAY_ENABLE_UV_RUN_RUNTIME_ENV=0`` from its own
+    import of Flower's simulation app; a forked one starts from the caller's
+    environment, so the template hands on what its imports set (and its preload
+    holds none of the app's own modules)."""
+    script = (
+        "import json, sys\n"
+        f"from {MODULE} import SIMULATION, _preload\n"
+        "print(json.dumps(_preload(SIMULATION)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_UV_RUN_RUNTIME_ENV"}
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    added = json.loads(done.stdout.strip().splitlines()[-1])
+    assert added.get("RAY_ENABLE_UV_RUN_RUNTIME_ENV") == "0", added
+
+
 def test_the_simulation_template_runs_flowers_flwr_simulation(temp_root: Path) -> None:
     """``flwr-simulation`` on the PATH of a process started under the simulation
     template is its script, and answers as Flower's own (its --help, exit 0), forked
