@@ -2,48 +2,29 @@
 and torch.
 
 Flower's SuperExec runs every task in a fresh process, starting a console script by
-name from ``PATH``: ``flwr-clientapp`` for each message a SuperNode gets,
-``flwr-simulation`` for each run a simulation SuperLink is given. Most of such a
-process's start-up is imports: of the 2.2-3.8 CPU-s a ClientApp message costs, about
-1.0 is Flower's and 1.3 is torch's; a simulation run waits about 2 s before its
-ServerApp starts. On a 2-core machine running several nodes, or a sweep of many runs,
-that start-up is most of the time.
-
-This module starts the SuperNode or SuperLink with a *template* process beside it:
+name from ``PATH`` (``flwr-clientapp`` per message a SuperNode gets, ``flwr-simulation``
+per run a simulation SuperLink is given), and most of such a process's start-up is
+imports. This module starts the SuperNode or SuperLink with a *template* beside it:
 
     python -P -m simulations.launch.warm_template flwr-clientapp -- flower-supernode ...
     python -P -m simulations.launch.warm_template flwr-simulation -- flower-superlink ...
 
-1. It binds a Unix socket in a fresh private folder (mode 0700) and writes a script
-   named for the command (:mod:`.warm_template_script`) there, which goes first on
-   the started process's ``PATH``.
-2. It forks the template, which imports the command's :attr:`WarmCommand.preload`
-   (never privfed's own packages: the app is always imported from the FAB the task
-   brings) and waits. Its memory is held for the node's or SuperLink's lifetime.
-3. It execs the given command in its own process, so that process keeps the PID its
-   launcher knows (a fault test kills a node by that PID).
+It makes a private folder (0700) with a Unix socket and a script named for the command
+(:mod:`.warm_template_script`, first on the started process's ``PATH``), forks the
+template, which imports :attr:`WarmCommand.preload` (never privfed's own packages: the
+app comes from the task's FAB), and execs the command (same PID). Per task the script
+hands over its argv, environment, folder and standard streams; the template forks a
+child that runs Flower's own entry point with them and reports its PID and exit code.
 
-For each task the script hands over its command line, environment, working folder
-and standard streams; the template forks a child that runs Flower's own entry point
-(:attr:`WarmCommand.entry`) with them, and reports the child's PID and then its exit
-code.
-
-Still one fresh process per task: a child is a copy of the template, which has
-imported modules and run nothing else, so no task sees another's state. Random
-state that a copy would share is drawn again in each child (Python's ``random``,
-NumPy's global generator, torch's default generator); privfed's DP noise, sampling,
-masks and rounding use none of them (``secrets`` and ``os.urandom``:
-common/privacy/randomness.py). The string hash seed stays the template's (privfed
-does not rely on it). Only this user's connections are served (``SO_PEERCRED``),
-through a socket in a folder only this user can enter; a caller that connects and
-sends nothing is dropped after :data:`REQUEST_TIMEOUT_S`.
-
-The template exits with the process it was started beside (``PR_SET_PDEATHSIG``,
-and a check of its parent) and then removes its folder; a folder left by a SIGKILLed
-one is removed by the next template started. If the template crashed, its folder
-stays, so every later script says on standard error that it is unreachable and runs
-the stock command cold. Where the template cannot work (a noexec temporary folder, a
-socket path too long), the process starts without one, saying so.
+Still one fresh process per task: a child has only the template's imports. Python's,
+NumPy's and torch's global random state is drawn again in each child (privfed's DP
+randomness uses ``os.urandom`` anyway); what the imports set in the environment is set
+again. Only this user's connections are served (``SO_PEERCRED``); a silent caller is
+dropped after :data:`REQUEST_TIMEOUT_S`. The template exits with its parent
+(``PR_SET_PDEATHSIG``) and removes its folder; a crashed one leaves it, so later
+scripts say so and run the stock command cold; where a template cannot work (noexec
+temporary folder, socket path too long) the command starts without one, saying so.
+docs/deployment.md, "Warm ClientApp processes", has the details.
 """
 
 from __future__ import annotations
