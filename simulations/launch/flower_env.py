@@ -19,11 +19,10 @@ import tomli_w
 
 from simulations.launch.processes import ManagedProcess, free_port, wait_until
 from simulations.launch.superexec_wakeup import superlink_command
-from simulations.launch.warm_template import SIMULATION, wrapper_args
+from simulations.launch.warm_template import APP_PACKAGES, SIMULATION, wrapper_args
 
 CONNECTION_NAME = "privfed-local"
 APP_FILES = ("pyproject.toml", "README.md", "LICENSE")
-APP_PACKAGES = ("common", "client", "server")  # what the ServerApp/ClientApp import
 
 
 def stage_app(app_dir: Path, dest: Path) -> Path:

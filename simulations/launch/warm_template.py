@@ -60,8 +60,9 @@ MODULE = "simulations.launch.warm_template"
 SCRIPT_MODULE = "simulations.launch.warm_template_script"
 SOCKET_NAME = "template.sock"
 FOLDER_PREFIX = "privfed-warm-"
-# The app's own packages: always imported in the child, from the FAB it pulls.
-APP_PACKAGES = ("client", "common", "server")
+# The app's own packages (what the ServerApp and ClientApp import, and what a FAB
+# holds): always imported in the child, from the FAB it pulls, never preloaded.
+APP_PACKAGES = ("common", "client", "server")
 
 
 @dataclass(frozen=True)
