@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
 from simulations.deployment.certificates import LOOPBACK_SANS, NodeKey
 from simulations.deployment.supernode_heartbeat import FLOWER_PULL_S, PULL_INTERVAL_MIN
 from simulations.launch.processes import ManagedProcess
@@ -109,3 +111,11 @@ class SuperNodeHandle:
     host: NodeHost | None = None
     heartbeat_interval: float | None = None
     task_patience: float | None = None
+
+    @property
+    def heartbeat_lapse_s(self) -> float:
+        """How long after its last heartbeat the SuperLink counts the node offline
+        (Flower's patience times the interval it declared): until then a crashed
+        node's messages wait, and the node itself is refused admission."""
+        interval = self.heartbeat_interval or HEARTBEAT_DEFAULT_INTERVAL
+        return HEARTBEAT_PATIENCE * interval

@@ -2,9 +2,10 @@
 
 A fault fires during a round: once ``rounds.jsonl`` holds ``round - 1`` records
 (round 1: once the run is submitted), plus ``after`` seconds. It is written
-``KIND@ROUND[+AFTER][:key=value,...]``, e.g.
+``KIND@ROUND[+AFTER|+task][:key=value,...]``, e.g.
 
     kill@2+5:node=3,down=10        SIGKILL node 3, restart it (same state) 10 s later
+    kill@2+task:node=1,down=3      ... as soon as node 1 runs a task in round 2
     freeze@3:node=1,for=30         SIGSTOP node 1 and its ClientApps, SIGCONT after 30 s
     partition@4:nodes=0/1/2,for=60 take the nodes' links down for 60 s (ip link)
     delay@2:node=1,ms=300,for=20   300 ms more latency on node 1's connections (proxy)
@@ -28,8 +29,9 @@ KINDS = (*NODE_FAULTS, "superlink-kill")
 _KEYS = {"node": "nodes", "nodes": "nodes", "for": "duration", "down": "duration",
          "ms": "value", "kbit": "value"}  # fmt: skip
 _ITEM = re.compile(
-    r"^(?P<kind>[a-z-]+)@(?P<round>\d+)(?:\+(?P<after>[\d.]+))?(?::(?P<kv>.*))?$"
+    r"^(?P<kind>[a-z-]+)@(?P<round>\d+)(?:\+(?P<after>[\d.]+|task))?(?::(?P<kv>.*))?$"
 )
+AT_TASK = "task"  # `+task`: once every named node runs a task (a ClientApp) in the round
 _DEFAULT_DURATION = {"kill": 5.0, "superlink-kill": 0.0}
 
 
@@ -42,7 +44,10 @@ class Fault:
     """One fault: what, when (round and seconds into it), on which nodes, how long.
 
     ``duration`` is how long the fault lasts (a kill: the seconds before the
-    restart); ``value`` is the delay's milliseconds or the cap's kbit/s.
+    restart); ``value`` is the delay's milliseconds or the cap's kbit/s. With
+    ``at_task`` (``+task``) it fires once every named node runs a task in the round,
+    instead of ``after`` seconds into it: a node killed then has taken its message
+    and not answered it, whatever the machine's speed.
     """
 
     kind: str
@@ -51,9 +56,12 @@ class Fault:
     after: float = 0.0
     duration: float = 0.0
     value: float | None = None
+    at_task: bool = False
 
     def __post_init__(self) -> None:
         where = f"fault {self.text()!r}"
+        if self.at_task and (self.kind not in NODE_FAULTS or self.after):
+            raise FaultSpecError(f"{where}: '+task' is for node faults, without seconds")
         if self.kind not in KINDS:
             raise FaultSpecError(f"{where}: unknown kind; allowed: {', '.join(KINDS)}")
         if self.round < 1:
@@ -84,18 +92,22 @@ class Fault:
         if self.value is not None:
             keys.append(f"{'ms' if self.kind == 'delay' else 'kbit'}={self.value:g}")
         after = f"+{self.after:g}" if self.after else ""
+        after = f"+{AT_TASK}" if self.at_task else after
         return f"{self.kind}@{self.round}{after}" + (":" + ",".join(keys) if keys else "")
 
 
 def parse_fault(item: str) -> Fault:
-    """One ``KIND@ROUND[+AFTER][:key=value,...]`` item."""
+    """One ``KIND@ROUND[+AFTER|+task][:key=value,...]`` item."""
     match = _ITEM.match(item.strip())
     if not match:
-        raise FaultSpecError(f"fault {item!r}: expected KIND@ROUND[+AFTER][:key=value,...]")
+        raise FaultSpecError(
+            f"fault {item!r}: expected KIND@ROUND[+AFTER|+task][:key=value,...]"
+        )
     fields: dict[str, object] = {
         "kind": match["kind"],
         "round": int(match["round"]),
-        "after": float(match["after"] or 0),
+        "after": 0.0 if match["after"] == AT_TASK else float(match["after"] or 0),
+        "at_task": match["after"] == AT_TASK,
         "duration": _DEFAULT_DURATION.get(match["kind"], 0.0),
     }
     for pair in filter(None, (match["kv"] or "").split(",")):

@@ -27,10 +27,18 @@ from simulations.deployment.faults import Fault, FaultSchedule
 from simulations.deployment.local import ADMITTED_MARK, LocalDeployment
 from simulations.deployment.netns import LabView
 from simulations.launch.flwr_run import serverapp_processes
+from simulations.launch.superexec_wakeup import is_superexec
 
 FAULTS_LOG = "faults.jsonl"
 RESTART_TIMEOUT_S = 180.0
+# A killed node is started again no sooner than this long after its heartbeat lapsed
+# (see FaultInjector._kill): many times the ServerApp's longest pause between pulls
+# (server/messaging.py, 0.1 s), so that it reads Flower's "Node Unavailable" first.
+AFTER_LAPSE_S = 2.0
 JOIN_TIMEOUT_S = 20.0
+# How often a `+task` fault looks at its nodes' processes (a ClientApp runs a second
+# or more, so a task is not missed).
+TASK_POLL_S = 0.05
 
 
 def rounds_recorded(results_dir: Path) -> int:
@@ -39,6 +47,21 @@ def rounds_recorded(results_dir: Path) -> int:
         return len((results_dir / "rounds.jsonl").read_text().splitlines())
     except FileNotFoundError:
         return 0
+
+
+def runs_task(pid: int) -> bool:
+    """Whether the node process ``pid`` runs a task now: its SuperExec has a live
+    child (Flower's SuperExec starts each task, e.g. a message's ``flwr-clientapp``,
+    as a process of its own, and reaps it only when it starts the next one)."""
+    try:
+        for proc in psutil.Process(pid).children(recursive=True):
+            if is_superexec(proc.cmdline()) and any(
+                child.status() != psutil.STATUS_ZOMBIE for child in proc.children()
+            ):
+                return True
+    except psutil.Error:  # the node or a process of it is gone
+        return False
+    return False
 
 
 def _signal_tree(pid: int, sig: signal.Signals) -> int:
@@ -118,10 +141,14 @@ class FaultInjector:
         return self._stop.wait(max(seconds, 0.0))
 
     def _play(self, index: int, fault: Fault) -> None:
+        pause = TASK_POLL_S if fault.at_task else 0.5
         while rounds_recorded(self.results_dir) < fault.round - 1:
-            if self._wait(0.5):
+            if self._wait(pause):
                 return
-        if self._wait(fault.after):
+        if fault.at_task:
+            if not self._wait_for_tasks(fault):
+                return
+        elif self._wait(fault.after):
             return
         self._fired.add(index)
         try:
@@ -129,13 +156,37 @@ class FaultInjector:
         except Exception as exc:  # a fault that cannot be played is logged, not fatal
             self.log(fault.kind, fault.nodes, f"could not be played: {exc}", error=True)
 
+    def _wait_for_tasks(self, fault: Fault) -> bool:
+        """Until every node of ``fault`` runs a task (``+task``); False when the
+        injector was stopped, or when the round ended first (logged as not played)."""
+        waiting = set(fault.nodes)
+        while True:
+            waiting = {i for i in waiting if not runs_task(self.dep.nodes[i].process.pid)}
+            if not waiting:
+                return True
+            if rounds_recorded(self.results_dir) >= fault.round:
+                self.log(
+                    fault.kind, fault.nodes,
+                    f"could not be played: round {fault.round} ended before node(s) "
+                    f"{sorted(waiting)} ran a task", error=True,
+                )  # fmt: skip
+                return False
+            if self._wait(TASK_POLL_S):
+                return False
+
     def _kill(self, fault: Fault) -> None:
         for i in fault.nodes:
             self.expected_exits.add(i)
             old = self.dep.nodes[i].process.log_text()
+            killed = time.monotonic()
             self.dep.kill_supernode(i)
             self.log("kill", (i,), "SIGKILL (node and its ClientApps)")
-            if self._wait(fault.duration):
+            # The SuperLink refuses the node until its heartbeat lapses; a node let in
+            # the moment it lapses can beat the ServerApp's next pull, and Flower then
+            # never answers for the message the killed node had taken: the round waits
+            # for its timeout (docs/faults.md). Earlier starts would only be refused.
+            lapse = killed + self.dep.nodes[i].heartbeat_lapse_s + AFTER_LAPSE_S
+            if self._wait(max(fault.duration, lapse - time.monotonic())):
                 return
             started = time.monotonic()
             handle = self.dep.restart_supernode(i, RESTART_TIMEOUT_S)

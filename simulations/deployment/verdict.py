@@ -177,6 +177,11 @@ def soak_verdict(
         "final_accuracy": final,
         "faults": faults,
         "fault_events": len(events),
+        "faults_not_played": [
+            f"round {e['round']}: {e['kind']} {e['nodes']}: {e['what']}"
+            for e in events
+            if e.get("error")
+        ],
         "wall_seconds": round(wall_seconds, 1),
     }
     if baseline is not None:
@@ -209,6 +214,7 @@ def problems(v: dict[str, Any]) -> list[str]:
                 f"{node['double_counted']}, released mismatch "
                 f"{node.get('released_mismatch')})"
             )
+    out += [f"fault {what}" for what in v.get("faults_not_played", ())]
     gap = v.get("accuracy_gap_points")
     if gap is not None and gap > ACCURACY_TOLERANCE_POINTS:
         out.append(f"accuracy {gap:.2f} points below the fault-free run")

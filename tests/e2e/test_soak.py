@@ -22,7 +22,7 @@ CANNOT = capability_problem()
 
 @pytest.mark.skipif(CANNOT is not None, reason=f"fault harness: {CANNOT}")
 def test_soak_five_nodes_kill_and_partition(tmp_path: Path) -> None:
-    """Node 1 is killed mid-round 2 and restarted with its state; node 3's link is
+    """Node 1 is killed mid-task in round 2 and restarted with its state; node 3's link is
     down for 20 s in round 2. The run completes 3 distinct rounds, no ledger step
     is lost or counted twice, the dropped node is named with its reason, the
     killed node says how it rejoined, and nothing of the lab or its processes is
@@ -31,7 +31,9 @@ def test_soak_five_nodes_kill_and_partition(tmp_path: Path) -> None:
     code, out, watch = run_watched(
         ["--nodes", "5", "--rounds", "3", "--results-dir", str(results),
          "--set", "round-timeout=150.0", "--timeout", "900",
-         "--faults", "kill@2+2:node=1,down=3 partition@2+2:node=3,for=20",
+         # node 1 is killed once it runs its round-2 task: it has taken its message and
+         # not answered (2 s into the round, it had sometimes answered already)
+         "--faults", "kill@2+task:node=1,down=3 partition@2+2:node=3,for=20",
          # node 1 (only killed) declares a 10 s heartbeat: the SuperLink gives up its
          # message and re-admits it after 20 s, not 60; node 3 rides out the partition
          "--kill-heartbeat", "10"],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -211,3 +213,118 @@ def test_a_resumed_soak_starts_the_runs_own_nodes_and_rounds(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match=str(missing / "config.json")):
         soak.parse_args(["--resume", str(missing)])
     assert soak.main(["--resume", str(missing)]) == 2
+
+
+def test_a_task_fault_round_trips_and_is_only_for_node_faults() -> None:
+    fault = FaultSchedule.parse("kill@2+task:node=1,down=3", nodes=2, rounds=3).faults[0]
+    assert (
+        fault.at_task
+        and fault.after == 0.0
+        and fault.text() == "kill@2+task:nodes=1,down=3"
+    )
+    with pytest.raises(FaultSpecError, match="'\\+task' is for node faults"):
+        FaultSchedule.parse("superlink-kill@2+task", nodes=2, rounds=3)
+
+
+def _injector(tmp_path: Path, dep: object, fault: Fault) -> object:
+    from simulations.deployment import injector as inj
+
+    schedule = FaultSchedule((fault,), nodes=2, rounds=3)
+    return inj.FaultInjector(schedule, dep, None, tmp_path / "rules", tmp_path)  # type: ignore[arg-type]
+
+
+def test_a_killed_node_is_restarted_only_after_its_heartbeat_lapsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node let in again the moment its heartbeat lapses can beat the ServerApp's
+    next pull, and Flower then never answers for the message it had taken (the soak's
+    round waited for its timeout): the restart waits for the lapse and a margin, even
+    when the fault's own down time is shorter."""
+    from types import SimpleNamespace
+
+    from simulations.deployment import injector as inj
+    from simulations.deployment.deployment_spec import SuperNodeHandle
+
+    handle = SuperNodeHandle(1, None, {}, None, "", heartbeat_interval=10.0)  # type: ignore[arg-type]
+    assert handle.heartbeat_lapse_s == 20.0  # Flower's patience of 2 intervals
+    assert SuperNodeHandle(1, None, {}, None, "").heartbeat_lapse_s == 60.0  # type: ignore[arg-type]
+
+    times: dict[str, float] = {}
+    log = SimpleNamespace(log_text=lambda: "SuperNode ID: 7")
+    node = SimpleNamespace(heartbeat_lapse_s=0.6, process=log)
+
+    def kill(_i: int) -> None:
+        times["kill"] = time.monotonic()
+
+    def restart(_i: int, _timeout: float) -> SimpleNamespace:
+        times["restart"] = time.monotonic()
+        return SimpleNamespace(process=log)
+
+    dep = SimpleNamespace(nodes={1: node}, kill_supernode=kill, restart_supernode=restart)
+    monkeypatch.setattr(inj, "AFTER_LAPSE_S", 0.3)
+    fault = Fault("kill", 1, (1,), duration=0.1)
+    _injector(tmp_path, dep, fault)._kill(fault)  # type: ignore[attr-defined]
+    assert times["restart"] - times["kill"] >= 0.9  # lapse 0.6 + margin 0.3, not 0.1
+    events = [json.loads(x) for x in (tmp_path / inj.FAULTS_LOG).read_text().splitlines()]
+    assert [e["rejoin"] for e in events if "rejoin" in e] == ["restart"]
+
+
+_SUPEREXEC = """
+import os, subprocess, sys, time
+go = sys.argv[-1]
+while not os.path.exists(go):
+    time.sleep(0.02)
+task = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+while os.path.exists(go):
+    time.sleep(0.02)
+task.kill()  # killed and not reaped: a zombie, as Flower's SuperExec leaves a done task
+time.sleep(60)
+"""
+_NODE = "import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); time.sleep(60)"
+
+
+def test_a_task_fault_waits_until_the_node_runs_a_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`+task` fires while the node's SuperExec has a live child (a task), not before
+    and not for a finished (zombie) one; a round that ends first is logged as a fault
+    that could not be played."""
+    from types import SimpleNamespace
+
+    from simulations.deployment import injector as inj
+
+    monkeypatch.setattr(inj, "is_superexec", lambda cmd: "fake-superexec" in cmd)
+    go = tmp_path / "go"
+    node = subprocess.Popen(
+        [sys.executable, "-c", _NODE, sys.executable, "-c", _SUPEREXEC, "fake-superexec",
+         str(go)]
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)
+        assert not inj.runs_task(node.pid)  # the SuperExec waits for a task
+        go.touch()
+        deadline = time.monotonic() + 10
+        while not inj.runs_task(node.pid):
+            assert time.monotonic() < deadline, "the task was not seen"
+            time.sleep(0.05)
+        go.unlink()
+        deadline = time.monotonic() + 10
+        while inj.runs_task(node.pid):
+            assert time.monotonic() < deadline, "a finished task still counts"
+            time.sleep(0.05)
+    finally:
+        node.kill()
+        node.wait()
+    assert not inj.runs_task(node.pid)  # a node that is gone runs nothing
+
+    # The round ends before the node runs a task: not played, and the log says why.
+    fault = Fault("kill", 1, (1,), at_task=True)
+    dep = SimpleNamespace(nodes={1: SimpleNamespace(process=SimpleNamespace(pid=node.pid))})
+    (tmp_path / "rounds.jsonl").write_text("{}\n")
+    injector = _injector(tmp_path, dep, fault)
+    assert injector._wait_for_tasks(fault) is False  # type: ignore[attr-defined]
+    event = json.loads((tmp_path / inj.FAULTS_LOG).read_text())
+    assert event["error"] is True
+    assert (
+        event["what"] == "could not be played: round 1 ended before node(s) [1] ran a task"
+    )

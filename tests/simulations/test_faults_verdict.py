@@ -104,6 +104,25 @@ def test_soak_verdict_file_level(tmp_path: Path) -> None:
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     failed = soak_verdict(tmp_path, 2, "", 1.0)
     assert failed["verdict"] == "FAIL" and "ended 'failed'" in failed["problems"][0]
+    # A fault the harness could not play fails the verdict: the soak did not test it.
+    summary["status"] = "completed"
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    what = "could not be played: round 2 ended before node(s) [1] ran a task"
+    event = {
+        "at": 0.0,
+        "round": 2,
+        "kind": "kill",
+        "nodes": [1],
+        "error": True,
+        "what": what,
+    }
+    (tmp_path / "faults.jsonl").write_text(json.dumps(event) + "\n")
+    unplayed = soak_verdict(tmp_path, 2, "kill@2+task:nodes=1", 1.0)
+    assert unplayed["verdict"] == "FAIL"
+    assert unplayed["problems"] == [
+        "fault round 2: kill [1]: could not be played: round 2 ended before node(s) "
+        "[1] ran a task"
+    ]
 
 
 def test_a_flower_error_reply_is_one_lost_update_not_also_a_failure(tmp_path: Path) -> None:
