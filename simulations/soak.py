@@ -58,7 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_options(p, "SuperNodes to start, each on its own host", ("--nodes",))
     add_certificate_options(p)
-    p.add_argument("--faults", default="", help="schedule, e.g. 'kill@2:node=1,down=5'")
+    p.add_argument(
+        "--faults",
+        default="",
+        help="schedule, e.g. 'kill@2+task:node=1,down=5' (docs/faults.md)",
+    )
     p.add_argument(
         "--random-faults",
         default="",
