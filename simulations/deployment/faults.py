@@ -91,8 +91,7 @@ class Fault:
             keys.append(f"{'down' if self.kind == 'kill' else 'for'}={self.duration:g}")
         if self.value is not None:
             keys.append(f"{'ms' if self.kind == 'delay' else 'kbit'}={self.value:g}")
-        after = f"+{self.after:g}" if self.after else ""
-        after = f"+{AT_TASK}" if self.at_task else after
+        after = f"+{AT_TASK}" if self.at_task else f"+{self.after:g}" if self.after else ""
         return f"{self.kind}@{self.round}{after}" + (":" + ",".join(keys) if keys else "")
 
 

@@ -321,9 +321,9 @@ class LocalDeployment:
         """Start SuperNode ``index`` again with its key, node config and state.
 
         After a crash the SuperLink still counts the node online until its
-        heartbeat lapses (up to 2 x its declared interval, 30 s unless
-        ``heartbeat_interval`` was given), and refuses to activate it again
-        before then (the SuperNode exits with code 305). Retry until it is in.
+        heartbeat lapses (:attr:`SuperNodeHandle.heartbeat_lapse_s`), and refuses to
+        activate it again before then (the SuperNode exits with code 305). Retry
+        until it is in.
         """
         old = self.nodes[index]
         deadline = time.monotonic() + timeout

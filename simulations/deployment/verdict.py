@@ -214,7 +214,7 @@ def problems(v: dict[str, Any]) -> list[str]:
                 f"{node['double_counted']}, released mismatch "
                 f"{node.get('released_mismatch')})"
             )
-    out += [f"fault {what}" for what in v.get("faults_not_played", ())]
+    out += [f"fault {what}" for what in v["faults_not_played"]]
     gap = v.get("accuracy_gap_points")
     if gap is not None and gap > ACCURACY_TOLERANCE_POINTS:
         out.append(f"accuracy {gap:.2f} points below the fault-free run")
