@@ -28,6 +28,7 @@ import tomli_w
 
 from common.config import ConfigError, RunConfig
 from server.results.outcome import Outcome
+from simulations.engine.engines import ENGINES, choose_engine, engine_for_runs
 from simulations.launch.dealer import trusted_dealer
 from simulations.launch.flower_env import (
     CONNECTION_NAME,
@@ -56,7 +57,6 @@ from simulations.launch.processes import (
     install_signal_handlers,
     stop_processes,
 )
-from simulations.launch.ray_head import RayHead, ray_for_runs
 from simulations.launch.warm_flwr import WarmFlwr, WarmFlwrPool
 
 # A simulation's ServerApp runs in a thread of flwr-simulation, which Flower ends
@@ -86,6 +86,14 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         "(--ray-address)",
     )
     p.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        help="what runs the ClientApps: "
+        + "; ".join(f"{e.name}: {e.summary}" for e in ENGINES.values())
+        + " (default: ray with --ray-address, else process; docs/simulation.md, "
+        "'Engines')",
+    )
+    p.add_argument(
         "--ray-address",
         type=ray_address,
         metavar="HOST:PORT",
@@ -103,11 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return resolve_clients(p.parse_args(argv))
 
 
-def describe_ray(address: str | None, head: RayHead | None) -> str:
-    """How the simulation gets its Ray cluster, for the log."""
-    if head is not None:
-        return head.describe()
-    return f"the running Ray cluster at {address}"
+def client_workers(args: argparse.Namespace) -> int:
+    """ClientApps a run trains at once on this machine: one per ``--client-cpus``."""
+    return max(1, (os.cpu_count() or 1) // max(1, args.client_cpus))
 
 
 def simulated_nodes(args: argparse.Namespace) -> int:
@@ -123,7 +129,7 @@ def simulated_nodes(args: argparse.Namespace) -> int:
     if asked is None and resolve_ray_address(getattr(args, "ray_address", None)):
         asked = args.clients
     if asked is None:
-        asked = max(1, (os.cpu_count() or 1) // max(1, args.client_cpus))
+        asked = client_workers(args)
     return min(asked, args.clients)
 
 
@@ -203,6 +209,7 @@ def run_federation(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_run_config({**pyproject_defaults(), **overrides})
     rounds = cfg.num_rounds
     ray = resolve_ray_address(args.ray_address)
+    engine = choose_engine(args.engine, ray)
     become_subreaper()
     install_signal_handlers()
     work = Path(tempfile.mkdtemp(prefix="privfed-sim-"))
@@ -216,16 +223,18 @@ def run_federation(args: argparse.Namespace) -> int:
     started = time.monotonic()
     end: StreamEnd | None = None  # set where the run did not get to report itself
     try:
-        # A private Ray head starts beside the SuperLink: round 1 waits for the
-        # simulated nodes, whose Ray workers would otherwise wait for Flower's own
-        # ray.init() to start Ray (BENCHMARKS.md, "Launch to round 1").
+        # The Ray engine's private head starts beside the SuperLink: round 1 waits
+        # for the simulated nodes, whose Ray workers would otherwise wait for
+        # Flower's own ray.init() to start Ray (BENCHMARKS.md, "Launch to round 1").
         # `flwr run` imports its CLI while the SuperLink starts (warm_flwr.py).
+        cpus = os.cpu_count() or 1
         with (
-            ray_for_runs(env, work, ray, os.cpu_count() or 1) as head,
+            engine_for_runs(engine, env, work, ray, cpus, client_workers(args)) as running,
             closing(WarmFlwrPool(env, work, submissions=1)) as pool,
-            simulation_superlink(env, work) as link,
+            simulation_superlink(env, work, warm=not engine.uses_ray) as link,
         ):
-            print(f"[privfed] Ray: {describe_ray(ray, head)}", flush=True)
+            head = running.head
+            print(f"[privfed] Engine: {running.describe()}", flush=True)
             print(f"[privfed] SuperLink serving on {link.address}", flush=True)
             write_connection(flwr_home, link.address)
             app = stage_app(APP_DIR, work)

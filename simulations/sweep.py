@@ -35,6 +35,7 @@ from common.config import ConfigError, RunConfig
 from common.run_keys import PARTITIONERS, PRIVACY_MODES
 from common.tasks.registry import task_names
 from server.results.outcome import Outcome
+from simulations.engine.engines import choose_engine, engine_for_runs
 from simulations.launch.dealer import trusted_dealer
 from simulations.launch.flower_env import (
     flower_environment,
@@ -59,7 +60,6 @@ from simulations.launch.processes import (
     install_signal_handlers,
     stop_processes,
 )
-from simulations.launch.ray_head import ray_for_runs
 from simulations.launch.sweep_report import (
     plot,
     print_amortised,
@@ -67,7 +67,7 @@ from simulations.launch.sweep_report import (
 )
 from simulations.launch.warm_flwr import WarmFlwrPool
 from simulations.presets import PRESETS
-from simulations.run import add_simulation_options, describe_ray, run_on_superlink
+from simulations.run import add_simulation_options, client_workers, run_on_superlink
 from simulations.run import parse_args as run_options
 
 NOT_STARTED = "not started (the sweep was interrupted)"
@@ -233,6 +233,7 @@ def run_grid(
     """Start the sweep's SuperLink, run every point on it (``--jobs`` at a time),
     stop it by PID; return the rows and the interrupt that stopped it, if any."""
     ray = resolve_ray_address(args.ray_address)
+    engine = choose_engine(args.engine, ray)
     become_subreaper()
     install_signal_handlers()
     work = Path(tempfile.mkdtemp(prefix="privfed-sweep-"))
@@ -269,20 +270,19 @@ def run_grid(
         # alone would (Ray's CPUs are what it schedules by, not a limit on cores).
         cpus = (os.cpu_count() or 1) * args.jobs
         with (
-            ray_for_runs(env, work, ray, cpus) as head,
+            engine_for_runs(engine, env, work, ray, cpus, client_workers(args)) as running,
             closing(WarmFlwrPool(env, work, len(points), spare=args.jobs)) as warm,
             simulation_superlink(env, work, warm=not args.cold_simulation) as superlink,
         ):
             write_connection(flwr_home, superlink.address)
             link = SweepLink(env, work, stage_app(APP_DIR, work), warm)
             install_app(link.app, [flwr_home])  # points side by side race otherwise
-            if head is not None:
-                head.wait_serving()  # each point's Ray waits for the rest
+            if running.head is not None:
+                running.head.wait_serving()  # each point's Ray waits for the rest
             setup = time.time() - started
-            ray_text = describe_ray(ray, head)
             print(
-                f"[sweep] SuperLink on {superlink.address}; Ray: {ray_text}, for every "
-                f"point ({setup:.1f} s)",
+                f"[sweep] SuperLink on {superlink.address}; {running.describe()}, for "
+                f"every point ({setup:.1f} s)",
                 flush=True,
             )
             try:
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     points = grid(args)
     try:
         checked = check_points(points, args, out_dir)
-        resolve_ray_address(args.ray_address)
+        choose_engine(args.engine, resolve_ray_address(args.ray_address))
     except ConfigError as exc:
         print(f"[sweep] configuration error: {exc}", file=sys.stderr)
         return 2

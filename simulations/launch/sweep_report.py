@@ -28,7 +28,7 @@ def print_amortised(setup: float, rows: list[PointResult], wall: float) -> None:
     amortised = (setup + sum(seen)) / len(seen)
     print(
         f"[sweep] launch to round 1: {amortised:.1f} s per run amortised over "
-        f"{len(seen)} runs (SuperLink and Ray start {setup:.1f} s once; per run median "
+        f"{len(seen)} runs (SuperLink and engine start {setup:.1f} s once; per run median "
         f"{statistics.median(seen):.1f} s: {', '.join(f'{x:.1f}' for x in seen)}); "
         f"{wall / len(rows):.1f} s of the sweep's wall time per run",
         flush=True,

@@ -30,7 +30,6 @@ docs/deployment.md, "Warm ClientApp processes", has the details.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib
 import json
 import os
@@ -48,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from simulations.launch.forked import die_with_parent, fresh_random_state
 from simulations.launch.warm_template_script import (
     FORWARDED,
     MAX_REQUEST,
@@ -72,11 +72,25 @@ class WarmCommand:
     name: str  # what the SuperExec starts from PATH
     entry: str  # "module:function", Flower's own entry point the child calls
     preload: tuple[str, ...]  # what its start-up imports (third-party only)
+    # "module:function" returning more to import, read from the environment when the
+    # template starts (the simulation engine chosen), or "" for none
+    more_preload: str = ""
 
     def __post_init__(self) -> None:
-        module, _, function = self.entry.partition(":")
-        if not module or not function.isidentifier():
-            raise ValueError(f"entry must be 'module:function', got {self.entry!r}")
+        for ref in (self.entry, self.more_preload):
+            module, _, function = ref.partition(":")
+            if ref and (not module or not function.isidentifier()):
+                raise ValueError(f"expected 'module:function', got {ref!r}")
+        if not self.entry:
+            raise ValueError("a warm command needs an entry point")
+
+    def modules(self) -> tuple[str, ...]:
+        """What the template imports: ``preload``, then what ``more_preload`` names."""
+        if not self.more_preload:
+            return self.preload
+        module, _, function = self.more_preload.partition(":")
+        more: tuple[str, ...] = getattr(importlib.import_module(module), function)()
+        return (*self.preload, *more)
 
 
 CLIENTAPP = WarmCommand(
@@ -84,18 +98,20 @@ CLIENTAPP = WarmCommand(
     "flwr.supernode.cli.flwr_clientapp:flwr_clientapp",
     ("flwr.supernode.cli.flwr_clientapp", "torch", "numpy", "scipy.special"),
 )
-# A simulation run: Flower's simulation engine and Ray, and what the ServerApp imports.
+# A simulation run: Flower's simulation engine, what the ServerApp imports, and what
+# the chosen engine imports (Ray, or the process engine's workers' modules); Flower's
+# entry point with that engine (simulations/engine).
 SIMULATION = WarmCommand(
     "flwr-simulation",
-    "flwr.simulation.app:flwr_simulation",
-    ("flwr.simulation.app", "flwr.simulation.run_simulation", "ray", "torch", "numpy",
+    "simulations.engine.flwr_simulation:flwr_simulation",
+    ("flwr.simulation.app", "flwr.simulation.run_simulation", "torch", "numpy",
      "scipy.special", "cryptography.hazmat.primitives.hashes"),
+    "simulations.engine.flwr_simulation:engine_preload",
 )  # fmt: skip
 COMMANDS: dict[str, WarmCommand] = {c.name: c for c in (CLIENTAPP, SIMULATION)}
 REQUEST_TIMEOUT_S = 2.0  # for a connected script to send its request
 STALE_AFTER_S = 60.0  # a folder of ours this old whose socket refuses is left over
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the final NUL
-_PR_SET_PDEATHSIG = 1
 
 
 def wrapper_args(command: WarmCommand) -> list[str]:
@@ -118,19 +134,11 @@ def _write_shim(folder: Path, command: WarmCommand) -> None:
     script.chmod(0o700)
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGTERM when the parent exits (handled: the folder is removed)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # it died before the request took effect
-        raise SystemExit(0)
-
-
 def _preload(command: WarmCommand) -> dict[str, str]:
     """Import the command's modules; return the environment variables the imports set
     (``flwr.simulation.app`` sets one for Ray), which a cold process would have too."""
     before = dict(os.environ)
-    for name in command.preload:
+    for name in command.modules():
         importlib.import_module(name)
     leaked = sorted(name for name in sys.modules if name.split(".")[0] in APP_PACKAGES)
     if leaked:  # Flower would reuse them instead of importing the FAB's code
@@ -266,7 +274,7 @@ class _Template:
             os.environ.clear()
             os.environ.update(request.env)
             os.environ.update(self.imported_env)  # as its own imports would have
-            _fresh_random_state()
+            fresh_random_state()
             # as the console script has it: its own folder first, not the template's
             sys.path.insert(0, str(Path(sys.executable).parent))
             # Flower tells its commands apart by argv[0] (its exit messages)
@@ -295,19 +303,6 @@ def _exit_code(value: object) -> int:
         return value
     print(value, file=sys.stderr)
     return 1
-
-
-def _fresh_random_state() -> None:
-    """Draw again what a copied process would share with its siblings."""
-    import random
-
-    random.seed()  # Python also does this after os.fork(); kept explicit
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed()  # the legacy global generator, from OS entropy
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.seed()  # a fresh process's default generator starts from a random seed
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -400,7 +395,7 @@ def _run_template(
             signal.signal(signum, _exit_on_signal)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         _close_inherited(listener.fileno())
-        _die_with_parent(parent)
+        die_with_parent(parent)
         imported_env = _preload(command)
         _Template(listener, parent, command, imported_env).serve()
     except SystemExit:

@@ -157,7 +157,7 @@ def test_simulation_runs_its_clientapps_on_both_nodes_of_a_ray_cluster(
             out, _ = proc.communicate(timeout=600)
         time.sleep(1)  # one more sample after the run
     assert proc.returncode == 0, out[-4000:]
-    assert f"[privfed] Ray: the running Ray cluster at {address}" in out
+    assert f"[privfed] Engine: Ray: the running Ray cluster at {address}" in out
     summary = json.loads((results / "summary.json").read_text())
     assert summary["status"] == "completed", summary
     rounds = [json.loads(x) for x in (results / "rounds.jsonl").read_text().splitlines()]

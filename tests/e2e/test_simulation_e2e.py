@@ -14,6 +14,7 @@ import pytest
 
 from common.ledger.privacy_ledger import epsilon_of_history
 from server.results.outcome import Outcome
+from simulations.engine.process_workers import WORKER_NAME
 from simulations.launch.superexec_wakeup import MODULE as WAKEUP_MODULE
 from simulations.launch.warm_template import MODULE as WARM_MODULE
 from tests.helpers.docs import results_python_snippet
@@ -110,9 +111,14 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     snippet = results_python_snippet().replace("results/RUN", str(results))
     exec(compile(snippet, "docs/results-format.md", "exec"), {})
 
-    # a single run starts its flwr-simulation as stock Flower does (no template)
+    # on the process engine a single run's flwr-simulation is forked from a template
+    # that imported what it needs while the SuperLink started, and it forked the
+    # ClientApp workers (docs/simulation.md, "Engines")
     scripts = [c for c in watch.commands if "/flwr-simulation --" in c]
-    assert scripts and not any("/privfed-warm-" in c for c in scripts), scripts
+    assert len(scripts) == 1 and "/privfed-warm-" in scripts[0], scripts
+    assert "[privfed] Engine: process engine, " in out
+    workers = [p for p, name in watch.programs.items() if name == WORKER_NAME]
+    assert 1 <= len(workers) <= 3, watch.programs
     # the SuperLink's SuperExec was woken by the run, not asking every 0.2 s
     assert any(f"-m {WAKEUP_MODULE} superexec --wake-fd " in c for c in watch.commands)
     assert not any("/flower-superexec " in c for c in watch.commands)
@@ -243,7 +249,8 @@ def test_ctrl_c_stops_the_run_with_flwr_stop_and_every_process(tmp_path: Path) -
         to_group=True,
     )
     assert code == 130, out[-3000:]
-    assert any("raylet" in n or "ray::" in n for n in watch.names), watch.names
+    # the process engine's ClientApp workers ran, and are gone with the rest
+    assert WORKER_NAME in watch.programs.values(), watch.programs
     assert_all_gone(watch)
     run_id = re.search(r"Successfully started run (\d+)", out).group(1)  # type: ignore[union-attr]
     assert f"[privfed] run {run_id} stopped (flwr stop)" in out, out[-3000:]
@@ -305,7 +312,7 @@ def test_serverapp_failure_leaves_a_failed_summary_and_exit_1(tmp_path: Path) ->
 def _sweep_run(folder: Path) -> tuple[int, str, Watch, Path]:
     code, out, watch = run_watched(
         ["--epsilons", "4", "8", "--partitioners", "iid", "--clients", "2",
-         "--rounds", "1", "--no-reference", "--out", str(folder)],
+         "--rounds", "1", "--no-reference", "--out", str(folder), "--engine", "ray"],
         module="simulations.sweep",
     )  # fmt: skip
     return code, out, watch, folder
@@ -325,7 +332,8 @@ def ahead(
 
 
 def test_sweep_runs_every_point_on_one_superlink(ahead: RunsAhead, tmp_path: Path) -> None:
-    """A two-point sweep: one SuperLink and one private Ray head for both runs, each
+    """A two-point sweep on the Ray engine: one SuperLink and one private Ray head for
+    both runs, each
     run with its own results folder and summary, a table and plot, the launch time
     per run, and nothing left running after (both are stopped by PID)."""
     code, out, watch, swept = ahead.result(SWEEP_TEST, _sweep_run, tmp_path)
@@ -337,6 +345,7 @@ def test_sweep_runs_every_point_on_one_superlink(ahead: RunsAhead, tmp_path: Pat
     gcs = [pid for pid, name in watch.programs.items() if name == "gcs_server"]
     assert len(gcs) == 1, watch.programs  # Ray started once, not once per point
     assert re.search(r"Ray: a private Ray head on 127\.0\.0\.1:\d+ \(\d+ CPUs\)", out)
+    assert any("ray::ClientAppActor" in c for c in watch.commands), watch.commands
     table = list(csv.DictReader((swept / "sweep.csv").read_text().splitlines()))
     assert [r["name"] for r in table] == ["eps4-iid-seed0", "eps8-iid-seed0"]
     for row in table:
@@ -352,7 +361,7 @@ def test_sweep_runs_every_point_on_one_superlink(ahead: RunsAhead, tmp_path: Pat
     assert "| 8 | iid | 0 |" in (swept / "sweep.md").read_text()
     assert (swept / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
     assert "s per run amortised over 2 runs" in out
-    assert "SuperLink and Ray start" in out and "of the sweep's wall time per run" in out
+    assert "SuperLink and engine start" in out and "of the sweep's wall time per run" in out
     # both points' flwr-simulation were forked from the SuperLink's warm template (one
     # for the sweep): a cold start would show the venv's own flwr-simulation instead
     templates = [c for c in watch.commands if f"-m {WARM_MODULE} flwr-simulation -- " in c]

@@ -28,6 +28,7 @@ import pytest
 
 from common.privacy.randomness import round_generator
 from simulations.launch import warm_template
+from simulations.launch.forked import fresh_random_state
 from simulations.launch.warm_template import (
     CLIENTAPP,
     FOLDER_PREFIX,
@@ -35,7 +36,6 @@ from simulations.launch.warm_template import (
     SCRIPT_MODULE,
     SIMULATION,
     WarmCommand,
-    _fresh_random_state,
     wrapper_args,
 )
 from simulations.launch.warm_template_script import Request, socket_env
@@ -256,7 +256,7 @@ def _draws_in_forked_children(draw: object, fresh: bool) -> list[float]:
         if pid == 0:  # pragma: no cover - the child
             os.close(read)
             if fresh:
-                _fresh_random_state()
+                fresh_random_state()
             os.write(write, repr(float(draw())).encode())  # type: ignore[operator]
             os._exit(0)
         os.close(write)

@@ -1,0 +1,110 @@
+"""Drive the process engine's backend as Flower's simulation runtime does, in a fresh
+process (workers are forked while it has one thread; pytest's has several).
+
+    python -m tests.helpers.process_engine_probe APP_DIR OUT_JSON
+
+APP_DIR holds ``probe_app.py`` with a ClientApp ``app`` (written by the test). The
+probe forks two workers, loads the app in them, runs messages from two threads at
+once, a failing one, then kills one worker, and records what it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    Metadata,
+    RecordDict,
+)
+
+from simulations.engine import process_backend, process_workers
+
+
+def _message(node: int, fail: bool = False) -> Message:
+    array = Array(np.arange(4096, dtype=np.float32))
+    array.children  # noqa: B018 - Flower caches the chunks as memoryviews
+    content = RecordDict(
+        {"weights": ArrayRecord({"w": array}), "config": ConfigRecord({"fail": fail})}
+    )
+    metadata = Metadata(
+        run_id=1, message_id=f"m{node}-{fail}", src_node_id=1, dst_node_id=node,
+        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600,
+        message_type="train",
+    )  # fmt: skip
+    return Message(content=content, metadata=metadata)
+
+
+def _context(node: int) -> Context:
+    return Context(run_id=1, node_id=node, node_config={}, state=RecordDict(),
+                   run_config={})  # fmt: skip
+
+
+def main(app_dir: str, out: str) -> int:
+    seen: dict[str, Any] = {"threads_before_fork": threading.active_count()}
+    process_workers.fork_workers(2)
+    seen["worker_names"] = [
+        Path(f"/proc/{w.pid}/comm").read_text().strip() for w in process_workers.FORKED
+    ]
+    process_backend.APP["app"] = process_workers.AppRef(
+        app_dir, "probe_app:app", "", "", ""
+    )
+    backend = process_backend.ProcessBackend({})
+    backend.build(lambda: None)  # type: ignore[arg-type,return-value]
+    seen["num_workers"] = backend.num_workers
+    replies: list[dict[str, Any]] = []
+
+    def one(node: int) -> None:
+        reply, context = backend.process_message(_message(node), _context(node))
+        record = reply.content.config_records["seen"]
+        replies.append({
+            "node": node, "pid": record["pid"], "draw": record["draw"],
+            "sum": record["sum"], "reply_to": reply.metadata.reply_to_message_id,
+            "state": context.state.config_records["kept"]["node"],
+        })  # fmt: skip
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in (11, 12, 13, 14)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seen["replies"] = replies
+    try:
+        backend.process_message(_message(15, fail=True), _context(15))
+    except Exception as exc:  # noqa: BLE001 - what kind, recorded
+        seen["failure"] = [type(exc).__name__, str(exc)]
+    victim = backend.workers[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    try:
+        for node in (16, 17):
+            backend.process_message(_message(node), _context(node))
+    except Exception as exc:  # noqa: BLE001 - what kind, recorded
+        seen["after_kill"] = [type(exc).__name__, str(exc)]
+    seen["num_workers_after_kill"] = backend.num_workers
+    pids = [w.pid for w in backend.workers]
+    backend.terminate()
+    seen["left_running"] = [
+        p
+        for p in pids
+        if Path(f"/proc/{p}").exists()
+        and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+    ]
+    sys.stdout.flush()
+    Path(out).write_text(json.dumps(seen))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
