@@ -11,11 +11,14 @@ after the last round, and privfed's time per round over pfl's.
 
 ``--simulated-nodes`` lists the privfed configurations to time (SuperNodes for the
 10,000 clients; docs/simulation.md, 'Virtual clients'); 10000 is one per client.
+``--engines process ray`` times each on both simulation engines (docs/simulation.md,
+'Engines'); the default is the process engine.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import signal
 import statistics
@@ -59,12 +62,12 @@ def run_peer(python: str, *args: str, timeout: float = 1800) -> dict[str, Any]:
     return figures
 
 
-def _privfed(rounds: int, nodes: int, results: Path) -> dict[str, Any]:
+def _privfed(rounds: int, nodes: int, engine: str, results: Path) -> dict[str, Any]:
     argv = [
         sys.executable, "-m", "simulations.run", "--preset", "fmnist-client-eps3",
         "--rounds", str(rounds), "--set", "features='pixels'",
         "--noise-multiplier", str(NOISE), "--simulated-nodes", str(nodes),
-        "--results-dir", str(results),
+        "--engine", engine, "--results-dir", str(results),
     ]  # fmt: skip
     started = time.monotonic()
     code, out, _ = _run(argv, 3600)
@@ -98,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pfl-python", required=True, help="python of a venv with pfl 0.6.0")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--simulated-nodes", type=int, nargs="+", default=[2])
+    p.add_argument(
+        "--engines",
+        nargs="+",
+        choices=["process", "ray"],
+        default=["process"],
+        help="privfed's simulation engines to run, each after pfl (docs/simulation.md)",
+    )
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     peer = run_peer(
@@ -111,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{peer['launch_to_exit']:.1f} s | {peer['accuracy'][-1]:.2%} |",
     ]
     print("\n".join(rows), flush=True)
-    for nodes in args.simulated_nodes:
+    for nodes, engine in itertools.product(args.simulated_nodes, args.engines):
         with tempfile.TemporaryDirectory(prefix="privfed-peer-") as work:
-            ours = _privfed(args.rounds, nodes, Path(work) / "run")
+            ours = _privfed(args.rounds, nodes, engine, Path(work) / "run")
         ratio = ours["per_round_median"] / peer["per_round_median_s"]
         rows.append(
-            f"| privfed, {nodes} simulated SuperNodes | {ours['per_round_median']:.3f} s "
+            f"| privfed, {nodes} simulated SuperNodes, {engine} engine | "
+            f"{ours['per_round_median']:.3f} s "
             f"(orchestration {ours['orchestration_median']:.3f} s, central evaluation "
             f"{ours['central_evaluation_median']:.3f} s) | {ratio:.2f} | "
             f"{ours['launch_to_exit']:.1f} s | {ours['accuracy']:.2%} "

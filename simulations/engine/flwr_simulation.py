@@ -70,7 +70,9 @@ def install_process_engine(workers: int) -> None:
     logging.getLogger("flwr").propagate = False
     from simulations.engine import process_backend, process_workers
 
-    process_workers.fork_workers(workers)
+    # each worker's thread pools get its share of the machine, as Ray's actors do
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    process_workers.fork_workers(workers, threads)
     from flwr.server.superlink.fleet import vce
 
     original: Callable[..., Any] = vce.start_vce

@@ -5,20 +5,23 @@ to a :class:`~flwr.server.superlink.fleet.vce.backend.Backend`; Flower 1.42 ship
 one, Ray's. This one runs the messages on the worker processes that
 :mod:`simulations.engine.process_workers` forked when the simulation process
 started: one message at a time per worker, as a Ray actor runs them, with the same
-errors (a failing ClientApp is a ``ClientAppException``, one that cannot be loaded
-a ``LoadClientAppError``). Flower's message queues, node contexts, LinkState and
+errors (a failing ClientApp is a ``ClientAppException`` with the exception's text,
+its traceback in the run's log; a run whose workers cannot load the app fails with a
+``LoadClientAppError``). Flower's message queues, node contexts, LinkState and
 the ServerApp are untouched.
 
 What it does not do that Ray does: spread workers over machines (use
-``--engine ray --ray-address``), reserve GPUs, or restart a worker that died (its
-messages fail, and the ServerApp sees the errors). docs/simulation.md, "Engines".
+``--engine ray --ray-address``), reserve GPUs, or restart a worker that died (the
+message it ran fails, the others go to the workers left, and once none is left every
+message fails). docs/simulation.md, "Engines".
 """
 
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable
-from logging import DEBUG, WARNING
+from logging import DEBUG, ERROR, WARNING
 from typing import Any
 
 from flwr.app.message import Context, Message
@@ -26,7 +29,14 @@ from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientA
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 from flwr.supercore import log
 
-from simulations.engine.process_workers import FORKED, AppRef, WorkerError, WorkerHandle
+from simulations.engine.process_workers import (
+    FORKED,
+    AppRef,
+    WorkerError,
+    WorkerGone,
+    WorkerHandle,
+    stop_workers,
+)
 
 # The run's app, as Flower's start_vce was given it (simulations.engine.flwr_simulation
 # records it before Flower builds the backend).
@@ -43,6 +53,7 @@ class ProcessBackend(Backend):
         super().__init__(backend_config)
         self.workers: list[WorkerHandle] = []
         self.idle: queue.Queue[WorkerHandle] = queue.Queue()
+        self.lock = threading.Lock()
         log(DEBUG, "Process backend; config %s", backend_config)
 
     @property
@@ -52,19 +63,27 @@ class ProcessBackend(Backend):
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
         """Have every forked worker load the run's ClientApp (Flower loaded and
-        checked it in this process already, through ``app_fn``)."""
+        checked it in this process already, through ``app_fn``). A worker that
+        cannot is stopped, with its error in the log; none that can is an error."""
         if "app" not in APP:
             raise LoadClientAppError("the process backend was not given the run's app")
-        if not FORKED:
-            raise RuntimeError("no ClientApp worker was forked for the process backend")
         ref = APP["app"]
+        failed: list[str] = []
         for worker in FORKED:
             try:
                 worker.load(ref)
-            except WorkerError as exc:
-                raise LoadClientAppError(str(exc)) from None
+            except (WorkerError, WorkerGone) as exc:
+                log(ERROR, "ClientApp worker %i cannot run the app: %s", worker.pid, exc)
+                failed.append(str(exc))
+                stop_workers([worker])
+                continue
             self.workers.append(worker)
             self.idle.put(worker)
+        if not self.workers:
+            raise LoadClientAppError(
+                f"no ClientApp worker could load {ref.client_app_attr!r} from "
+                f"{ref.app_dir}: {'; '.join(failed) or 'none was forked'}"
+            )
         log(DEBUG, "Process backend: %i ClientApp workers", len(self.workers))
 
     def is_worker_idle(self) -> bool:
@@ -77,33 +96,39 @@ class ProcessBackend(Backend):
         """Run ``message`` through the ClientApp on an idle worker."""
         worker = self._take()
         try:
-            reply, updated = worker.run(message, context)
-        except WorkerError as exc:
-            self.idle.put(worker)
-            if exc.stage == "load":
-                raise LoadClientAppError(str(exc)) from None
+            return worker.run(message, context)
+        except WorkerError as exc:  # the ClientApp raised: as a Ray actor reports it
             raise ClientAppException(str(exc)) from None
-        except RuntimeError:
-            log(WARNING, "ClientApp worker %i is gone; %i left", worker.pid,
-                len(self.workers) - 1)  # fmt: skip
-            self.workers.remove(worker)
-            raise
-        self.idle.put(worker)
-        return reply, updated
+        finally:
+            self._give_back(worker)
+
+    def _give_back(self, worker: WorkerHandle) -> None:
+        if worker.alive():
+            self.idle.put(worker)
+            return
+        with self.lock:
+            if worker in self.workers:
+                self.workers.remove(worker)
+                log(WARNING, "ClientApp worker %i is gone; %i left", worker.pid,
+                    len(self.workers))  # fmt: skip
 
     def _take(self) -> WorkerHandle:
         while True:
             try:
-                return self.idle.get(timeout=TAKE_TIMEOUT_S)
+                worker = self.idle.get(timeout=TAKE_TIMEOUT_S)
             except queue.Empty:
                 if not self.workers:
-                    raise RuntimeError("every ClientApp worker has exited") from None
+                    raise WorkerGone("every ClientApp worker has exited") from None
+                continue
+            if worker.alive():
+                return worker
+            self._give_back(worker)  # died while idle: dropped
 
     def terminate(self) -> None:
-        """Stop every worker."""
-        for worker in self.workers:
-            worker.stop()
-        self.workers.clear()
+        """Stop every worker, against one deadline."""
+        with self.lock:
+            workers, self.workers = list(self.workers), []
+        stop_workers(workers)
 
 
 def record_app(kwargs: dict[str, Any]) -> None:

@@ -133,7 +133,21 @@ def _read_int(conn: socket.socket, key: str) -> int:
     return value
 
 
+def next_on_path(command: str, shim: Path, path: str) -> Path:
+    """The ``command`` that ``PATH`` names after the shim's own folder: what would have
+    run without the template (the simulation engine's ``flwr-simulation`` script, or
+    Flower's console script); Flower's, beside this Python, if there is none."""
+    folder = shim.resolve().parent
+    for entry in path.split(os.pathsep):
+        if not entry or Path(entry).resolve() == folder:
+            continue
+        candidate = Path(entry) / command
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return Path(sys.executable).parent / command
+
+
 def _cold(command: str, args: list[str], why: str) -> NoReturn:
-    real = Path(sys.executable).parent / command
+    real = next_on_path(command, Path(sys.argv[0]), os.environ.get("PATH", ""))
     print(f"{why}; running {real} cold", file=sys.stderr, flush=True)
     os.execv(str(real), [str(real), *args])

@@ -52,6 +52,7 @@ from simulations.launch.processes import (
 from simulations.launch.superexec_wakeup import MODULE as WAKEUP_MODULE
 from simulations.launch.warm_template import CLIENTAPP
 from simulations.launch.warm_template import MODULE as WARM_MODULE
+from tests.helpers.listening import listening
 from tests.helpers.process_watch import (
     assert_all_gone,
     assert_loopback_only,
@@ -223,11 +224,11 @@ def _listening_ips(pid: int) -> set[str]:
     """The addresses ``pid`` and its descendants listen on."""
     ips = set()
     root = psutil.Process(pid)
-    for proc in [root, *root.children(recursive=True)]:
-        for conn in proc.net_connections(kind="inet"):
-            if conn.status == psutil.CONN_LISTEN:
-                ip = ipaddress.ip_address(conn.laddr.ip)
-                ips.add(str(getattr(ip, "ipv4_mapped", None) or ip))
+    pids = [root.pid, *(p.pid for p in root.children(recursive=True))]
+    for sockets in listening(pids).values():
+        for address, _port in sockets:
+            ip = ipaddress.ip_address(address)
+            ips.add(str(getattr(ip, "ipv4_mapped", None) or ip))
     return ips
 
 

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from simulations.launch.processes import free_port, stop_processes
+from tests.helpers.listening import listening
 from tests.helpers.process_watch import (
     REPO,
     Watch,
@@ -53,22 +54,21 @@ class ClusterWatch:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            names: dict[int, str] = {}
             for proc in _tree(self.helper):
                 try:
-                    if _name(proc).startswith("ray::ClientAppActor"):
+                    names[proc.pid] = _name(proc)
+                    if names[proc.pid].startswith("ray::ClientAppActor"):
                         parent = proc.parent()
                         if parent is not None and _name(parent) == "raylet":
                             self.actor_raylets[proc.pid] = parent.pid
                         maps = Path(f"/proc/{proc.pid}/maps").read_text()
                         if "libtorch_cpu" in maps:  # it imported the ClientApp
                             self.actors_with_torch.add(proc.pid)
-                    for conn in proc.net_connections(kind="inet"):
-                        if conn.status == psutil.CONN_LISTEN:
-                            self.listening.add(
-                                (conn.laddr.ip, conn.laddr.port, _name(proc))
-                            )
                 except (psutil.Error, OSError):
                     continue
+            for pid, sockets in listening(names).items():
+                self.listening.update((ip, port, names[pid]) for ip, port in sockets)
             time.sleep(0.3)
 
     def __enter__(self) -> ClusterWatch:

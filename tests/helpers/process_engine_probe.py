@@ -5,7 +5,8 @@ process (workers are forked while it has one thread; pytest's has several).
 
 APP_DIR holds ``probe_app.py`` with a ClientApp ``app`` (written by the test). The
 probe forks two workers, loads the app in them, runs messages from two threads at
-once, a failing one, then kills one worker, and records what it saw.
+once, a failing one, one whose reply cannot be sent, kills one worker while it is
+idle, crashes the other mid-message, and records what it saw.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ from flwr.app import (
 from simulations.engine import process_backend, process_workers
 
 
-def _message(node: int, fail: bool = False) -> Message:
+def _message(node: int, **flags: bool) -> Message:
     array = Array(np.arange(4096, dtype=np.float32))
     array.children  # noqa: B018 - Flower caches the chunks as memoryviews
+    config = {"fail": False, "unpicklable": False, "crash": False, **flags}
     content = RecordDict(
-        {"weights": ArrayRecord({"w": array}), "config": ConfigRecord({"fail": fail})}
+        {"weights": ArrayRecord({"w": array}), "config": ConfigRecord(config)}
     )
     metadata = Metadata(
-        run_id=1, message_id=f"m{node}-{fail}", src_node_id=1, dst_node_id=node,
+        run_id=1, message_id=f"m{node}", src_node_id=1, dst_node_id=node,
         reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600,
         message_type="train",
     )  # fmt: skip
@@ -52,15 +54,35 @@ def _context(node: int) -> Context:
                    run_config={})  # fmt: skip
 
 
+def _outcome(
+    backend: process_backend.ProcessBackend, node: int, **flags: bool
+) -> list[str]:
+    try:
+        backend.process_message(_message(node, **flags), _context(node))
+    except Exception as exc:  # noqa: BLE001 - what kind, recorded
+        return [type(exc).__name__, str(exc)]
+    return ["ok", ""]
+
+
+def _wait_dead(pid: int) -> None:
+    for _ in range(100):
+        stat = Path(f"/proc/{pid}/stat")
+        if not stat.exists() or stat.read_text().split()[2] == "Z":
+            return
+        time.sleep(0.05)
+
+
 def main(app_dir: str, out: str) -> int:
     seen: dict[str, Any] = {"threads_before_fork": threading.active_count()}
     process_workers.fork_workers(2)
     seen["worker_names"] = [
         Path(f"/proc/{w.pid}/comm").read_text().strip() for w in process_workers.FORKED
     ]
-    process_backend.APP["app"] = process_workers.AppRef(
-        app_dir, "probe_app:app", "", "", ""
-    )
+    seen["worker_argv"] = [
+        Path(f"/proc/{w.pid}/cmdline").read_text() for w in process_workers.FORKED
+    ]
+    ref = process_workers.AppRef(app_dir, "probe_app:app", "", "", "")
+    process_backend.APP["app"] = ref
     backend = process_backend.ProcessBackend({})
     backend.build(lambda: None)  # type: ignore[arg-type,return-value]
     seen["num_workers"] = backend.num_workers
@@ -71,7 +93,8 @@ def main(app_dir: str, out: str) -> int:
         record = reply.content.config_records["seen"]
         replies.append({
             "node": node, "pid": record["pid"], "draw": record["draw"],
-            "sum": record["sum"], "reply_to": reply.metadata.reply_to_message_id,
+            "sum": record["sum"], "argv": record["argv"],
+            "reply_to": reply.metadata.reply_to_message_id,
             "state": context.state.config_records["kept"]["node"],
         })  # fmt: skip
 
@@ -81,23 +104,24 @@ def main(app_dir: str, out: str) -> int:
     for t in threads:
         t.join()
     seen["replies"] = replies
-    try:
-        backend.process_message(_message(15, fail=True), _context(15))
-    except Exception as exc:  # noqa: BLE001 - what kind, recorded
-        seen["failure"] = [type(exc).__name__, str(exc)]
-    victim = backend.workers[0]
-    os.kill(victim.pid, signal.SIGKILL)
-    try:
-        for node in (16, 17):
-            backend.process_message(_message(node), _context(node))
-    except Exception as exc:  # noqa: BLE001 - what kind, recorded
-        seen["after_kill"] = [type(exc).__name__, str(exc)]
-    seen["num_workers_after_kill"] = backend.num_workers
+    seen["failure"] = _outcome(backend, 15, fail=True)
+    seen["unpicklable"] = _outcome(backend, 16, unpicklable=True)
+    seen["workers_after_errors"] = backend.num_workers
+    victim = backend.workers[0].pid
+    os.kill(victim, signal.SIGKILL)  # while it waits for a message
+    _wait_dead(victim)
+    seen["after_idle_kill"] = [_outcome(backend, n) for n in (17, 18)]
+    seen["workers_after_idle_kill"] = backend.num_workers
     pids = [w.pid for w in backend.workers]
+    seen["crash"] = _outcome(backend, 19, crash=True)
+    seen["workers_after_crash"] = backend.num_workers
+    started = time.monotonic()
+    seen["none_left"] = _outcome(backend, 20)
+    seen["none_left_seconds"] = time.monotonic() - started
     backend.terminate()
     seen["left_running"] = [
         p
-        for p in pids
+        for p in [victim, *pids]
         if Path(f"/proc/{p}").exists()
         and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
     ]

@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.helpers.listening import listening
+
 REPO = Path(__file__).resolve().parents[2]
 # The scripts each thread started: what a run started ahead (runs_ahead.py) stops
 # if its test never comes to take it.
@@ -50,11 +52,11 @@ def watch_tree(root: psutil.Process, watch: Watch, stop: threading.Event) -> Non
                 watch.names.add(" ".join(cmdline[:2]) or proc.name())
                 watch.commands.add(" ".join(cmdline))
                 watch.programs[proc.pid] = proc.name()
-                for conn in proc.net_connections(kind="inet"):
-                    if conn.status == psutil.CONN_LISTEN:
-                        watch.listening.add((conn.laddr.ip, conn.laddr.port, proc.name()))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
+        for pid, sockets in listening(p.pid for p in procs).items():
+            name = watch.programs.get(pid, str(pid))
+            watch.listening.update((ip, port, name) for ip, port in sockets)
         time.sleep(0.3)
 
 

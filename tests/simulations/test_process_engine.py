@@ -31,6 +31,7 @@ PROBE = "tests.helpers.process_engine_probe"
 
 PROBE_APP = """
 import os
+import sys
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -40,13 +41,19 @@ app = ClientApp()
 
 @app.train()
 def train(msg, context):
-    if msg.content.config_records["config"]["fail"]:
+    config = msg.content.config_records["config"]
+    if config["fail"]:
         raise ValueError("the probe was told to fail")
+    if config["crash"]:
+        os._exit(3)
+    if config["unpicklable"]:
+        context.extra = lambda: None  # pickle refuses a lambda
     print(f"probe trained node {context.node_id}", flush=True)
     total = float(msg.content.array_records["weights"]["w"].numpy().sum())
     context.state.config_records["kept"] = ConfigRecord({"node": context.node_id})
     seed = str(torch.initial_seed())
-    seen = ConfigRecord({"pid": os.getpid(), "draw": seed, "sum": total})
+    argv = " ".join(sys.argv)
+    seen = ConfigRecord({"pid": os.getpid(), "draw": seed, "sum": total, "argv": argv})
     return Message(RecordDict({"seen": seen}), reply_to=msg)
 """
 
@@ -69,9 +76,12 @@ def test_flowers_lines_the_engine_stands_on() -> None:
 def test_workers_run_messages_as_ray_actors_do(tmp_path: Path) -> None:
     """Two forked workers: both load the app from its folder and answer messages
     side by side (arrays whose chunks Flower cached as memoryviews included), with
-    the node's context updated; each draws its own random numbers; a ClientApp
-    that raises is a ClientAppException with its message; a killed worker fails
-    its message by name and the other goes on; terminate leaves nothing running."""
+    the node's context updated; each draws its own random numbers and holds none of
+    flwr-simulation's arguments (its token). A ClientApp that raises, or whose reply
+    cannot be sent, is a ClientAppException with the exception's text (its traceback
+    in the log), and the worker goes on. A worker killed while idle is dropped and
+    the other takes the messages; one that exits mid-message fails that message by
+    name; with none left a message fails at once; nothing is left running."""
     (tmp_path / "probe_app.py").write_text(textwrap.dedent(PROBE_APP))
     out = tmp_path / "seen.json"
     proc = subprocess.run(
@@ -86,20 +96,36 @@ def test_workers_run_messages_as_ray_actors_do(tmp_path: Path) -> None:
     replies = seen["replies"]
     assert sorted(r["node"] for r in replies) == [11, 12, 13, 14]
     assert all(r["sum"] == sum(range(4096)) for r in replies)
-    assert all(r["reply_to"] == f"m{r['node']}-False" for r in replies)
+    assert all(r["reply_to"] == f"m{r['node']}" for r in replies)
     assert all(r["state"] == r["node"] for r in replies)  # the context came back
     assert len({r["pid"] for r in replies}) == 2  # both workers took messages
     seeds = {r["pid"]: r["draw"] for r in replies}  # torch's seed, per worker
     assert len(set(seeds.values())) == 2  # drawn again, not one copied state
+    assert all(len(r["argv"].split()) == 1 for r in replies)  # the program only
+
     kind, text = seen["failure"]
     assert kind == "ClientAppException" and "the probe was told to fail" in text
-    kind, text = seen["after_kill"]
-    assert kind == "RuntimeError" and "ClientApp worker" in text and "exited" in text
-    assert seen["num_workers_after_kill"] == 1
+    assert "Traceback" not in text  # the text, as from a Ray actor
+    assert any(
+        "(ClientApp worker pid=" in x and "ValueError: the probe was told to fail" in x
+        for x in proc.stdout.splitlines()
+    )  # its traceback went into the log
+    kind, text = seen["unpicklable"]
+    assert kind == "ClientAppException" and "pickle" in text.lower()
+    assert seen["workers_after_errors"] == 2
+
+    assert seen["after_idle_kill"] == [["ok", ""], ["ok", ""]]
+    assert seen["workers_after_idle_kill"] == 1
+    kind, text = seen["crash"]
+    assert kind == "WorkerGone" and "exited (code 3)" in text
+    assert seen["workers_after_crash"] == 0
+    assert seen["none_left"][0] == "WorkerGone"
+    assert "every ClientApp worker has exited" in seen["none_left"][1]
+    assert seen["none_left_seconds"] < 5
     assert seen["left_running"] == []
     # each worker's output reached the simulation process's stdout, by worker
     lines = [x for x in proc.stdout.splitlines() if "probe trained node" in x]
-    assert len(lines) >= 4 and all(x.startswith("(ClientApp worker pid=") for x in lines)
+    assert len(lines) >= 6 and all(x.startswith("(ClientApp worker pid=") for x in lines)
 
 
 def test_forking_is_refused_once_threads_run() -> None:

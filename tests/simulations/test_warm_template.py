@@ -38,7 +38,7 @@ from simulations.launch.warm_template import (
     WarmCommand,
     wrapper_args,
 )
-from simulations.launch.warm_template_script import Request, socket_env
+from simulations.launch.warm_template_script import Request, next_on_path, socket_env
 
 SOCKET_ENV = socket_env(CLIENTAPP.name)
 
@@ -406,3 +406,23 @@ def test_a_socket_path_too_long_starts_the_node_without_a_template(tmp_path: Pat
     assert out.strip() == "None"
     assert "too long for a Unix socket" in err and "without a template" in err
     assert not list(deep.iterdir())
+
+
+def test_a_cold_start_runs_what_path_names_after_the_shim(tmp_path: Path) -> None:
+    """Without its template the shim runs the next ``flwr-simulation`` on PATH, the
+    simulation engine's script where the launcher put one (not Flower's own, which
+    would run every ClientApp on Ray whatever the engine chosen); Flower's beside
+    this Python when PATH has none."""
+    shim_folder, engine_bin, empty = tmp_path / "warm", tmp_path / "engine", tmp_path / "e"
+    for folder in (shim_folder, engine_bin, empty):
+        folder.mkdir()
+    shim = shim_folder / "flwr-simulation"
+    engine = engine_bin / "flwr-simulation"
+    for script in (shim, engine):
+        script.write_text("#!/bin/sh\n")
+        script.chmod(0o755)
+    (empty / "flwr-simulation").write_text("not executable")
+    path = os.pathsep.join([str(shim_folder), str(empty), str(engine_bin), "/usr/bin"])
+    assert next_on_path("flwr-simulation", shim, path) == engine
+    stock = Path(sys.executable).parent / "flwr-simulation"
+    assert next_on_path("flwr-simulation", shim, str(shim_folder)) == stock
