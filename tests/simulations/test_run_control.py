@@ -137,6 +137,18 @@ def test_ray_address_option_and_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert flower_environment(home, "127.0.0.1:6380")["RAY_ADDRESS"] == "127.0.0.1:6380"
 
 
+def test_flower_processes_may_write_the_installed_apps_bytecode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each task process imports the app from the FAB under FLWR_HOME: where the
+    caller forbids bytecode, Flower's processes may write it there all the same, so
+    that one message compiles the app and the next ones reuse it."""
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    env = flower_environment(Path("/tmp/flwr-home"))
+    assert "PYTHONDONTWRITEBYTECODE" not in env
+    assert os.environ["PYTHONDONTWRITEBYTECODE"] == "1"  # the caller's own is kept
+
+
 def test_deployment_addresses_are_loopback_and_named_by_the_certificate(
     tmp_path: Path,
 ) -> None:
