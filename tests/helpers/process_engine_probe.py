@@ -27,11 +27,11 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    Metadata,
     RecordDict,
 )
 
 from simulations.engine import process_backend, process_workers
+from simulations.launch.in_process_federation import delivered
 
 
 def _message(node: int, **flags: bool) -> Message:
@@ -41,12 +41,7 @@ def _message(node: int, **flags: bool) -> Message:
     content = RecordDict(
         {"weights": ArrayRecord({"w": array}), "config": ConfigRecord(config)}
     )
-    metadata = Metadata(
-        run_id=1, message_id=f"m{node}", src_node_id=1, dst_node_id=node,
-        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600,
-        message_type="train",
-    )  # fmt: skip
-    return Message(content=content, metadata=metadata)
+    return delivered(content, "train", node)  # as a SuperNode delivers it
 
 
 def _context(node: int) -> Context:
@@ -89,12 +84,13 @@ def main(app_dir: str, out: str) -> int:
     replies: list[dict[str, Any]] = []
 
     def one(node: int) -> None:
-        reply, context = backend.process_message(_message(node), _context(node))
+        message = _message(node)
+        reply, context = backend.process_message(message, _context(node))
         record = reply.content.config_records["seen"]
         replies.append({
             "node": node, "pid": record["pid"], "draw": record["draw"],
             "sum": record["sum"], "argv": record["argv"],
-            "reply_to": reply.metadata.reply_to_message_id,
+            "answers": reply.metadata.reply_to_message_id == message.metadata.message_id,
             "state": context.state.config_records["kept"]["node"],
         })  # fmt: skip
 
