@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default="", help="the dataset's files (run key data-dir)")
     p.add_argument("--client-level", action="store_true", help="see the module docstring")
     p.add_argument("--simulated-nodes", type=int, help="as simulations.run's option")
+    p.add_argument("--engine", choices=["process", "ray"], help="as simulations.run's")
     p.add_argument("--pfl-python", help="python of a venv with pfl 0.6.0 (tabular tasks)")
     args = p.parse_args(argv)
     if args.pfl_python and not (args.client_level and _is_tabular(args.dataset)):
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", str(args.rounds), "--results-dir", str(results),
         *(["--data-dir", args.data_dir] if args.data_dir else []),
         *(["--simulated-nodes", str(args.simulated_nodes)] if args.simulated_nodes else []),
+        *(["--engine", args.engine] if args.engine else []),
     ]  # fmt: skip
     if args.client_level:
         recipe = (
