@@ -72,7 +72,8 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         "--client-cpus",
         type=positive_int,
         default=1,
-        help="CPUs Ray reserves per ClientApp",
+        help="CPUs per ClientApp: the process engine forks one worker per "
+        "CPUs / client-cpus; Ray reserves them per actor",
     )
     p.add_argument(
         "--simulated-nodes",
@@ -81,9 +82,8 @@ def add_simulation_options(p: argparse.ArgumentParser) -> None:
         help="SuperNodes the simulation engine runs; each hosts every K-th client and "
         "trains its share of a round's cohort in one message (run key "
         "'virtual-clients'; docs/simulation.md, 'Virtual clients'). Default: one per "
-        "CPU of the "
-        "private Ray head (at most one per client); one per client on a cluster "
-        "(--ray-address)",
+        "ClientApp worker, CPUs / --client-cpus (at most one per client); one per "
+        "client on a cluster (--ray-address)",
     )
     p.add_argument(
         "--engine",
@@ -120,8 +120,9 @@ def simulated_nodes(args: argparse.Namespace) -> int:
     """How many SuperNodes the simulation engine runs for ``--clients`` clients.
 
     Flower's simulation engine costs tens of milliseconds per message whatever it
-    carries, so by default a private Ray instance runs one SuperNode per CPU it
-    gives ClientApps, each hosting a share of the clients (client/virtual_clients.py);
+    carries, so by default a run on this machine has one SuperNode per ClientApp
+    worker (:func:`client_workers`), each hosting a share of the clients
+    (client/virtual_clients.py);
     on a cluster, where the launcher cannot see the CPUs, one per client unless
     ``--simulated-nodes`` says otherwise.
     """
