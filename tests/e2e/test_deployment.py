@@ -410,9 +410,11 @@ def test_killed_node_continues_its_ledger_and_corrupt_ledger_fails_closed(
     states = {i: tmp_path / "nodes" / f"node-{i}" for i in range(3)}
     states[1].mkdir(parents=True)
     (states[1] / LEDGER_FILE).write_text('{"format": "privfed-ledger/1", "history": [[')
+    # min-train-nodes 3: every round waits until all three nodes are online, so the
+    # rounds after the crash wait for node 2's return rather than racing past it.
     overrides = {
         "num-rounds": 5, "fraction-evaluate": 0.0, "min-available-nodes": 3,
-        "min-train-nodes": 1, "round-timeout": 120.0, "results-dir": str(results),
+        "min-train-nodes": 3, "round-timeout": 120.0, "results-dir": str(results),
     }  # fmt: skip
     run_config = tmp_path / "run.toml"
     run_config.write_text(tomli_w.dumps(overrides))
@@ -443,8 +445,10 @@ def test_killed_node_continues_its_ledger_and_corrupt_ledger_fails_closed(
     assert flwr_run.returncode == 0, out[-4000:]
     summary = json.loads((results / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds_completed"] == 5, summary
-    later = [r["round"] for r in _rounds(results) if r["started_at"] > readmitted_at]
+    later = [r for r in _rounds(results) if r["started_at"] > readmitted_at]
     assert later, "no round started after node 2 was re-admitted"
+    for record in later:  # each of them waited for node 2 and instructed it
+        assert 2 in [c["partition_id"] for c in record["clients"]], record["round"]
 
     ledger_after = PrivacyLedger.from_json((states[2] / LEDGER_FILE).read_text())
     assert ledger_after.rounds[: len(ledger_before.rounds)] == ledger_before.rounds
