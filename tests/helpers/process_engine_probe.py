@@ -60,9 +60,11 @@ def _outcome(
 
 
 def _wait_dead(pid: int) -> None:
+    """Until our child ``pid`` can be reaped, without reaping it (the backend must
+    notice by itself). /proc's "Z" is not enough: the group leader shows it while
+    the worker's other threads are still exiting, and waitpid cannot reap it yet."""
     for _ in range(100):
-        stat = Path(f"/proc/{pid}/stat")
-        if not stat.exists() or stat.read_text().split()[2] == "Z":
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
             return
         time.sleep(0.05)
 
@@ -70,12 +72,6 @@ def _wait_dead(pid: int) -> None:
 def main(app_dir: str, out: str) -> int:
     seen: dict[str, Any] = {"threads_before_fork": threading.active_count()}
     process_workers.fork_workers(2)
-    seen["worker_names"] = [
-        Path(f"/proc/{w.pid}/comm").read_text().strip() for w in process_workers.FORKED
-    ]
-    seen["worker_argv"] = [
-        Path(f"/proc/{w.pid}/cmdline").read_text() for w in process_workers.FORKED
-    ]
     ref = process_workers.AppRef(app_dir, "probe_app:app", "", "", "")
     process_backend.APP["app"] = ref
     backend = process_backend.ProcessBackend({})
@@ -100,6 +96,11 @@ def main(app_dir: str, out: str) -> int:
     for t in threads:
         t.join()
     seen["replies"] = replies
+    # read once both have served a message: a worker names itself as it starts,
+    # a moment after the fork returns
+    seen["worker_names"] = [
+        Path(f"/proc/{w.pid}/comm").read_text().strip() for w in process_workers.FORKED
+    ]
     seen["failure"] = _outcome(backend, 15, fail=True)
     seen["unpicklable"] = _outcome(backend, 16, unpicklable=True)
     seen["workers_after_errors"] = backend.num_workers
