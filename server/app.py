@@ -35,6 +35,7 @@ from server.results.checkpoint import (
 from server.results.client_outcomes import partition_key
 from server.results.dropouts import count_dropouts
 from server.results.epsilon_text import epsilon_text
+from server.results.exit_summary import ExitSummary
 from server.results.outcome import failure_summary, loop_outcome, summarise_start_failure
 from server.results.run_folder import ResultsWriter, resolve_results_dir
 from server.strategies.client_level import ClientLevelFedAvg
@@ -175,6 +176,19 @@ def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(cfg.torch_threads)
     strategy: PrivateFedAvg | None = None
     checkpointer: Checkpointer | None = None
+
+    def write_failure(reason: str, trace: str | None = None) -> None:
+        summary = failure_summary(reason, writer.rounds, cfg.num_rounds)
+        if strategy is not None and strategy.summary_block() is not None:
+            # The federation ledger may hold a round rounds.jsonl does not (it is
+            # written first): the failed run's client-level ε is the ledger's.
+            summary["client_level"] = strategy.summary_block()
+        if checkpointer is not None:
+            summary["runs"] = list(checkpointer.runs(time.monotonic()))
+        writer.write_summary({**summary, **({"traceback": trace} if trace else {})})
+
+    on_exit = ExitSummary(write_failure)  # flwr stop: the summary before Flower's 5 s
+    on_exit.arm()
     try:
         check_task_model(cfg)  # a model the privacy mode cannot train fails now
         if is_task_reference(cfg.task):  # a user's model the export cannot script
@@ -248,17 +262,11 @@ def main(grid: Grid, context: Context) -> None:
                 from server.audit.canary_clients import canary_audit_line
 
                 summary["audit"], audit_line = client_audit, canary_audit_line(client_audit)
+        on_exit.disarm()
         writer.write_summary(summary)
     except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        summary = failure_summary(reason, writer.rounds, cfg.num_rounds)
-        if strategy is not None and strategy.summary_block() is not None:
-            # The federation ledger may hold a round rounds.jsonl does not (it is
-            # written first): the failed run's client-level ε is the ledger's.
-            summary["client_level"] = strategy.summary_block()
-        if checkpointer is not None:
-            summary["runs"] = list(checkpointer.runs(time.monotonic()))
-        writer.write_summary({**summary, "traceback": traceback.format_exc()})
+        on_exit.disarm()
+        write_failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
         raise
     log(
         INFO,
