@@ -61,8 +61,9 @@ def uv_options(settings: dict[str, str]) -> tuple[list[str], dict[str, str]] | s
         elif key == "constraint":
             for path in values:
                 args += ["--constraint", path]
-        elif key == "no-index" and value.lower() in ("1", "true", "yes", "on"):
-            args.append("--no-index")
+        elif key == "no-index":
+            if value.lower() in ("1", "true", "yes", "on"):
+                args.append("--no-index")
         elif key == "trusted-host":
             for host in values:
                 args += ["--allow-insecure-host", host]
