@@ -1,10 +1,11 @@
 """The ServerApp's summary when Flower makes it exit, written before Flower's deadline.
 
-Why: in a deployment (``flwr-serverapp``), after ``flwr stop`` the ServerApp's next call to the SuperLink is refused (401)
-and Flower raises SIGINT in its own process. Its handler (``flwr_exit``) starts a
-5 s timer that ends the process with ``os._exit``, runs Flower's own exit work (it
-pushes the logs and the task output), and only then raises ``SystemExit`` in the
-ServerApp's code, whose ``except`` writes ``summary.json``. On a busy machine
+Why: in a deployment (``flwr-serverapp``), after ``flwr stop`` the ServerApp's next
+call to the SuperLink is refused (401) and Flower raises SIGINT in its own process.
+Its handler (``flwr_exit``) starts a 5 s timer that ends the process with
+``os._exit``, runs Flower's own exit work (it pushes the logs and the task output),
+and only then raises ``SystemExit`` in the ServerApp's code, whose ``except`` writes
+``summary.json``. On a busy machine
 Flower's part took 3 s and the summary, started with 2 s left, was never written.
 
 Flower runs exit handlers registered with ``run_before_force_exit=True`` before it
