@@ -30,18 +30,26 @@ HARMLESS = {"disable-pip-version-check", "no-color", "progress-bar", "root-user-
 PREFIX = "[install]"
 
 
+# pip's precedence for ``pip install``: PIP_* variables, then a file's [install]
+# section, then its [global] one (``pip config list`` prints them in an order that
+# changed between pip releases). Other sections are other commands'.
+SECTION_RANK = {":env:": 3, "install": 2, "global": 1}
+
+
 def pip_settings(python: Path) -> dict[str, str]:
-    """pip's effective settings: key (without section) to value, later wins."""
+    """pip's effective settings for ``pip install``: key (without section) to value."""
     out = subprocess.run(
         [str(python), "-m", "pip", "config", "list"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    settings: dict[str, str] = {}
+    ranked: dict[str, tuple[int, str]] = {}
     for line in out.splitlines():
         key, _, value = line.partition("=")
-        name = key.rsplit(".", 1)[-1]
-        settings[name] = value.strip().strip("'\"")
-    return settings
+        section, _, name = key.rpartition(".")
+        rank = SECTION_RANK.get(section, 0)
+        if rank and rank >= ranked.get(name, (0, ""))[0]:
+            ranked[name] = (rank, value.strip().strip("'\""))
+    return {name: value for name, (_, value) in ranked.items()}
 
 
 def uv_options(settings: dict[str, str]) -> tuple[list[str], dict[str, str]] | str:

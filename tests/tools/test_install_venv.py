@@ -13,9 +13,13 @@ PYTHON = Path(sys.executable)
 
 
 def test_pips_effective_settings_are_read_as_pip_resolves_them(tmp_path: Path) -> None:
-    """A config file and a PIP_ variable: both seen, the variable winning."""
+    """A config file and a PIP_ variable: both seen, the variable winning, and a
+    file's [install] section over its [global] one, whatever order pip prints."""
     conf = tmp_path / "pip.conf"
-    conf.write_text("[global]\nfind-links = /from/file\nextra-index-url = a b\n")
+    conf.write_text(
+        "[global]\nfind-links = /from/file\nextra-index-url = a b\nindex-url = g\n"
+        "[install]\nindex-url = i\n[download]\nno-index = true\n"
+    )
     env = {**os.environ, "PIP_CONFIG_FILE": str(conf), "PIP_FIND_LINKS": "/from/env"}
     done = subprocess.run(
         [sys.executable, "-c",
@@ -27,6 +31,8 @@ def test_pips_effective_settings_are_read_as_pip_resolves_them(tmp_path: Path) -
     settings = eval(done.stdout)  # noqa: S307 - a dict repr this test printed
     assert settings["find-links"] == "/from/env"
     assert settings["extra-index-url"] == "a b"
+    assert settings["index-url"] == "i"  # [install] over [global]
+    assert "no-index" not in settings  # another command's section
     assert pip_settings(PYTHON) is not None
 
 
