@@ -1,6 +1,6 @@
 """Cost of reporting cumulative ε: the ledger's cached path vs Opacus recomputation.
 
-For a 100-round ledger (one history entry per round: every round a distinct
+For a 100-round ledger (``--rounds``; one history entry per round: every round a distinct
 (σ, q), the worst case; and the usual case of one merged (σ, q)), times the ε a
 client reports after its latest round, interleaving the two methods. Then the cost
 of a σ calibration at a small shard's rate (q 1/3, as a 10-client digits run's
@@ -29,9 +29,9 @@ from common.privacy.dp_sgd_plan import calibrate_gaussian_noise_multiplier
 DELTA = 1e-5
 
 
-def _ledger(distinct: bool) -> PrivacyLedger:
+def _ledger(distinct: bool, rounds: int) -> PrivacyLedger:
     ledger = PrivacyLedger("rdp", DELTA)
-    for r in range(1, 101):
+    for r in range(1, rounds + 1):
         sigma = 1.0 + 0.01 * r if distinct else 1.0
         ledger = ledger.extended(r, sigma, 1 / 50, 50)
     return ledger
@@ -53,21 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     """Print a Markdown table of median milliseconds per ε report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument(
+        "--rounds", type=int, default=100, help="ledger length (the smoke test: 10)"
+    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="Optimal order")
-    print("| ledger (100 rounds) | Opacus full recomputation | cached (first report) "
-          "| cached (next round) | same ε |")  # fmt: skip
+    print(f"| ledger ({args.rounds} rounds) | Opacus full recomputation "
+          "| cached (first report) | cached (next round) | same ε |")  # fmt: skip
     print("|---|---|---|---|---|")
     for distinct in (True, False):
-        ledger = _ledger(distinct)
+        ledger = _ledger(distinct, args.rounds)
         full, cold, warm = [], [], []
         for _ in range(args.repeats):
             full.append(_time(lambda led=ledger: _opacus(led)))
             _rdp_per_step.cache_clear()
             cold.append(_time(ledger.epsilon))
-            next_round = ledger.extended(101, 1.0, 1 / 50, 50)
+            next_round = ledger.extended(args.rounds + 1, 1.0, 1 / 50, 50)
             warm.append(_time(next_round.epsilon))
-        same = abs(ledger.epsilon() - _opacus(ledger)) <= 1e-9 * _opacus(ledger)
+        reference = _opacus(ledger)
+        same = abs(ledger.epsilon() - reference) <= 1e-9 * reference
         name = "distinct (σ, q) every round" if distinct else "one (σ, q), merged"
         cells = [statistics.median(x) * 1000 for x in (full, cold, warm)]
         row = f"| {name} | {cells[0]:.1f} ms | {cells[1]:.1f} ms | {cells[2]:.2f} ms"

@@ -26,7 +26,7 @@ def _run(module: str, *args: str, timeout: float = 600) -> str:
 
 def test_accountant_benchmark_smoke() -> None:
     """The accountant benchmark runs and its fast path agrees with Opacus."""
-    out = _run("simulations.bench.accountant", "--repeats", "1")
+    out = _run("simulations.bench.accountant", "--repeats", "1", "--rounds", "10")
     rows = [
         line
         for line in out.splitlines()
