@@ -25,9 +25,8 @@ import server.app
 from server.results import exit_summary
 from simulations.launch.options import pyproject_defaults
 
-SLOW_EXIT_S = (
-    8.0  # 3 s past Flower's FORCE_EXIT_TIMEOUT_SECONDS (5), a margin for a busy machine
-)
+# 3 s past Flower's FORCE_EXIT_TIMEOUT_SECONDS (5): a margin for a busy machine
+SLOW_EXIT_S = 8.0
 
 
 class RevokedGrid:
