@@ -5,8 +5,8 @@ call to the SuperLink is refused (401) and Flower raises SIGINT in its own proce
 Its handler (``flwr_exit``) starts a 5 s timer that ends the process with
 ``os._exit``, runs Flower's own exit work (it pushes the logs and the task output),
 and only then raises ``SystemExit`` in the ServerApp's code, whose ``except`` writes
-``summary.json``. On a busy machine
-Flower's part took 3 s and the summary, started with 2 s left, was never written.
+``summary.json``. On a busy machine Flower's part took 3 s and the summary, started
+with 2 s left, was never written.
 
 Flower runs exit handlers registered with ``run_before_force_exit=True`` before it
 starts that timer. :class:`ExitSummary` is one: it writes the summary of a run that
