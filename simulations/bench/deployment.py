@@ -87,7 +87,7 @@ def tree_cpu(pid: int) -> tuple[float, float]:
             t = proc.cpu_times()
             if proc.pid == pid:
                 node += t.user + t.system
-            elif is_superexec(proc.cmdline()):
+            elif is_superexec(proc.cmdline(), proc.name()):
                 superexec += t.user + t.system
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

@@ -55,7 +55,7 @@ def runs_task(pid: int) -> bool:
     as a process of its own, and reaps it only when it starts the next one)."""
     try:
         for proc in psutil.Process(pid).children(recursive=True):
-            if is_superexec(proc.cmdline()) and any(
+            if is_superexec(proc.cmdline(), proc.name()) and any(
                 child.status() != psutil.STATUS_ZOMBIE for child in proc.children()
             ):
                 return True

@@ -14,8 +14,9 @@ Here the loop is unchanged, but its pause ends as soon as there is a task to tak
 
 - The SuperLink (``python -m simulations.launch.superexec_wakeup superlink --
   flower-superlink <its arguments>``) and the SuperNode (the heartbeat wrapper's
-  ``--wake-superexec``) start their SuperExec through this module with the read end
-  of a pipe: ``... superexec --wake-fd N -- <its arguments>``.
+  ``--wake-superexec``) give their SuperExec the read end of a pipe. The SuperExec
+  is forked from the wrapper (:mod:`.superexec_fork`), or where that cannot be,
+  started through this module: ``... superexec --wake-fd N -- <its arguments>``.
 - They write one byte to the pipe right after they stored a task: a new run
   (``create_run``) on the SuperLink, a pulled message on the SuperNode.
 - The SuperExec's pause waits for a byte on that pipe, at most :data:`IDLE_POLL_S`
@@ -42,6 +43,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from simulations.launch.superexec_fork import PROCESS_NAME as FORKED_NAME
+from simulations.launch.superexec_fork import SuperExecFork, fork_superexec
+
 MODULE = "simulations.launch.superexec_wakeup"
 IDLE_POLL_S = 1.0  # Flower's own default interval: never slower than stock
 SUPEREXEC = "flower-superexec"
@@ -56,10 +60,14 @@ def superexec_command(command: Sequence[str], wake_fd: int) -> list[str]:
             *command[1:]]  # fmt: skip
 
 
-def is_superexec(cmdline: Sequence[str]) -> bool:
-    """Whether a command line is a SuperExec's: Flower's own or one run by this module."""
+def is_superexec(cmdline: Sequence[str], name: str = "") -> bool:
+    """Whether a process is a SuperExec, by its command line (Flower's own, or one run
+    by this module) or its ``name`` (``/proc/PID/comm``: one forked by a wrapper,
+    :mod:`.superexec_fork`, which keeps its parent's command line)."""
     stock = any(Path(arg).name == SUPEREXEC for arg in cmdline[:2])
-    return stock or list(cmdline[1:4]) == ["-m", MODULE, "superexec"]
+    return (
+        stock or list(cmdline[1:4]) == ["-m", MODULE, "superexec"] or (name == FORKED_NAME)
+    )
 
 
 def superlink_command(superlink: str, args: Sequence[str]) -> list[str]:
@@ -125,17 +133,26 @@ def _wake_after(owner: Any, name: str, waker: Waker) -> None:
 
 class _WokenPopen:
     """``subprocess`` for a module that starts ``flower-superexec``: that command is
-    started through this module with a fresh pipe, whose write end goes to
-    ``waker``; everything else is the real ``subprocess``."""
+    run by ``fork`` (:mod:`.superexec_fork`) where it can be, else started through
+    this module, with a pipe whose write end goes to ``waker``; everything else is
+    the real ``subprocess``."""
 
-    def __init__(self, waker: Waker) -> None:
+    def __init__(self, waker: Waker, fork: SuperExecFork | None = None) -> None:
         self.waker = waker
+        self.fork = fork
 
     def Popen(self, command: Sequence[str], *args: Any, **kwargs: Any) -> Any:  # noqa: N802
         import subprocess
 
         if not command or Path(command[0]).name != SUPEREXEC:
             return subprocess.Popen(command, *args, **kwargs)
+        fork, self.fork = self.fork, None  # one SuperExec per fork
+        if fork is not None and fork.can_start(args, kwargs):
+            started = fork.start(list(command), bool(kwargs.get("start_new_session")))
+            self._wake_through(fork.wake_fd)
+            return started
+        if fork is not None:
+            fork.abandon()
         read, write = os.pipe()
         os.set_blocking(write, False)  # a full pipe never holds up the node
         kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), read)
@@ -146,10 +163,13 @@ class _WokenPopen:
             raise
         finally:
             os.close(read)
+        self._wake_through(write)
+        return started
+
+    def _wake_through(self, write_fd: int) -> None:
         if self.waker.fd is not None:
             os.close(self.waker.fd)
-        self.waker.fd = write
-        return started
+        self.waker.fd = write_fd
 
     def __getattr__(self, name: str) -> Any:
         import subprocess
@@ -161,12 +181,23 @@ def wake_supernode_superexec(node_loop: Any) -> Waker:
     """In a SuperNode process: start its SuperExec through this module, and wake it
     whenever the node stored a pulled message (``start_client_internal``)."""
     waker = Waker()
-    node_loop.subprocess = _WokenPopen(waker)
+    node_loop.subprocess = _WokenPopen(waker, _superexec_fork())
     _wake_after(node_loop, "_pull_and_store_message", waker)
     return waker
 
 
+def _superexec_fork() -> SuperExecFork | None:
+    """The SuperExec forked now (:mod:`.superexec_fork`), after its modules are
+    imported here: the fork shares them instead of importing them again."""
+    import flwr.supercore.cli.flower_superexec  # noqa: F401
+    import flwr.supercore.superexec.run_superexec  # noqa: F401
+
+    return fork_superexec(_run_superexec)
+
+
 def _run_superexec(wake_fd: int, args: list[str]) -> int | None:
+    """Flower's ``flower-superexec`` with ``args``, its pauses ended through
+    ``wake_fd`` (also what a forked SuperExec runs)."""
     import flwr.supercore.superexec.run_superexec as loop
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
@@ -185,7 +216,7 @@ def _run_superlink(args: list[str]) -> int | None:
     # the module, not the function of the same name its package exports
     link = importlib.import_module("flwr.superlink.cli.flower_superlink")
     waker = Waker()
-    link.subprocess = _WokenPopen(waker)
+    link.subprocess = _WokenPopen(waker, _superexec_fork())
     for state in (InMemoryLinkState, SqlLinkState):  # whichever --database chose
         _wake_after(state, "create_run", waker)
     sys.argv = list(args)

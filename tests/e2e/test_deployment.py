@@ -49,6 +49,7 @@ from simulations.launch.processes import (
     descendants,
     stop_processes,
 )
+from simulations.launch.superexec_fork import PROCESS_NAME as FORKED_SUPEREXEC
 from simulations.launch.superexec_wakeup import MODULE as WAKEUP_MODULE
 from simulations.launch.warm_template import CLIENTAPP
 from simulations.launch.warm_template import MODULE as WARM_MODULE
@@ -121,9 +122,11 @@ def test_secure_deployment_three_nodes_two_rounds(tmp_path: Path) -> None:
     assert len(templates) >= 3, sorted(watch.commands)
     scripts = [c for c in watch.commands if f"/{CLIENTAPP.name} --" in c]
     assert len(scripts) >= 6 and all("/privfed-warm-" in c for c in scripts), scripts
-    # the SuperLink's and every node's SuperExec were woken per task, not polling
-    woken = [c for c in watch.commands if f"-m {WAKEUP_MODULE} superexec --wake-fd " in c]
-    assert len(woken) >= 4, sorted(watch.commands)
+    # the SuperLink's and every node's SuperExec were forked from them (not started
+    # cold) and woken per task, not polling
+    forked = [pid for pid, name in watch.programs.items() if name == FORKED_SUPEREXEC]
+    assert len(forked) >= 4, watch.programs
+    assert not any(f"-m {WAKEUP_MODULE} superexec " in c for c in watch.commands)
     assert not any(c.endswith("flower-superexec") or "/flower-superexec " in c
                    for c in watch.commands), sorted(watch.commands)  # fmt: skip
     assert_loopback_only(watch)

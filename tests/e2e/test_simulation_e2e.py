@@ -15,6 +15,7 @@ import pytest
 from common.ledger.privacy_ledger import epsilon_of_history
 from server.results.outcome import Outcome
 from simulations.engine.process_workers import WORKER_NAME
+from simulations.launch.superexec_fork import PROCESS_NAME as FORKED_SUPEREXEC
 from simulations.launch.superexec_wakeup import MODULE as WAKEUP_MODULE
 from simulations.launch.warm_template import MODULE as WARM_MODULE
 from tests.helpers.docs import results_python_snippet
@@ -119,8 +120,10 @@ def test_main_job_three_clients_two_rounds(tmp_path: Path) -> None:
     assert "[privfed] Engine: process engine, " in out
     workers = [p for p, name in watch.programs.items() if name == WORKER_NAME]
     assert 1 <= len(workers) <= 3, watch.programs
-    # the SuperLink's SuperExec was woken by the run, not asking every 0.2 s
-    assert any(f"-m {WAKEUP_MODULE} superexec --wake-fd " in c for c in watch.commands)
+    # the SuperLink's SuperExec was forked from it (not started cold) and woken by
+    # the run, not asking every 0.2 s
+    assert FORKED_SUPEREXEC in watch.programs.values(), watch.programs
+    assert not any(f"-m {WAKEUP_MODULE} superexec " in c for c in watch.commands)
     assert not any("/flower-superexec " in c for c in watch.commands)
     assert_loopback_only(watch)
     assert_all_gone(watch)

@@ -293,7 +293,7 @@ def test_a_task_fault_waits_until_the_node_runs_a_task(
 
     from simulations.deployment import injector as inj
 
-    monkeypatch.setattr(inj, "is_superexec", lambda cmd: "fake-superexec" in cmd)
+    monkeypatch.setattr(inj, "is_superexec", lambda cmd, name="": "fake-superexec" in cmd)
     go = tmp_path / "go"
     node = subprocess.Popen(
         [sys.executable, "-c", _NODE, sys.executable, "-c", _SUPEREXEC, "fake-superexec",
