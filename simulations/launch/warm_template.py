@@ -241,12 +241,17 @@ class _Template:
             conn.close()
 
     def _hung_up(self, fd: int) -> None:
-        """The script went away (killed) before its child ended: end the child too."""
+        """The script went away (killed) before its child ended: kill the child too.
+
+        SIGKILL, not SIGTERM: whoever killed the script already gave the task its
+        SIGTERM through it. A stopped ``flwr-simulation`` runs Flower's exit for
+        seconds while its ServerApp thread goes on with rounds, which a launcher
+        that has summarised the run must not see written afterwards."""
         conn, pid = self.conns.pop(fd)
         self.selector.unregister(conn)
         conn.close()
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
