@@ -10,7 +10,7 @@ forks the wrapper once. The fork waits on a pipe; when Flower asks to start
 its working folder, and the fork runs Flower's SuperExec entry point with them, woken
 as before. It is the parent's child, as the started process was: Flower's
 ``--parent-pid`` check and a new session (the SuperLink's) work as for a process it
-started.
+started; and the kernel kills it when its parent exits.
 
 Its command line stays its parent's; its name (``ps``, ``/proc/PID/comm``) is
 :data:`PROCESS_NAME`, which :func:`.superexec_wakeup.is_superexec` recognises. A
@@ -33,7 +33,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from simulations.launch.forked import fresh_random_state, name_process
+from simulations.launch.forked import die_with_parent, fresh_random_state, name_process
 
 PROCESS_NAME = "flwr-superexec"  # at most 15 bytes: the kernel's limit for a name
 # What a fork can honour of the arguments Flower passes to Popen for its SuperExec
@@ -138,6 +138,7 @@ def fork_superexec(run: SuperExecMain) -> SuperExecFork | None:
         return None
     request_read, request_write = os.pipe()
     wake_read, wake_write = os.pipe()
+    parent = os.getpid()
     try:
         pid = os.fork()
     except OSError:
@@ -147,7 +148,7 @@ def fork_superexec(run: SuperExecMain) -> SuperExecFork | None:
     if pid == 0:  # the fork: never returns
         os.close(request_write)
         os.close(wake_write)
-        _serve(request_read, wake_read, run)
+        _serve(request_read, wake_read, run, parent)
     os.close(request_read)
     os.close(wake_read)
     os.set_blocking(wake_write, False)  # a full pipe never holds up the parent
@@ -156,11 +157,18 @@ def fork_superexec(run: SuperExecMain) -> SuperExecFork | None:
     return SuperExecFork(pid, request_write, wake_write)
 
 
-def _serve(request_fd: int, wake_fd: int, run: SuperExecMain) -> None:
+def _serve(request_fd: int, wake_fd: int, run: SuperExecMain, parent: int) -> None:
     """In the fork: wait for the start request, then be the SuperExec; exit with its
-    code, never returning into the parent's code."""
+    code, never returning into the parent's code.
+
+    It is killed when its parent exits (``PR_SET_PDEATHSIG``). Flower's own check
+    (``--parent-pid``, a poll that raises SIGINT) reached a SuperExec that was
+    backing off between connection attempts to a node that failed at start, and its
+    exit then took longer than the node's whole life (seen in the deployment tests).
+    A started SuperExec began its attempts 1.2 s later, when the node had settled."""
     code = 1
     try:
+        die_with_parent(parent, signal.SIGKILL)  # SystemExit(0) if it is gone already
         _close_other_fds({0, 1, 2, request_fd, wake_fd})
         with os.fdopen(request_fd, "rb") as pipe:
             data = pipe.read()

@@ -183,3 +183,21 @@ def test_the_handle_waits_with_a_timeout_and_reports_an_unknown_child() -> None:
     stranger = ForkedProcess(os.getpid(), ["x"])  # not a child: waitpid refuses
     assert stranger.poll() == -1
     stranger.terminate()  # treated as exited: this process is not signalled
+
+
+def test_a_started_fork_dies_with_its_parent() -> None:
+    """A SuperExec whose node exits (here abruptly) is gone at once, whatever it was
+    doing (here sleeping, as Flower's connection retries do)."""
+    result, _ = _probe(
+        """
+        import json, os, sys, time
+        from simulations.launch.superexec_fork import fork_superexec
+
+        fork = fork_superexec(lambda wake_fd, args: time.sleep(120))
+        started = fork.start(["flower-superexec"])
+        time.sleep(0.3)
+        print(json.dumps({"pid": started.pid}), flush=True)
+        os._exit(0)
+        """
+    )
+    assert _gone(result["pid"], timeout=5)
