@@ -14,11 +14,11 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import psutil
 import pytest
 
+from simulations.launch.processes import wait_gone
 from simulations.launch.superexec_fork import PROCESS_NAME, ForkedProcess, fork_superexec
 from simulations.launch.superexec_wakeup import MODULE, is_superexec
 
@@ -34,39 +34,41 @@ def _probe(code: str, timeout: float = 60) -> tuple[dict, str]:
 
 
 def _gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
+    try:
+        return not wait_gone([psutil.Process(pid)], timeout)
+    except psutil.NoSuchProcess:
+        return True
 
 
-def test_the_supernodes_superexec_is_its_fork_with_its_environment_and_exit_code() -> None:
+# What the SuperNode wrapper patches in Flower's node loop, as a probe's stand-in.
+NODE_LOOP = f"""
+from {MODULE} import wake_supernode_superexec
+
+class Loop:
+    subprocess = None
+    @staticmethod
+    def _pull_and_store_message(result):
+        return result
+"""
+
+
+def test_the_supernodes_superexec_is_its_fork_with_the_entry_points_exit_code() -> None:
     """Flower's ``Popen(["flower-superexec", ...])`` in a wrapped SuperNode runs
     Flower's SuperExec entry point in the fork made when the node was wrapped; its
     exit code is the entry point's, and its wake-up pipe is the node's."""
     result, out = _probe(
-        f"""
-        import json, os, time, psutil
-        from {MODULE} import wake_supernode_superexec, is_superexec
-
-        class Loop:
-            subprocess = None
-            @staticmethod
-            def _pull_and_store_message(result):
-                return result
-
+        NODE_LOOP
+        + textwrap.dedent(
+            """
+        import json
         waker = wake_supernode_superexec(Loop)
         fork = Loop.subprocess.fork
         started = Loop.subprocess.Popen(["flower-superexec", "--help"])
         code = started.wait(timeout=60)
-        print(json.dumps({{"forked": fork.pid, "pid": started.pid, "code": code,
-                           "type": type(started).__name__, "woken": waker.fd is not None}}))
+        print(json.dumps({"forked": fork.pid, "pid": started.pid, "code": code,
+                          "type": type(started).__name__, "woken": waker.fd is not None}))
         """
+        )
     )
     assert result["type"] == "ForkedProcess" and result["pid"] == result["forked"]
     assert result["code"] == 0 and "--runtime-api-address" in out  # Flower's --help
@@ -132,26 +134,21 @@ def test_an_unused_fork_exits_with_its_parent_or_when_abandoned() -> None:
     """A fork never asked for a SuperExec leaves nothing behind: abandoned (a start
     with arguments a fork cannot honour, here its streams), or its parent gone."""
     result, _ = _probe(
-        f"""
+        NODE_LOOP
+        + textwrap.dedent(
+            """
         import json, subprocess
-        from {MODULE} import wake_supernode_superexec
         from simulations.launch.superexec_fork import fork_superexec
-
-        class Loop:
-            subprocess = None
-            @staticmethod
-            def _pull_and_store_message(result):
-                return result
-
         wake_supernode_superexec(Loop)
         abandoned = Loop.subprocess.fork.pid
         cold = Loop.subprocess.Popen(
             ["flower-superexec", "--help"], stdout=subprocess.PIPE, text=True)
         out, _ = cold.communicate(timeout=60)
         orphan = fork_superexec(lambda fd, args: None)
-        print(json.dumps({{"abandoned": abandoned, "cold": cold.args,
-                           "orphan": orphan.pid, "help": "--runtime-api-address" in out}}))
+        print(json.dumps({"abandoned": abandoned, "cold": cold.args,
+                          "orphan": orphan.pid, "help": "--runtime-api-address" in out}))
         """
+        )
     )
     assert result["cold"][1:4] == ["-m", MODULE, "superexec"] and result["help"]
     for pid in (result["abandoned"], result["orphan"]):
