@@ -65,9 +65,7 @@ def is_superexec(cmdline: Sequence[str], name: str = "") -> bool:
     by this module) or its ``name`` (``/proc/PID/comm``: one forked by a wrapper,
     :mod:`.superexec_fork`, which keeps its parent's command line)."""
     stock = any(Path(arg).name == SUPEREXEC for arg in cmdline[:2])
-    return (
-        stock or list(cmdline[1:4]) == ["-m", MODULE, "superexec"] or (name == FORKED_NAME)
-    )
+    return stock or list(cmdline[1:4]) == ["-m", MODULE, "superexec"] or name == FORKED_NAME
 
 
 def superlink_command(superlink: str, args: Sequence[str]) -> list[str]:
@@ -178,8 +176,9 @@ class _WokenPopen:
 
 
 def wake_supernode_superexec(node_loop: Any) -> Waker:
-    """In a SuperNode process: start its SuperExec through this module, and wake it
-    whenever the node stored a pulled message (``start_client_internal``)."""
+    """In a SuperNode process: fork its SuperExec now (started through this module
+    where it cannot be), and wake it whenever the node stored a pulled message
+    (``start_client_internal``)."""
     waker = Waker()
     node_loop.subprocess = _WokenPopen(waker, _superexec_fork())
     _wake_after(node_loop, "_pull_and_store_message", waker)
